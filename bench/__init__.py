@@ -1,0 +1,1 @@
+"""fastrl benchmarks (run as scripts: `python bench/bench_logprobs.py`)."""

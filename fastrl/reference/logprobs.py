@@ -1,0 +1,36 @@
+"""Naive oracle for `linear_logprobs`: materialise the logits, in float64."""
+
+import torch
+
+
+def naive_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs (and entropies) the obvious way, differentiable, in float64.
+
+    Same contract as `fastrl.linear_logprobs`; returns float64 tensors of `targets.shape`.
+    """
+    x = hidden.double() @ weight.double().T
+    if bias is not None:
+        x = x + bias.double()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    z = x / temperature
+
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    logps = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(valid, logps, 0.0)
+    if not return_entropy:
+        return logps
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, torch.where(valid, entropy, 0.0)

@@ -1,0 +1,53 @@
+"""Kernel configs in one place: one default per kernel, autotuning only when asked for.
+
+`FASTRL_AUTOTUNE=1` turns the short per-kernel lists into a `triton.autotune` search;
+otherwise (and always under the interpreter, which cannot benchmark) the first config
+is used without benchmarking. The interpreter also gets small tiles of its own: it runs
+one Python step per program and loop iteration, so big tiles only cost time there.
+"""
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("FASTRL_AUTOTUNE") == "1" and not INTERPRET
+
+# Vocab splits of the forward start at multiples of this many columns, so that every
+# BLOCK_V below divides a split and the split count can be chosen before the tiles are.
+SPLIT_ALIGN = 256
+
+
+def _cfg(n: int, v: int, d: int, warps: int, stages: int, **extra) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d, **extra}, num_warps=warps, num_stages=stages
+    )
+
+
+_INTERPRET_CFG = _cfg(16, 64, 32, 1, 1)
+_INTERPRET_BWD_CFG = _cfg(16, 64, 32, 1, 1, GROUP_N=2)
+
+LINEAR_LOGPROBS_FWD = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(64, 256, 64, 4, 4),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+]
+LINEAR_LOGPROBS_BWD = [
+    _cfg(128, 128, 64, 8, 3, GROUP_N=8),
+    _cfg(128, 256, 64, 8, 3, GROUP_N=8),
+    _cfg(64, 128, 64, 4, 4, GROUP_N=8),
+    _cfg(128, 128, 32, 4, 4, GROUP_N=16),
+]
+
+
+def configs(space: list[triton.Config], interpret_cfg: triton.Config) -> list[triton.Config]:
+    if INTERPRET:
+        return [interpret_cfg]
+    return space if AUTOTUNE else space[:1]
+
+
+def autotune(space: list[triton.Config], interpret_cfg: triton.Config, key: list[str], **kw):
+    """`triton.autotune` over `space` when FASTRL_AUTOTUNE=1, else over its first config."""
+    return triton.autotune(configs(space, interpret_cfg), key=key, **kw)
