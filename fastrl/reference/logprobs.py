@@ -13,14 +13,17 @@ def naive_linear_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
 ):
-    """Per-token log-probs (and entropies) the obvious way, differentiable, in float64.
+    """Per-token log-probs (and entropies) the obvious way, differentiable.
 
-    Same contract as `fastrl.linear_logprobs`; returns float64 tensors of `targets.shape`.
+    Same contract as `fastrl.linear_logprobs`; returns tensors of `targets.shape` in
+    `compute_dtype`. float64 is the ground truth; the input dtype gives "what plain
+    PyTorch would get", the baseline error a kernel is allowed to match.
     """
-    x = hidden.double() @ weight.double().T
+    x = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
     if bias is not None:
-        x = x + bias.double()
+        x = x + bias.to(compute_dtype)
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     z = x / temperature

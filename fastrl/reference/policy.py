@@ -1,0 +1,250 @@
+"""Naive oracle for `policy_loss`: token by token, sequence by sequence, in float64.
+
+Written for reading, not speed: one Python loop over sequences and tokens, the formula of
+each loss type spelled out. Differentiable in ``logps`` and ``entropy``.
+"""
+
+import math
+
+import torch
+
+
+def _kl(lp, ref, estimator):
+    d = ref - lp  # log(pi_ref / pi)
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    if estimator == "k2":
+        return 0.5 * d**2
+    return -d
+
+
+def naive_policy_loss(
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    ref_logps=None,
+    loss_type="dapo",
+    epsilon=0.2,
+    epsilon_high=None,
+    delta=None,
+    beta=0.0,
+    kl_estimator="k3",
+    use_bias_correction_kl=True,
+    importance_sampling_level="token",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    gradient_accumulation_steps=1,
+    steps_per_generation=None,
+    num_processes=1,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    entropy=None,
+    entropy_coef=0.0,
+    top_entropy_quantile=1.0,
+    sampling_logps=None,
+    sampling_correction="sequence_mask",
+    sampling_clip_min=None,
+    sampling_clip_max=3.0,
+    off_policy_mask_threshold=None,
+):
+    """Same contract as `fastrl.policy_loss` (no validation); float64 loss and metrics."""
+    B, T = logps.shape
+    lp = logps.double()
+    old = lp.detach() if old_logps is None else old_logps.detach().double()
+    adv = advantages.detach().double()
+    per_seq_adv = adv.dim() == 1 or adv.shape[1] == 1
+    adv = adv.reshape(B, -1)
+    ref = None if ref_logps is None else ref_logps.detach().double()
+    ent = None if entropy is None else entropy.double()
+    samp = None if sampling_logps is None else sampling_logps.detach().double()
+    keep = [[bool(mask[b, t]) for t in range(T)] for b in range(B)]
+    toks = [[t for t in range(T) if keep[b][t]] for b in range(B)]
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    GA = gradient_accumulation_steps
+    spg = GA if steps_per_generation is None else steps_per_generation
+    seq_level = importance_sampling_level == "sequence"
+    correct = samp is not None and sampling_correction is not None
+
+    def A(b, t):
+        return adv[b, 0] if per_seq_adv else adv[b, t]
+
+    # High-entropy token mask: keep tokens at or above the (1 - q) quantile.
+    high_entropy = None
+    if top_entropy_quantile < 1.0:
+        vals = [ent[b, t].item() for b in range(B) for t in toks[b]]
+        thr = torch.quantile(torch.tensor(vals, dtype=torch.float64), 1 - top_entropy_quantile)
+        high_entropy = [[keep[b][t] and ent[b, t].item() >= thr for t in range(T)] for b in range(B)]
+
+    # Sampler importance weights pi_old / pi_sampler.
+    is_w = None
+    if correct:
+        is_w = [[1.0] * T for _ in range(B)]
+        for b in range(B):
+            d = []
+            for t in range(T):
+                x = (old[b, t] - samp[b, t]).item() if keep[b][t] else 0.0
+                d.append(0.0 if math.isnan(x) else x)
+            ws = [math.exp(sum(d))] * T if sampling_correction.startswith("sequence") else [
+                math.exp(x) for x in d
+            ]
+            for t in range(T):
+                w = ws[t]
+                lo = -math.inf if sampling_clip_min is None else sampling_clip_min
+                hi = math.inf if sampling_clip_max is None else sampling_clip_max
+                if sampling_correction.endswith("truncate"):
+                    w = min(max(w, lo), hi)
+                elif w < lo or w > hi:
+                    w = 0.0
+                is_w[b][t] = w
+
+    rows = []  # per sequence: list of per-token losses over its masked tokens
+    kls, ratios, clip_ratios = [], [], []
+    for b in range(B):
+        n = len(toks[b])
+        if seq_level:
+            s = sum((lp[b, t] - old[b, t] for t in toks[b]), torch.zeros((), dtype=torch.float64))
+            seq_w = torch.exp(s / max(n, 1))
+        # Off-policy sequence mask (DeepSeek-V3.2).
+        opsm = 1.0
+        if off_policy_mask_threshold is not None:
+            src = samp if samp is not None else old
+            d = [(src[b, t] - lp[b, t]).item() for t in toks[b]]
+            mean_kl = sum(0.0 if math.isnan(x) else x for x in d) / max(n, 1)
+        row, row_kl, row_r, row_rc = [], [], [], []
+        for t in range(T):
+            w = seq_w if seq_level else torch.exp(lp[b, t] - old[b, t])
+            a = A(b, t)
+            if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+                clipped_w = torch.clamp(w, 1 - eps_low, 1 + eps_high)
+                r = w if delta is None else torch.clamp(w, max=delta)
+                loss_t = -torch.minimum(r * a, clipped_w * a)
+                row_rc.append(r)
+            elif loss_type == "cispo":
+                loss_t = -torch.clamp(w, max=eps_high).detach() * a * lp[b, t]
+                row_rc.append(w)
+            else:  # sapo
+                tau = sapo_temperature_pos if a > 0 else sapo_temperature_neg
+                loss_t = -torch.sigmoid(tau * (w - 1)) * 4 / tau * a
+                row_rc.append(w)
+            if off_policy_mask_threshold is not None:
+                opsm = 1.0 if (a >= 0 or mean_kl <= off_policy_mask_threshold) else 0.0
+                loss_t = loss_t * opsm
+            if high_entropy is not None:
+                loss_t = loss_t * float(high_entropy[b][t])
+            if is_w is not None:
+                loss_t = loss_t * is_w[b][t]
+            kl_t = None
+            if ref is not None:
+                kl_t = _kl(lp[b, t], ref[b, t], kl_estimator)
+                if use_bias_correction_kl:
+                    kl_t = kl_t * w
+                if beta != 0:
+                    loss_t = loss_t + beta * kl_t
+            if keep[b][t]:
+                row.append(loss_t)
+                row_kl.append(kl_t)
+            row_r.append(w)
+        rows.append(row)
+        kls.append(row_kl)
+        ratios.append(row_r)
+        clip_ratios.append(row_rc)
+
+    zero = torch.zeros((), dtype=torch.float64)
+    n_tokens = sum(len(r) for r in rows)
+    if loss_type in ("grpo", "sapo"):
+        loss = sum((sum(r, zero) / max(len(r), 1) for r in rows), zero) / B
+        policy = loss.detach()
+        loss = loss / GA
+    elif loss_type == "bnpo":
+        loss = sum((sum(r, zero) for r in rows), zero) / max(n_tokens, 1)
+        policy = loss.detach()
+        loss = loss / GA
+    elif loss_type == "dr_grpo":
+        loss = sum((sum(r, zero) for r in rows), zero) / (B * max_completion_length)
+        policy = loss.detach()
+        loss = loss / GA
+    elif loss_type == "luspo":
+        loss = sum((sum(r, zero) for r in rows), zero) / B
+        policy = loss.detach()
+        loss = loss / GA
+    else:  # dapo, cispo
+        normalizer = max(float(num_items_in_batch), 1.0) / num_processes * GA / spg
+        loss = sum((sum(r, zero) for r in rows), zero) / normalizer
+        policy = loss.detach()
+
+    if entropy_coef != 0:
+        sel = [
+            (b, t)
+            for b in range(B)
+            for t in toks[b]
+            if high_entropy is None or high_entropy[b][t]
+        ]
+        bonus = sum((ent[b, t] for b, t in sel), zero) / max(len(sel), 1) / GA
+        loss = loss - entropy_coef * bonus
+
+    metrics = {"policy_loss": policy}
+
+    def token_mean(values):  # mean over the masked tokens
+        vals = [values[b][t] for b in range(B) for t in toks[b]]
+        return sum(vals) / max(len(vals), 1)
+
+    if ref is not None:
+        metrics["kl"] = sum((k.detach() for r in kls for k in r), zero) / max(n_tokens, 1)
+    if ent is not None:
+        metrics["entropy"] = token_mean([[ent[b, t].item() for t in range(T)] for b in range(B)])
+    per_seq = seq_level and per_seq_adv  # one clip decision per sequence
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo"):
+        if loss_type == "cispo":
+            names = {"high": lambda r, a: r > eps_high and a > 0}
+        else:
+            names = {
+                "low": lambda r, a: r < 1 - eps_low and a < 0,
+                "high": lambda r, a: r > 1 + eps_high and a > 0,
+                "region": lambda r, a: (r < 1 - eps_low and a < 0) or (r > 1 + eps_high and a > 0),
+            }
+        for name, pred in names.items():
+            flags = [
+                [float(pred(clip_ratios[b][t].item(), A(b, t).item())) for t in range(T)]
+                for b in range(B)
+            ]
+            if per_seq:
+                seq_vals = [flags[b][0] for b in range(B)]
+                mean = sum(seq_vals) / B
+            else:
+                seq_vals = [
+                    sum(flags[b][t] for t in toks[b]) / len(toks[b]) if toks[b] else math.nan
+                    for b in range(B)
+                ]
+                mean = token_mean(flags)
+            if loss_type == "cispo":
+                metrics["cispo_clip_ratio"] = mean
+                continue
+            metrics[f"clip_ratio/{name}_mean"] = mean
+            finite = [v for v in seq_vals if not math.isnan(v)]
+            if name == "low":
+                metrics["clip_ratio/low_min"] = min(finite) if finite else math.nan
+            if name == "high":
+                metrics["clip_ratio/high_max"] = max(finite) if finite else math.nan
+    if correct:
+        diffs = [
+            abs((old[b, t] - samp[b, t]).item())
+            for b in range(B)
+            for t in toks[b]
+            if not math.isnan(samp[b, t].item())
+        ]
+        metrics["sampling/sampling_logp_difference/mean"] = (
+            sum(diffs) / len(diffs) if diffs else 0.0
+        )
+        metrics["sampling/sampling_logp_difference/max"] = max(diffs) if diffs else 0.0
+        if sampling_correction.startswith("sequence"):
+            ws = [is_w[b][0] for b in range(B)]
+        else:
+            ws = [is_w[b][t] for b in range(B) for t in toks[b]]
+        metrics["sampling/importance_sampling_ratio/min"] = min(ws) if ws else 0.0
+        metrics["sampling/importance_sampling_ratio/mean"] = sum(ws) / len(ws) if ws else 0.0
+        metrics["sampling/importance_sampling_ratio/max"] = max(ws) if ws else 0.0
+    metrics = {k: torch.as_tensor(v, dtype=torch.float64).detach() for k, v in metrics.items()}
+    return loss, metrics
