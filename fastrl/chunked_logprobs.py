@@ -65,8 +65,20 @@ def chunked_logprobs_fwd(
 
 
 def chunked_logprobs_bwd(
-    hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-    temperature, softcap, ignore_index, need_hidden, need_weight, need_bias,
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    temperature,
+    softcap,
+    ignore_index,
+    need_hidden,
+    need_weight,
+    need_bias,
 ):
     """Recompute each block, dz = g_logp (onehot - p) - g_ent p (log p + H), and contract."""
     N, V = hidden.shape[0], weight.shape[0]

@@ -18,13 +18,15 @@ def _triton_backend():
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                return_entropy, impl):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy, impl
+    ):
         # entropy is often wanted for logging only: skip its backward term when unused
         ctx.set_materialize_grads(False)
         fwd = _triton_backend()[0] if impl == "triton" else chunked_logprobs_fwd
-        logp, ent, lse = fwd(hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                             return_entropy)
+        logp, ent, lse = fwd(
+            hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy
+        )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.args = (temperature, softcap, ignore_index, impl)
         return (logp, ent) if return_entropy else logp
@@ -44,8 +46,20 @@ class LinearLogprobsFunction(torch.autograd.Function):
             bwd = chunked_logprobs_bwd
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = bwd(
-            hidden, weight, bias, targets, lse, ent, grad_logp, grad_ent,
-            temperature, softcap, ignore_index, need_h, need_w, need_b and bias is not None,
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            ent,
+            grad_logp,
+            grad_ent,
+            temperature,
+            softcap,
+            ignore_index,
+            need_h,
+            need_w,
+            need_b and bias is not None,
         )
         return dh, dw, db, None, None, None, None, None, None
 
@@ -108,8 +122,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_in
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors must be on one device, got {devices}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
+    if not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if softcap is not None and not (
         isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0
@@ -197,8 +212,7 @@ def sequence_logprobs(
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if logps.dim() != 2 or mask.shape != logps.shape:
         raise ValueError(
-            f"logps and mask must both be [B, T], got {tuple(logps.shape)} and "
-            f"{tuple(mask.shape)}"
+            f"logps and mask must both be [B, T], got {tuple(logps.shape)} and {tuple(mask.shape)}"
         )
     if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must be boolean or hold only 0 and 1")

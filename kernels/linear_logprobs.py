@@ -12,12 +12,17 @@ flight stream the same weight blocks and share them through L2. Each split write
 statistics to [num_splits, N] scratch, and `linear_logprobs_combine_kernel` merges them
 into logp = z_t - lse and entropy = log s - a/s (both relative to the same max).
 
-Backward tiling. grid = one program per [BLOCK_N, BLOCK_V] tile, ordered in groups of
-GROUP_N row blocks per vocab block (L2 reuse of both operands). Each program recomputes
-its logits tile, forms dz = g_logp*(onehot - p) - g_ent*p*(log p + entropy) (the entropy
-term is -g_ent*p*(z - mu) with mu = sum p z), chains it through temperature and softcap,
-and then, BLOCK_D columns at a time, atomically adds dz @ W_v into an fp32 dH and, only
-when the weight is trainable, dz^T @ H_i into an fp32 dW.
+Backward tiling. The backward runs over row chunks of at most BWD_SCRATCH_BYTES of
+logits gradient. In each, one program per [BLOCK_N, BLOCK_V] tile (grouped GROUP_N row
+blocks per vocab block, so both operands are reused through L2) recomputes its logits
+tile with an fp32 accumulator, forms dz = g_logp*(onehot - p) - g_ent*p*(log p + H) (the
+entropy term is -g_ent*p*(z - mu) with mu = sum p z), chains it through temperature and
+softcap, and stores it in the input dtype to the chunk's [rows, V] scratch. The two
+reductions that follow, dH = dz @ W over the whole vocab and (only for a trainable
+head) dW += dz^T @ H over rows, are plain GEMMs with long K and go to cuBLAS, which
+accumulates in fp32: a tile kernel would have to reduce a [BLOCK_N, d] partial per
+vocab block through global atomics, ~N*d*V/BLOCK_V words of traffic (hundreds of GB at
+N=16k, d=4096, V=128k), far more than the GEMMs themselves.
 """
 
 import torch
@@ -34,24 +39,49 @@ from .config import (
     configs,
 )
 
-# fp32 scratch for dH is allocated per row chunk of the backward, at most this many bytes,
-# so a bf16 run never holds an fp32 copy of the whole [N, d] gradient.
-BWD_SCRATCH_BYTES = 32 * 2**20
+# The backward's logits-gradient scratch [rows, V] is at most this many bytes (>= 16 rows).
+BWD_SCRATCH_BYTES = 64 * 2**20
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b into an fp32 acc without rounding each product to a's dtype first."""
+    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 @triton.jit
-def _logits_tile(H, W, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+def _logits_tile(
+    H,
+    W,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    stride_h,
+    stride_w,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     # x[BLOCK_N, BLOCK_V] = H[rows] @ W[cols].T, fp32 accumulation over d
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         dmask = dcols < D
-        h = tl.load(H + rows[:, None] * stride_h + dcols[None, :],
-                    mask=row_mask[:, None] & dmask[None, :], other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + dcols[None, :],
-                    mask=col_mask[:, None] & dmask[None, :], other=0.0)
+        h = tl.load(
+            H + rows[:, None] * stride_h + dcols[None, :],
+            mask=row_mask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            W + cols[:, None] * stride_w + dcols[None, :],
+            mask=col_mask[:, None] & dmask[None, :],
+            other=0.0,
+        )
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -62,8 +92,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _transform(x, Bias, cols, col_mask, inv_temp, softcap,
-               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def _transform(
+    x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
     # z = softcap(x + bias) / T; also returns dz/dx (without the 1/T), 1 when no softcap
     if HAS_BIAS:
         x += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -78,11 +109,30 @@ def _transform(x, Bias, cols, col_mask, inv_temp, softcap,
 
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def linear_logprobs_fwd_kernel(
-    H, W, Bias, T, Mp, Sp, Ap, Zp,
-    N, V, D, stride_h, stride_w, split_cols, inv_temp, softcap, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    H,
+    W,
+    Bias,
+    T,
+    Mp,
+    Sp,
+    Ap,
+    Zp,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    split_cols,
+    inv_temp,
+    softcap,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -99,8 +149,21 @@ def linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        x = _logits_tile(H, W, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        x = _logits_tile(
+            H,
+            W,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            D,
+            stride_h,
+            stride_w,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+            DOT_PRECISION,
+        )
         z, _ = _transform(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
 
@@ -126,8 +189,19 @@ def linear_logprobs_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N", "num_splits", "ignore_index"])
 def linear_logprobs_combine_kernel(
-    Mp, Sp, Ap, Zp, T, Logp, Ent, Lse, N, num_splits, ignore_index,
-    HAS_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
+    Mp,
+    Sp,
+    Ap,
+    Zp,
+    T,
+    Logp,
+    Ent,
+    Lse,
+    N,
+    num_splits,
+    ignore_index,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Merge the per-split (m, s, a, z_t) of BLOCK_N rows into logp, entropy and lse.
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -156,16 +230,36 @@ def linear_logprobs_combine_kernel(
         tl.store(Ent + rows, tl.where(valid, log_s - a / s, 0.0), mask=row_mask)
 
 
-@autotune(LINEAR_LOGPROBS_BWD, _INTERPRET_BWD_CFG, key=["D", "V"], reset_to_zero=["dH", "dW", "dB"])
+@autotune(LINEAR_LOGPROBS_BWD, _INTERPRET_BWD_CFG, key=["D", "V"])
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def linear_logprobs_bwd_kernel(
-    H, W, Bias, T, Lse, Ent, GLogp, GEnt, dH, dW, dB,
-    N, V, D, stride_h, stride_w, stride_dh, stride_dw, inv_temp, softcap, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr,
-    HAS_G_ENT: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
+    H,
+    W,
+    Bias,
+    T,
+    Lse,
+    Ent,
+    GLogp,
+    GEnt,
+    dZ,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    stride_dz,
+    inv_temp,
+    softcap,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr,
+    HAS_G_ENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -184,8 +278,21 @@ def linear_logprobs_bwd_kernel(
     valid = row_mask & (tgt != ignore_index)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
 
-    x = _logits_tile(H, W, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
-                     BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+    x = _logits_tile(
+        H,
+        W,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        D,
+        stride_h,
+        stride_w,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+        DOT_PRECISION,
+    )
     z, dzdx = _transform(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
     keep = valid[:, None] & col_mask[None, :]
     logp = tl.where(keep, z - lse[:, None], 0.0)
@@ -200,25 +307,11 @@ def linear_logprobs_bwd_kernel(
         ent = tl.load(Ent + rows, mask=row_mask, other=0.0)
         dz -= ge[:, None] * p * (logp + ent[:, None])
     dx = tl.where(keep, dz * dzdx * inv_temp, 0.0)
-    if COMPUTE_DB:
-        tl.atomic_add(dB + cols, tl.sum(dx, axis=0), mask=col_mask)
-    dx = dx.to(H.dtype.element_ty)
-
-    for d0 in range(0, D, BLOCK_D):
-        dcols = d0 + tl.arange(0, BLOCK_D)
-        dmask = dcols < D
-        if COMPUTE_DH:
-            w = tl.load(W + cols[:, None] * stride_w + dcols[None, :],
-                        mask=col_mask[:, None] & dmask[None, :], other=0.0)
-            dh = tl.dot(dx, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(dH + rows[:, None] * stride_dh + dcols[None, :], dh,
-                          mask=row_mask[:, None] & dmask[None, :])
-        if COMPUTE_DW:
-            h = tl.load(H + rows[:, None] * stride_h + dcols[None, :],
-                        mask=row_mask[:, None] & dmask[None, :], other=0.0)
-            dw = tl.dot(tl.trans(dx), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(dW + cols[:, None] * stride_dw + dcols[None, :], dw,
-                          mask=col_mask[:, None] & dmask[None, :])
+    tl.store(
+        dZ + rows[:, None] * stride_dz + cols[None, :],
+        dx.to(dZ.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -266,17 +359,46 @@ def linear_logprobs_fwd(
     cfg = configs(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG)[0]
     block_n = cfg.kwargs["BLOCK_N"]
     linear_logprobs_fwd_kernel[(triton.cdiv(N, block_n), num_splits)](
-        hidden, weight, bias if bias is not None else m, targets, m, s, a, zt,
-        N, V, D, hidden.stride(0), weight.stride(0), split_cols, 1.0 / temperature,
-        softcap or 1.0, ignore_index,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=return_entropy,
+        hidden,
+        weight,
+        bias if bias is not None else m,
+        targets,
+        m,
+        s,
+        a,
+        zt,
+        N,
+        V,
+        D,
+        hidden.stride(0),
+        weight.stride(0),
+        split_cols,
+        1.0 / temperature,
+        softcap or 1.0,
+        ignore_index,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_ENTROPY=return_entropy,
         DOT_PRECISION=_dot_precision(hidden.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **cfg.kwargs,
     )
     combine_block = 16 if N <= 16 else 128
     linear_logprobs_combine_kernel[(triton.cdiv(N, combine_block),)](
-        m, s, a, zt, targets, logp, ent if ent is not None else logp, lse, N, num_splits,
-        ignore_index, HAS_ENTROPY=return_entropy, BLOCK_N=combine_block,
+        m,
+        s,
+        a,
+        zt,
+        targets,
+        logp,
+        ent if ent is not None else logp,
+        lse,
+        N,
+        num_splits,
+        ignore_index,
+        HAS_ENTROPY=return_entropy,
+        BLOCK_N=combine_block,
     )
     return logp, ent, lse
 
@@ -298,47 +420,55 @@ def linear_logprobs_bwd(
     need_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward. Returns (d_hidden [N, d], d_weight [V, d], d_bias [V]), each in
-    its input's dtype, or None where not needed; a frozen weight costs no [V, d] buffer."""
+    its input's dtype, or None where not needed; a frozen weight costs no [V, d] buffer
+    and no dW GEMM. A trainable one accumulates dW over row chunks in fp32."""
     N, D = hidden.shape
     V = weight.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    unused = torch.empty(1, **f32)  # stands in for pointers a constexpr flag switches off
-    dw = torch.zeros((V, D), **f32) if need_weight else None
-    db = torch.zeros(V, **f32) if need_bias else None
+    unused = torch.empty(1, device=hidden.device, dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_hidden else None
-    # fp32 dH accumulates straight into the result; other dtypes into fp32 scratch, one row
-    # chunk at a time, then round once.
-    direct = dh is None or hidden.dtype == torch.float32
-    chunk = N if direct else max(1, BWD_SCRATCH_BYTES // (4 * D))
-    if dh is not None and direct:
-        dh.zero_()
-    scratch = None if direct else torch.empty((min(chunk, N), D), **f32)
+    dw = torch.zeros((V, D), device=weight.device, dtype=torch.float32) if need_weight else None
+    db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_bias else None
+    chunk = min(N, max(16, BWD_SCRATCH_BYTES // (V * hidden.element_size())))
+    dz_buf = torch.empty((chunk, V), device=hidden.device, dtype=hidden.dtype)
 
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         rows = slice(start, start + n)
-        if dh is None:
-            acc = unused
-        elif direct:
-            acc = dh
-        else:
-            acc = scratch[:n].zero_()
-        grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        dz = dz_buf[:n]
+        grid = lambda meta, n=n: (
+            triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),
+        )
         linear_logprobs_bwd_kernel[grid](
-            hidden[rows], weight, bias if bias is not None else unused, targets[rows], lse[rows],
+            hidden[rows],
+            weight,
+            bias if bias is not None else unused,
+            targets[rows],
+            lse[rows],
             entropy[rows] if entropy is not None else unused,
             grad_logp[rows] if grad_logp is not None else unused,
             grad_entropy[rows] if grad_entropy is not None else unused,
-            acc, dw if dw is not None else unused, db if db is not None else unused,
-            n, V, D, hidden.stride(0), weight.stride(0), acc.stride(0), D,
-            1.0 / temperature, softcap or 1.0, ignore_index,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            HAS_G_LOGP=grad_logp is not None, HAS_G_ENT=grad_entropy is not None,
-            COMPUTE_DH=dh is not None, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
+            dz,
+            n,
+            V,
+            D,
+            hidden.stride(0),
+            weight.stride(0),
+            dz.stride(0),
+            1.0 / temperature,
+            softcap or 1.0,
+            ignore_index,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_G_LOGP=grad_logp is not None,
+            HAS_G_ENT=grad_entropy is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype),
         )
-        if not direct:
-            dh[rows].copy_(acc)
+        if dh is not None:
+            torch.mm(dz, weight, out=dh[rows])
+        if dw is not None:
+            _addmm_fp32(dw, dz.T, hidden[rows])
+        if db is not None:
+            db += dz.sum(0, dtype=torch.float32)
 
     return (
         dh,
