@@ -12,17 +12,16 @@ flight stream the same weight blocks and share them through L2. Each split write
 statistics to [num_splits, N] scratch, and `linear_logprobs_combine_kernel` merges them
 into logp = z_t - lse and entropy = log s - a/s (both relative to the same max).
 
-Backward tiling. The backward runs over row chunks of at most BWD_SCRATCH_BYTES of
-logits gradient. In each, one program per [BLOCK_N, BLOCK_V] tile (grouped GROUP_N row
-blocks per vocab block, so both operands are reused through L2) recomputes its logits
-tile with an fp32 accumulator, forms dz = g_logp*(onehot - p) - g_ent*p*(log p + H) (the
-entropy term is -g_ent*p*(z - mu) with mu = sum p z), chains it through temperature and
-softcap, and stores it in the input dtype to the chunk's [rows, V] scratch. The two
-reductions that follow, dH = dz @ W over the whole vocab and (only for a trainable
-head) dW += dz^T @ H over rows, are plain GEMMs with long K and go to cuBLAS, which
-accumulates in fp32: a tile kernel would have to reduce a [BLOCK_N, d] partial per
-vocab block through global atomics, ~N*d*V/BLOCK_V words of traffic (hundreds of GB at
-N=16k, d=4096, V=128k), far more than the GEMMs themselves.
+Backward tiling. The backward walks [BWD_CHUNK_ROWS, BWD_CHUNK_VOCAB] blocks of the
+logits gradient. In each, one program per [BLOCK_N, BLOCK_V] tile (GROUP_N row blocks
+per vocab block, so both operands are reused through L2) recomputes its logits tile with
+an fp32 accumulator, forms dz = g_logp*(onehot - p) - g_ent*p*(log p + H) (the entropy
+term is -g_ent*p*(z - mu) with mu = sum p z), chains it through temperature and softcap,
+and stores it in the input dtype to the block's scratch. The reductions that follow,
+dH += dz @ W_v over vocab and (only for a trainable head) dW_v += dz^T @ H over rows,
+are GEMMs with a long K that cuBLAS runs into fp32 accumulators. Doing them inside the
+tile kernel instead would push a [BLOCK_N, d] partial per vocab block through global
+atomics: N*d*V/BLOCK_V words, hundreds of GB at N=16k, d=4096, V=128k.
 """
 
 import torch
@@ -39,8 +38,12 @@ from .config import (
     configs,
 )
 
-# The backward's logits-gradient scratch [rows, V] is at most this many bytes (>= 16 rows).
-BWD_SCRATCH_BYTES = 64 * 2**20
+# The backward works on [BWD_CHUNK_ROWS, BWD_CHUNK_VOCAB] blocks of the logits gradient:
+# 32 MiB in bf16, plus a [BWD_CHUNK_ROWS, d] fp32 dH accumulator (16 MiB at d=4096).
+# 1024 rows keep the GEMMs compute-bound: a row chunk streams W once for ~1024 flop per
+# byte of W, well above the H100/H200 ridge of ~300 flop/byte.
+BWD_CHUNK_ROWS = 1024
+BWD_CHUNK_VOCAB = 16384
 
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -134,8 +137,8 @@ def linear_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(T + rows, mask=row_mask, other=ignore_index)
@@ -245,6 +248,8 @@ def linear_logprobs_bwd_kernel(
     N,
     V,
     D,
+    v_start,
+    n_cols,
     stride_h,
     stride_w,
     stride_dz,
@@ -263,7 +268,7 @@ def linear_logprobs_bwd_kernel(
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
-    v_blocks = tl.cdiv(V, BLOCK_V)
+    v_blocks = tl.cdiv(n_cols, BLOCK_V)
     per_group = GROUP_N * v_blocks
     first_n = (pid // per_group) * GROUP_N
     group_size = tl.minimum(n_blocks - first_n, GROUP_N)
@@ -271,9 +276,10 @@ def linear_logprobs_bwd_kernel(
     pid_v = (pid % per_group) // group_size
 
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols = v_start + local
     row_mask = rows < N
-    col_mask = cols < V
+    col_mask = local < n_cols
     tgt = tl.load(T + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (tgt != ignore_index)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
@@ -308,7 +314,7 @@ def linear_logprobs_bwd_kernel(
         dz -= ge[:, None] * p * (logp + ent[:, None])
     dx = tl.where(keep, dz * dzdx * inv_temp, 0.0)
     tl.store(
-        dZ + rows[:, None] * stride_dz + cols[None, :],
+        dZ + rows[:, None] * stride_dz + local[None, :],
         dx.to(dZ.dtype.element_ty),
         mask=row_mask[:, None] & col_mask[None, :],
     )
@@ -319,13 +325,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_splits(n_rows: int, vocab: int, device: torch.device) -> int:
-    # Enough (row block x vocab split) programs for ~2 waves; rows first, splits fill in.
+def _num_splits(vocab: int, device: torch.device) -> int:
+    # Splits vary fastest in the grid, so the ~#SM programs in flight cover about
+    # #SM/S row blocks x S splits: each hidden block is read from HBM once for S programs
+    # and each weight block once for #SM/S. Traffic per step, #SM/S + S blocks, is least
+    # near S = sqrt(#SM), i.e. 8-16 on current GPUs.
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(n_rows, LINEAR_LOGPROBS_FWD[0].kwargs["BLOCK_N"])
-    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, SPLIT_ALIGN)))
+    return max(1, min(round(sms**0.5), triton.cdiv(vocab, SPLIT_ALIGN)))
 
 
 def linear_logprobs_fwd(
@@ -346,7 +354,7 @@ def linear_logprobs_fwd(
     N, D = hidden.shape
     V = weight.shape[0]
     if num_splits is None:
-        num_splits = _num_splits(N, V, hidden.device)
+        num_splits = _num_splits(V, hidden.device)
     split_cols = triton.cdiv(triton.cdiv(V, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
     num_splits = triton.cdiv(V, split_cols)
 
@@ -358,7 +366,7 @@ def linear_logprobs_fwd(
 
     cfg = configs(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG)[0]
     block_n = cfg.kwargs["BLOCK_N"]
-    linear_logprobs_fwd_kernel[(triton.cdiv(N, block_n), num_splits)](
+    linear_logprobs_fwd_kernel[(num_splits, triton.cdiv(N, block_n))](
         hidden,
         weight,
         bias if bias is not None else m,
@@ -424,51 +432,62 @@ def linear_logprobs_bwd(
     and no dW GEMM. A trainable one accumulates dW over row chunks in fp32."""
     N, D = hidden.shape
     V = weight.shape[0]
-    unused = torch.empty(1, device=hidden.device, dtype=torch.float32)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    unused = torch.empty(1, **f32)
     dh = torch.empty_like(hidden) if need_hidden else None
-    dw = torch.zeros((V, D), device=weight.device, dtype=torch.float32) if need_weight else None
-    db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_bias else None
-    chunk = min(N, max(16, BWD_SCRATCH_BYTES // (V * hidden.element_size())))
-    dz_buf = torch.empty((chunk, V), device=hidden.device, dtype=hidden.dtype)
+    dw = torch.zeros((V, D), **f32) if need_weight else None
+    db = torch.zeros(V, **f32) if need_bias else None
+    n_chunk, v_chunk = min(N, BWD_CHUNK_ROWS), min(V, BWD_CHUNK_VOCAB)
+    dz_buf = torch.empty((n_chunk, v_chunk), device=hidden.device, dtype=hidden.dtype)
+    dh_acc = torch.empty((n_chunk, D), **f32) if need_hidden else None
 
-    for start in range(0, N, chunk):
-        n = min(chunk, N - start)
-        rows = slice(start, start + n)
-        dz = dz_buf[:n]
-        grid = lambda meta, n=n: (
-            triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),
-        )
-        linear_logprobs_bwd_kernel[grid](
-            hidden[rows],
-            weight,
-            bias if bias is not None else unused,
-            targets[rows],
-            lse[rows],
-            entropy[rows] if entropy is not None else unused,
-            grad_logp[rows] if grad_logp is not None else unused,
-            grad_entropy[rows] if grad_entropy is not None else unused,
-            dz,
-            n,
-            V,
-            D,
-            hidden.stride(0),
-            weight.stride(0),
-            dz.stride(0),
-            1.0 / temperature,
-            softcap or 1.0,
-            ignore_index,
-            HAS_BIAS=bias is not None,
-            HAS_SOFTCAP=softcap is not None,
-            HAS_G_LOGP=grad_logp is not None,
-            HAS_G_ENT=grad_entropy is not None,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
-        )
+    for n0 in range(0, N, n_chunk):
+        rows = slice(n0, n0 + n_chunk)
+        h = hidden[rows]
+        n = h.shape[0]
+        if dh_acc is not None:
+            dh_acc[:n].zero_()
+        for v0 in range(0, V, v_chunk):
+            nv = min(v_chunk, V - v0)
+            dz = dz_buf[:n, :nv]
+            grid = lambda meta, n=n, nv=nv: (
+                triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(nv, meta["BLOCK_V"]),
+            )
+            linear_logprobs_bwd_kernel[grid](
+                h,
+                weight,
+                bias if bias is not None else unused,
+                targets[rows],
+                lse[rows],
+                entropy[rows] if entropy is not None else unused,
+                grad_logp[rows] if grad_logp is not None else unused,
+                grad_entropy[rows] if grad_entropy is not None else unused,
+                dz,
+                n,
+                V,
+                D,
+                v0,
+                nv,
+                h.stride(0),
+                weight.stride(0),
+                dz.stride(0),
+                1.0 / temperature,
+                softcap or 1.0,
+                ignore_index,
+                HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap is not None,
+                HAS_G_LOGP=grad_logp is not None,
+                HAS_G_ENT=grad_entropy is not None,
+                DOT_PRECISION=_dot_precision(hidden.dtype),
+            )
+            if dh_acc is not None:
+                _addmm_fp32(dh_acc[:n], dz, weight[v0 : v0 + nv])
+            if dw is not None:
+                _addmm_fp32(dw[v0 : v0 + nv], dz.T, h)
+            if db is not None:
+                db[v0 : v0 + nv] += dz.sum(0, dtype=torch.float32)
         if dh is not None:
-            torch.mm(dz, weight, out=dh[rows])
-        if dw is not None:
-            _addmm_fp32(dw, dz.T, hidden[rows])
-        if db is not None:
-            db += dz.sum(0, dtype=torch.float32)
+            dh[rows].copy_(dh_acc[:n])
 
     return (
         dh,

@@ -164,11 +164,13 @@ def test_linear_logprobs_triton_vocab_splits(nan_empty):
         torch.testing.assert_close(ent.double(), ref_ent.detach(), atol=1e-5, rtol=0)
 
 
-def test_linear_logprobs_triton_bwd_row_chunks(monkeypatch, nan_empty):
-    """The backward's [rows, V] scratch holds 16 rows here: three chunks, dW summed over them."""
+def test_linear_logprobs_triton_bwd_blocks(monkeypatch, nan_empty):
+    """Backward blocks of 16 rows x 128 vocab: 3 x 3 blocks, dH summed over vocab blocks,
+    dW and dbias over row blocks."""
     import fastrl.kernels.linear_logprobs as k
 
-    monkeypatch.setattr(k, "BWD_SCRATCH_BYTES", 16 * 300 * 2)
+    monkeypatch.setattr(k, "BWD_CHUNK_ROWS", 16)
+    monkeypatch.setattr(k, "BWD_CHUNK_VOCAB", 128)
     for dtype in (torch.float16, torch.float32):
         check_against_oracle("triton", *make_inputs(37, 300, 96, dtype, bias=True))
 
@@ -225,10 +227,12 @@ class AllocationRecorder(TorchDispatchMode):
 @pytest.mark.parametrize("impl,N,V,d", [("torch", 1100, 20000, 32), ("triton", 45, 1000, 16)])
 def test_linear_logprobs_never_allocates_logits(impl, N, V, d, monkeypatch):
     """Nothing of N*V elements, forward or backward. The Triton backward's scratch is
-    capped at BWD_SCRATCH_BYTES (64 MiB); shrunk here to 16 rows to stand for a real N."""
+    works on [BWD_CHUNK_ROWS, BWD_CHUNK_VOCAB] blocks (1024 x 16384), shrunk here to stand
+    for a real N and V."""
     import fastrl.kernels.linear_logprobs as k
 
-    monkeypatch.setattr(k, "BWD_SCRATCH_BYTES", 16 * V * 4)
+    monkeypatch.setattr(k, "BWD_CHUNK_ROWS", 16)
+    monkeypatch.setattr(k, "BWD_CHUNK_VOCAB", 256)
     hidden, weight, targets, _ = make_inputs(N, V, d, torch.float32)
     with AllocationRecorder() as rec:
         logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, impl=impl)
