@@ -35,7 +35,6 @@ from .config import (
     LINEAR_LOGPROBS_FWD,
     SPLIT_ALIGN,
     autotune,
-    configs,
 )
 
 # The backward works on [BWD_CHUNK_ROWS, BWD_CHUNK_VOCAB] blocks of the logits gradient:
@@ -110,6 +109,7 @@ def _transform(
     return x * inv_temp, dxdx
 
 
+@autotune(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG, key=["D", "V"])
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def linear_logprobs_fwd_kernel(
     H,
@@ -364,9 +364,8 @@ def linear_logprobs_fwd(
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     ent = torch.empty(N, **f32) if return_entropy else None
 
-    cfg = configs(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG)[0]
-    block_n = cfg.kwargs["BLOCK_N"]
-    linear_logprobs_fwd_kernel[(num_splits, triton.cdiv(N, block_n))](
+    grid = lambda meta: (num_splits, triton.cdiv(N, meta["BLOCK_N"]))
+    linear_logprobs_fwd_kernel[grid](
         hidden,
         weight,
         bias if bias is not None else m,
@@ -388,9 +387,6 @@ def linear_logprobs_fwd(
         HAS_SOFTCAP=softcap is not None,
         HAS_ENTROPY=return_entropy,
         DOT_PRECISION=_dot_precision(hidden.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **cfg.kwargs,
     )
     combine_block = 16 if N <= 16 else 128
     linear_logprobs_combine_kernel[(triton.cdiv(N, combine_block),)](
