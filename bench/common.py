@@ -229,9 +229,11 @@ def write_json(data: dict, path: str | os.PathLike) -> Path:
 
 
 def progress(iterable: Iterable, **kwargs):
-    """tqdm over `iterable` (to stderr), or the plain iterable if tqdm is missing."""
+    """tqdm over `iterable` (to stderr, only when it is a terminal), or the plain iterable
+    if tqdm is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
+    kwargs.setdefault("disable", None)  # None: no bar when stderr is not a TTY (CI logs)
     return tqdm(iterable, **kwargs)

@@ -1,0 +1,49 @@
+# fastrl: make venv | test | bench | lint
+#
+# Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
+# constraints-cpu.txt so it installs the CPU torch wheel, never the multi-GB CUDA one.
+
+PYTHON3   ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.stamp
+EXTRAS    ?= dev,bench
+HAS_CUDA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+PIP_FLAGS ?=
+CONSTRAIN := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
+PYTEST_N  ?= 2
+BENCH_ARGS ?=
+
+.PHONY: venv test bench lint format clean-venv help
+
+help:
+	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
+	@echo "make test    run the test suite (pytest -n $(PYTEST_N))"
+	@echo "make bench   benchmark linear_logprobs (GPU shapes on CUDA, tiny ones on CPU);"
+	@echo "             extra options via BENCH_ARGS='--head both --shapes gpu-quick'"
+	@echo "make lint    ruff check + ruff format --check"
+
+venv: $(STAMP)
+
+# Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) -e ".[$(EXTRAS)]"
+	@touch $@
+
+test: venv
+	$(PY) -m pytest -q $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
+
+bench: venv
+	$(PY) bench/bench_logprobs.py $(BENCH_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean-venv:
+	rm -rf $(VENV)
