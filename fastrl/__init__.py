@@ -4,11 +4,15 @@ Everything here works from a model's last hidden states and its ``lm_head`` weig
 never materialises the ``[tokens, vocab]`` logits.
 """
 
+from fastrl.advantages import group_advantages
 from fastrl.logprobs import linear_logprobs, sequence_logprobs
+from fastrl.policy import policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "group_advantages",
     "linear_logprobs",
+    "policy_loss",
     "sequence_logprobs",
 ]

@@ -170,9 +170,7 @@ def group_advantages(
     if rewards.is_complex():
         raise TypeError(f"rewards must be real, got dtype {rewards.dtype}")
     if rewards.dim() not in (1, 2):
-        raise ValueError(
-            f"rewards must have shape [B] or [B, K], got {tuple(rewards.shape)}"
-        )
+        raise ValueError(f"rewards must have shape [B] or [B, K], got {tuple(rewards.shape)}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     B = rewards.shape[0]
@@ -217,8 +215,6 @@ def group_advantages(
 
     if impl == "triton" and _KERNEL is None:
         raise ValueError("impl='triton': no Triton kernel for group_advantages is available")
-    use_kernel = _KERNEL is not None and (
-        impl == "triton" or (impl == "auto" and r2.is_cuda)
-    )
+    use_kernel = _KERNEL is not None and (impl == "triton" or (impl == "auto" and r2.is_cuda))
     fn = _KERNEL if use_kernel else _group_advantages_torch
     return fn(r2.contiguous(), w, group_size, baseline, scale, float(eps), normalize)

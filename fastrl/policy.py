@@ -59,7 +59,9 @@ def _check_number(name, x, *, low=None, high=None, strict_low=False, integer=Fal
             rng.append(f"{'>' if strict_low else '>='} {low}")
         if high is not None:
             rng.append(f"<= {high}")
-        raise ValueError(f"{name} must be finite{' and ' + ' and '.join(rng) if rng else ''}, got {x!r}")
+        raise ValueError(
+            f"{name} must be finite{' and ' + ' and '.join(rng) if rng else ''}, got {x!r}"
+        )
 
 
 def _check_choice(name, x, choices):
@@ -195,7 +197,8 @@ def policy_loss(
         old_logps: ``[B, T]`` log-probs under the policy that sampled (TRL's
             ``old_per_token_logps``), or ``None`` for on-policy (``logps.detach()``).
             Treated as a constant.
-        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]`` float (e.g. from `group_advantages`).
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]`` real tensor (e.g. from
+            `group_advantages`). Treated as a constant.
         mask: ``[B, T]`` bool, integer or float tensor of 0/1: the completion tokens that
             count (TRL's ``completion_mask``, times its ``tool_mask`` if any).
         ref_logps: ``[B, T]`` log-probs under the reference model; needed when ``beta``
@@ -324,9 +327,7 @@ def policy_loss(
     if mask.dtype != torch.bool:
         bad = (mask != 0) & (mask != 1)
         if bool(bad.any()):
-            raise ValueError(
-                f"mask must contain only 0 and 1, got value {mask[bad][0].item()!r}"
-            )
+            raise ValueError(f"mask must contain only 0 and 1, got value {mask[bad][0].item()!r}")
 
     _check_number("epsilon", epsilon, low=0.0)
     if epsilon_high is not None:
@@ -373,7 +374,9 @@ def policy_loss(
     _check_number("entropy_coef", entropy_coef)
     _check_number("top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0)
     if entropy is None and entropy_coef != 0:
-        raise ValueError(f"entropy_coef={entropy_coef!r} needs the per-token entropy (entropy=None)")
+        raise ValueError(
+            f"entropy_coef={entropy_coef!r} needs the per-token entropy (entropy=None)"
+        )
     if entropy is None and top_entropy_quantile < 1:
         raise ValueError(
             f"top_entropy_quantile={top_entropy_quantile!r} needs the per-token entropy "

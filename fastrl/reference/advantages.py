@@ -72,7 +72,8 @@ def naive_group_advantages(
         for idx in groups:
             if all(
                 len(present([rows[i][k] for i in idx])) > 0
-                and max(present([rows[i][k] for i in idx])) == min(present([rows[i][k] for i in idx]))
+                and max(present([rows[i][k] for i in idx]))
+                == min(present([rows[i][k] for i in idx]))
                 for k in range(K)
             ):
                 for i in idx:

@@ -76,7 +76,9 @@ def naive_policy_loss(
     if top_entropy_quantile < 1.0:
         vals = [ent[b, t].item() for b in range(B) for t in toks[b]]
         thr = torch.quantile(torch.tensor(vals, dtype=torch.float64), 1 - top_entropy_quantile)
-        high_entropy = [[keep[b][t] and ent[b, t].item() >= thr for t in range(T)] for b in range(B)]
+        high_entropy = [
+            [keep[b][t] and ent[b, t].item() >= thr for t in range(T)] for b in range(B)
+        ]
 
     # Sampler importance weights pi_old / pi_sampler.
     is_w = None
@@ -87,9 +89,11 @@ def naive_policy_loss(
             for t in range(T):
                 x = (old[b, t] - samp[b, t]).item() if keep[b][t] else 0.0
                 d.append(0.0 if math.isnan(x) else x)
-            ws = [math.exp(sum(d))] * T if sampling_correction.startswith("sequence") else [
-                math.exp(x) for x in d
-            ]
+            ws = (
+                [math.exp(sum(d))] * T
+                if sampling_correction.startswith("sequence")
+                else [math.exp(x) for x in d]
+            )
             for t in range(T):
                 w = ws[t]
                 lo = -math.inf if sampling_clip_min is None else sampling_clip_min
@@ -177,10 +181,7 @@ def naive_policy_loss(
 
     if entropy_coef != 0:
         sel = [
-            (b, t)
-            for b in range(B)
-            for t in toks[b]
-            if high_entropy is None or high_entropy[b][t]
+            (b, t) for b in range(B) for t in toks[b] if high_entropy is None or high_entropy[b][t]
         ]
         bonus = sum((ent[b, t] for b, t in sel), zero) / max(len(sel), 1) / GA
         loss = loss - entropy_coef * bonus

@@ -1,0 +1,611 @@
+"""Parity with TRL 1.16: `policy_loss` and `group_advantages` against TRL's own trainers.
+
+Nothing here re-implements TRL. A real `trl.GRPOTrainer` (and `trl.RLOOTrainer`) is built
+once per module around a tiny random Llama; each case sets the attributes the trainer
+reads at call time (`loss_type`, `beta`, `args.delta`, ...; see `_configure`) and runs
+its `_compute_loss` / `_generate_and_score_completions` on hand-made inputs:
+
+- loss parity 1: TRL's loss on its own per-token log-probs vs `policy_loss` on the very
+  same log-prob tensors (captured from TRL's forward), gradients w.r.t. those log-probs,
+  the entropies and every model parameter;
+- loss parity 2: `policy_loss` on log-probs computed independently in the test (full
+  logits, `log_softmax`), gradients w.r.t. every model parameter;
+- metrics: every metric TRL logged for the step;
+- advantages and the vLLM importance-sampling correction: TRL's
+  `_generate_and_score_completions` with its generation step replaced by fixed token ids
+  and sampler log-probs, and rewards read from dataset columns.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+from fastrl import group_advantages, policy_loss  # noqa: E402
+
+# transformers 5 renamed gradient_checkpointing (which GRPOConfig sets) and warns on each use
+pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+
+assert trl.__version__ == "1.16.0", f"parity is pinned to TRL 1.16.0, found {trl.__version__}"
+
+B, G, P, T, V = 8, 4, 5, 7, 64  # completions, group size, prompt len, completion len, vocab
+GA, SPG = 2, 4  # gradient accumulation steps, steps per generation
+MAX_LEN = 11  # dr_grpo's max_completion_length
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+
+# float32 throughout. Loss parity 1 runs the same float32 ops as TRL up to summation order;
+# parity 2 differs in how the log-probs are computed (full logits vs TRL's chunked head).
+TOL_SAME_LOGPS = dict(rtol=1e-6, atol=1e-6)
+TOL_OWN_LOGPS = dict(rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": i + 3 for i in range(V - 3)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def _model():
+    torch.manual_seed(1234)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # livelier logits than the 0.02-std init: ratios far from 1
+        model.lm_head.weight.mul_(40)
+    return model.float()
+
+
+def _reward_funcs(k):
+    def make(i):
+        def reward(prompts, completions, **kwargs):
+            return kwargs[f"r{i}"]
+
+        reward.__name__ = f"r{i}"
+        return reward
+
+    return [make(i) for i in range(k)]
+
+
+def _common_args(tmp):
+    return dict(
+        output_dir=str(tmp),
+        per_device_train_batch_size=B,
+        num_generations=G,
+        max_completion_length=MAX_LEN,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory):
+    args = trl.GRPOConfig(**_common_args(tmp_path_factory.mktemp("grpo")))
+    ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 2})
+    trainer = trl.GRPOTrainer(
+        model=_model(),
+        reward_funcs=_reward_funcs(3),
+        args=args,
+        train_dataset=ds,
+        processing_class=_tokenizer(),
+    )
+    trainer.model.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def rloo(tmp_path_factory):
+    args = trl.RLOOConfig(**_common_args(tmp_path_factory.mktemp("rloo")), beta=0.0)
+    ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 2})
+    trainer = trl.RLOOTrainer(
+        model=_model(),
+        reward_funcs=_reward_funcs(3),
+        args=args,
+        train_dataset=ds,
+        processing_class=_tokenizer(),
+    )
+    trainer.model.train()
+    return trainer
+
+
+def _configure(
+    trainer,
+    *,
+    loss_type="dapo",
+    level="token",
+    beta=0.0,
+    delta=None,
+    epsilon=0.2,
+    epsilon_high=0.28,
+    top_entropy_quantile=1.0,
+    entropy_coef=0.0,
+    off_policy_mask_threshold=None,
+    use_bias_correction_kl=True,
+    sapo=(1.0, 1.05),
+    vllm_mode=None,
+    clip=(None, 3.0),
+):
+    """Set what GRPOTrainer._compute_loss / _generate_and_score_completions read per call.
+
+    Attribute names are TRL 1.16's (GRPOTrainer.__init__ copies most options from args
+    onto the trainer; `delta`, `use_bias_correction_kl`, `sapo_temperature_*` and
+    `steps_per_generation` are read from `trainer.args` at call time).
+    """
+    trainer.loss_type = loss_type
+    trainer.importance_sampling_level = level
+    trainer.beta = beta
+    trainer.args.delta = delta
+    trainer.epsilon_low = epsilon
+    trainer.epsilon_high = epsilon_high
+    trainer.max_completion_length = MAX_LEN
+    trainer.current_gradient_accumulation_steps = GA
+    trainer.args.gradient_accumulation_steps = GA
+    trainer.args.steps_per_generation = SPG
+    trainer.top_entropy_quantile = top_entropy_quantile
+    trainer.entropy_coef = entropy_coef
+    trainer.use_adaptive_entropy = False
+    trainer._entropy_bonus_enabled = entropy_coef != 0.0
+    trainer.off_policy_mask_threshold = off_policy_mask_threshold
+    trainer.args.use_bias_correction_kl = use_bias_correction_kl
+    trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = sapo
+    trainer.use_vllm = vllm_mode is not None
+    trainer.vllm_importance_sampling_correction = vllm_mode is not None
+    trainer.vllm_importance_sampling_mode = vllm_mode or "sequence_mask"
+    trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = clip
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    trainer._metrics["eval"].clear()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _batch(seed):
+    """Left-padded prompts, right-padded completions (one of them empty), as TRL builds them."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens = [5, 3, 4, 5, 2, 5, 4, 3]
+    comp_lens = [7, 5, 3, 7, 1, 6, 0, 4]  # a fully masked row, as mask_truncated_completions makes
+    prompt_ids = torch.zeros(B, P, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    completion_ids = torch.zeros(B, T, dtype=torch.long)
+    completion_mask = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        n = prompt_lens[b]
+        prompt_ids[b, P - n :] = torch.randint(3, V, (n,), generator=g)
+        prompt_mask[b, P - n :] = 1
+        n = comp_lens[b]
+        completion_ids[b, :n] = torch.randint(3, V, (n,), generator=g)
+        completion_mask[b, :n] = 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask, g
+
+
+def _own_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Per-token log-probs and entropies of the completion from the full logits."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    att = torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1].float()
+    logp_all = torch.log_softmax(logits, -1)
+    logps = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
+
+
+def _inputs(trainer, seed, *, adv_shape="B"):
+    prompt_ids, prompt_mask, completion_ids, completion_mask, g = _batch(seed)
+    with torch.no_grad():
+        lp, _ = _own_logps(trainer.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    m = completion_mask.float()
+    if adv_shape == "B":
+        adv = torch.randn(B, generator=g)
+        adv[3] = 0.0
+    else:
+        adv = torch.randn(B, T, generator=g)
+    # Off-policy: token log-ratios log(pi / pi_old) of about +-0.3, plus a per-sequence
+    # shift. For rows 0-2 the shift has the sign of the advantage, so that the clip is
+    # active at the token and at the sequence (GSPO) level whatever the seed.
+    shift = 0.4 * torch.randn(B, 1, generator=g)
+    shift[:3, 0] = 0.5 * torch.sign(adv.reshape(B, -1)[:3, 0])
+    old = (lp - shift - 0.3 * torch.randn(B, T, generator=g)) * m
+    ref = (lp + 0.3 * torch.randn(B, T, generator=g)) * m
+    n_items = completion_mask.sum() * SPG  # the whole generation batch: SPG such micro-batches
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": n_items,
+    }
+
+
+def _fastrl_kwargs(trainer, inputs):
+    """The policy_loss options that correspond to the trainer's current configuration."""
+    kw = dict(
+        loss_type=trainer.loss_type,
+        importance_sampling_level=trainer.importance_sampling_level,
+        beta=trainer.beta,
+        delta=trainer.args.delta,
+        epsilon=trainer.epsilon_low,
+        epsilon_high=trainer.epsilon_high,
+        max_completion_length=trainer.max_completion_length,
+        num_items_in_batch=inputs["num_items_in_batch"],
+        gradient_accumulation_steps=GA,
+        steps_per_generation=SPG,
+        top_entropy_quantile=trainer.top_entropy_quantile,
+        entropy_coef=trainer.entropy_coef,
+        off_policy_mask_threshold=trainer.off_policy_mask_threshold,
+        use_bias_correction_kl=trainer.args.use_bias_correction_kl,
+        sapo_temperature_pos=trainer.args.sapo_temperature_pos,
+        sapo_temperature_neg=trainer.args.sapo_temperature_neg,
+    )
+    if trainer.beta != 0:
+        kw["ref_logps"] = inputs["ref_per_token_logps"]
+    if trainer.use_vllm:
+        kw.update(
+            sampling_logps=inputs["sampling_per_token_logps"],
+            sampling_correction=trainer.vllm_importance_sampling_mode,
+            sampling_clip_min=trainer.vllm_importance_sampling_clip_min,
+            sampling_clip_max=trainer.vllm_importance_sampling_clip_max,
+        )
+    if not trainer.model.training:  # TRL's evaluation loss: no accumulation, no split
+        kw.update(gradient_accumulation_steps=1, steps_per_generation=1)
+    return kw
+
+
+def _trl_step(trainer, inputs, monkeypatch):
+    """TRL's loss, the per-token log-probs and entropies it computed, and its metrics."""
+    captured = {}
+    original = trainer._get_per_token_logps_and_entropies
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        captured["logps"], captured["entropy"] = out[0], out[1]
+        return out
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    mode = "train" if trainer.model.training else "eval"
+    trainer._metrics[mode].clear()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    monkeypatch.undo()
+    metrics = {k: v[-1] for k, v in trainer._metrics[mode].items()}
+    return loss, captured["logps"], captured["entropy"], metrics
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, retain_graph=True, materialize_grads=True)
+
+
+def _assert_grads_close(ours, theirs, tol):
+    """Gradients agree to `tol` relative to each tensor's largest entry.
+
+    A parameter's gradient sums contributions of every token, some of which cancel, so
+    its small entries carry the rounding of the large ones: relative error per element
+    is not meaningful, relative error against the tensor's scale is.
+    """
+    for a, b in zip(ours, theirs, strict=True):
+        scale = b.abs().max().clamp(min=1e-30)
+        torch.testing.assert_close(a / scale, b / scale, **tol)
+
+
+def _check(trainer, inputs, monkeypatch, *, own_path=True):
+    """Run TRL and fastrl on the same inputs and compare loss, gradients and metrics."""
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    trl_loss, lp, ent, trl_metrics = _trl_step(trainer, inputs, monkeypatch)
+    trl_param_grads = _grads(trl_loss, params)
+    trl_lp_grads = _grads(trl_loss, [lp, ent])
+
+    kw = _fastrl_kwargs(trainer, inputs)
+    mask = inputs["completion_mask"]
+    old = inputs.get("old_per_token_logps")
+    adv = inputs["advantages"]
+
+    # 1. the same log-prob tensors TRL computed
+    loss, metrics = policy_loss(lp, old, adv, mask, entropy=ent, **kw)
+    torch.testing.assert_close(loss, trl_loss, **TOL_SAME_LOGPS)
+    _assert_grads_close(_grads(loss, [lp, ent]), trl_lp_grads, TOL_SAME_LOGPS)
+    _assert_grads_close(_grads(loss, params), trl_param_grads, TOL_SAME_LOGPS)
+
+    # metrics: everything TRL logged for this step, under the same name (but the entropy
+    # coefficient, which TRL logs as a setting and fastrl takes as an argument)
+    trl_metrics.pop("entropy_coef", None)
+    assert set(trl_metrics) <= set(metrics), set(trl_metrics) - set(metrics)
+    for name, value in trl_metrics.items():
+        torch.testing.assert_close(
+            metrics[name], torch.tensor(value), equal_nan=True, **TOL_SAME_LOGPS, msg=name
+        )
+
+    # 2. log-probs computed independently from the same model
+    if own_path:
+        own_lp, own_ent = _own_logps(
+            model,
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            mask,
+        )
+        torch.testing.assert_close(own_lp * mask, lp, **TOL_OWN_LOGPS)
+        loss2, _ = policy_loss(own_lp, old, adv, mask, entropy=own_ent, **kw)
+        torch.testing.assert_close(loss2, trl_loss, **TOL_OWN_LOGPS)
+        _assert_grads_close(_grads(loss2, params), trl_param_grads, TOL_OWN_LOGPS)
+    return trl_loss, loss, metrics
+
+
+# --------------------------------------------------------------------------- the grid
+
+GRID = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [None, 1.5]))
+
+
+@pytest.mark.parametrize(
+    "loss_type,level,beta,delta", GRID, ids=["-".join(map(str, c)) for c in GRID]
+)
+def test_loss_matches_trl(grpo, monkeypatch, loss_type, level, beta, delta):
+    _configure(grpo, loss_type=loss_type, level=level, beta=beta, delta=delta)
+    seed = GRID.index((loss_type, level, beta, delta))
+    inputs = _inputs(grpo, seed)
+    if delta is not None and loss_type in ("cispo", "sapo"):
+        # TRL accepts delta here and ignores it (it only caps the clipped surrogate's ratio);
+        # fastrl refuses an option that would have no effect.
+        with_delta = grpo._compute_loss(grpo.model, inputs)
+        _configure(grpo, loss_type=loss_type, level=level, beta=beta, delta=None)
+        without = grpo._compute_loss(grpo.model, inputs)
+        assert torch.equal(with_delta, without)
+        kw = _fastrl_kwargs(grpo, inputs)
+        kw["delta"] = delta
+        with pytest.raises(ValueError, match="delta"):
+            policy_loss(
+                torch.zeros(B, T), None, inputs["advantages"], inputs["completion_mask"], **kw
+            )
+        return
+    trl_loss, _, metrics = _check(grpo, inputs, monkeypatch)
+    assert torch.isfinite(trl_loss)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        # the inputs are off-policy enough for the clip to be active somewhere
+        assert metrics["clip_ratio/region_mean"] > 0
+
+
+def test_trl_accepts_the_whole_grid(tmp_path):
+    # GRPOConfig rejects none of the grid's combinations (GRPOTrainer.__init__ only logs a
+    # warning for sequence-level bnpo/dr_grpo/dapo/cispo), so none is skipped above.
+    from accelerate.state import AcceleratorState, PartialState
+
+    # Every TrainingArguments resets accelerate's process-wide state in place, which the
+    # module's trainers share: put it back afterwards.
+    saved = [
+        (cls._shared_state, dict(cls._shared_state)) for cls in (AcceleratorState, PartialState)
+    ]
+    try:
+        for loss_type, level, beta, delta in GRID:
+            args = trl.GRPOConfig(
+                **_common_args(tmp_path),
+                loss_type=loss_type,
+                importance_sampling_level=level,
+                beta=beta,
+                delta=delta,
+            )
+            assert (args.loss_type, args.importance_sampling_level) == (loss_type, level)
+    finally:
+        for shared, copy in saved:
+            shared.clear()
+            shared.update(copy)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_entropy_mask_and_bonus_match_trl(grpo, monkeypatch, loss_type):
+    # 33 tokens: the 0.5-quantile is exactly the 17th smallest entropy, so the ">=" of the
+    # high-entropy mask matters
+    _configure(grpo, loss_type=loss_type, top_entropy_quantile=0.5, entropy_coef=0.03, beta=0.02)
+    _check(grpo, _inputs(grpo, 100 + LOSS_TYPES.index(loss_type)), monkeypatch)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_off_policy_mask_and_options_match_trl(grpo, monkeypatch, loss_type, level):
+    _configure(
+        grpo,
+        loss_type=loss_type,
+        level=level,
+        beta=0.05,
+        off_policy_mask_threshold=0.02,
+        use_bias_correction_kl=False,
+        sapo=(0.7, 1.3),
+        epsilon=0.15,
+        epsilon_high=3.0 if loss_type == "cispo" else 0.25,
+    )
+    _check(grpo, _inputs(grpo, 200), monkeypatch)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_delta_below_the_upper_clip_matches_trl(grpo, monkeypatch, loss_type, level):
+    # delta < 1 + epsilon_high: the capped ratio never counts as high-clipped in TRL's metric
+    _configure(grpo, loss_type=loss_type, level=level, delta=1.1, epsilon_high=0.28)
+    _, _, metrics = _check(grpo, _inputs(grpo, 250), monkeypatch)
+    assert metrics["clip_ratio/high_mean"] == 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo"])
+def test_per_token_advantages_match_trl(grpo, monkeypatch, loss_type):
+    _configure(grpo, loss_type=loss_type, beta=0.04)
+    _check(grpo, _inputs(grpo, 300, adv_shape="BT"), monkeypatch)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_on_policy_and_eval_mode_match_trl(grpo, monkeypatch, loss_type):
+    _configure(grpo, loss_type=loss_type, beta=0.04)
+    inputs = _inputs(grpo, 400)
+    del inputs["old_per_token_logps"]  # TRL uses logps.detach(), as old_logps=None does
+    _check(grpo, inputs, monkeypatch)
+    grpo.model.eval()  # TRL's eval loss: no gradient-accumulation scaling
+    try:
+        _check(grpo, inputs, monkeypatch, own_path=False)
+    finally:
+        grpo.model.train()
+
+
+# --------------------------------------------------------------------------- generation batch
+
+
+def _generation_batch(trainer, seed, rewards, sampling_noise):
+    """Replace TRL's generation with fixed ids and sampler log-probs; rewards as columns."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask, g = _batch(seed)
+    with torch.no_grad():
+        lp, _ = _own_logps(trainer.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    sampling = lp + sampling_noise * torch.randn(B, T, generator=g)
+    sampling[1, 2] = float("nan")  # a token the sampler could not score
+    prompts_list = [prompt_ids[b][prompt_mask[b].bool()].tolist() for b in range(B)]
+    lens = completion_mask.sum(1).tolist()
+    completions_list = [completion_ids[b, : lens[b]].tolist() for b in range(B)]
+    sampling_list = [
+        [None if math.isnan(x) else x for x in sampling[b, : lens[b]].tolist()] for b in range(B)
+    ]
+    texts = [" ".join(f"w{i - 3}" for i in ids) for ids in completions_list]
+
+    def fake_generate(prompts):
+        assert len(prompts) == B
+        return prompts_list, completions_list, None, texts, sampling_list, {}, None, []
+
+    K = rewards.shape[1]
+    examples = [
+        {"prompt": "w1 w2 w3", **{f"r{k}": _none(rewards[b, k]) for k in range(K)}}
+        for b in range(B)
+    ]
+    return examples, fake_generate
+
+
+def _none(x):
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _set_rewards(trainer, K, weights):
+    trainer.reward_funcs = _reward_funcs(K)
+    trainer.reward_func_names = [f.__name__ for f in trainer.reward_funcs]
+    trainer.reward_processing_classes = [None] * K
+    trainer.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+
+NAN = float("nan")
+# Two prompts x four completions. Values are exact in binary so that TRL's float32 mean of a
+# constant group is exact too (TRL gives ~1e-4 * |r| instead of 0 when it is not).
+REWARDS_1 = torch.tensor([[1.0], [0.0], [0.5], [1.0], [0.25], [0.25], [0.25], [0.25]])
+REWARDS_3 = torch.tensor(
+    [
+        [1.0, 0.0, 2.0],
+        [0.0, NAN, 1.0],
+        [0.5, 1.0, NAN],
+        [NAN, NAN, NAN],  # unscorable: every reward function returned None
+        [0.75, 0.0, 1.0],
+        [0.75, 0.5, 1.0],
+        [0.75, 0.0, 3.0],
+        [0.75, 1.0, 1.0],
+    ]
+)
+ADV_CASES = [
+    ("group", "sum_then_normalize", REWARDS_1, [1.0]),
+    ("batch", "sum_then_normalize", REWARDS_1, [1.0]),
+    ("none", "sum_then_normalize", REWARDS_1, [1.0]),
+    ("group", "sum_then_normalize", REWARDS_3, [1.0, 0.5, -0.25]),
+    ("batch", "sum_then_normalize", REWARDS_3, [1.0, 0.5, -0.25]),
+    ("none", "sum_then_normalize", REWARDS_3, [1.0, 0.5, -0.25]),
+    ("group", "normalize_then_sum", REWARDS_3, [1.0, 0.5, -0.25]),
+    ("group", "normalize_then_sum", REWARDS_1, [1.0]),
+]
+
+
+@pytest.mark.parametrize("scale,aggregation,rewards,weights", ADV_CASES)
+def test_grpo_advantages_match_trl(grpo, monkeypatch, scale, aggregation, rewards, weights):
+    _configure(grpo)
+    grpo.args.steps_per_generation = GA  # aligned: TRL skips old log-probs
+    _set_rewards(grpo, rewards.shape[1], weights)
+    grpo.scale_rewards = scale
+    grpo.multi_objective_aggregation = aggregation
+    examples, fake_generate = _generation_batch(grpo, 500, rewards, 0.0)
+    monkeypatch.setattr(grpo, "_generate", fake_generate)
+    out = grpo._generate_and_score_completions(examples)
+    ours = group_advantages(
+        rewards, G, baseline="mean", scale=scale, weights=weights, normalize=aggregation
+    )
+    torch.testing.assert_close(ours, out["advantages"], rtol=1e-5, atol=1e-6)
+    assert not torch.isnan(ours).any()
+
+
+@pytest.mark.parametrize("normalize_advantages", [False, True])
+@pytest.mark.parametrize("rewards,weights", [(REWARDS_1, [1.0]), (REWARDS_3, [1.0, 0.5, -0.25])])
+def test_rloo_advantages_match_trl(rloo, monkeypatch, normalize_advantages, rewards, weights):
+    _set_rewards(rloo, rewards.shape[1], weights)
+    rloo.normalize_advantages = normalize_advantages
+    rloo.beta = 0.0
+    examples, fake_generate = _generation_batch(rloo, 600, rewards, 0.0)
+
+    def fake_rloo_generate(prompts):  # RLOOTrainer._generate returns ids and texts only
+        prompt_ids, completion_ids, _, texts, *_ = fake_generate(prompts)
+        return prompt_ids, completion_ids, texts
+
+    monkeypatch.setattr(rloo, "_generate", fake_rloo_generate)
+    out = rloo._generate_and_score_completions(examples)
+    scale = "batch" if normalize_advantages else "none"
+    ours = group_advantages(rewards, G, baseline="rloo", scale=scale, weights=weights)
+    torch.testing.assert_close(ours, out["advantages"], rtol=1e-5, atol=1e-6)
+
+
+SAMPLING_CASES = [
+    ("token_truncate", (None, 1.2), "dapo"),
+    ("token_mask", (0.8, 1.25), "grpo"),
+    ("sequence_truncate", (0.5, 2.0), "bnpo"),
+    ("sequence_mask", (None, 3.0), "cispo"),
+    ("sequence_mask", (0.9, 1.1), "sapo"),
+]
+
+
+@pytest.mark.parametrize("mode,clip,loss_type", SAMPLING_CASES)
+def test_sampling_correction_matches_trl(grpo, monkeypatch, mode, clip, loss_type):
+    _configure(grpo, loss_type=loss_type, vllm_mode=mode, clip=clip, off_policy_mask_threshold=0.05)
+    _set_rewards(grpo, 3, [1.0, 0.5, -0.25])
+    grpo.scale_rewards = "group"
+    grpo.multi_objective_aggregation = "sum_then_normalize"
+    examples, fake_generate = _generation_batch(grpo, 700, REWARDS_3, 0.15)
+    monkeypatch.setattr(grpo, "_generate", fake_generate)
+    out = grpo._generate_and_score_completions(examples)
+    gen_metrics = {k: v[-1] for k, v in grpo._metrics["train"].items() if k.startswith("sampling/")}
+    assert len(gen_metrics) == 5
+    monkeypatch.undo()
+
+    # TRL's old log-probs come from the same model, so the step is on-policy; the
+    # correction uses them against the sampler's log-probs.
+    trl_loss, _, metrics = _check(grpo, out, monkeypatch)
+    for name, value in gen_metrics.items():
+        torch.testing.assert_close(metrics[name], torch.tensor(value), **TOL_SAME_LOGPS, msg=name)
