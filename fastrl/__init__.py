@@ -6,11 +6,12 @@ never materialises the ``[tokens, vocab]`` logits.
 
 from fastrl.advantages import group_advantages
 from fastrl.logprobs import linear_logprobs, sequence_logprobs
-from fastrl.policy import policy_loss
+from fastrl.policy import fused_policy_loss, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "fused_policy_loss",
     "group_advantages",
     "linear_logprobs",
     "policy_loss",

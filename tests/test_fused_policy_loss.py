@@ -1,0 +1,125 @@
+"""fused_policy_loss against the float64 oracles: naive log-probs, then naive_policy_loss."""
+
+import pytest
+import torch
+
+from fastrl import fused_policy_loss, linear_logprobs
+from fastrl.reference import naive_linear_logprobs, naive_policy_loss
+from tests.conftest import DEVICE
+
+B, T, D, V = 3, 13, 40, 300
+
+
+def make_batch(trainable=True):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, T, D, generator=g).to(DEVICE).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / D**0.5 * 2).to(DEVICE).requires_grad_(trainable)
+    targets = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    mask[0, 9:] = 0
+    mask[2, 4:] = 0
+    advantages = torch.randn(B, generator=g).to(DEVICE)
+    with torch.no_grad():
+        base = naive_linear_logprobs(hidden, weight, targets).float()
+    old = base + 0.3 * torch.randn(B, T, generator=g).to(DEVICE)
+    ref = base + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)
+    return hidden, weight, targets, mask, advantages, old, ref
+
+
+def oracle(hidden, weight, targets, mask, advantages, old, ref, temperature, **kw):
+    scored = torch.where(mask.bool(), targets, -100)
+    logps, ent = naive_linear_logprobs(
+        hidden, weight, scored, temperature=temperature, return_entropy=True
+    )
+    return naive_policy_loss(
+        logps, old.double(), advantages.double(), mask, ref_logps=ref.double(), entropy=ent, **kw
+    )
+
+
+CASES = {
+    "dapo-token": dict(loss_type="dapo", num_items_in_batch=22),
+    "grpo-seq-beta": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04),
+    "bnpo-delta-beta": dict(loss_type="bnpo", delta=1.5, beta=0.1, epsilon_high=0.28),
+    "dr_grpo-entropy": dict(loss_type="dr_grpo", max_completion_length=T, entropy_coef=0.01),
+    "cispo": dict(loss_type="cispo", num_items_in_batch=22, epsilon_high=4.0),
+    "sapo-beta": dict(loss_type="sapo", beta=0.04),
+}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fused_policy_loss(case, impl):
+    hidden, weight, targets, mask, adv, old, ref = make_batch()
+    loss, metrics = fused_policy_loss(
+        hidden,
+        weight,
+        targets,
+        mask,
+        adv,
+        old_logps=old,
+        ref_logps=ref,
+        temperature=0.9,
+        impl=impl,
+        **case,
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_loss, ref_metrics = oracle(hidden, weight, targets, mask, adv, old, ref, 0.9, **case)
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight))
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        scale = rg.abs().max().item()
+        assert (g.double() - rg).abs().max().item() <= 1e-5 * max(scale, 1e-3), scale
+    assert metrics.keys() == ref_metrics.keys() and "entropy" in metrics
+    for k in metrics:
+        torch.testing.assert_close(
+            metrics[k].double(), ref_metrics[k].double(), atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fused_policy_loss_ref_hidden(impl):
+    """Reference log-probs from reference hidden states equal passing them in, and get no grad."""
+    hidden, weight, targets, mask, adv, old, _ = make_batch(trainable=False)
+    ref_hidden = (hidden.detach() + 0.1 * torch.randn_like(hidden)).requires_grad_()
+    kw = dict(old_logps=old, beta=0.04, loss_type="grpo", impl=impl)
+    loss, _ = fused_policy_loss(hidden, weight, targets, mask, adv, ref_hidden=ref_hidden, **kw)
+    scored = torch.where(mask.bool(), targets, -100)
+    ref_logps = linear_logprobs(ref_hidden.detach(), weight, scored, impl=impl)
+    expected, _ = fused_policy_loss(hidden, weight, targets, mask, adv, ref_logps=ref_logps, **kw)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert ref_hidden.grad is None and weight.grad is None and hidden.grad is not None
+
+
+def test_fused_policy_loss_fully_masked_row_and_zero_advantages():
+    hidden, weight, targets, mask, adv, old, _ = make_batch()
+    mask[1] = 0
+    adv.zero_()
+    loss, _ = fused_policy_loss(
+        hidden, weight, targets, mask, adv, old_logps=old, loss_type="grpo", impl="torch"
+    )
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(hidden.grad).all()
+    assert (hidden.grad == 0).all()  # zero advantages and no KL: nothing to learn
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(ref_hidden="h", ref_logps="r"), "ref_logps or ref_hidden"),
+        (dict(ref_weight="w"), "ref_weight is only used with ref_hidden"),
+        (dict(mask=lambda m: m * 2), "mask must be boolean or hold only 0 and 1"),
+        (dict(mask=lambda m: m[:, :5]), "mask shape"),
+        (dict(entropy="e"), "computes entropy itself"),
+        (dict(loss_type="ppo"), "loss_type.*'ppo'"),
+    ],
+    ids=["ref-both", "ref-weight-alone", "mask-values", "mask-shape", "entropy-kw", "loss-type"],
+)
+def test_fused_policy_loss_bad_input(change, match):
+    hidden, weight, targets, mask, adv, old, ref = make_batch()
+    values = dict(h=hidden, r=ref, w=weight, e=ref)
+    kw = dict(mask=mask, loss_type="grpo")
+    for name, v in change.items():
+        kw[name] = v(kw[name]) if callable(v) else values.get(v, v)
+    with pytest.raises(ValueError, match=match):
+        fused_policy_loss(hidden, weight, targets, kw.pop("mask"), adv, **kw)
