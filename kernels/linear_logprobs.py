@@ -2,15 +2,16 @@
 
 Logits `z = softcap(hidden @ weight.T + bias) / temperature` exist only tile by tile.
 
-Forward tiling. grid = (cdiv(N, BLOCK_N), num_splits). Program (i, s) owns rows
+Forward tiling. grid = (num_splits, cdiv(N, BLOCK_N)). Program (s, i) owns rows
 [i*BLOCK_N, (i+1)*BLOCK_N) and the vocab columns of split s. For every BLOCK_V block of
 its split it forms the [BLOCK_N, BLOCK_V] logits tile with an fp32 accumulator (a loop
 over d in BLOCK_D steps), masks padded columns to -inf, and folds the tile into running
 per-row statistics: max m, s = sum e^(z-m), a = sum e^(z-m) (z-m), and the target logit
-when the target falls in the block. Row blocks vary fastest in the grid, so programs in
-flight stream the same weight blocks and share them through L2. Each split writes its
-statistics to [num_splits, N] scratch, and `linear_logprobs_combine_kernel` merges them
-into logp = z_t - lse and entropy = log s - a/s (both relative to the same max).
+when the target falls in the block. Splits vary fastest in the grid, so the programs in
+flight cover a few row blocks times all splits and share both hidden and weight blocks
+through L2 (see `_num_splits`). Each split writes its statistics to [num_splits, N]
+scratch, and `linear_logprobs_combine_kernel` merges them into logp = z_t - lse and
+entropy = log s - a/s (both relative to the same max).
 
 Backward tiling. The backward walks [BWD_CHUNK_ROWS, BWD_CHUNK_VOCAB] blocks of the
 logits gradient. In each, one program per [BLOCK_N, BLOCK_V] tile (GROUP_N row blocks
@@ -363,6 +364,8 @@ def linear_logprobs_fwd(
     a = torch.empty((num_splits, N), **f32) if return_entropy else m
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     ent = torch.empty(N, **f32) if return_entropy else None
+    if N == 0:
+        return logp, ent, lse
 
     grid = lambda meta: (num_splits, triton.cdiv(N, meta["BLOCK_N"]))
     linear_logprobs_fwd_kernel[grid](
@@ -433,7 +436,7 @@ def linear_logprobs_bwd(
     dh = torch.empty_like(hidden) if need_hidden else None
     dw = torch.zeros((V, D), **f32) if need_weight else None
     db = torch.zeros(V, **f32) if need_bias else None
-    n_chunk, v_chunk = min(N, BWD_CHUNK_ROWS), min(V, BWD_CHUNK_VOCAB)
+    n_chunk, v_chunk = max(1, min(N, BWD_CHUNK_ROWS)), min(V, BWD_CHUNK_VOCAB)
     dz_buf = torch.empty((n_chunk, v_chunk), device=hidden.device, dtype=hidden.dtype)
     dh_acc = torch.empty((n_chunk, D), **f32) if need_hidden else None
 

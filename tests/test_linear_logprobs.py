@@ -129,6 +129,15 @@ def test_linear_logprobs_all_ignored(impl, nan_empty):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_linear_logprobs_empty(impl):
+    hidden, weight, targets, _ = make_inputs(0, 50, 8, torch.float32, lead=(0, 3))
+    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, impl=impl)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == (0, 3) and hidden.grad.shape == (0, 3, 8)
+    assert (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_single_output_grads(impl):
     """Gradient through logp only, and through entropy only (the other gets no grad)."""
     hidden, weight, targets, _ = make_inputs(13, 200, 24, torch.float32)
