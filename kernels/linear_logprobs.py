@@ -55,9 +55,15 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def _logits_tile(
     H,
     W,
+    Bias,
     rows,
     row_mask,
     cols,
@@ -65,13 +71,18 @@ def _logits_tile(
     D,
     stride_h,
     stride_w,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    # x[BLOCK_N, BLOCK_V] = H[rows] @ W[cols].T, fp32 accumulation over d
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # z = softcap(H[rows] @ W[cols].T + bias) / T as a [BLOCK_N, BLOCK_V] fp32 tile
+    # (accumulated over d in BLOCK_D steps), and dz/dx without the 1/T (1 without softcap)
+    x = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         dmask = dcols < D
@@ -85,29 +96,16 @@ def _logits_tile(
             mask=col_mask[:, None] & dmask[None, :],
             other=0.0,
         )
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _transform(
-    x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
-):
-    # z = softcap(x + bias) / T; also returns dz/dx (without the 1/T), 1 when no softcap
+        x = tl.dot(h, tl.trans(w), x, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         x += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
         x = softcap * t
-        dxdx = 1.0 - t * t
+        dzdx = 1.0 - t * t
     else:
-        dxdx = 1.0
-    return x * inv_temp, dxdx
+        dzdx = 1.0
+    return x * inv_temp, dzdx
 
 
 @autotune(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG, key=["D", "V"])
@@ -153,9 +151,10 @@ def linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        x = _logits_tile(
+        z, _ = _logits_tile(
             H,
             W,
+            Bias,
             rows,
             row_mask,
             cols,
@@ -163,12 +162,15 @@ def linear_logprobs_fwd_kernel(
             D,
             stride_h,
             stride_w,
+            inv_temp,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            DOT_PRECISION,
             BLOCK_N,
             BLOCK_V,
             BLOCK_D,
-            DOT_PRECISION,
         )
-        z, _ = _transform(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
 
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -285,9 +287,10 @@ def linear_logprobs_bwd_kernel(
     valid = row_mask & (tgt != ignore_index)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
 
-    x = _logits_tile(
+    z, dzdx = _logits_tile(
         H,
         W,
+        Bias,
         rows,
         row_mask,
         cols,
@@ -295,12 +298,15 @@ def linear_logprobs_bwd_kernel(
         D,
         stride_h,
         stride_w,
+        inv_temp,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        DOT_PRECISION,
         BLOCK_N,
         BLOCK_V,
         BLOCK_D,
-        DOT_PRECISION,
     )
-    z, dzdx = _transform(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
     keep = valid[:, None] & col_mask[None, :]
     logp = tl.where(keep, z - lse[:, None], 0.0)
     p = tl.where(keep, tl.exp(logp), 0.0)
