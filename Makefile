@@ -1,4 +1,4 @@
-# fastrl: make venv | test | bench | lint
+# fastrl: make venv | test | bench | bench-policy | lint
 #
 # Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
 # constraints-cpu.txt so it installs the CPU torch wheel, never the multi-GB CUDA one.
@@ -14,13 +14,15 @@ CONSTRAIN := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 PYTEST_N  ?= 2
 BENCH_ARGS ?=
 
-.PHONY: venv test bench lint format clean-venv help
+.PHONY: venv test bench bench-policy lint format clean-venv help
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
 	@echo "make test    run the test suite (pytest -n $(PYTEST_N))"
 	@echo "make bench   benchmark linear_logprobs (GPU shapes on CUDA, tiny ones on CPU);"
 	@echo "             extra options via BENCH_ARGS='--head both --shapes gpu-quick'"
+	@echo "make bench-policy  benchmark fused_policy_loss against TRL, Liger and eager;"
+	@echo "             extra options via BENCH_ARGS='--loss-type dapo,grpo --beta 0.04'"
 	@echo "make lint    ruff check + ruff format --check"
 
 venv: $(STAMP)
@@ -36,6 +38,9 @@ test: venv
 
 bench: venv
 	$(PY) bench/bench_logprobs.py $(BENCH_ARGS)
+
+bench-policy: venv
+	$(PY) bench/bench_policy.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,12 @@
 """Plot a bench/results JSON: fwd+bwd time and peak memory per method per shape.
 
     python bench/plot.py bench/results/nvidia-h100-80gb-hbm3-2026-05-10.json
+    python bench/plot.py bench/results/policy-nvidia-h100-80gb-hbm3-2026-05-10.json
 
-Writes the PNG next to the JSON (same name, .png). Two panels (time, memory) per head
-(frozen / trainable lm_head); methods that were skipped or ran out of memory show a
-label instead of a bar.
+Works for the output of bench_logprobs.py and bench_policy.py. Writes the PNG next to
+the JSON (same name, .png). Two panels (time, memory) per head (frozen / trainable
+lm_head); methods that were skipped or ran out of memory show a label instead of a bar;
+a black dash marks the time of the plain cuBLAS matmuls of each case (the floor).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ COLORS = {
 }
 
 
+def _matmul_ms(case: dict, mode: str) -> float | None:
+    mm = case.get("matmul") or {}
+    return mm.get("ms", {}).get(mode) if mm.get("status") == "ok" else None
+
+
 def _mode(case: dict) -> str:
     modes = case.get("modes", [])
     for m in ("fwdbwd", "fwd", "infer", "bwd"):
@@ -37,7 +44,7 @@ def _mode(case: dict) -> str:
     return "fwdbwd"
 
 
-def _panel(ax, cases, methods, value, ylabel, title):
+def _panel(ax, cases, methods, value, ylabel, title, floor=None):
     n = len(methods)
     width = 0.8 / max(n, 1)
     xs = range(len(cases))
@@ -69,6 +76,14 @@ def _panel(ax, cases, methods, value, ylabel, title):
                 fontsize=6,
                 color="0.4",
             )
+    if floor is not None and any_value:
+        marked = False
+        for x, c in zip(xs, cases, strict=True):
+            f = floor(c)
+            if f:
+                kw = {} if marked else {"label": "cuBLAS matmuls"}
+                ax.hlines(f, x - 0.42, x + 0.42, colors="k", linestyles="--", lw=1, **kw)
+                marked = True
     ax.set_xticks(list(xs))
     ax.set_xticklabels([c["label"].replace(" N=", "\nN=") for c in cases], fontsize=7)
     ax.set_ylabel(ylabel)
@@ -106,6 +121,7 @@ def plot(json_path, out_path=None) -> Path:
             lambda c, m, mode=mode: m.get("ms", {}).get(mode),
             "time (ms)",
             f"{mode} time, {head} lm_head ({sub[0]['dtype']}) - lower is better",
+            floor=lambda c, mode=mode: _matmul_ms(c, mode),
         )
         _panel(
             axes[2 * i + 1],
@@ -117,15 +133,16 @@ def plot(json_path, out_path=None) -> Path:
         )
     env = data.get("env", {})
     commit = (env.get("commit") or "?")[:10] + ("+dirty" if env.get("dirty") else "")
+    title = data.get("title") or f"fastrl.{data.get('benchmark', 'linear_logprobs')}"
     fig.suptitle(
-        f"fastrl.linear_logprobs on {env.get('device', '?')} ({env.get('date', '')})\n"
+        f"{title} on {env.get('device', '?')} ({env.get('date', '')})\n"
         f"torch {env.get('torch', '?')} | triton {env.get('triton', '?')} | commit {commit}",
         fontsize=10,
         y=0.995,
     )
     handles, labels = axes[0].get_legend_handles_labels()
-    ncol = max(1, min(len(methods), int(width / 1.6)))
-    rows = -(-len(methods) // ncol)
+    ncol = max(1, min(len(handles), int(width / 1.6)))
+    rows = -(-len(handles) // ncol)
     top = 1 - (0.5 + 0.25 * rows) / fig.get_figheight()
     fig.legend(
         handles,
