@@ -12,14 +12,18 @@ with the conventions of TRL 1.16 (`GRPOTrainer._generate_and_score_completions` 
 - the result never contains NaN.
 
 The work is split so that a CUDA kernel can take over the whole computation
-(`_group_advantages_torch` is the reference path; `_KERNEL` is looked up on CUDA tensors).
+(`_group_advantages_torch` is the reference path; `_KERNEL`, the Triton launcher of
+kernels/group_advantages.py, runs on CUDA tensors with ``impl="auto"``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
+
+from fastrl.logprobs import _triton_usable
 
 __all__ = ["group_advantages"]
 
@@ -28,9 +32,19 @@ _SCALES = ("group", "batch", "none")
 _NORMALIZE = ("sum_then_normalize", "normalize_then_sum")
 _IMPLS = ("auto", "torch", "triton")
 
-# A Triton launcher with the signature of `_group_advantages_torch` plugs in here once it
-# exists (kernels/group_advantages.py); until then every call takes the PyTorch path.
-_KERNEL = None
+
+def _group_advantages_triton(rewards, weights, group_size, baseline, scale, eps, normalize):
+    # imported on first use: triton is only needed when the kernel runs
+    from fastrl.kernels.group_advantages import group_advantages_fwd
+
+    return group_advantages_fwd(rewards, weights, group_size, baseline, scale, eps, normalize)
+
+
+# The Triton launcher, with the signature of `_group_advantages_torch` (None without triton).
+_KERNEL = _group_advantages_triton if importlib.util.find_spec("triton") is not None else None
+# A group lives in one tile of the kernel (kernels/group_advantages.py: MAX_GROUP_SIZE);
+# larger groups take the PyTorch path with impl="auto".
+_KERNEL_MAX_GROUP_SIZE = 4096
 
 
 def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
@@ -151,8 +165,8 @@ def group_advantages(
             - ``"normalize_then_sum"`` (GDPO): every objective standardised within its
               group, weighted sum, then standardised over the batch. This mode is TRL's
               fixed recipe, so it needs ``baseline="mean"`` and ``scale="group"``.
-        impl: ``"auto"`` (the Triton kernel for CUDA tensors once available, else
-            PyTorch), ``"torch"``, or ``"triton"``.
+        impl: ``"auto"`` (the Triton kernel for CUDA tensors, else PyTorch),
+            ``"torch"``, or ``"triton"`` (CUDA tensors, or any under TRITON_INTERPRET=1).
 
     Returns:
         ``[B]`` advantages, float32 (float64 for float64 rewards). Never NaN: groups with
@@ -162,7 +176,9 @@ def group_advantages(
 
     Raises:
         ValueError: ``B`` not a multiple of ``group_size``, unknown ``baseline``,
-            ``scale``, ``normalize`` or ``impl``, bad ``weights`` or ``eps``.
+            ``scale``, ``normalize`` or ``impl``, bad ``weights`` or ``eps``;
+            ``impl="triton"`` on CPU tensors without TRITON_INTERPRET=1, or with a
+            ``group_size`` above the kernel's limit (4096).
         TypeError: ``rewards`` not a tensor, or complex.
     """
     if not isinstance(rewards, torch.Tensor):
@@ -213,8 +229,20 @@ def group_advantages(
     if B == 0:
         return r2.new_zeros(0)
 
-    if impl == "triton" and _KERNEL is None:
-        raise ValueError("impl='triton': no Triton kernel for group_advantages is available")
-    use_kernel = _KERNEL is not None and (impl == "triton" or (impl == "auto" and r2.is_cuda))
+    if impl == "triton":
+        if _KERNEL is None:
+            raise ValueError("impl='triton': no Triton kernel for group_advantages is available")
+        if not _triton_usable(r2.device):
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {r2.device}"
+            )
+        if group_size > _KERNEL_MAX_GROUP_SIZE:
+            raise ValueError(
+                f"impl='triton' supports group_size <= {_KERNEL_MAX_GROUP_SIZE} (a group is one "
+                f"tile of the kernel), got group_size={group_size}; use impl='torch' or 'auto'"
+            )
+    use_kernel = _KERNEL is not None and (
+        impl == "triton" or (impl == "auto" and r2.is_cuda and group_size <= _KERNEL_MAX_GROUP_SIZE)
+    )
     fn = _KERNEL if use_kernel else _group_advantages_torch
     return fn(r2.contiguous(), w, group_size, baseline, scale, float(eps), normalize)

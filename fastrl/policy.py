@@ -9,8 +9,9 @@ off-policy sequence mask, high-entropy token masking and the entropy bonus, and 
 gradient-accumulation scaling. Loss and gradients agree with TRL's to float rounding
 (tests/test_trl_parity_grpo.py runs TRL's own trainer).
 
-The computation has two parts: `_per_token_terms` (elementwise, the part a Triton kernel
-takes over) and the reductions and normalisers in `policy_loss`.
+The computation has two parts: `_per_token_terms` (elementwise; for token-level ratios the
+Triton kernel of kernels/policy_loss.py takes it over, KL included, see `impl`) and the
+reductions and normalisers in `policy_loss`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,71 @@ def _per_token_terms(
     return -gate * adv, coef_1, coef_1
 
 
+class _TokenTermsFunction(torch.autograd.Function):
+    """The per-token terms of a token-level loss from the Triton kernel
+    (kernels/policy_loss.py): ``(per_token_loss, per_token_kl or None, clip_coef)``, fp32
+    ``[B, T]``. Differentiable in ``logps`` only; the KL only when it is in the loss."""
+
+    @staticmethod
+    def forward(ctx, logps, old_logps, advantages, keep, ref_logps, kl_in_loss, opts):
+        from fastrl.kernels.policy_loss import policy_loss_fwd
+
+        ctx.set_materialize_grads(False)
+        need_grad = ctx.needs_input_grad[0]
+        pt, kl, ratio, d_pt, d_kl = policy_loss_fwd(
+            logps,
+            old_logps,
+            advantages,
+            keep,
+            ref_logps,
+            **opts,
+            need_grad=need_grad,
+            need_kl_grad=need_grad and kl_in_loss and ref_logps is not None,
+        )
+        ctx.save_for_backward(d_pt, d_kl)
+        ctx.logps_dtype = logps.dtype
+        ctx.mark_non_differentiable(ratio)
+        if kl is not None and not kl_in_loss:
+            ctx.mark_non_differentiable(kl)
+        return pt, kl, ratio
+
+    @staticmethod
+    def backward(ctx, grad_pt, grad_kl, grad_ratio):
+        from fastrl.kernels.policy_loss import policy_loss_bwd
+
+        d_pt, d_kl = ctx.saved_tensors
+        grad = policy_loss_bwd(grad_pt, grad_kl, d_pt, d_kl, ctx.logps_dtype)
+        return grad, None, None, None, None, None, None
+
+
+def _use_token_kernel(impl, logps, level):
+    """Whether the per-token terms run in the Triton kernel: ``impl="auto"`` on CUDA
+    tensors when it covers the options, ``"triton"`` always (or a ValueError naming what
+    it does not cover), ``"torch"`` never."""
+    from fastrl.logprobs import IMPLS, _triton_usable
+
+    _check_choice("impl", impl, IMPLS)
+    if impl == "torch":
+        return False
+    uncovered = None
+    if level != "token":
+        uncovered = (
+            f"importance_sampling_level={level!r} (the sequence-level ratio needs a row "
+            "reduction first; it runs in PyTorch)"
+        )
+    elif logps.dtype == torch.float64:
+        uncovered = "float64 logps (the kernel computes in float32)"
+    if impl == "auto":
+        return logps.is_cuda and uncovered is None
+    if uncovered is not None:
+        raise ValueError(f"impl='triton' does not cover {uncovered}; use impl='auto' or 'torch'")
+    if not _triton_usable(logps.device):
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {logps.device}"
+        )
+    return True
+
+
 def _sampling_ratio(old, sampling, m, mode, clip_min, clip_max):
     """Importance weight pi_old / pi_sampler (TRL's vLLM correction), without gradient."""
     diff = torch.nan_to_num((old - sampling) * m, nan=0.0)  # unscored tokens: no correction
@@ -185,6 +251,7 @@ def policy_loss(
     sampling_clip_min: float | None = None,
     sampling_clip_max: float | None = 3.0,
     off_policy_mask_threshold: float | None = None,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss on per-token log-probs, as TRL 1.16's ``GRPOTrainer``.
 
@@ -265,6 +332,10 @@ def policy_loss(
         off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask: drop
             sequences with a negative advantage whose mean ``log pi_sampler - log pi``
             exceeds it (``sampling_logps`` if given, else ``old_logps``).
+        impl: where the per-token terms (ratio, clip, KL and their gradient) run:
+            ``"auto"`` (the Triton kernel for CUDA tensors with token-level ratios and
+            fp32/fp16/bf16 ``logps``, else PyTorch), ``"triton"`` (an error for the
+            sequence level or float64), or ``"torch"``. The reductions are PyTorch's.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-d tensor to call ``backward()`` on; ``metrics`` a
@@ -294,7 +365,8 @@ def policy_loss(
             ``max_completion_length``; ``dapo``/``cispo`` without ``num_items_in_batch``;
             ``beta != 0`` without ``ref_logps``; ``delta`` with a loss type that has no
             clipped surrogate; an entropy option without ``entropy``; mismatched shapes; a
-            ``mask`` with values other than 0 and 1; out-of-range numbers.
+            ``mask`` with values other than 0 and 1; out-of-range numbers; unknown
+            ``impl``, or ``impl="triton"`` for an option the kernel does not cover.
         TypeError: a tensor argument that is not a (floating-point) tensor, a
             non-numeric hyper-parameter.
     """
@@ -406,6 +478,7 @@ def policy_loss(
                 )
     if off_policy_mask_threshold is not None:
         _check_number("off_policy_mask_threshold", off_policy_mask_threshold)
+    use_kernel = _use_token_kernel(impl, logps, importance_sampling_level)
 
     # ---- inputs in the compute dtype; masked positions zeroed so that inf/NaN padding
     # cannot leak into sums (their gradient is zero, as with TRL's masking).
@@ -429,27 +502,47 @@ def policy_loss(
     GA = gradient_accumulation_steps
     metrics: dict[str, torch.Tensor] = {}
 
-    # ---- per-token terms
-    per_token, coef_1, clip_coef = _per_token_terms(
-        lp,
-        old,
-        adv,
-        m,
-        loss_type=loss_type,
-        level=importance_sampling_level,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        delta=None if delta is None else float(delta),
-        sapo_pos=float(sapo_temperature_pos),
-        sapo_neg=float(sapo_temperature_neg),
-    )
-
-    per_token_kl = None
-    if ref_logps is not None:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
-            per_token_kl = _kl(lp, clean(ref_logps.detach()), kl_estimator)
-            if use_bias_correction_kl:
-                per_token_kl = per_token_kl * coef_1
+    # ---- per-token terms: the Triton kernel (token level), or PyTorch
+    if use_kernel:
+        per_token, per_token_kl, clip_coef = _TokenTermsFunction.apply(
+            logps,
+            None if old_logps is None else old_logps.detach(),
+            advantages.detach(),
+            keep,
+            None if ref_logps is None else ref_logps.detach(),
+            beta != 0,
+            dict(
+                loss_type=loss_type,
+                epsilon_low=eps_low,
+                epsilon_high=eps_high,
+                delta=None if delta is None else float(delta),
+                kl_estimator=kl_estimator,
+                kl_times_ratio=bool(use_bias_correction_kl),
+                sapo_temperature_pos=float(sapo_temperature_pos),
+                sapo_temperature_neg=float(sapo_temperature_neg),
+            ),
+        )
+        coef_1 = clip_coef  # no delta cap where coef_1 is read below (cispo's metric)
+    else:
+        per_token, coef_1, clip_coef = _per_token_terms(
+            lp,
+            old,
+            adv,
+            m,
+            loss_type=loss_type,
+            level=importance_sampling_level,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            delta=None if delta is None else float(delta),
+            sapo_pos=float(sapo_temperature_pos),
+            sapo_neg=float(sapo_temperature_neg),
+        )
+        per_token_kl = None
+        if ref_logps is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
+                per_token_kl = _kl(lp, clean(ref_logps.detach()), kl_estimator)
+                if use_bias_correction_kl:
+                    per_token_kl = per_token_kl * coef_1
 
     if off_policy_mask_threshold is not None:
         with torch.no_grad():

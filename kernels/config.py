@@ -51,3 +51,11 @@ def configs(space: list[triton.Config], interpret_cfg: triton.Config) -> list[tr
 def autotune(space: list[triton.Config], interpret_cfg: triton.Config, key: list[str], **kw):
     """`triton.autotune` over `space` when FASTRL_AUTOTUNE=1, else over its first config."""
     return triton.autotune(configs(space, interpret_cfg), key=key, **kw)
+
+
+# Loss-only kernels (group advantages, per-token policy loss): memory-bound work on [B] or
+# [B, T] that takes microseconds, so one fixed tile each and no autotuning. The
+# interpreter gets small tiles so that test shapes span several programs and tails.
+GROUP_ADVANTAGES_TILE = 16 if INTERPRET else 1024  # completions per program (groups x slots)
+GROUP_ADVANTAGES_BATCH_BLOCK = 16 if INTERPRET else 1024  # the one-program batch pass
+POLICY_LOSS_BLOCK_T = 16 if INTERPRET else 1024  # tokens of one row per program

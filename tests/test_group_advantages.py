@@ -193,3 +193,82 @@ def test_cuda_matches_cpu(baseline, scale, normalize):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+# --------------------------------------------------------------------------- Triton kernel
+# impl="triton" runs kernels/group_advantages.py (the interpreter on a CPU). Odd group
+# counts and sizes, so that tiles have padded groups and padded slots.
+
+
+@pytest.mark.parametrize("baseline,scale,normalize", MODES)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("group_size", [1, 3, 5, 7])
+def test_triton_matches_oracle(baseline, scale, normalize, k, group_size, nan_empty):
+    rewards = _rewards(7, group_size, k, seed=100 + group_size * 10 + k)
+    weights = [1.0, -0.5, 2.0][:k]
+    kw = dict(baseline=baseline, scale=scale, weights=weights, normalize=normalize)
+    want = naive_group_advantages(rewards, group_size, **kw)
+    got = group_advantages(rewards, group_size, impl="triton", **kw)
+    assert got.dtype == torch.float32 and got.shape == (rewards.shape[0],)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got == 0, want == 0)  # exact zeros exactly where the oracle has them
+    got64 = group_advantages(rewards.double(), group_size, impl="triton", **kw)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("baseline,scale,normalize", MODES)
+def test_triton_edge_cases_match_torch(baseline, scale, normalize, nan_empty):
+    kw = dict(baseline=baseline, scale=scale, normalize=normalize)
+    r = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.7, 1.0, 0.0, 0.3, 0.2])
+    cases = [
+        (r, 4),  # constant groups give exactly 0
+        (r[:8], 4),  # every group constant: the batch std is 0 too
+        (torch.full((6,), NAN), 3),  # nothing scored
+        (torch.tensor([2.5]), 1),  # a batch of one
+        (torch.randn(67), 1),  # groups of one, more than one tile, batch pass of 5 blocks
+        (torch.tensor([NAN, 1.0, NAN, NAN, 2.0, 1.0]), 3),  # lone scored completion
+        (torch.randn(3 * 21, 2), 21),  # a group wider than the interpreter's tile
+        (torch.randint(0, 2, (9 * 4,)).float(), 4),  # binary rewards: many flat groups
+    ]
+    for rewards, n in cases:
+        got = group_advantages(rewards, n, impl="triton", **kw)
+        want = group_advantages(rewards, n, impl="torch", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got == 0, want == 0)
+
+
+def test_triton_dispatch(monkeypatch):
+    r = torch.randn(8)
+    # CPU tensors take the PyTorch path with impl="auto"
+    calls = []
+    monkeypatch.setattr("fastrl.advantages._KERNEL", lambda *a: calls.append(a))
+    group_advantages(r, 4)
+    assert not calls
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="impl='triton'.*group_size=5000"):
+        group_advantages(torch.randn(10000), 5000, impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if r.device.type == "cpu":
+        with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
+            group_advantages(r, 4, impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("baseline,scale,normalize", MODES)
+def test_triton_on_gpu_matches_oracle(baseline, scale, normalize):
+    # several programs and a batch pass of more than one block, on the GPU's tiles
+    for n_groups, group_size, k in [(301, 8, 1), (77, 16, 3), (5, 1000, 1), (2051, 2, 2)]:
+        r = _rewards(n_groups, group_size, k, seed=n_groups)
+        kw = dict(baseline=baseline, scale=scale, normalize=normalize)
+        kw["weights"] = [1.0, 0.5, 2.0][:k]
+        # fp32: against PyTorch in fp32 (groups of two near-equal rewards are ill-conditioned,
+        # (r - mean) / (std + eps) amplifies fp32 rounding alike in both); fp64: the oracle
+        got = group_advantages(r.cuda(), group_size, **kw)  # auto: the kernel on CUDA
+        want32 = group_advantages(r.cuda(), group_size, impl="torch", **kw)
+        torch.testing.assert_close(got, want32, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got == 0, want32 == 0)
+        want = naive_group_advantages(r, group_size, **kw)
+        got64 = group_advantages(r.double().cuda(), group_size, impl="triton", **kw).cpu()
+        torch.testing.assert_close(got64, want, rtol=1e-12, atol=1e-12)
