@@ -62,6 +62,77 @@ FAMILY = {
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 
 
+@triton.jit
+def token_terms(
+    lp,
+    old,
+    a,
+    ref,
+    clip_low,
+    clip_high,
+    delta,
+    cispo_cap,
+    tau_pos,
+    tau_neg,
+    FAMILY: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    KL_EST: tl.constexpr,
+    KL_TIMES_RATIO: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+):
+    # One token's (or a block of tokens') loss term pt, clip-metric ratio, KL and their
+    # derivatives w.r.t. lp (0 when not NEED_GRAD / no KL). Shared with the fused head.
+    r = tl.exp(lp - old)
+    dpt = 0.0 * r
+    if FAMILY == 0:  # clipped surrogate
+        clipped = tl.minimum(tl.maximum(r, clip_low), clip_high)
+        if HAS_DELTA:
+            ratio = tl.minimum(r, delta)
+        else:
+            ratio = r
+        u = ratio * a
+        v = clipped * a
+        pt = -tl.minimum(u, v)
+        if NEED_GRAD:
+            du = a * r
+            if HAS_DELTA:
+                du = tl.where(r <= delta, du, 0.0)
+            dv = tl.where((r >= clip_low) & (r <= clip_high), a * r, 0.0)
+            dpt = -tl.where(u < v, du, tl.where(u > v, dv, 0.5 * (du + dv)))
+    elif FAMILY == 1:  # cispo: the capped ratio is a constant weight on -A logp
+        ratio = r
+        w = tl.minimum(r, cispo_cap)
+        pt = -w * a * lp
+        if NEED_GRAD:
+            dpt = -w * a
+    else:  # sapo: a sigmoid gate, its temperature by the advantage's sign
+        ratio = r
+        tau = tl.where(a > 0, tau_pos, tau_neg)
+        sig = tl.sigmoid(tau * (r - 1.0))
+        pt = -(sig * 4.0 / tau) * a
+        if NEED_GRAD:
+            dpt = -a * (4.0 / tau) * (sig * (1.0 - sig)) * tau * r
+
+    kl = 0.0 * r
+    dkl = 0.0 * r
+    if KL_EST != 0:
+        d = ref - lp  # log(pi_ref / pi)
+        if KL_EST == 3:
+            e = tl.exp(d)
+            kl = e - d - 1.0
+            dkl = 1.0 - e
+        elif KL_EST == 2:
+            kl = 0.5 * d * d
+            dkl = -d
+        else:
+            kl = -d
+            dkl = 1.0 + 0.0 * d
+        if KL_TIMES_RATIO:  # DeepSeek-V3.2's bias correction, differentiable through r
+            dkl = dkl * r + kl * r
+            kl = kl * r
+    return pt, ratio, dpt, kl, dkl
+
+
 @triton.jit(do_not_specialize=["B", "T", "n_tblocks"])
 def policy_loss_fwd_kernel(
     LP,
@@ -119,59 +190,34 @@ def policy_loss_fwd_kernel(
         a = tl.load(ADV + b * s_adv_b + t * s_adv_t, mask=ld, other=0.0).to(tl.float32)
     else:
         a = tl.load(ADV + b * s_adv_b + t * 0, mask=inb, other=0.0).to(tl.float32)
-    r = tl.exp(lp - old)
-
-    if FAMILY == 0:  # clipped surrogate
-        clipped = tl.minimum(tl.maximum(r, clip_low), clip_high)
-        if HAS_DELTA:
-            ratio = tl.minimum(r, delta)
-        else:
-            ratio = r
-        u = ratio * a
-        v = clipped * a
-        pt = -tl.minimum(u, v)
-        if NEED_GRAD:
-            du = a * r
-            if HAS_DELTA:
-                du = tl.where(r <= delta, du, 0.0)
-            dv = tl.where((r >= clip_low) & (r <= clip_high), a * r, 0.0)
-            dpt = -tl.where(u < v, du, tl.where(u > v, dv, 0.5 * (du + dv)))
-    elif FAMILY == 1:  # cispo: the capped ratio is a constant weight on -A logp
-        ratio = r
-        w = tl.minimum(r, cispo_cap)
-        pt = -w * a * lp
-        if NEED_GRAD:
-            dpt = -w * a
-    else:  # sapo: a sigmoid gate, its temperature by the advantage's sign
-        ratio = r
-        tau = tl.where(a > 0, tau_pos, tau_neg)
-        sig = tl.sigmoid(tau * (r - 1.0))
-        pt = -(sig * 4.0 / tau) * a
-        if NEED_GRAD:
-            dpt = -a * (4.0 / tau) * (sig * (1.0 - sig)) * tau * r
+    if KL_EST != 0:
+        ref = tl.load(REF + b * s_ref_b + t * s_ref_t, mask=ld, other=0.0).to(tl.float32)
+    else:
+        ref = lp
+    pt, ratio, dpt, kl, dkl = token_terms(
+        lp,
+        old,
+        a,
+        ref,
+        clip_low,
+        clip_high,
+        delta,
+        cispo_cap,
+        tau_pos,
+        tau_neg,
+        FAMILY,
+        HAS_DELTA,
+        KL_EST,
+        KL_TIMES_RATIO,
+        NEED_GRAD,
+    )
 
     out = b * T + t
     tl.store(PT + out, pt, mask=inb)
     tl.store(RATIO + out, ratio, mask=inb)
     if NEED_GRAD:
         tl.store(DPT + out, tl.where(keep, dpt, 0.0), mask=inb)
-
     if KL_EST != 0:
-        ref = tl.load(REF + b * s_ref_b + t * s_ref_t, mask=ld, other=0.0).to(tl.float32)
-        d = ref - lp  # log(pi_ref / pi)
-        if KL_EST == 3:
-            e = tl.exp(d)
-            kl = e - d - 1.0
-            dkl = 1.0 - e
-        elif KL_EST == 2:
-            kl = 0.5 * d * d
-            dkl = -d
-        else:
-            kl = -d
-            dkl = tl.full((BLOCK_T,), 1.0, tl.float32)
-        if KL_TIMES_RATIO:  # DeepSeek-V3.2's bias correction, differentiable through r
-            dkl = dkl * r + kl * r
-            kl = kl * r
         tl.store(KL + out, kl, mask=inb)
         if NEED_KL_GRAD:
             tl.store(DKL + out, tl.where(keep, dkl, 0.0), mask=inb)
