@@ -5,8 +5,9 @@ never materialises the ``[tokens, vocab]`` logits.
 """
 
 from fastrl.advantages import group_advantages
+from fastrl.fused_policy import fused_policy_loss
 from fastrl.logprobs import linear_logprobs, sequence_logprobs
-from fastrl.policy import fused_policy_loss, policy_loss
+from fastrl.policy import policy_loss
 
 __version__ = "0.1.0"
 

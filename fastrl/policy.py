@@ -20,9 +20,7 @@ import numbers
 
 import torch
 
-from fastrl.logprobs import linear_logprobs
-
-__all__ = ["fused_policy_loss", "policy_loss"]
+__all__ = ["policy_loss"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO-style clipped surrogate
@@ -252,6 +250,7 @@ def policy_loss(
     sampling_clip_max: float | None = 3.0,
     off_policy_mask_threshold: float | None = None,
     impl: str = "auto",
+    _token_terms: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss on per-token log-probs, as TRL 1.16's ``GRPOTrainer``.
 
@@ -336,6 +335,10 @@ def policy_loss(
             ``"auto"`` (the Triton kernel for CUDA tensors with token-level ratios and
             fp32/fp16/bf16 ``logps``, else PyTorch), ``"triton"`` (an error for the
             sequence level or float64), or ``"torch"``. The reductions are PyTorch's.
+        _token_terms: internal: ``(per_token_loss, per_token_kl, clip_ratio)`` ``[B, T]``
+            to aggregate in place of the ones from ``logps`` (token level only).
+            `fused_policy_loss` passes leaves here to read the aggregation's per-token
+            coefficients with autograd.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-d tensor to call ``backward()`` on; ``metrics`` a
@@ -479,6 +482,8 @@ def policy_loss(
     if off_policy_mask_threshold is not None:
         _check_number("off_policy_mask_threshold", off_policy_mask_threshold)
     use_kernel = _use_token_kernel(impl, logps, importance_sampling_level)
+    if _token_terms is not None and importance_sampling_level != "token":
+        raise ValueError("_token_terms is for importance_sampling_level='token' only")
 
     # ---- inputs in the compute dtype; masked positions zeroed so that inf/NaN padding
     # cannot leak into sums (their gradient is zero, as with TRL's masking).
@@ -502,8 +507,11 @@ def policy_loss(
     GA = gradient_accumulation_steps
     metrics: dict[str, torch.Tensor] = {}
 
-    # ---- per-token terms: the Triton kernel (token level), or PyTorch
-    if use_kernel:
+    # ---- per-token terms: given, the Triton kernel (token level), or PyTorch
+    if _token_terms is not None:
+        per_token, per_token_kl, clip_coef = _token_terms
+        coef_1 = clip_coef
+    elif use_kernel:
         per_token, per_token_kl, clip_coef = _TokenTermsFunction.apply(
             logps,
             None if old_logps is None else old_logps.detach(),
@@ -636,86 +644,3 @@ def policy_loss(
             metrics["sampling/importance_sampling_ratio/max"] = flat.max() if flat.numel() else zero
     metrics = {k: v.detach().to(cdt) for k, v in metrics.items()}
     return loss, metrics
-
-
-def fused_policy_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    old_logps: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
-    ref_hidden: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    impl: str = "auto",
-    **kwargs,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`policy_loss` straight from the policy's last hidden states and lm_head weight.
-
-    The per-token log-probs and entropies come from `fastrl.linear_logprobs`, so no
-    ``[B, T, V]`` logits exist in the forward or the backward, and a frozen ``weight``
-    gets no ``[V, d]`` gradient. Masked positions are not scored at all.
-
-    Args:
-        hidden: ``[B, T, d]`` hidden states at the positions that predict the completion
-            tokens (fp32/fp16/bf16); differentiable.
-        weight: ``[V, d]`` lm_head weight of the policy, same dtype as ``hidden``.
-        targets: ``[B, T]`` integer completion token ids.
-        mask: ``[B, T]`` 0/1 completion mask.
-        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
-        old_logps: ``[B, T]`` sampling-policy log-probs, or None for on-policy.
-        ref_logps: ``[B, T]`` reference log-probs, if already computed.
-        ref_hidden: ``[B, T, d]`` reference-model hidden states instead of
-            ``ref_logps``: their log-probs are computed with the same kernel under
-            ``no_grad`` (with ``ref_weight``, default ``weight``).
-        bias, temperature, softcap: the lm_head bias and logit transforms, as in
-            `linear_logprobs` (TRL scores completions at the sampling temperature).
-        impl: `linear_logprobs` implementation: "auto", "triton" or "torch".
-        **kwargs: every other option of `policy_loss` (``loss_type``, ``epsilon``,
-            ``beta``, ``importance_sampling_level``, ``entropy_coef``, ...).
-
-    Returns:
-        ``(loss, metrics)`` as `policy_loss`; ``metrics`` always includes ``entropy``.
-    """
-    for name in ("logps", "entropy"):
-        if name in kwargs:
-            raise ValueError(f"fused_policy_loss computes {name} itself; do not pass {name}=")
-    _check_tensor("mask", mask, floating=False)
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(
-            f"targets must be a [B, T] tensor, got {getattr(targets, 'shape', targets)}"
-        )
-    if mask.shape != targets.shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
-        )
-    if ref_logps is not None and ref_hidden is not None:
-        raise ValueError("pass ref_logps or ref_hidden, not both")
-    if ref_weight is not None and ref_hidden is None:
-        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be boolean or hold only 0 and 1")
-
-    ignore = -100
-    scored = torch.where(mask.bool(), targets, ignore)
-    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore)
-    logps, entropy = linear_logprobs(
-        hidden, weight, scored, return_entropy=True, impl=impl, **logit_kw
-    )
-    if ref_hidden is not None:
-        with torch.no_grad():
-            ref_logps = linear_logprobs(
-                ref_hidden,
-                weight if ref_weight is None else ref_weight,
-                scored,
-                impl=impl,
-                **logit_kw,
-            )
-    return policy_loss(
-        logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **kwargs
-    )

@@ -59,3 +59,5 @@ def autotune(space: list[triton.Config], interpret_cfg: triton.Config, key: list
 GROUP_ADVANTAGES_TILE = 16 if INTERPRET else 1024  # completions per program (groups x slots)
 GROUP_ADVANTAGES_BATCH_BLOCK = 16 if INTERPRET else 1024  # the one-program batch pass
 POLICY_LOSS_BLOCK_T = 16 if INTERPRET else 1024  # tokens of one row per program
+FUSED_POLICY_BLOCK_N = 4  # rows of Z per program (the row kernel is bandwidth-bound)
+FUSED_POLICY_BLOCK_V = 64 if INTERPRET else 2048  # vocab columns per step

@@ -46,7 +46,7 @@ BWD_CHUNK_ROWS = 1024
 BWD_CHUNK_VOCAB = 16384
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b into an fp32 acc without rounding each product to a's dtype first."""
     if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -57,6 +57,23 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def logits_epilogue(
+    x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
+    # z = softcap(x + bias) / T from raw fp32 logits x [.., BLOCK_V], and dz/dx without
+    # the 1/T (1 without softcap)
+    if HAS_BIAS:
+        x += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+        dzdx = 1.0 - t * t
+    else:
+        dzdx = 1.0
+    return x * inv_temp, dzdx
 
 
 @triton.jit
@@ -97,15 +114,7 @@ def _logits_tile(
             other=0.0,
         )
         x = tl.dot(h, tl.trans(w), x, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        x += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        x = softcap * t
-        dzdx = 1.0 - t * t
-    else:
-        dzdx = 1.0
-    return x * inv_temp, dzdx
+    return logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
 
 
 @autotune(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG, key=["D", "V"])
@@ -486,9 +495,9 @@ def linear_logprobs_bwd(
                 DOT_PRECISION=_dot_precision(hidden.dtype),
             )
             if dh_acc is not None:
-                _addmm_fp32(dh_acc[:n], dz, weight[v0 : v0 + nv])
+                addmm_fp32(dh_acc[:n], dz, weight[v0 : v0 + nv])
             if dw is not None:
-                _addmm_fp32(dw[v0 : v0 + nv], dz.T, h)
+                addmm_fp32(dw[v0 : v0 + nv], dz.T, h)
             if db is not None:
                 db[v0 : v0 + nv] += dz.sum(0, dtype=torch.float32)
         if dh is not None:

@@ -123,3 +123,135 @@ def test_fused_policy_loss_bad_input(change, match):
         kw[name] = v(kw[name]) if callable(v) else values.get(v, v)
     with pytest.raises(ValueError, match=match):
         fused_policy_loss(hidden, weight, targets, kw.pop("mask"), adv, **kw)
+
+
+# The single pass (gradient formed in the forward, Triton) against the two-pass PyTorch path
+
+
+def spy_single_pass(monkeypatch):
+    import fastrl.kernels.fused_policy_loss as k
+
+    calls = []
+    real = k.fused_policy_loss_fwd
+    monkeypatch.setattr(
+        k, "fused_policy_loss_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    return calls
+
+
+SINGLE = {
+    f"{lt}-beta{beta}-delta{delta}": dict(loss_type=lt, beta=beta, delta=delta)
+    for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+    for beta in (0.0, 0.04)
+    for delta in ((None, 1.5) if lt not in ("cispo", "sapo") else (None,))
+}
+NORMALISERS = dict(max_completion_length=T, num_items_in_batch=22)
+
+
+@pytest.mark.parametrize("case", SINGLE.values(), ids=SINGLE.keys())
+def test_fused_policy_loss_single_pass(case, monkeypatch, nan_empty):
+    calls = spy_single_pass(monkeypatch)
+    hidden, weight, targets, mask, adv, old, ref = make_batch()
+    kw = dict(old_logps=old, ref_logps=ref, temperature=0.8, epsilon_high=0.28, **NORMALISERS)
+    loss, metrics = fused_policy_loss(
+        hidden, weight, targets, mask, adv, impl="triton", **kw, **case
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert calls == [1]
+    ref_loss, ref_metrics = fused_policy_loss(
+        hidden, weight, targets, mask, adv, impl="torch", **kw, **case
+    )
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, atol=1e-6 * max(1.0, rg.abs().max().item()), rtol=1e-4)
+    assert metrics.keys() == ref_metrics.keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k], atol=1e-6, rtol=1e-5)
+
+
+OPTIONS = {
+    "bias-softcap-entropy": dict(entropy_coef=0.05, softcap=3.0, bias=True),
+    "ga4-advantages-per-token": dict(gradient_accumulation_steps=4, adv_per_token=True),
+    "sampling-token-truncate": dict(sampling_correction="token_truncate", sampling=True),
+    "on-policy-k2": dict(on_policy=True, kl_estimator="k2", use_bias_correction_kl=False),
+}
+
+
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=OPTIONS.keys())
+def test_fused_policy_loss_single_pass_options(opts, monkeypatch):
+    calls = spy_single_pass(monkeypatch)
+    opts = dict(opts)
+    hidden, weight, targets, mask, adv, old, ref = make_batch()
+    bias = torch.randn(V, device=DEVICE, requires_grad=True) if opts.pop("bias", False) else None
+    if opts.pop("adv_per_token", False):
+        adv = torch.randn(B, T, device=DEVICE)
+    if opts.pop("sampling", False):
+        opts["sampling_logps"] = old + 0.1 * torch.randn_like(old)
+    if opts.pop("on_policy", False):
+        old = None
+    kw = dict(
+        old_logps=old,
+        ref_logps=ref,
+        beta=0.04,
+        loss_type="dapo",
+        num_items_in_batch=22,
+        bias=bias,
+        **opts,
+    )
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    loss, _ = fused_policy_loss(hidden, weight, targets, mask, adv, impl="triton", **kw)
+    grads = torch.autograd.grad(loss, inputs)
+    assert calls == [1]
+    ref_loss, _ = fused_policy_loss(hidden, weight, targets, mask, adv, impl="torch", **kw)
+    ref_grads = torch.autograd.grad(ref_loss, inputs)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, atol=1e-6 * max(1.0, rg.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(importance_sampling_level="sequence"),
+        dict(top_entropy_quantile=0.5),
+        dict(off_policy_mask_threshold=0.1),
+    ],
+    ids=["gspo", "entropy-quantile", "off-policy-mask"],
+)
+def test_fused_policy_loss_two_pass_when_needed(kw, monkeypatch):
+    """Options that need whole-sequence or whole-batch statistics of the log-probs first."""
+    calls = spy_single_pass(monkeypatch)
+    hidden, weight, targets, mask, adv, old, ref = make_batch()
+    loss, _ = fused_policy_loss(
+        hidden, weight, targets, mask, adv, old_logps=old, loss_type="grpo", impl="triton", **kw
+    )
+    loss.backward()
+    assert calls == [] and hidden.grad is not None
+
+
+def test_fused_policy_loss_single_pass_memory(monkeypatch):
+    """Z chunks of 16 rows: nothing of B*T*V elements, and a frozen head gets no [V, d]."""
+    import fastrl.kernels.fused_policy_loss as k
+
+    from tests.test_linear_logprobs import AllocationRecorder
+
+    monkeypatch.setattr(k, "CHUNK_BYTES", 16 * V * 4)
+    hidden, weight, targets, mask, adv, old, ref = make_batch(trainable=False)
+    with AllocationRecorder() as rec:
+        loss, _ = fused_policy_loss(
+            hidden,
+            weight,
+            targets,
+            mask,
+            adv,
+            old_logps=old,
+            ref_logps=ref,
+            beta=0.04,
+            loss_type="grpo",
+            impl="triton",
+        )
+        loss.backward()
+    sizes = [torch.Size(s).numel() for s in rec.shapes]
+    assert max(sizes) < B * T * V and V * D not in sizes
+    assert weight.grad is None and hidden.grad is not None

@@ -1,0 +1,199 @@
+"""`fused_policy_loss`: the GRPO-family loss straight from hidden states and the lm_head.
+
+Two ways to run it, both without [B, T, V] logits:
+
+- single pass (Triton, token-level losses): the loss is linear in its per-token terms
+  (loss term, KL, entropy) with coefficients that do not depend on the log-probs, so
+  they are read once with autograd from `policy_loss` itself, and
+  kernels/fused_policy_loss.py forms the hidden-state gradient in the forward: two
+  N x V x d GEMMs for a frozen head instead of three. The backward only scales it.
+- two passes (everything else: sequence-level ratios, the off-policy and entropy masks,
+  which need whole-sequence or whole-batch statistics of the log-probs first, and the
+  PyTorch path): `linear_logprobs`, then `policy_loss`, then autograd.
+
+Both give the value and metrics of `policy_loss` on the same log-probs.
+"""
+
+import torch
+
+from fastrl.logprobs import _check_inputs, _resolve_impl, linear_logprobs
+from fastrl.policy import _check_tensor, policy_loss
+
+__all__ = ["fused_policy_loss"]
+
+_IGNORE = -100
+
+
+class _LossWithGrads(torch.autograd.Function):
+    """A loss value whose gradients w.r.t. `inputs` were computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, *inputs):
+        ctx.grads = grads
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, None, *(None if d is None else d * g.to(d.dtype) for d in ctx.grads))
+
+
+def _single_pass_ok(impl, kwargs, old_logps, hidden, weight, bias) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    return (
+        impl == "triton"
+        and needs_grad
+        and kwargs.get("importance_sampling_level", "token") == "token"
+        and kwargs.get("off_policy_mask_threshold") is None
+        and kwargs.get("top_entropy_quantile", 1.0) == 1.0
+        # on-policy with a sampler correction weighs tokens by the current log-probs
+        and not (old_logps is None and kwargs.get("sampling_logps") is not None)
+    )
+
+
+def _coefficients(B, T, device, old_logps, advantages, mask, ref_logps, kwargs):
+    """dL/d(per-token loss term), dL/d(KL), dL/d(entropy): [B, T] fp32 each (or None)."""
+    leaf = lambda: torch.zeros(B, T, device=device, requires_grad=True)
+    pt = leaf()
+    kl = leaf() if ref_logps is not None else None
+    ent = leaf()
+    placeholder = torch.zeros(B, T, device=device) if old_logps is None else old_logps.detach()
+    with torch.enable_grad():
+        loss, _ = policy_loss(
+            placeholder, old_logps, advantages, mask, ref_logps=ref_logps, entropy=ent,
+            _token_terms=(pt, kl, torch.ones(B, T, device=device)), impl="torch", **kwargs,
+        )  # fmt: skip
+        leaves = [t for t in (pt, kl, ent) if t is not None]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    w_pt, w_kl, w_ent = grads if kl is not None else (grads[0], None, grads[1])
+    return w_pt, w_kl, w_ent
+
+
+def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,
+                 temperature, softcap, kwargs):  # fmt: skip
+    from fastrl.kernels.fused_policy_loss import fused_policy_loss_fwd
+
+    B, T, d = hidden.shape
+    w_pt, w_kl, w_ent = _coefficients(
+        B, T, hidden.device, old_logps, advantages, mask, ref_logps, kwargs
+    )
+    flat = lambda x: None if x is None else x.detach().reshape(-1).float().contiguous()
+    adv = advantages.detach().float()
+    adv = (adv.reshape(B, 1) if adv.dim() == 1 or adv.shape[-1] == 1 else adv).expand(B, T)
+    loss_type = kwargs.get("loss_type", "dapo")
+    epsilon = kwargs.get("epsilon", 0.2)
+    epsilon_high = kwargs.get("epsilon_high")
+    if epsilon_high is None:
+        epsilon_high = epsilon
+    with torch.no_grad():
+        logp, ent, dh, dw, db = fused_policy_loss_fwd(
+            hidden.reshape(-1, d), weight, bias, scored.reshape(-1), flat(old_logps),
+            flat(adv), flat(ref_logps), flat(w_pt), flat(w_kl),
+            flat(w_ent) if kwargs.get("entropy_coef", 0.0) != 0 else None,
+            temperature=temperature, softcap=softcap, ignore_index=_IGNORE,
+            loss_type=loss_type, epsilon_low=float(epsilon), epsilon_high=float(epsilon_high),
+            delta=None if kwargs.get("delta") is None else float(kwargs["delta"]),
+            kl_estimator=kwargs.get("kl_estimator", "k3"),
+            kl_times_ratio=bool(kwargs.get("use_bias_correction_kl", True)),
+            sapo_temperature_pos=float(kwargs.get("sapo_temperature_pos", 1.0)),
+            sapo_temperature_neg=float(kwargs.get("sapo_temperature_neg", 1.05)),
+            need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
+            need_bias=bias is not None and bias.requires_grad,
+        )  # fmt: skip
+        loss, metrics = policy_loss(
+            logp.view(B, T), old_logps, advantages, mask, ref_logps=ref_logps,
+            entropy=ent.view(B, T), **kwargs,
+        )  # fmt: skip
+    grads = (None if dh is None else dh.view(B, T, d), dw, db)
+    return _LossWithGrads.apply(loss, grads, hidden, weight, bias), metrics
+
+
+def fused_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`policy_loss` straight from the policy's last hidden states and lm_head weight.
+
+    No ``[B, T, V]`` logits exist in the forward or the backward, a frozen ``weight``
+    gets no ``[V, d]`` gradient, and masked positions are not scored. With Triton and a
+    token-level loss the gradient is formed in the forward pass (two GEMMs of
+    ``N x V x d`` for a frozen head); otherwise log-probs, then loss, then backward
+    (three).
+
+    Args:
+        hidden: ``[B, T, d]`` hidden states at the positions that predict the completion
+            tokens (fp32/fp16/bf16); differentiable.
+        weight: ``[V, d]`` lm_head weight of the policy, same dtype as ``hidden``.
+        targets: ``[B, T]`` integer completion token ids.
+        mask: ``[B, T]`` 0/1 completion mask.
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+        old_logps: ``[B, T]`` sampling-policy log-probs, or None for on-policy.
+        ref_logps: ``[B, T]`` reference log-probs, if already computed.
+        ref_hidden: ``[B, T, d]`` reference-model hidden states instead of
+            ``ref_logps``: their log-probs are computed with the same kernel under
+            ``no_grad`` (with ``ref_weight``, default ``weight``).
+        bias, temperature, softcap: the lm_head bias and logit transforms, as in
+            `linear_logprobs` (TRL scores completions at the sampling temperature).
+        impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
+        **kwargs: every other option of `policy_loss` (``loss_type``, ``epsilon``,
+            ``beta``, ``importance_sampling_level``, ``entropy_coef``, ...).
+
+    Returns:
+        ``(loss, metrics)`` as `policy_loss`; ``metrics`` always includes ``entropy``.
+    """
+    for name in ("logps", "entropy", "_token_terms"):
+        if name in kwargs:
+            raise ValueError(f"fused_policy_loss computes {name} itself; do not pass {name}=")
+    _check_tensor("mask", mask, floating=False)
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(
+            f"targets must be a [B, T] tensor, got {getattr(targets, 'shape', targets)}"
+        )
+    if mask.shape != targets.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
+        )
+    if ref_logps is not None and ref_hidden is not None:
+        raise ValueError("pass ref_logps or ref_hidden, not both")
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must be boolean or hold only 0 and 1")
+
+    scored = torch.where(mask.bool(), targets, _IGNORE)
+    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_logps = linear_logprobs(
+                ref_hidden, weight if ref_weight is None else ref_weight, scored, impl=impl,
+                **logit_kw,
+            )  # fmt: skip
+
+    _check_inputs(hidden, weight, scored, bias, temperature, softcap, _IGNORE)
+    if hidden.dim() == 3 and _single_pass_ok(
+        _resolve_impl(impl, hidden.device), kwargs, old_logps, hidden, weight, bias
+    ):
+        return _single_pass(
+            hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,
+            float(temperature), None if softcap is None else float(softcap), kwargs,
+        )  # fmt: skip
+    logps, entropy = linear_logprobs(
+        hidden, weight, scored, return_entropy=True, impl=impl, **logit_kw
+    )
+    return policy_loss(
+        logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **kwargs
+    )
