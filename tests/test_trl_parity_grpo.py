@@ -106,9 +106,9 @@ def _common_args(tmp):
     )
 
 
-@pytest.fixture(scope="module")
-def grpo(tmp_path_factory):
-    args = trl.GRPOConfig(**_common_args(tmp_path_factory.mktemp("grpo")))
+def _grpo_trainer(tmp, **config):
+    """A GRPOTrainer around the tiny model; `config`: further GRPOConfig options."""
+    args = trl.GRPOConfig(**_common_args(tmp), **config)
     ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 2})
     trainer = trl.GRPOTrainer(
         model=_model(),
@@ -119,6 +119,11 @@ def grpo(tmp_path_factory):
     )
     trainer.model.train()
     return trainer
+
+
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory):
+    return _grpo_trainer(tmp_path_factory.mktemp("grpo"))
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +212,14 @@ def _batch(seed):
     return prompt_ids, prompt_mask, completion_ids, completion_mask, g
 
 
-def _own_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Per-token log-probs and entropies of the completion from the full logits."""
+def _own_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
+    """Per-token log-probs and entropies of the completion from the full logits.
+
+    `temperature`: the trainer's, which TRL divides the logits by.
+    """
     ids = torch.cat([prompt_ids, completion_ids], 1)
     att = torch.cat([prompt_mask, completion_mask], 1)
-    logits = model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1].float()
+    logits = model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1].float() / temperature
     logp_all = torch.log_softmax(logits, -1)
     logps = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -221,7 +229,14 @@ def _own_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
 def _inputs(trainer, seed, *, adv_shape="B"):
     prompt_ids, prompt_mask, completion_ids, completion_mask, g = _batch(seed)
     with torch.no_grad():
-        lp, _ = _own_logps(trainer.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        lp, _ = _own_logps(
+            trainer.model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            temperature=trainer.temperature,
+        )
     m = completion_mask.float()
     if adv_shape == "B":
         adv = torch.randn(B, generator=g)
@@ -353,6 +368,7 @@ def _check(trainer, inputs, monkeypatch, *, own_path=True):
             inputs["prompt_mask"],
             inputs["completion_ids"],
             mask,
+            temperature=trainer.temperature,
         )
         torch.testing.assert_close(own_lp * mask, lp, **TOL_OWN_LOGPS)
         loss2, _ = policy_loss(own_lp, old, adv, mask, entropy=own_ent, **kw)
