@@ -1,0 +1,125 @@
+"""`fused_preference_loss`: DPO-family losses straight from hidden states and the lm_head.
+
+A preference loss depends on whole-sequence log-probs, so the per-token gradient is only
+known once every token of a pair is scored: per-token log-probs come from
+`linear_logprobs` (no [2B, T, V] logits, a frozen head costs no [V, d] gradient), are
+summed per completion, and `preference_loss` and autograd do the rest; the backward is
+`linear_logprobs`' (recompute, then dH).
+"""
+
+import torch
+
+from fastrl.logprobs import linear_logprobs
+from fastrl.policy import _check_tensor
+from fastrl.preference import ld_tail_logps, preference_loss
+
+__all__ = ["fused_preference_loss"]
+
+_IGNORE = -100
+_COMPUTED = (
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_lengths",
+    "rejected_lengths",
+    "chosen_tail_logps",
+    "rejected_tail_logps",
+)
+
+
+def fused_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`preference_loss` straight from the policy's last hidden states and lm_head weight.
+
+    Rows are ``[chosen; rejected]``: row ``i`` and row ``B + i`` are the two completions
+    of prompt ``i``.
+
+    Args:
+        hidden: ``[2B, T, d]`` hidden states at the positions that predict the completion
+            tokens (fp32/fp16/bf16); differentiable.
+        weight: ``[V, d]`` lm_head weight, same dtype as ``hidden``.
+        targets: ``[2B, T]`` integer completion token ids.
+        mask: ``[2B, T]`` 0/1 completion mask (pairs may have unequal lengths).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs, if
+            precomputed (e.g. once per dataset, TRL's ``precompute_ref_log_probs``).
+        ref_hidden: ``[2B, T, d]`` reference-model hidden states instead: their log-probs
+            are computed with the same kernel under ``no_grad`` (with ``ref_weight``,
+            default ``weight``; with ``ld_alpha`` their tails too).
+        bias, temperature, softcap: lm_head bias and logit transforms, as in
+            `linear_logprobs`.
+        impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
+        **kwargs: every other option of `preference_loss` (``loss_type``, ``beta``,
+            ``label_smoothing``, ``ld_alpha``, ``simpo_gamma``, ...). The sequence
+            log-probs, the lengths and LD-DPO's tails are computed here.
+
+    Returns:
+        ``(loss, metrics)`` as `preference_loss`.
+    """
+    for name in _COMPUTED:
+        if name in kwargs:
+            raise ValueError(f"fused_preference_loss computes {name} itself; do not pass it")
+    if kwargs.get("use_weighting") and "chosen_aligned_logps" not in kwargs:
+        raise ValueError(
+            "use_weighting=True (WPO) needs chosen_aligned_logps/rejected_aligned_logps "
+            "(log p - log sum_v p_v^2 summed per completion), which fused_preference_loss "
+            "does not compute: pass them"
+        )
+    _check_tensor("mask", mask, floating=False)
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(
+            f"targets must be a [2B, T] tensor, got {getattr(targets, 'shape', targets)}"
+        )
+    if mask.shape != targets.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
+        )
+    if targets.shape[0] % 2:
+        raise ValueError(
+            f"rows must be [chosen; rejected] pairs, got an odd row count {targets.shape[0]}"
+        )
+    if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
+        raise ValueError("pass ref_chosen_logps/ref_rejected_logps or ref_hidden, not both")
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must be boolean or hold only 0 and 1")
+
+    B = targets.shape[0] // 2
+    scored = torch.where(mask.bool(), targets, _IGNORE)
+    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE)
+    lengths = mask.sum(1)
+    seq_kw = dict(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_tok = linear_logprobs(
+                ref_hidden, weight if ref_weight is None else ref_weight, scored, impl=impl,
+                **logit_kw,
+            )  # fmt: skip
+            ref_seq = ref_tok.sum(1)
+            ref_chosen_logps, ref_rejected_logps = ref_seq[:B], ref_seq[B:]
+            if kwargs.get("ld_alpha") is not None:
+                c, r = ld_tail_logps(ref_tok, mask)
+                seq_kw.update(ref_chosen_tail_logps=c, ref_rejected_tail_logps=r)
+
+    logps = linear_logprobs(hidden, weight, scored, impl=impl, **logit_kw)
+    seq = logps.sum(1)
+    if kwargs.get("ld_alpha") is not None:
+        c, r = ld_tail_logps(logps, mask)
+        seq_kw.update(chosen_tail_logps=c, rejected_tail_logps=r)
+    return preference_loss(
+        seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **seq_kw, **kwargs
+    )
