@@ -1,0 +1,1 @@
+"""LoRA-first GRPO and DPO trainers built on transformers.Trainer and peft."""

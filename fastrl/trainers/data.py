@@ -1,0 +1,81 @@
+"""Training data from Python lists, a `datasets.Dataset`, or local JSONL/CSV/parquet files,
+and prompt rendering (chat template where the tokenizer has one)."""
+
+import os
+from pathlib import Path
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_data(data, *, split: str = "train"):
+    """A `datasets.Dataset` from rows (`list[dict]`), columns (`dict[str, list]`), a
+    Dataset/DatasetDict, a local .jsonl/.json/.csv/.parquet file, or a dataset saved with
+    `save_to_disk`."""
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"split {split!r} not in the DatasetDict, which has {list(data)}")
+        return data[split]
+    if isinstance(data, datasets.Dataset):
+        return data
+    if isinstance(data, list):
+        if not data or not all(isinstance(row, dict) for row in data):
+            raise ValueError("data as a list must be a non-empty list of dicts (one per row)")
+        return datasets.Dataset.from_list(data)
+    if isinstance(data, dict):
+        return datasets.Dataset.from_dict(data)
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir():
+            return load_data(datasets.load_from_disk(str(path)), split=split)
+        if not path.exists():
+            raise ValueError(f"data file {str(path)!r} does not exist")
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(
+                f"data file {str(path)!r}: unknown format {path.suffix!r}; "
+                f"use one of {sorted(_FORMATS)}"
+            )
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    raise TypeError(
+        "data must be a list of dicts, a dict of lists, a datasets.Dataset or a file path, "
+        f"got {type(data).__name__}"
+    )
+
+
+def require_columns(dataset, columns: tuple[str, ...], what: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{what} needs columns {list(columns)}; missing {missing} in {dataset.column_names}"
+        )
+
+
+def render_prompt(tokenizer, prompt, *, use_chat_template: bool = True) -> str:
+    """The text a completion continues: chat messages (a list of {role, content}) always
+    through the chat template; a plain string through it as a user turn when the tokenizer
+    has a template and `use_chat_template`, else as is."""
+    if isinstance(prompt, list):
+        if tokenizer.chat_template is None:
+            raise ValueError("a conversational prompt needs a tokenizer with a chat_template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise TypeError(
+            f"a prompt must be a string or a list of messages, got {type(prompt).__name__}"
+        )
+    if use_chat_template and tokenizer.chat_template is not None:
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def completion_text(completion) -> str:
+    """A completion as text: a string, or the content of a list of assistant messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(m["content"] for m in completion)
+    raise TypeError(
+        f"a completion must be a string or a list of messages, got {type(completion).__name__}"
+    )

@@ -1,0 +1,136 @@
+"""Model setup for the trainers: a causal LM with LoRA adapters, run without logits.
+
+- `load_model` takes a local checkpoint directory (or a hub id where a network exists) or
+  a model object, and returns it with LoRA adapters on every linear layer of the blocks
+  (never the lm_head), the base frozen, gradient checkpointing on, bf16 on a GPU,
+  flash-attention 2 when installed (else SDPA), and optionally a 4-bit base (QLoRA).
+- `policy_hidden_states` runs the backbone only; `reference_adapters_off` turns the same
+  model into the reference (the base, adapters disabled): no second copy in memory.
+"""
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from fastrl.integrations import causal_lm_hidden_states, lm_head
+
+DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def default_dtype() -> torch.dtype:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_attn_implementation() -> str:
+    return "flash_attention_2" if torch.cuda.is_available() and _has("flash_attn") else "sdpa"
+
+
+def load_model(
+    model,
+    *,
+    lora: dict | None = None,
+    load_in_4bit: bool = False,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = True,
+):
+    """A causal LM ready for LoRA training with the fused heads.
+
+    Args:
+        model: a `transformers` causal LM, a peft model around one (returned as is,
+            adapters included), or a local checkpoint directory / hub id.
+        lora: `peft.LoraConfig` keyword arguments over `DEFAULT_LORA` (all linear layers
+            of the blocks, r=16, alpha=32); the lm_head is never adapted.
+        load_in_4bit: load the base in 4-bit NF4 (needs bitsandbytes and CUDA).
+        dtype: weights dtype (default bf16 on a bf16-capable GPU, else fp32).
+        attn_implementation: default flash_attention_2 if flash-attn is installed and CUDA
+            is available, else sdpa.
+        gradient_checkpointing: recompute block activations in the backward.
+
+    Returns:
+        a `peft.PeftModel` whose only trainable parameters are the LoRA adapters.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(model, (str, os.PathLike)):
+        kwargs = dict(
+            dtype=dtype or default_dtype(),
+            attn_implementation=attn_implementation or default_attn_implementation(),
+        )
+        if load_in_4bit:
+            if not (_has("bitsandbytes") and torch.cuda.is_available()):
+                raise ValueError("load_in_4bit=True needs bitsandbytes and a CUDA device")
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=kwargs["dtype"],
+                bnb_4bit_use_double_quant=True,
+            )
+        local = os.path.isdir(model)
+        model = AutoModelForCausalLM.from_pretrained(model, local_files_only=local, **kwargs)
+        if load_in_4bit:
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing)
+    elif not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a path or a torch.nn.Module, got {type(model).__name__}")
+    elif load_in_4bit:
+        raise ValueError("load_in_4bit=True needs a checkpoint path, got a model object")
+    elif dtype is not None:
+        model = model.to(dtype)
+
+    if not isinstance(model, PeftModel):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(
+            model, LoraConfig(task_type="CAUSAL_LM", **{**DEFAULT_LORA, **(lora or {})})
+        )
+    elif lora:
+        raise ValueError("lora options given for a model that already has adapters")
+    head = lm_head(model)
+    if head.weight.requires_grad:
+        raise ValueError("the lm_head must stay frozen (it would cost a [V, d] gradient)")
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def policy_hidden_states(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """[B, L, d] last hidden states of the model with its adapters (no logits)."""
+    return causal_lm_hidden_states(model, input_ids, attention_mask)
+
+
+@contextlib.contextmanager
+def reference_adapters_off(model) -> Iterator[None]:
+    """The reference policy: the same model with its LoRA adapters disabled, no grad."""
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError(
+            "the reference model is the base with adapters disabled: model must be a peft "
+            f"model, got {type(model).__name__}"
+        )
+    with model.disable_adapter(), torch.no_grad():
+        yield
+
+
+def completion_positions(hidden: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Hidden states at the positions that predict the completion tokens.
+
+    For a batch laid out `[prompt (left-padded to prompt_length) | completion]` of length L,
+    position t predicts token t + 1, so the completion tokens L - prompt_length... are
+    predicted by positions prompt_length - 1 ... L - 2.
+    """
+    return hidden[:, prompt_length - 1 : -1]
