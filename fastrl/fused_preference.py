@@ -54,7 +54,9 @@ def fused_preference_loss(
         targets: ``[2B, T]`` integer completion token ids.
         mask: ``[2B, T]`` 0/1 completion mask (pairs may have unequal lengths).
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs, if
-            precomputed (e.g. once per dataset, TRL's ``precompute_ref_log_probs``).
+            precomputed (e.g. once per dataset, TRL's ``precompute_ref_log_probs``). With
+            ``ld_alpha`` also pass ``ref_chosen_tail_logps``/``ref_rejected_tail_logps``
+            (zeros if the precomputed values are already LD-weighted, as TRL's are).
         ref_hidden: ``[2B, T, d]`` reference-model hidden states instead: their log-probs
             are computed with the same kernel under ``no_grad`` (with ``ref_weight``,
             default ``weight``; with ``ld_alpha`` their tails too).
