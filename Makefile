@@ -1,4 +1,4 @@
-# fastrl: make venv | test | bench | bench-policy | lint
+# fastrl: make venv | test | bench | bench-policy | bench-preference | lint
 #
 # Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
 # constraints-cpu.txt so it installs the CPU torch wheel, never the multi-GB CUDA one.
@@ -14,7 +14,7 @@ CONSTRAIN := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 PYTEST_N  ?= 2
 BENCH_ARGS ?=
 
-.PHONY: venv test bench bench-policy lint format clean-venv help
+.PHONY: venv test bench bench-policy bench-preference lint format clean-venv help
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
@@ -23,6 +23,8 @@ help:
 	@echo "             extra options via BENCH_ARGS='--head both --shapes gpu-quick'"
 	@echo "make bench-policy  benchmark fused_policy_loss against TRL, Liger and eager;"
 	@echo "             extra options via BENCH_ARGS='--loss-type dapo,grpo --beta 0.04'"
+	@echo "make bench-preference  benchmark fused_preference_loss against TRL, Liger, eager;"
+	@echo "             extra options via BENCH_ARGS='--loss-type sigmoid,ipo --beta 0.1'"
 	@echo "make lint    ruff check + ruff format --check"
 
 venv: $(STAMP)
@@ -41,6 +43,9 @@ bench: venv
 
 bench-policy: venv
 	$(PY) bench/bench_policy.py $(BENCH_ARGS)
+
+bench-preference: venv
+	$(PY) bench/bench_preference.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

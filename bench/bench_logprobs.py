@@ -25,9 +25,9 @@ import argparse
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,9 +41,11 @@ if __package__ in (None, ""):
 
     sys.path.remove(_root)
 
+from bench.common import error_reason as _reason
 from bench.common import (
     free_memory,
     is_oom,
+    measure_methods,
     peak_memory_mib,
     resolve_device,
     synchronize,
@@ -285,11 +287,6 @@ def matmul_reference(shape: Shape, dtype, device, trainable: bool, timer) -> dic
     return rec
 
 
-def _reason(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}".rstrip(": ")
-
-
 def measure_method(fn: MethodFn, inputs, modes, device, timer, ref) -> dict:
     """Time and measure one method on one case. Raises on failure (caller records it)."""
     hidden, weight, targets, grad = inputs
@@ -387,31 +384,16 @@ def run_case(
 
     inputs = make_inputs(shape, dtype, device, trainable, seed)
     ref = reference_logprobs(*inputs[:3])
-    for name in methods:
-        try:
-            fn, note = METHODS[name](ctx)
-        except Exception as e:  # not installed, unsupported here, ...
-            record["methods"][name] = {"status": "skipped", "reason": _reason(e)}
-            continue
-        try:
-            rec = measure_method(fn, inputs, modes, device, timer, ref)
-            rec = {"status": "ok", "note": note, **rec}
-        except Exception as e:
-            status = "OOM" if is_oom(e) else "skipped"
-            rec = {"status": status, "note": note, "reason": _reason(e)}
-            if verbose and status != "OOM":
-                traceback.print_exc()
-        finally:
-            fn = None
-            free_memory(device)
-        if rec.get("ms"):
-            rec["tflops"] = {
-                m: record["flops"][m] / (ms * 1e-3) / 1e12 for m, ms in rec["ms"].items() if ms > 0
-            }
-            rec["x_matmul"] = {
-                m: ms / mm_ms[m] for m, ms in rec["ms"].items() if mm_ms.get(m, 0) > 0
-            }
-        record["methods"][name] = rec
+    record["methods"] = measure_methods(
+        methods,
+        METHODS,
+        ctx,
+        partial(measure_method, inputs=inputs, modes=modes, device=device, timer=timer, ref=ref),
+        flops=record["flops"],
+        matmul_ms=mm_ms,
+        device=device,
+        verbose=verbose,
+    )
     del inputs, ref
     free_memory(device)
     return record

@@ -37,9 +37,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,16 +53,17 @@ if __package__ in (None, ""):
 
     sys.path.remove(_root)
 
-from bench.bench_logprobs import DTYPES, HEADS, Shape, _reason, matmul_reference
+from bench.bench_logprobs import DTYPES, HEADS, Shape, matmul_reference
 from bench.common import (
     MIB,
     free_memory,
-    is_oom,
+    measure_methods,
     peak_memory_mib,
     resolve_device,
     synchronize,
     time_ms,
 )
+from bench.common import error_reason as _reason
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -556,31 +557,16 @@ def run_case(
             record["reference_reason"] = _reason(e)
             free_memory(device)
 
-    for name in methods:
-        try:
-            fn, note = METHODS[name](ctx)
-        except Exception as e:  # not installed, unsupported here, ...
-            record["methods"][name] = {"status": "skipped", "reason": _reason(e)}
-            continue
-        try:
-            rec = measure_method(fn, x, modes, device, timer, ref)
-            rec = {"status": "ok", "note": note, **rec}
-        except Exception as e:
-            status = "OOM" if is_oom(e) else "skipped"
-            rec = {"status": status, "note": note, "reason": _reason(e)}
-            if verbose and status != "OOM":
-                traceback.print_exc()
-        finally:
-            fn = None
-            free_memory(device)
-        if rec.get("ms"):
-            rec["tflops"] = {
-                m: record["flops"][m] / (ms * 1e-3) / 1e12 for m, ms in rec["ms"].items() if ms > 0
-            }
-            rec["x_matmul"] = {
-                m: ms / mm_ms[m] for m, ms in rec["ms"].items() if mm_ms.get(m, 0) > 0
-            }
-        record["methods"][name] = rec
+    record["methods"] = measure_methods(
+        methods,
+        METHODS,
+        ctx,
+        partial(measure_method, x=x, modes=modes, device=device, timer=timer, ref=ref),
+        flops=record["flops"],
+        matmul_ms=mm_ms,
+        device=device,
+        verbose=verbose,
+    )
 
     lo = loss_only(x, kw, device, timer, G)
     head_ms = record["methods"].get("fastrl", {}).get("ms", {}).get("fwdbwd")

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def error_reason(e: BaseException) -> str:
+    """One line for a results file: the exception type and the first line of its message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}".rstrip(": ")
 
 
 def synchronize(device: torch.device) -> None:
@@ -112,6 +119,59 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     del out
     free_memory(device)
     return (peak - base) / MIB
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def measure_methods(
+    names: Iterable[str],
+    factories: dict[str, Callable],
+    ctx: dict,
+    measure: Callable[[Callable], dict],
+    *,
+    flops: dict[str, float],
+    matmul_ms: dict[str, float],
+    device: torch.device,
+    verbose: bool = False,
+) -> dict[str, dict]:
+    """Run every method of one case; never raises for a method.
+
+    For each name, `factories[name](ctx)` builds `(fn, note)`; if that raises (not
+    installed, unsupported here, ...) the method is recorded as `skipped` with the reason.
+    Otherwise `measure(fn)` returns its figures (`ms`, `peak_mem_mib`, ...), recorded with
+    status `ok`; if it raises, the method is `OOM` (out of memory) or `skipped`. Methods
+    with times get `tflops[mode]` (`flops[mode]` / time) and `x_matmul[mode]` (time /
+    `matmul_ms[mode]`). Memory is freed after each method. Returns {name: record}, in the
+    order of `names`.
+    """
+    records: dict[str, dict] = {}
+    for name in names:
+        try:
+            fn, note = factories[name](ctx)
+        except Exception as e:  # not installed, unsupported here, ...
+            records[name] = {"status": "skipped", "reason": error_reason(e)}
+            continue
+        try:
+            rec = measure(fn)
+            rec = {"status": "ok", "note": note, **rec}
+        except Exception as e:
+            status = "OOM" if is_oom(e) else "skipped"
+            rec = {"status": status, "note": note, "reason": error_reason(e)}
+            if verbose and status != "OOM":
+                traceback.print_exc()
+        finally:
+            fn = None
+            free_memory(device)
+        if rec.get("ms"):
+            rec["tflops"] = {
+                m: flops[m] / (ms * 1e-3) / 1e12 for m, ms in rec["ms"].items() if ms > 0
+            }
+            rec["x_matmul"] = {
+                m: ms / matmul_ms[m] for m, ms in rec["ms"].items() if matmul_ms.get(m, 0) > 0
+            }
+        records[name] = rec
+    return records
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -2,11 +2,13 @@
 
     python bench/plot.py bench/results/nvidia-h100-80gb-hbm3-2026-05-10.json
     python bench/plot.py bench/results/policy-nvidia-h100-80gb-hbm3-2026-05-10.json
+    python bench/plot.py bench/results/preference-nvidia-h100-80gb-hbm3-2026-05-10.json
 
-Works for the output of bench_logprobs.py and bench_policy.py. Writes the PNG next to
-the JSON (same name, .png). Two panels (time, memory) per head (frozen / trainable
-lm_head); methods that were skipped or ran out of memory show a label instead of a bar;
-a black dash marks the time of the plain cuBLAS matmuls of each case (the floor).
+Works for the output of bench_logprobs.py, bench_policy.py and bench_preference.py.
+Writes the PNG next to the JSON (same name, .png). Two panels (time, memory) per head
+(frozen / trainable lm_head); methods that were skipped or ran out of memory show a label
+instead of a bar; a black dash marks the time of the plain cuBLAS matmuls of each case
+(the floor).
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _mode(case: dict) -> str:
         if m in modes:
             return m
     return "fwdbwd"
+
+
+def _tick_label(case: dict) -> str:
+    """The case label on up to three lines: model (or d, V), size, loss config if named."""
+    label = case["label"].replace(" N=", "\nN=")
+    loss = case.get("loss_label")
+    if loss and label.endswith(" " + loss):
+        label = label[: -len(loss) - 1] + "\n" + loss
+    return label
 
 
 def _panel(ax, cases, methods, value, ylabel, title, floor=None):
@@ -85,7 +96,7 @@ def _panel(ax, cases, methods, value, ylabel, title, floor=None):
                 ax.hlines(f, x - 0.42, x + 0.42, colors="k", linestyles="--", lw=1, **kw)
                 marked = True
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([c["label"].replace(" N=", "\nN=") for c in cases], fontsize=7)
+    ax.set_xticklabels([_tick_label(c) for c in cases], fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     if any_value:
