@@ -13,11 +13,13 @@ PIP_FLAGS ?=
 CONSTRAIN := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 PYTEST_N  ?= 2
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: venv test bench bench-policy bench-preference lint format clean-venv help
+.PHONY: venv demo test bench bench-policy bench-preference lint format clean-venv help
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
+	@echo "make demo    the main job: SFT warm-up, GRPO + LoRA, DPO on a tiny model (DEMO_ARGS)"
 	@echo "make test    run the test suite (pytest -n $(PYTEST_N))"
 	@echo "make bench   benchmark linear_logprobs (GPU shapes on CUDA, tiny ones on CPU);"
 	@echo "             extra options via BENCH_ARGS='--head both --shapes gpu-quick'"
@@ -37,6 +39,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 test: venv
 	$(PY) -m pytest -q $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
+
+demo: venv
+	$(VENV)/bin/fastrl demo $(DEMO_ARGS)
 
 bench: venv
 	$(PY) bench/bench_logprobs.py $(BENCH_ARGS)

@@ -1,0 +1,163 @@
+"""The `fastrl` command.
+
+    fastrl grpo --model DIR --dataset FILE [--reward exact_match --reward format] [options]
+    fastrl dpo  --model DIR --dataset FILE [options]
+    fastrl bench {logprobs,policy,preference} [benchmark options]
+    fastrl demo [--output_dir runs/demo] [--quick]
+
+`grpo` and `dpo` take every field of `GRPOConfig` / `DPOConfig` (transformers'
+`TrainingArguments` plus the TRL-named loss options) as flags, or from a YAML file with
+`--config FILE` (flags given on the command line win).
+"""
+
+import importlib
+import runpy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCHES = ("logprobs", "policy", "preference")
+BUILTIN_REWARDS = ("exact_match", "format", "length")
+
+
+@dataclass
+class GRPOScriptArguments:
+    model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
+    dataset: str = field(metadata={"help": "JSONL/CSV/parquet file or saved dataset dir"})
+    reward: list[str] = field(
+        default_factory=lambda: ["exact_match"],
+        metadata={"help": f"built-in {BUILTIN_REWARDS} or 'module:function'; repeatable"},
+    )
+    answer_column: str = field(default="answer", metadata={"help": "for exact_match"})
+    answer_pattern: str | None = field(default=None, metadata={"help": "regex, group 1"})
+    format_pattern: str = field(default=r"<answer>.*?</answer>", metadata={"help": "for format"})
+    length_target: int = field(default=256, metadata={"help": "characters, for length"})
+
+
+@dataclass
+class DPOScriptArguments:
+    model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
+    dataset: str = field(metadata={"help": "prompt/chosen/rejected JSONL/CSV/parquet file"})
+
+
+def _parse(dataclasses, argv):
+    """HfArgumentParser over `dataclasses`, with `--config FILE.yaml` as defaults."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclasses)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SystemExit("--config needs a YAML file")
+        with open(argv[i + 1]) as f:
+            defaults = yaml.safe_load(f) or {}
+        if not isinstance(defaults, dict):
+            raise SystemExit(f"--config {argv[i + 1]}: expected a mapping of option: value")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise SystemExit(f"--config {argv[i + 1]}: unknown options {unknown}")
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # a value from the file satisfies a required flag
+            if action.dest in defaults:
+                action.required = False
+        argv = argv[:i] + argv[i + 2 :]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _reward_functions(script: GRPOScriptArguments):
+    from fastrl.trainers import rewards
+
+    funcs = []
+    for spec in script.reward:
+        if spec == "exact_match":
+            kw = {} if script.answer_pattern is None else {"pattern": script.answer_pattern}
+            funcs.append(rewards.exact_match_answer(answer_column=script.answer_column, **kw))
+        elif spec == "format":
+            funcs.append(rewards.format_reward(script.format_pattern))
+        elif spec == "length":
+            funcs.append(rewards.length_penalty(script.length_target))
+        elif ":" in spec:
+            module, name = spec.split(":", 1)
+            funcs.append(getattr(importlib.import_module(module), name))
+        else:
+            raise SystemExit(
+                f"--reward {spec!r}: use one of {BUILTIN_REWARDS} or 'module:function'"
+            )
+    return funcs
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, local_files_only=Path(model_path).is_dir())
+
+
+def cmd_grpo(argv: list[str]) -> None:
+    from fastrl.trainers import GRPOConfig, GRPOTrainer
+    from fastrl.trainers.data import load_data
+
+    script, config = _parse((GRPOScriptArguments, GRPOConfig), argv)
+    trainer = GRPOTrainer(
+        model=script.model,
+        args=config,
+        train_dataset=load_data(script.dataset),
+        reward_funcs=_reward_functions(script),
+        processing_class=_tokenizer(script.model),
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+
+
+def cmd_dpo(argv: list[str]) -> None:
+    from fastrl.trainers import DPOConfig, DPOTrainer
+    from fastrl.trainers.data import load_data
+
+    script, config = _parse((DPOScriptArguments, DPOConfig), argv)
+    trainer = DPOTrainer(
+        model=script.model,
+        args=config,
+        train_dataset=load_data(script.dataset),
+        processing_class=_tokenizer(script.model),
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+
+
+def cmd_bench(argv: list[str]) -> None:
+    if not argv or argv[0] not in BENCHES:
+        raise SystemExit(f"usage: fastrl bench {{{','.join(BENCHES)}}} [options]")
+    script = Path(__file__).resolve().parent.parent / "bench" / f"bench_{argv[0]}.py"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: the benchmarks run from a source checkout")
+    sys.argv = [str(script), *argv[1:]]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def cmd_demo(argv: list[str]) -> None:
+    import argparse
+
+    from fastrl.trainers.demo import run_demo
+
+    parser = argparse.ArgumentParser(prog="fastrl demo", description=run_demo.__doc__)
+    parser.add_argument("--output_dir", "--output-dir", default="runs/demo")
+    parser.add_argument("--quick", action="store_true", help="a few steps of each stage")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+
+
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,935 @@
+"""DPO (and the rest of the offline preference family) with LoRA, without logits.
+
+`DPOTrainer` is a thin `transformers.Trainer`: the engine does the optimizer, scheduler,
+gradient accumulation, checkpointing (the LoRA adapter only), logging, `report_to` and
+accelerate / DDP; this module adds what DPO needs on top:
+
+- the model through `load_model` (LoRA on every linear layer of the blocks, base and
+  lm_head frozen, gradient checkpointing);
+- the data: ``prompt`` / ``chosen`` / ``rejected`` columns, strings or chat messages,
+  tokenized as TRL 1.16's ``DPOTrainer`` tokenizes them (prompt and prompt + completion
+  tokenized together, split where they diverge; EOS appended to plain-text completions),
+  truncated to ``max_prompt_length`` / ``max_completion_length`` / ``max_length``;
+- a collator whose batch rows are ``[chosen; rejected]``, each laid out
+  ``[left-padded prompt | right-padded completion]``;
+- `compute_loss`: the backbone only (no ``[tokens, vocab]`` logits), its hidden states at
+  the completion positions and the frozen lm_head weight into
+  `fastrl.fused_preference_loss`; the reference is the same model with its adapters off
+  (per batch, or once over the dataset with ``precompute_ref_log_probs``); reference-free
+  losses (CPO, SimPO, AlphaPO, ORPO) skip it;
+- the loss's metrics (``rewards/*``, ``logps/*``, ...) averaged over the logging window,
+  ``num_tokens``, ``tokens_per_second`` and, on CUDA, ``peak_memory_gib``; a NaN loss
+  stops the run with a message, an out-of-memory error says what to lower.
+
+`evaluate_preference_accuracy` measures how often a policy prefers the chosen completion
+of held-out pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+
+from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs, preference_loss
+from fastrl.integrations import causal_lm_hidden_states, lm_head
+from fastrl.trainers.data import completion_text, load_data, render_prompt, require_columns
+from fastrl.trainers.model import completion_positions, load_model, reference_adapters_off
+
+__all__ = [
+    "DPOConfig",
+    "DPOTrainer",
+    "PreferenceCollator",
+    "evaluate_preference_accuracy",
+    "tokenize_preference_dataset",
+]
+
+# The loss types of `fastrl.preference_loss` that use no reference model, and those that
+# compare length-averaged log-probs (tests pin these against fastrl.preference).
+REFERENCE_FREE_LOSS_TYPES = ("cpo", "cpo_hinge", "cpo_ipo", "simpo", "alphapo", "orpo")
+AVERAGED_LOSS_TYPES = ("cpo_ipo", "simpo", "alphapo", "orpo")
+_COLUMNS = ("prompt", "chosen", "rejected")
+_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclass
+class DPOConfig(TrainingArguments):
+    r"""Configuration of `DPOTrainer`: `transformers.TrainingArguments` plus DPO's options.
+
+    Names and defaults follow TRL 1.16's ``DPOConfig`` where TRL has the option
+    (``beta``, ``loss_type``, ``loss_weights``, ``label_smoothing``, ``f_divergence_type``,
+    ``f_alpha_divergence_coef``, ``discopop_tau``, ``ld_alpha``, ``max_length``,
+    ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``,
+    ``dataset_num_proc``, ``pad_to_multiple_of``; ``logging_steps=10``, activation
+    checkpointing on, bf16 where the GPU supports it). Differences from TRL:
+
+    - ``learning_rate`` keeps the `TrainingArguments` default 5e-5: TRL's 1e-6 is for full
+      fine-tuning and barely moves LoRA adapters;
+    - ``loss_type`` also takes the reference-free losses of TRL's CPO and ORPO trainers
+      (``cpo``, ``cpo_hinge``, ``cpo_ipo``, ``simpo``, ``alphapo``, ``orpo``) with their
+      options (``cpo_alpha``, ``simpo_gamma``, ``alpha``), and fastrl's ``rdpo_alpha``
+      (R-DPO) and ``dpop_lambda`` (DPOP); ``label_smoothing`` on ``sigmoid`` is cDPO (TRL
+      1.16 ignores it there). Everything is passed to `fastrl.preference_loss`, whose
+      docstring defines each option;
+    - ``max_prompt_length`` (keeps the end of the prompt) and ``max_completion_length``
+      (keeps the start of each completion) besides ``max_length`` (prompt + completion,
+      keeps the start; rows whose prompt alone fills it are dropped, as TRL drops them);
+    - ``use_weighting`` (WPO) is refused: it needs ``log sum_v p_v^2`` per token, which
+      the fused head does not compute;
+    - LoRA options (``lora_r``, ``lora_alpha``, ``lora_dropout``,
+      ``lora_target_modules``), ``load_in_4bit``, ``attn_implementation``,
+      ``model_dtype`` (used when the model is given as a path), ``use_chat_template``,
+      ``kernel_impl`` and ``max_memory_gb`` (caps this process's CUDA memory, so a run on
+      a larger card proves it fits a smaller one).
+    """
+
+    # ---- TrainingArguments defaults changed as TRL changes them
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision; default: on when a bf16-capable GPU is used."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the dataset's columns (the collator picks)."}
+    )
+
+    # ---- model
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt; default: every linear layer of the blocks."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: 4-bit NF4 base (bitsandbytes, CUDA)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel; default flash_attention_2 if installed, else sdpa."},
+    )
+    model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
+            "default bf16 on a bf16-capable GPU, else float32.",
+            "choices": [None, *_DTYPES],
+        },
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout probability of the model to 0."}
+    )
+
+    # ---- data
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Max prompt + completion tokens (keeps the start); None: no limit."},
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Max prompt tokens (keeps the end); None: no limit."}
+    )
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={"help": "Max tokens per completion (keeps the start); None: no limit."},
+    )
+    use_chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": "Render string prompts as a user turn through the tokenizer's chat template "
+            "(when it has one). Chat-message prompts always go through it."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for tokenizing the dataset."}
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad prompt and completion widths to a multiple."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs once over the datasets before training "
+            "(adapters off) and store them as columns, instead of a reference forward per batch."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the precomputation; default: the per-device batch size."},
+    )
+
+    # ---- loss (fastrl.preference_loss options)
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "Loss type, or a list of DPO loss types combined with loss_weights."},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of a loss_type list (default all 1)."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta (IPO's tau, ORPO's lambda)."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Label smoothing / flip probability in [0, 0.5)."}
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-DPO divergence.",
+            "choices": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "alpha of f_divergence_type='alpha_divergence'."}
+    )
+    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP's temperature."})
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "LD-DPO's weight of the verbose tail, in [0, 1]."}
+    )
+    use_weighting: bool = field(
+        default=False, metadata={"help": "WPO weighting: not supported (raises ValueError)."}
+    )
+    rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty (sigmoid)."})
+    dpop_lambda: float = field(default=0.0, metadata={"help": "DPOP positive penalty (sigmoid)."})
+    cpo_alpha: float | None = field(
+        default=None, metadata={"help": "NLL weight of the CPO family (default 1; alphapo 0)."}
+    )
+    simpo_gamma: float | None = field(
+        default=None, metadata={"help": "SimPO / AlphaPO target margin (default 0.5)."}
+    )
+    alpha: float = field(default=0.0, metadata={"help": "AlphaPO's alpha (CPO family)."})
+
+    # ---- runtime
+    kernel_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "Fused head implementation: auto (Triton on CUDA), triton or torch.",
+            "choices": ["auto", "triton", "torch"],
+        },
+    )
+    max_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "Cap this process's CUDA memory at this many GiB (e.g. 24)."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = (
+                not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            )
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        kwargs = self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs
+        if kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        else:
+            self.loss_type = list(self.loss_type)
+        if self.use_weighting:
+            raise ValueError(
+                "use_weighting=True (WPO) is not supported: its weights need log sum_v p_v^2 per "
+                "token, which the fused lm_head does not compute"
+            )
+        if self.model_dtype is not None and self.model_dtype not in _DTYPES:
+            raise ValueError(
+                f"model_dtype must be one of {list(_DTYPES)}, got {self.model_dtype!r}"
+            )
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        super().__post_init__()
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss uses no reference model (CPO, SimPO, AlphaPO, ORPO)."""
+        return any(t in REFERENCE_FREE_LOSS_TYPES for t in self.loss_type)
+
+    def preference_loss_kwargs(self) -> dict:
+        """The `fastrl.preference_loss` options this configuration selects."""
+        types = self.loss_type
+        kw = dict(
+            loss_type=types[0] if len(types) == 1 else list(types),
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            ld_alpha=self.ld_alpha,
+            rdpo_alpha=self.rdpo_alpha,
+            dpop_lambda=self.dpop_lambda,
+            cpo_alpha=self.cpo_alpha,
+            simpo_gamma=self.simpo_gamma,
+            alpha=self.alpha,
+        )
+        if self.loss_weights is not None:
+            kw["loss_weights"] = list(self.loss_weights)
+        # options with a TRL default that preference_loss refuses where they have no effect
+        if self.f_divergence_type == "alpha_divergence":
+            kw["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
+        if "discopop" in types:
+            kw["discopop_tau"] = self.discopop_tau
+        return kw
+
+    def lora_kwargs(self) -> dict:
+        kw = dict(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        if self.lora_target_modules is not None:
+            kw["target_modules"] = list(self.lora_target_modules)
+        return kw
+
+
+def _check_loss_options(args: DPOConfig) -> None:
+    """Surface a bad loss configuration at construction (preference_loss raises ValueError
+    naming the option) instead of at the first step."""
+    one, zero = torch.ones(1), torch.zeros(1)
+    kw = args.preference_loss_kwargs()
+    extra = dict(chosen_lengths=one, rejected_lengths=one)
+    ref = () if args.reference_free else (zero, zero)
+    if args.ld_alpha is not None:
+        extra.update(chosen_tail_logps=zero, rejected_tail_logps=zero)
+        if ref:
+            extra.update(ref_chosen_tail_logps=zero, ref_rejected_tail_logps=zero)
+    preference_loss(-one, -one, *ref, **extra, **kw)
+
+
+# ---------------------------------------------------------------------------- the data
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _as_messages(x, role: str) -> list[dict]:
+    return x if isinstance(x, list) else [{"role": role, "content": x}]
+
+
+def _tokenize_example(
+    tokenizer,
+    prompt,
+    chosen,
+    rejected,
+    *,
+    use_chat_template: bool = True,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    max_length: int | None = None,
+) -> dict[str, list[int]]:
+    """Token ids of one pair as TRL 1.16's DPOTrainer makes them, then truncated.
+
+    Conversational (chat-message prompt, or a string prompt with ``use_chat_template`` and
+    a tokenizer that has a template; string completions become assistant turns): the
+    prompt is rendered with the generation prompt, prompt + completion as the whole
+    conversation, both tokenized without extra special tokens. Plain text: prompt and
+    prompt + completion tokenized with the tokenizer's special tokens, EOS appended to the
+    completion unless it ends with one. The completion starts where the tokenized prompt
+    and prompt + completion diverge (usually the prompt's end).
+    """
+    conversational = isinstance(prompt, list) or (
+        use_chat_template and isinstance(prompt, str) and tokenizer.chat_template is not None
+    )
+    if conversational:
+        messages = _as_messages(prompt, "user")
+        prompt_text = render_prompt(tokenizer, messages)
+        full = [
+            tokenizer.apply_chat_template(messages + _as_messages(c, "assistant"), tokenize=False)
+            for c in (chosen, rejected)
+        ]
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        full_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in full]
+    else:
+        prompt_text = render_prompt(tokenizer, prompt, use_chat_template=False)
+        prompt_ids = tokenizer(prompt_text)["input_ids"]
+        full_ids = [
+            tokenizer(prompt_text + completion_text(c))["input_ids"] for c in (chosen, rejected)
+        ]
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("plain-text completions need a tokenizer with an eos_token")
+        full_ids = [ids if ids and ids[-1] == eos else ids + [eos] for ids in full_ids]
+    n = min(_common_prefix_length(prompt_ids, ids) for ids in full_ids)
+    prompt_ids = prompt_ids[:n]
+    chosen_ids, rejected_ids = (ids[n:] for ids in full_ids)
+    if max_prompt_length is not None:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    if max_completion_length is not None:
+        chosen_ids, rejected_ids = (
+            chosen_ids[:max_completion_length],
+            rejected_ids[:max_completion_length],
+        )
+    if max_length is not None:
+        room = max(max_length - len(prompt_ids), 0)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return dict(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids)
+
+
+def tokenize_preference_dataset(
+    dataset,
+    tokenizer,
+    *,
+    use_chat_template: bool = True,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    max_length: int | None = 1024,
+    num_proc: int | None = None,
+):
+    """A preference dataset with ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` columns.
+
+    ``dataset`` is anything `load_data` takes, with ``prompt``, ``chosen`` and ``rejected``
+    columns (strings or chat messages); a dataset that already has the token columns is
+    returned as is. Rows whose prompt alone fills ``max_length`` are dropped (no
+    completion token would be left), with a warning; the other columns are kept.
+    """
+    dataset = load_data(dataset)
+    if all(c in dataset.column_names for c in _TOKEN_COLUMNS):
+        return dataset
+    require_columns(dataset, _COLUMNS, "DPO")
+    options = dict(
+        use_chat_template=use_chat_template,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        max_length=max_length,
+    )
+
+    def tokenize(row):
+        out = _tokenize_example(tokenizer, row["prompt"], row["chosen"], row["rejected"], **options)
+        if not out["prompt_ids"]:
+            raise ValueError(
+                f"prompt {row['prompt']!r} has no tokens: the first completion token would have "
+                "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
+                "prompt)"
+            )
+        return out
+
+    dataset = dataset.map(tokenize, num_proc=num_proc, desc="Tokenizing preference pairs")
+    if max_length is not None:
+        n = len(dataset)
+        dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc)
+        if len(dataset) < n:
+            warnings.warn(
+                f"dropped {n - len(dataset)} of {n} preference pairs whose prompt alone fills "
+                f"max_length={max_length}",
+                stacklevel=2,
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"every pair's prompt fills max_length={max_length}: raise it")
+    return dataset
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+@dataclass
+class PreferenceCollator:
+    """Batches of preference pairs, rows ``[chosen; rejected]``.
+
+    Each row is ``[prompt, left-padded to P | completion, right-padded to C]``:
+
+    - ``input_ids`` ``[2B, P + C]``, ``attention_mask`` ``[2B, P + C]``;
+    - ``completion_mask`` ``[2B, C]``: 1 on the completion tokens, the last ``C`` columns
+      of ``input_ids`` (so ``P = input_ids.shape[1] - completion_mask.shape[1]`` and the
+      hidden states predicting the completion are ``hidden[:, P - 1 : -1]``);
+    - ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` when the rows have them.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [list(e["prompt_ids"]) for e in examples] * 2
+        if not all(prompts):
+            raise ValueError("a pair has an empty prompt_ids: nothing predicts its first token")
+        completions = [list(e["chosen_ids"]) for e in examples]
+        completions += [list(e["rejected_ids"]) for e in examples]
+        P = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
+        C = _round_up(max(1, max(len(c) for c in completions)), self.pad_to_multiple_of)
+        rows = len(prompts)
+        input_ids = torch.full((rows, P + C), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+            input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attention_mask[i, P - len(p) : P + len(c)] = 1
+        batch = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=attention_mask[:, P:].clone(),
+        )
+        for name in _REF_COLUMNS:
+            if name in examples[0]:
+                batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)
+        return batch
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (as `generate` does for left
+    padding), so a row's positions do not depend on how much padding its batch needed."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------- model plumbing
+
+
+def _transformers_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def _forward_returns_hidden_states(model) -> Iterator[None]:
+    """Within the block, calling ``model`` (or any wrapper of it: peft, DDP, accelerate's
+    autocast) returns the backbone's last hidden states ``[B, L, d]``, no logits.
+
+    The call must go through the outermost wrapper so DDP's gradient reduction is armed;
+    so the causal LM's own ``forward`` is swapped for the backbone's for the duration.
+    """
+    base = _transformers_model(model)
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        unused = {k: v for k, v in kwargs.items() if v is not None}
+        unused.pop("use_cache", None)
+        if unused:
+            raise ValueError(
+                f"unexpected forward arguments for a hidden-states forward: {sorted(unused)}"
+            )
+        return causal_lm_hidden_states(
+            base, input_ids, attention_mask, position_ids=position_ids, use_cache=False
+        )
+
+    base.forward = forward
+    try:
+        yield
+    finally:
+        del base.forward
+
+
+def _scored_targets(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    mask = batch["completion_mask"]
+    P = batch["input_ids"].shape[1] - mask.shape[1]
+    return batch["input_ids"][:, P:], mask, P
+
+
+@torch.no_grad()
+def _sequence_logps(model, batch, *, adapters: bool, ld_alpha=None, impl="auto", autocast=None):
+    """``[2B]`` summed completion log-probs of ``model`` (adapters on or off), in eval
+    mode; with ``ld_alpha``, LD-DPO's weighted sums (shared part + ld_alpha * tail, the
+    values TRL stores as precomputed reference log-probs). Also returns the lengths.
+    ``autocast``: the mixed-precision context the backbone runs under (as the policy's
+    forward does under accelerate); the head runs outside it, in the weight's dtype."""
+    targets, mask, P = _scored_targets(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with reference_adapters_off(model) if not adapters else contextlib.nullcontext():
+            with autocast if autocast is not None else contextlib.nullcontext():
+                hidden = causal_lm_hidden_states(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    position_ids=_position_ids(batch["attention_mask"]),
+                    use_cache=False,
+                )
+            head = lm_head(model)
+            h = completion_positions(hidden, P).to(head.weight.dtype)
+            scored = torch.where(mask.bool(), targets, -100)
+            logps = linear_logprobs(h, head.weight, scored, impl=impl, **head.kwargs())
+    finally:
+        model.train(was_training)
+    seq = logps.sum(1)
+    if ld_alpha is not None:
+        tails = torch.cat(ld_tail_logps(logps, mask))
+        seq = (seq - tails) + ld_alpha * tails
+    return seq, mask.sum(1)
+
+
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _cap_cuda_memory(gib: float) -> None:
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class DPOTrainer(Trainer):
+    """LoRA DPO (and the rest of `fastrl.preference_loss`'s family) on `transformers.Trainer`.
+
+    Args:
+        model: a local checkpoint directory (or hub id where a network exists), a
+            ``transformers`` causal LM (LoRA is added by `load_model`) or a peft model
+            (used with its adapters). The reference policy is the same model with its
+            adapters disabled: no second copy. (TRL 1.16, given a peft model, keeps a
+            frozen copy of its adapter as the reference instead; to train against a
+            LoRA-fine-tuned policy here, merge that adapter into the base first.)
+        args: a `DPOConfig` (default: ``DPOConfig("fastrl-dpo")``).
+        train_dataset, eval_dataset: anything `load_data` takes (rows, columns, a
+            ``datasets.Dataset``, a local JSONL/CSV/parquet file), with ``prompt``,
+            ``chosen`` and ``rejected`` columns, strings or chat messages. Optional
+            ``ref_chosen_logps`` / ``ref_rejected_logps`` columns are used as the reference
+            log-probs. ``eval_dataset`` may also be a dict of named datasets.
+        processing_class: the tokenizer (loaded from ``model`` when that is a path). Its
+            pad token (else its EOS) pads the batches.
+        callbacks, optimizers, compute_metrics: as `transformers.Trainer`.
+    """
+
+    # the loss is a mean over the micro-batch's pairs: let Trainer divide it by the number
+    # of gradient-accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model,
+        args: DPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        compute_metrics=None,
+    ):
+        from peft import PeftModel
+
+        args = DPOConfig("fastrl-dpo") if args is None else args
+        if not isinstance(args, DPOConfig):
+            raise TypeError(f"args must be a fastrl DPOConfig, got {type(args).__name__}")
+        _check_loss_options(args)
+        if args.precompute_ref_log_probs and args.reference_free:
+            raise ValueError(
+                f"precompute_ref_log_probs=True, but loss_type={args.loss_type} uses no reference"
+            )
+        if args.max_memory_gb is not None:
+            _cap_cuda_memory(args.max_memory_gb)
+
+        if processing_class is None:
+            if not isinstance(model, str) and not hasattr(model, "__fspath__"):
+                raise ValueError("processing_class (the tokenizer) is required for a model object")
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(
+                model, local_files_only=os.path.isdir(model)
+            )
+        pad = processing_class.pad_token_id
+        pad = processing_class.eos_token_id if pad is None else pad
+        if pad is None:
+            raise ValueError("the tokenizer needs a pad_token or an eos_token to pad batches")
+
+        set_seed(args.seed)  # the LoRA initialisation draws from the global RNG
+        model = load_model(
+            model,
+            lora=None if isinstance(model, PeftModel) else args.lora_kwargs(),
+            load_in_4bit=args.load_in_4bit,
+            dtype=_DTYPES[args.model_dtype] if args.model_dtype else None,
+            attn_implementation=args.attn_implementation,
+            gradient_checkpointing=args.activation_checkpointing,
+        )
+        if args.disable_dropout:
+            _disable_dropout(model)
+
+        if train_dataset is not None:
+            train_dataset = self._tokenize(train_dataset, args, processing_class)
+        if eval_dataset is not None:
+            eval_dataset = self._tokenize(eval_dataset, args, processing_class, split="test")
+
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._window_tokens = 0
+        self._window_start: float | None = None
+        self._total_tokens = 0
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=PreferenceCollator(pad, args.pad_to_multiple_of),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.loss_kwargs = args.preference_loss_kwargs()
+        if self.train_dataset is not None:
+            self.train_dataset = self._with_reference(self.train_dataset)
+        if self.eval_dataset is not None:
+            self.eval_dataset = self._with_reference(self.eval_dataset)
+
+    # ---------------------------------------------------------------------- data
+
+    @staticmethod
+    def _tokenize(dataset, args, tokenizer, split="train"):
+        """Token columns for a dataset (or a dict of named ones); idempotent."""
+        if isinstance(dataset, dict) and not _is_columns(dataset):
+            return {k: DPOTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
+        return tokenize_preference_dataset(
+            load_data(dataset, split=split),
+            tokenizer,
+            use_chat_template=args.use_chat_template,
+            max_prompt_length=args.max_prompt_length,
+            max_completion_length=args.max_completion_length,
+            max_length=args.max_length,
+            num_proc=args.dataset_num_proc,
+        )
+
+    def _with_reference(self, dataset):
+        """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
+        if not self.args.precompute_ref_log_probs:
+            return dataset
+        if isinstance(dataset, dict):
+            return {k: self.precompute_reference_logps(v) for k, v in dataset.items()}
+        return self.precompute_reference_logps(dataset)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`Trainer.evaluate`; a dataset passed here is tokenized (and gets its reference
+        log-probs) as the trainer's own."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            tokenizer = self.processing_class
+            eval_dataset = self._tokenize(eval_dataset, self.args, tokenizer, split="test")
+            eval_dataset = self._with_reference(eval_dataset)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    # ---------------------------------------------------------------- reference
+
+    @property
+    def uses_reference(self) -> bool:
+        return not self.args.reference_free
+
+    def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B], [B])`` reference log-probs of a collated batch: the model with its
+        adapters off (LD-DPO-weighted with ``ld_alpha``, as TRL stores them)."""
+        model = self.accelerator.unwrap_model(self.model)
+        seq, _ = _sequence_logps(
+            model,
+            batch,
+            adapters=False,
+            ld_alpha=self.args.ld_alpha,
+            impl=self.args.kernel_impl,
+            autocast=self.accelerator.autocast(),
+        )
+        return tuple(seq.float().chunk(2))
+
+    def precompute_reference_logps(self, dataset):
+        """``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, computed
+        once with the adapters off (every process computes the whole dataset)."""
+        if all(c in dataset.column_names for c in _REF_COLUMNS):
+            return dataset
+        from torch.utils.data import DataLoader
+
+        size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
+        chosen, rejected = [], []
+        for batch in loader:
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            c, r = self.reference_logps(batch)
+            chosen += c.tolist()
+            rejected += r.tolist()
+        dataset = dataset.add_column("ref_chosen_logps", chosen)
+        return dataset.add_column("ref_rejected_logps", rejected)
+
+    # ---------------------------------------------------------------------- loss
+
+    def policy_hidden_states(self, model, batch) -> torch.Tensor:
+        """``[2B, L, d]`` last hidden states of the policy (adapters on, with grad), through
+        ``model`` as the engine wrapped it (DDP included)."""
+        with _forward_returns_hidden_states(self.accelerator.unwrap_model(model)):
+            return model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=_position_ids(batch["attention_mask"]),
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        targets, mask, P = _scored_targets(inputs)
+        ref = {}
+        if self.uses_reference:
+            if all(c in inputs for c in _REF_COLUMNS):
+                rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                rc, rr = self.reference_logps(inputs)
+            ref = dict(ref_chosen_logps=rc, ref_rejected_logps=rr)
+            if self.args.ld_alpha is not None:  # the reference sums are already LD-weighted
+                ref.update(ref_chosen_tail_logps=torch.zeros_like(rc))
+                ref.update(ref_rejected_tail_logps=torch.zeros_like(rr))
+        hidden = self.policy_hidden_states(model, inputs)
+        head = lm_head(self.accelerator.unwrap_model(model))
+        h = completion_positions(hidden, P)
+        if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
+            h = h.to(head.weight.dtype)
+        loss, metrics = fused_preference_loss(
+            h, head.weight, targets, mask, impl=self.args.kernel_impl, **head.kwargs(), **ref,
+            **self.loss_kwargs,
+        )  # fmt: skip
+        if not self._record(mode, loss, metrics, inputs):
+            self._non_finite_loss(loss, metrics, inputs)
+        return (loss, metrics) if return_outputs else loss
+
+    def _record(self, mode, loss, metrics, inputs) -> bool:
+        """Store the metrics (averaged over processes); False if any process's loss is not
+        finite (so every process stops together)."""
+        names = list(metrics)
+        local = torch.stack([loss.detach().float()] + [metrics[k].detach().float() for k in names])
+        values = self.accelerator.gather(local).view(-1, len(names) + 1)
+        finite = bool(torch.isfinite(values[:, 0]).all())
+        for name, value in zip(names, values[:, 1:].mean(0).tolist(), strict=True):
+            self._metrics[mode][name].append(value)
+        if mode == "train":
+            tokens = int(self.accelerator.gather(inputs["attention_mask"].sum()).sum())
+            self._window_tokens += tokens
+            self._total_tokens += tokens
+        return finite
+
+    def _non_finite_loss(self, loss, metrics, inputs):
+        step = self.state.global_step
+        shown = {k: round(float(v), 4) for k, v in metrics.items()}
+        lengths = inputs["completion_mask"].sum(1).tolist()
+        raise FloatingPointError(
+            f"non-finite DPO loss at step {step} (this process: loss {float(loss.detach())}, "
+            f"metrics {shown}, completion lengths {lengths}). Training stopped: lower "
+            "learning_rate, set max_grad_norm (e.g. 1.0), check the data for empty or degenerate "
+            "pairs, and prefer bf16 over fp16."
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(
+                f"{e}\nDPO step out of memory: lower per_device_train_batch_size (raise "
+                "gradient_accumulation_steps to keep the effective batch), lower max_length / "
+                "max_completion_length, keep activation_checkpointing on, use bf16 or "
+                "load_in_4bit, or set precompute_ref_log_probs=True."
+            ) from e
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------- logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        window = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            window = {f"eval_{k}": v for k, v in window.items()}
+        elif "loss" in logs:  # a training log (not the end-of-training summary)
+            now = time.perf_counter()
+            if self._window_start is not None and now > self._window_start:
+                window["tokens_per_second"] = self._window_tokens / (now - self._window_start)
+            window["num_tokens"] = self._total_tokens
+            self._window_tokens, self._window_start = 0, now
+            if torch.cuda.is_available():
+                window["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        logs.update(window)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+
+def _is_columns(d: dict) -> bool:
+    """A dict of columns (lists), as opposed to a dict of named datasets."""
+    return all(isinstance(v, list) for v in d.values())
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate_preference_accuracy(
+    trainer_or_model,
+    tokenizer=None,
+    pairs_dataset=None,
+    *,
+    reference_free: bool | None = None,
+    batch_size: int = 32,
+    use_chat_template: bool | None = None,
+    max_length: int | None = None,
+) -> float:
+    """Share of held-out pairs whose chosen completion the policy prefers.
+
+    With a reference (DPO loss types; a peft model), the preference is DPO's implicit
+    reward margin ``(logp_c - ref_logp_c) - (logp_r - ref_logp_r) > 0``, the reference
+    being the same model with its adapters off. Reference-free (CPO/SimPO/ORPO loss types,
+    a model without adapters, or ``reference_free=True``): ``logp_c > logp_r``, on
+    length-averaged log-probs where the loss averages them. Ties count one half, so a
+    policy equal to its reference scores 0.5.
+
+    Args:
+        trainer_or_model: a `DPOTrainer` (its model, tokenizer, loss type and data options)
+            or a causal LM / peft model.
+        tokenizer: default the trainer's.
+        pairs_dataset: ``prompt`` / ``chosen`` / ``rejected`` pairs (anything `load_data`
+            takes), tokenized as the trainer tokenizes them.
+        reference_free: override the choice above.
+        batch_size: pairs per forward.
+        use_chat_template, max_length: tokenization options (default: the trainer's, or
+            True and 1024).
+    """
+    if pairs_dataset is None:
+        raise ValueError("evaluate_preference_accuracy needs pairs_dataset")
+    if isinstance(trainer_or_model, DPOTrainer):
+        trainer = trainer_or_model
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tokenizer = trainer.processing_class if tokenizer is None else tokenizer
+        args = trainer.args
+        options = dict(
+            use_chat_template=args.use_chat_template
+            if use_chat_template is None
+            else use_chat_template,
+            max_prompt_length=args.max_prompt_length,
+            max_completion_length=args.max_completion_length,
+            max_length=args.max_length if max_length is None else max_length,
+        )
+        free = args.reference_free if reference_free is None else reference_free
+        average = args.reference_free and args.loss_type[0] in AVERAGED_LOSS_TYPES
+        impl = args.kernel_impl
+    else:
+        model = trainer_or_model
+        if tokenizer is None:
+            raise ValueError("evaluate_preference_accuracy needs the tokenizer for a model")
+        options = dict(
+            use_chat_template=True if use_chat_template is None else use_chat_template,
+            max_length=1024 if max_length is None else max_length,
+        )
+        free = not hasattr(model, "disable_adapter") if reference_free is None else reference_free
+        average, impl = False, "auto"
+    data = tokenize_preference_dataset(pairs_dataset, tokenizer, **options)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = PreferenceCollator(pad)
+    device = next(model.parameters()).device
+    score = 0.0
+    rows = [data[i] for i in range(len(data))]
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logps, lengths = _sequence_logps(model, batch, adapters=True, impl=impl)
+        if not free:
+            ref, _ = _sequence_logps(model, batch, adapters=False, impl=impl)
+            logps = logps - ref
+        elif average:
+            logps = logps / lengths.clamp(min=1)
+        c, r = logps.chunk(2)
+        score += float((c > r).sum()) + 0.5 * float((c == r).sum())
+    return score / len(rows)

@@ -1,0 +1,1010 @@
+"""GRPO with LoRA on `transformers.Trainer`: generation, rewards, group advantages, and the
+loss through `fastrl.fused_policy_loss` from the backbone's hidden states (no logits).
+
+Thin by design. `transformers.Trainer` runs the optimizer, the scheduler, gradient
+accumulation, mixed precision, checkpointing (the adapter only, through peft), logging
+and `report_to`, and accelerate/DDP. This module adds what GRPO needs on top:
+
+- `GRPOConfig`: `TrainingArguments` plus TRL 1.16's GRPO options (same names and defaults
+  where TRL has them) and fastrl's (LoRA, `max_memory_gb`, `dynamic_sampling`, ...).
+- `GRPOTrainer`: a model through `load_model` (LoRA on every block linear, frozen
+  lm_head), a generation buffer, rewards through `call_reward`, `group_advantages`, old
+  and reference log-probs through `linear_logprobs`, the loss through `fused_policy_loss`.
+
+Batches, gradient accumulation and generation (TRL's layout)
+-----------------------------------------------------------
+`per_device_train_batch_size` counts completions, as in TRL. A *generation batch* holds
+`per_device_train_batch_size * steps_per_generation` completions per process (default
+`steps_per_generation = gradient_accumulation_steps`), i.e. that many / `num_generations`
+prompts, each repeated `num_generations` times in a row. The train sampler
+(`GroupRepeatSampler`) yields every generation batch `steps_per_generation *
+num_iterations` times in a row and the dataloader's batch *is* a generation batch, so every
+micro-step the Trainer fetches one copy. The first micro-step of a cycle generates and
+scores it, splits it into `steps_per_generation` micro-batches and keeps them in a buffer;
+micro-step `s` trains on micro-batch `s % steps_per_generation`. With `num_iterations > 1`
+the same buffer is trained on again (with the log-probs of the policy that sampled it as
+`old_logps`); old log-probs are only computed when the policy can change between
+generation and use (TRL's rule: `gradient_accumulation_steps % (steps_per_generation *
+num_iterations) != 0`), otherwise the step is on-policy.
+
+Resume
+------
+`trainer.train(resume_from_checkpoint=...)` goes through `Trainer`: the adapter, optimizer,
+scheduler, RNG state and trainer state come from the checkpoint, and the Trainer skips the
+dataloader batches already trained on. Two things make that exact here:
+
+- the sampler's order depends only on `(seed, epoch)` (`set_epoch`), not on how many
+  times it was iterated, so a fresh sampler after a restart yields the same batches;
+- the generation buffer and the micro-step counter are saved next to the RNG state
+  (`grpo_buffer.pt`, one per process) and restored with it. A checkpoint taken in the
+  middle of a generation cycle (`num_iterations > 1`, or `steps_per_generation >
+  gradient_accumulation_steps`) resumes on the very completions the uninterrupted run
+  trains on; a checkpoint without the file (or `ignore_data_skip=True`) regenerates.
+
+So a resumed run ends with the adapter an uninterrupted one ends with (tests pin it).
+Ctrl-C (KeyboardInterrupt) in `train` saves `checkpoint-<last completed step>` before it
+propagates: a partly accumulated step is dropped, and the RNG state and generation buffer
+are those of the end of that step, so it resumes like a checkpoint saved there.
+
+Checkpoints hold the adapter only (peft's `save_pretrained`), plus the optimizer,
+scheduler, RNG and trainer state as `Trainer` writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
+
+from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
+from fastrl.integrations import lm_head
+from fastrl.trainers.data import load_data, render_prompt, require_columns
+from fastrl.trainers.model import (
+    completion_positions,
+    load_model,
+    policy_hidden_states,
+    reference_adapters_off,
+)
+from fastrl.trainers.rewards import call_reward, reward_name
+
+__all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
+    "GroupRepeatSampler",
+    "backbone_hidden_states",
+    "cap_cuda_memory",
+]
+
+BUFFER_NAME = "grpo_buffer.pt"
+_IGNORE = -100
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class GRPOConfig(TrainingArguments):
+    r"""`TrainingArguments` for `GRPOTrainer`: TRL 1.16's GRPO options, names and defaults,
+    plus fastrl's.
+
+    Batch layout (as TRL): `per_device_train_batch_size` counts *completions*;
+    `steps_per_generation` (default `gradient_accumulation_steps`) micro-batches form one
+    generation batch of `per_device_train_batch_size * steps_per_generation` completions
+    per process, which must be a multiple of `num_generations` (whole groups per process).
+
+    Defaults that differ from `TrainingArguments` (as TRL): `learning_rate=1e-6`,
+    `logging_steps=10`, activation (gradient) checkpointing on (non-reentrant),
+    `remove_unused_columns=False` (reward functions get the other columns). `bf16`
+    defaults to True on a bf16-capable CUDA device (TRL: always), else False.
+
+    Model (fastrl):
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA adapters
+            (`"all-linear"`: every linear layer of the blocks, never the lm_head).
+        load_in_4bit: 4-bit NF4 base (QLoRA; needs bitsandbytes, CUDA and a checkpoint path).
+        use_chat_template: render string prompts through the tokenizer's chat template
+            when it has one (conversational prompts always are).
+        max_memory_gb: cap this process's CUDA memory (`set_per_process_memory_fraction`)
+            so a run on a bigger card proves it fits a smaller one; ignored without CUDA.
+
+    Generation (TRL): num_generations (G), max_completion_length, temperature, top_p,
+        top_k (0: off), min_p, repetition_penalty, generation_kwargs (more
+        `GenerationConfig` fields), steps_per_generation / generation_batch_size,
+        shuffle_dataset. `max_prompt_length` (fastrl; TRL 1.16 has none): keep only the
+        last that many prompt tokens; None keeps all.
+
+    Loss (TRL, see `fastrl.policy_loss`): loss_type, epsilon, epsilon_high, delta, beta
+        (KL to the reference = the base with adapters off; 0 skips the reference
+        forward), kl_estimator (fastrl), use_bias_correction_kl, importance_sampling_level,
+        sapo_temperature_pos/neg, num_iterations, entropy_coef, top_entropy_quantile,
+        off_policy_mask_threshold.
+
+    Rewards (TRL): reward_weights, scale_rewards ("group" | "batch" | "none"),
+        multi_objective_aggregation.
+
+    DAPO: `mask_truncated_completions` is DAPO's overlong filtering (completions that hit
+        `max_completion_length` without EOS get no loss); `dynamic_sampling` (fastrl)
+        drops the groups without a learning signal (all advantages 0: the rewards of the
+        group do not vary), so they cost no compute and do not dilute the token
+        normaliser. The batch is not refilled: it shrinks for that step.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["generation_kwargs"]
+
+    # ---- TrainingArguments defaults changed (as TRL)
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute block activations in the backward (default on)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (default: on a bf16-capable GPU)."}
+    )
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep every dataset column (reward functions get them)."}
+    )
+
+    # ---- model (fastrl)
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "LoRA target modules (default: all block linears)."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base (QLoRA)."})
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "Render string prompts with the chat template if any."}
+    )
+    max_memory_gb: float | None = field(
+        default=None, metadata={"help": "Cap this process's CUDA memory to this many GiB."}
+    )
+
+    # ---- data and generation (TRL)
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G)."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Keep the last N prompt tokens (None: all)."}
+    )
+    max_completion_length: int = field(default=512, metadata={"help": "Max new tokens."})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Completions per generation (all processes)."}
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches per generation (default: grad. accum.)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p sampling."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty."})
+    generation_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "More GenerationConfig fields."}
+    )
+
+    # ---- loss (TRL)
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (0: no reference)."})
+    num_iterations: int = field(default=1, metadata={"help": "Updates per generation batch."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip."})
+    delta: float | None = field(default=None, metadata={"help": "Two-sided clip cap."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO temperature."})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO temperature."})
+    importance_sampling_level: str = field(default="token", metadata={"help": "token | sequence"})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (default 1)."}
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize", metadata={"help": "sum_then_normalize | normalize_then_sum"}
+    )
+    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
+    loss_type: str = field(default="dapo", metadata={"help": "fastrl.policy_loss loss_type."})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "No loss on truncated completions (DAPO overlong filter)."}
+    )
+    top_entropy_quantile: float = field(default=1.0, metadata={"help": "High-entropy mask."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus."})
+    off_policy_mask_threshold: float | None = field(
+        default=None, metadata={"help": "Off-policy sequence mask."}
+    )
+    use_bias_correction_kl: bool = field(default=True, metadata={"help": "KL times the ratio."})
+    kl_estimator: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
+
+    # ---- DAPO dynamic sampling (fastrl)
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "Drop groups whose advantages are all 0."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = bool(cuda_bf16 and not self.fp16 and not self.use_cpu)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if (
+            self.activation_checkpointing_kwargs is None
+            and self.gradient_checkpointing_kwargs is None
+        ):
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        self.scale_rewards = {True: "group", False: "none"}.get(
+            self.scale_rewards, self.scale_rewards
+        )
+        super().__post_init__()
+
+        if self.num_generations < 2:
+            raise ValueError(
+                "num_generations must be >= 2 (group advantages need a group), got "
+                f"{self.num_generations}"
+            )
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.max_completion_length < 1:
+            raise ValueError(
+                f"max_completion_length must be >= 1, got {self.max_completion_length}"
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(
+                f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}"
+            )
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size is not supported: the generation batch must hold whole "
+                "groups of num_generations completions; lower per_device_train_batch_size instead"
+            )
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("set generation_batch_size or steps_per_generation, not both")
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size % global_batch:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                    f"per_device_train_batch_size x processes ({global_batch})"
+                )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        elif self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}")
+        self.generation_batch_size = global_batch * self.steps_per_generation
+        local = self.per_device_train_batch_size * self.steps_per_generation
+        if local % self.num_generations:
+            raise ValueError(
+                f"the generation batch of each process, per_device_train_batch_size x "
+                f"steps_per_generation = {self.per_device_train_batch_size} x "
+                f"{self.steps_per_generation} = {local} completions, must be a multiple of "
+                f"num_generations ({self.num_generations}) so that every group is whole"
+            )
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+class GroupRepeatSampler(torch.utils.data.Sampler):
+    """Prompt indices for GRPO generation batches (TRL's `RepeatSampler` layout).
+
+    The prompts (shuffled by `(seed, epoch)` when `shuffle`) are cut into chunks of
+    `prompts_per_batch` (an incomplete last chunk is dropped); each chunk is yielded
+    `repeat` times in a row, every index `group_size` times in a row. The order depends
+    on `(seed, epoch)` only, so a new sampler after a restart yields the same indices.
+    """
+
+    def __init__(self, num_prompts, group_size, prompts_per_batch, repeat=1, shuffle=True, seed=0):
+        self.num_prompts = num_prompts
+        self.group_size = group_size
+        self.prompts_per_batch = prompts_per_batch
+        self.repeat = repeat
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_prompts, generator=gen).tolist()
+        else:
+            order = list(range(self.num_prompts))
+        n = self.prompts_per_batch
+        for start in range(0, len(order) - n + 1, n):
+            chunk = order[start : start + n]
+            for _ in range(self.repeat):
+                for index in chunk:
+                    yield from [index] * self.group_size
+
+    def __len__(self):
+        chunks = self.num_prompts // self.prompts_per_batch
+        return chunks * self.prompts_per_batch * self.group_size * self.repeat
+
+
+def _rows(batch):
+    """Collator: the dataset rows as they are (prompts and the columns reward functions use)."""
+    return batch
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def backbone_hidden_states(model, unwrapped, input_ids, attention_mask) -> torch.Tensor:
+    """`[B, L, d]` last hidden states, without logits.
+
+    `unwrapped` is the peft model. When `model` is that model, its backbone runs directly.
+    When it is a wrapper (DDP, FSDP, DeepSpeed), the wrapper's forward must run for its
+    gradient hooks to fire: the model then runs with `logits_to_keep` set to no position
+    (the lm_head sees a `[B, 0, d]` input) and the backbone's output is taken by a hook.
+    """
+    if model is unwrapped:
+        return policy_hidden_states(unwrapped, input_ids, attention_mask)
+    decoder = unwrapped.get_base_model().get_decoder()
+    captured = {}
+
+    def hook(module, args, output):
+        captured["hidden"] = output.last_hidden_state
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        none = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=none, use_cache=False
+        )
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+def cap_cuda_memory(max_memory_gb: float | None) -> float | None:
+    """Cap this process's CUDA memory to `max_memory_gb` GiB (the caching allocator raises
+    an out-of-memory error beyond it), so a run on a bigger card proves it fits a smaller
+    one. Returns the fraction of the device set, or None (no cap, or no CUDA)."""
+    if max_memory_gb is None or not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, max_memory_gb * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def _head_params(head, dtype):
+    """The lm_head weight and bias in the hidden states' dtype (they differ under autocast
+    with fp32 weights; a frozen weight, so the cast carries no gradient)."""
+    weight, bias = head.weight, head.bias
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return weight, bias
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the global state Trainer saves
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _RngAtStepEnd(TrainerCallback):
+    """Keeps the RNG state of the end of the last optimizer step (a few KB), for the
+    checkpoint Ctrl-C saves."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._rng_at_step_end = _rng_state()
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.std().item() if x.numel() > 1 else math.nan
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.mean().item() if x.numel() else math.nan
+
+
+def _is_conversational(prompt) -> bool:
+    return isinstance(prompt, list)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class GRPOTrainer(Trainer):
+    """GRPO with LoRA, on `transformers.Trainer`, without logits.
+
+    Args:
+        model: a local checkpoint directory (or hub id), a `transformers` causal LM, or a
+            peft model (its adapters are trained as they are).
+        reward_funcs: a callable `fn(prompts, completions, **columns) -> list[float]` or a
+            list of them (weighted by `args.reward_weights`). `columns` are the dataset's
+            other columns (one value per completion), `completion_ids` and
+            `trainer_state`. `None` entries mean "no reward" (NaN).
+        args: a `GRPOConfig`.
+        train_dataset: rows with a `prompt` column (string or chat messages), as anything
+            `fastrl.trainers.data.load_data` takes.
+        processing_class: the tokenizer (loaded from `model` when it is a path).
+        callbacks, optimizers: as `transformers.Trainer`.
+
+    Per step: generation with `model.generate` (KV cache, adapters on, no grad, left
+    padding), completion masks up to and including the first EOS, rewards through
+    `call_reward`, `group_advantages`, old log-probs (when the policy can change before
+    the batch is used) and reference log-probs (adapters off; only when `beta != 0`)
+    through `linear_logprobs`, then `fused_policy_loss` on the completion hidden states
+    and the frozen lm_head weight. Logs (every `logging_steps`, through `Trainer.log`):
+    `reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
+    `completions/mean_length|min_length|max_length|clipped_ratio`, `kl` (beta != 0),
+    `entropy`, `clip_ratio/*`, `num_tokens` (prompt + completion tokens generated so far,
+    as TRL), `tokens_per_second` (prompt + completion tokens trained on per second of
+    wall time since the last log, generation included) and `peak_memory_gb`
+    (`torch.cuda.max_memory_allocated`, since the start; None on CPU).
+
+    Errors: a reward function that raises is reported by `call_reward` with its name and
+    the first failing sample; a non-finite loss raises `FloatingPointError` with the
+    batch's metrics; a CUDA out-of-memory error is re-raised naming the settings to lower.
+    """
+
+    # fused_policy_loss already divides by the accumulation steps (TRL's normalisers)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model,
+        reward_funcs: Callable | Sequence[Callable],
+        args: GRPOConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        args = args if args is not None else GRPOConfig(output_dir="fastrl-grpo")
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        if args.eval_strategy != "no" or args.do_eval:
+            raise ValueError(
+                "GRPOTrainer has no evaluation loop; set eval_strategy='no' and evaluate with "
+                "generation yourself (e.g. fastrl.trainers.demo_task.evaluate_accuracy)"
+            )
+        cap_cuda_memory(args.max_memory_gb)
+
+        # ---- tokenizer
+        if processing_class is None:
+            if not isinstance(model, (str, os.PathLike)):
+                raise ValueError("processing_class (the tokenizer) is required with a model object")
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(
+                model, local_files_only=os.path.isdir(model)
+            )
+        tok = processing_class
+        if tok.pad_token_id is None:
+            if tok.eos_token_id is None:
+                raise ValueError("the tokenizer needs a pad_token or an eos_token")
+            tok.pad_token = tok.eos_token
+
+        # ---- model: LoRA on every block linear, frozen lm_head, checkpointing
+        from peft import PeftModel
+
+        lora = None
+        if not isinstance(model, PeftModel):
+            lora = dict(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules,
+            )
+        model = load_model(
+            model,
+            lora=lora,
+            load_in_4bit=args.load_in_4bit,
+            gradient_checkpointing=bool(args.activation_checkpointing),
+        )
+
+        # ---- rewards
+        funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
+        if not funcs or not all(callable(f) for f in funcs):
+            raise TypeError("reward_funcs must be a callable or a non-empty list of callables")
+        self.reward_funcs = funcs
+        self.reward_func_names = [reward_name(f) for f in funcs]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(funcs)
+        if len(weights) != len(funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(funcs)} reward functions"
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+        # ---- data
+        if train_dataset is None:
+            raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column")
+        train_dataset = load_data(train_dataset)
+        require_columns(train_dataset, ("prompt",), "GRPOTrainer")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=_rows,
+            train_dataset=train_dataset,
+            processing_class=tok,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+        # ---- generation
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        model_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        model_eos = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+        self.eos_token_ids = list(dict.fromkeys(eos + model_eos))
+        if not self.eos_token_ids:
+            raise ValueError("neither the tokenizer nor the model's generation_config has an EOS")
+        self.generation_config = GenerationConfig(
+            max_new_tokens=args.max_completion_length,
+            do_sample=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=self.eos_token_ids,
+            use_cache=True,
+            **(args.generation_kwargs or {}),
+        )
+
+        # ---- the loss options, validated now by the public API itself
+        self._loss_kwargs = dict(
+            loss_type=args.loss_type,
+            epsilon=args.epsilon,
+            epsilon_high=args.epsilon_high,
+            delta=args.delta,
+            beta=args.beta,
+            kl_estimator=args.kl_estimator,
+            use_bias_correction_kl=args.use_bias_correction_kl,
+            importance_sampling_level=args.importance_sampling_level,
+            max_completion_length=args.max_completion_length,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            entropy_coef=args.entropy_coef,
+            top_entropy_quantile=args.top_entropy_quantile,
+            off_policy_mask_threshold=args.off_policy_mask_threshold,
+        )
+        one = torch.zeros(1, 1)
+        policy_loss(
+            one, one, torch.zeros(1), torch.ones(1, 1, dtype=torch.long),
+            ref_logps=one, entropy=one, num_items_in_batch=1, **self._loss_kwargs,
+        )  # fmt: skip
+        group_advantages(
+            torch.zeros(args.num_generations, len(funcs)),
+            args.num_generations,
+            scale=args.scale_rewards,
+            weights=self.reward_weights,
+            normalize=args.multi_objective_aggregation,
+        )
+
+        generate_every = args.steps_per_generation * args.num_iterations
+        self._needs_old_logps = args.gradient_accumulation_steps % generate_every != 0
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._reset_generation_state()
+        self.add_callback(_RngAtStepEnd(self))
+        if not hasattr(self, "current_gradient_accumulation_steps"):
+            self.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+
+    # ------------------------------------------------------------------ data
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def _get_train_sampler(self, dataset=None):
+        dataset = self.train_dataset if dataset is None else dataset
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return GroupRepeatSampler(
+            len(dataset),
+            group_size=args.num_generations,
+            prompts_per_batch=args.generation_batch_size // args.num_generations,
+            repeat=args.steps_per_generation * args.num_iterations,
+            shuffle=args.shuffle_dataset,
+            seed=seed,
+        )
+
+    def get_train_dataloader(self):
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "GRPOTrainer needs a map-style dataset (datasets.Dataset), not iterable"
+            )
+        if len(self.train_dataset) < self.args.generation_batch_size // self.args.num_generations:
+            raise ValueError(
+                f"the dataset has {len(self.train_dataset)} prompts, fewer than one generation "
+                f"batch needs ({self.args.generation_batch_size // self.args.num_generations})"
+            )
+        # The dataloader's batch is a whole generation batch (see the module docstring).
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0  # the rows carry no token ids; throughput is logged as tokens_per_second
+
+    # ------------------------------------------------------------------ train / resume
+
+    def _reset_generation_state(self):
+        self._buffer: list[dict[str, Any]] | None = None
+        self._buffer_step = 0  # the micro-step that generated the buffer
+        self._step = 0  # micro-steps trained since the start of the run
+        self._metrics.clear()
+        self._tokens_since_log = 0
+        self._last_log_time = time.perf_counter()
+        self._rng_at_step_end = None
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; Ctrl-C (KeyboardInterrupt) saves a checkpoint of the last
+        completed optimizer step before it propagates (resume from it as from any)."""
+        self._reset_generation_state()
+        try:
+            return super().train(*args, **kwargs)
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+
+    def _save_on_interrupt(self) -> None:
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if step == 0 or os.path.isdir(folder) or getattr(self, "lr_scheduler", None) is None:
+            return
+        # Back to the end of optimizer step `step`: a partial accumulation is dropped (its
+        # gradients were never applied), so is a buffer generated after that point, and
+        # the RNG goes back to its state then (we are exiting), so that the checkpoint
+        # resumes as exactly as one saved at that step.
+        self._step = step * self.args.gradient_accumulation_steps
+        if self._buffer is not None and self._buffer_step > self._step:
+            self._buffer = None
+        if self._rng_at_step_end is not None:
+            _set_rng_state(self._rng_at_step_end)
+        self._save_checkpoint(self.model_wrapped, trial=None)
+        print(f"\nInterrupted: saved {folder}; resume with train(resume_from_checkpoint=...)")
+
+    def _buffer_file(self, directory: str) -> str:
+        if self.args.world_size > 1:
+            return os.path.join(directory, f"grpo_buffer_{self.args.process_index}.pt")
+        return os.path.join(directory, BUFFER_NAME)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # The generation buffer is sampling state, like the RNG: saved and restored with it.
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        state = {"step": self._step, "buffer": self._buffer, "buffer_step": self._buffer_step}
+        torch.save(state, self._buffer_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._buffer_file(checkpoint)
+        if os.path.isfile(path):
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._buffer = state["step"], state["buffer"]
+            self._buffer_step = state.get("buffer_step", 0)
+        else:  # regenerate at the next step: exact only at a generation boundary
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+            self._buffer = None
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError as exc:
+            raise torch.OutOfMemoryError(self._oom_message(exc)) from exc
+        self._step += 1
+        return loss
+
+    def _oom_message(self, exc) -> str:
+        a = self.args
+        cap = f" (capped by max_memory_gb={a.max_memory_gb})" if a.max_memory_gb else ""
+        return (
+            f"out of memory in a GRPO step{cap}: {exc}\n"
+            "Lower, in this order: num_generations "
+            f"(now {a.num_generations}), max_completion_length (now {a.max_completion_length}), "
+            f"per_device_train_batch_size (now {a.per_device_train_batch_size}; raise "
+            "gradient_accumulation_steps to keep the effective batch). Keep "
+            f"activation_checkpointing on (now {a.activation_checkpointing}); "
+            "load_in_4bit=True shrinks the base weights."
+        )
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            raise ValueError("GRPOTrainer has no evaluation loop (see the class docstring)")
+        cycle = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % cycle == 0 or self._buffer is None:
+            self._buffer = self._generate_and_score(generation_batch)
+            self._buffer_step = self._step
+        return self._buffer[self._step % self.args.steps_per_generation]
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _encode_prompts(self, prompts) -> list[list[int]]:
+        tok, args = self.processing_class, self.args
+        out = []
+        for prompt in prompts:
+            text = render_prompt(tok, prompt, use_chat_template=args.use_chat_template)
+            templated = _is_conversational(prompt) or (
+                args.use_chat_template and tok.chat_template is not None
+            )
+            ids = tok(text, add_special_tokens=not templated)["input_ids"]
+            if args.max_prompt_length is not None:
+                ids = ids[-args.max_prompt_length :]
+            if not ids:
+                raise ValueError(f"prompt {prompt!r} has no tokens")
+            out.append(ids)
+        return out
+
+    @torch.no_grad()
+    def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` sampled completion ids (adapters on, KV cache, eval mode, no grad)."""
+        model = self._unwrapped()
+        was_training = model.training
+        model.eval()  # dropout off and the KV cache on (checkpointing disables it in train)
+        try:
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=self.generation_config,
+            )
+        finally:
+            model.train(was_training)
+        return out[:, prompt_ids.shape[1] :]
+
+    @torch.no_grad()
+    def _completion_logps(self, batch: dict, *, reference: bool) -> torch.Tensor:
+        """`[B, T]` log-probs of the completion tokens under the policy (adapters on) or the
+        reference (adapters off), at the sampling temperature; 0 at masked positions."""
+        model = self._unwrapped()
+        head = lm_head(model)
+        kw = head.kwargs(self.args.temperature)
+        P = batch["prompt_ids"].shape[1]
+        bs = self.args.per_device_train_batch_size
+        out = []
+        ctx = reference_adapters_off(model) if reference else contextlib.nullcontext()
+        with ctx, self.compute_loss_context_manager():
+            for s in range(0, batch["prompt_ids"].shape[0], bs):
+                ids = torch.cat(
+                    [batch["prompt_ids"][s : s + bs], batch["completion_ids"][s : s + bs]], 1
+                )
+                att = torch.cat(
+                    [batch["prompt_mask"][s : s + bs], batch["completion_mask"][s : s + bs]], 1
+                )
+                hidden = completion_positions(policy_hidden_states(model, ids, att), P)
+                mask = batch["completion_mask"][s : s + bs].bool()
+                targets = torch.where(mask, batch["completion_ids"][s : s + bs], _IGNORE)
+                weight, bias = _head_params(head, hidden.dtype)
+                out.append(linear_logprobs(hidden, weight, targets, **{**kw, "bias": bias}))
+        return (
+            torch.cat(out) if out else batch["completion_ids"].new_zeros(0, 0, dtype=torch.float32)
+        )
+
+    def _rewards(self, prompts, completions, rows, completion_ids) -> torch.Tensor:
+        """`[B, K]` rewards (NaN where a function returned None)."""
+        columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+        columns["completion_ids"] = completion_ids
+        columns["trainer_state"] = self.state
+        out = []
+        for fn, name in zip(self.reward_funcs, self.reward_func_names, strict=True):
+            values = call_reward(fn, prompts, completions, columns)
+            for i, v in enumerate(values):
+                if math.isinf(v):
+                    raise ValueError(
+                        f"reward function {name!r} returned {v} for sample {i} (prompt "
+                        f"{prompts[i]!r}, completion {completions[i]!r}); return a finite "
+                        "number, or None for no reward"
+                    )
+            out.append(values)
+        device = self.accelerator.device
+        return torch.tensor(out, dtype=torch.float32, device=device).T.contiguous()
+
+    def _generate_and_score(self, rows: list[dict]) -> list[dict[str, Any]]:
+        """Generate, score and prepare one generation batch: `steps_per_generation`
+        micro-batches of tensors, ready for `compute_loss`."""
+        args, tok, device = self.args, self.processing_class, self.accelerator.device
+        G = args.num_generations
+        prompts = [row["prompt"] for row in rows]
+
+        # ---- prompts, left-padded
+        encoded = self._encode_prompts(prompts)
+        P = max(len(ids) for ids in encoded)
+        B = len(encoded)
+        prompt_ids = torch.full((B, P), tok.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((B, P), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            prompt_ids[i, P - len(ids) :] = torch.tensor(ids)
+            prompt_mask[i, P - len(ids) :] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+        # ---- completions, masked after the first EOS (which is kept)
+        completion_ids = self._generate(prompt_ids, prompt_mask)
+        T = completion_ids.shape[1]
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
+        has_eos = is_eos.any(1)
+        first = torch.where(
+            has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, T, dtype=torch.long)
+        )
+        completion_mask = (torch.arange(T, device=device)[None] <= first[:, None]).long()
+        completion_ids = torch.where(completion_mask.bool(), completion_ids, tok.pad_token_id)
+        lengths = completion_mask.sum(1)
+        truncated = ~has_eos
+        if args.mask_truncated_completions:
+            completion_mask = completion_mask * (~truncated).long()[:, None]
+
+        ids_list = [
+            c[:n].tolist() for c, n in zip(completion_ids.cpu(), lengths.tolist(), strict=True)
+        ]
+        texts = tok.batch_decode(ids_list, skip_special_tokens=True)
+        completions = [
+            [{"role": "assistant", "content": t}] if _is_conversational(p) else t
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+
+        # ---- rewards and advantages
+        rewards = self._rewards(prompts, completions, rows, ids_list)
+        weights = self.reward_weights.to(device)
+        advantages = group_advantages(
+            rewards, G, scale=args.scale_rewards, weights=weights,
+            normalize=args.multi_objective_aggregation,
+        )  # fmt: skip
+        self._log_generation(rewards, weights, lengths, truncated, prompt_mask, G)
+
+        batch = dict(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            advantages=advantages,
+        )
+        if args.dynamic_sampling:
+            keep = (advantages.view(-1, G) != 0).any(1).repeat_interleave(G)
+            self._metrics["dynamic_sampling/kept_fraction"].append(keep.float().mean().item())
+            batch = {k: v[keep] for k, v in batch.items()}
+
+        loss_mask_sum = batch["completion_mask"].sum()
+        num_items = self.accelerator.gather(loss_mask_sum.reshape(1)).sum()
+        if self._needs_old_logps:
+            batch["old_logps"] = self._completion_logps(batch, reference=False)
+        if args.beta != 0:
+            batch["ref_logps"] = self._completion_logps(batch, reference=True)
+
+        # ---- micro-batches, completion padding trimmed to each one's longest completion
+        micro = []
+        n = batch["prompt_ids"].shape[0]
+        for idx in torch.tensor_split(torch.arange(n, device=device), args.steps_per_generation):
+            mb = {k: v[idx] for k, v in batch.items()}
+            width = (
+                int(mb["completion_mask"].sum(0).nonzero().max().item()) + 1
+                if mb["completion_mask"].any()
+                else 1
+            )
+            for k in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+                if k in mb:
+                    mb[k] = mb[k][:, :width]
+            mb["num_items_in_batch"] = num_items
+            micro.append(mb)
+        return micro
+
+    def _log_generation(self, rewards, weights, lengths, truncated, prompt_mask, G):
+        gather = self.accelerator.gather
+        rewards = gather(rewards)
+        for i, name in enumerate(self.reward_func_names):
+            self._metrics[f"rewards/{name}/mean"].append(_nanmean(rewards[:, i]))
+            self._metrics[f"rewards/{name}/std"].append(_nanstd(rewards[:, i]))
+        total = (rewards * weights).nansum(1)
+        total[torch.isnan(rewards).all(1)] = math.nan
+        self._metrics["reward"].append(_nanmean(total))
+        self._metrics["reward_std"].append(_nanstd(total))
+        groups = total.view(-1, G)
+        flat = torch.tensor(
+            [not (_nanstd(g) > 0) for g in groups], dtype=torch.float32
+        )  # NaN std (fewer than 2 scored) counts as flat
+        self._metrics["frac_reward_zero_std"].append(flat.mean().item())
+        lengths, truncated = gather(lengths).float(), gather(truncated)
+        self._metrics["completions/mean_length"].append(lengths.mean().item())
+        self._metrics["completions/min_length"].append(lengths.min().item())
+        self._metrics["completions/max_length"].append(lengths.max().item())
+        self._metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
+        tokens = int(gather(prompt_mask.sum().reshape(1)).sum() + lengths.sum())
+        self.state.num_input_tokens_seen += tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError(
+                "GRPOTrainer.compute_loss does not return outputs (there are no logits)"
+            )
+        unwrapped = self._unwrapped()
+        if inputs["completion_ids"].shape[0] == 0:  # every group dropped by dynamic sampling
+            params = [p for p in model.parameters() if p.requires_grad]
+            return sum(p.sum() for p in params) * 0.0
+        P = inputs["prompt_ids"].shape[1]
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        hidden = completion_positions(backbone_hidden_states(model, unwrapped, ids, att), P)
+        head = lm_head(unwrapped)
+        kw = head.kwargs(self.args.temperature)
+        del kw["bias"]
+        weight, bias = _head_params(head, hidden.dtype)
+        training = model.training
+        loss, metrics = fused_policy_loss(
+            hidden,
+            weight,
+            inputs["completion_ids"],
+            inputs["completion_mask"],
+            inputs["advantages"],
+            old_logps=inputs.get("old_logps"),
+            ref_logps=inputs.get("ref_logps"),
+            bias=bias,
+            num_items_in_batch=inputs["num_items_in_batch"],
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
+            steps_per_generation=self.args.steps_per_generation if training else 1,
+            num_processes=self.accelerator.num_processes,
+            **kw,
+            **self._loss_kwargs,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the GRPO loss is {loss.item()} at step {self.state.global_step} (micro-step "
+                f"{self._step}); training stopped. Usual causes: a learning_rate too high "
+                f"(now {self.args.learning_rate}), fp16 overflow (use bf16), NaN weights "
+                "from an earlier step. Metrics of this batch: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in metrics.items())
+            )
+        for name, value in metrics.items():
+            self._metrics[name].append(value.item())
+        self._tokens_since_log += int(att.sum())
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        raise ValueError("GRPOTrainer has no evaluation loop (see the class docstring)")
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key, values in self._metrics.items():
+            valid = [v for v in values if not math.isnan(v)]
+            logs[key] = sum(valid) / len(valid) if valid else None
+        self._metrics.clear()
+        now = time.perf_counter()
+        if self._tokens_since_log:
+            logs["num_tokens"] = self.state.num_input_tokens_seen
+            logs["tokens_per_second"] = self._tokens_since_log / max(
+                now - self._last_log_time, 1e-9
+            )
+            logs["peak_memory_gb"] = (
+                torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            )
+        self._tokens_since_log, self._last_log_time = 0, now
+        super().log(logs, start_time)

@@ -1,0 +1,479 @@
+"""GRPOTrainer on tiny config-built models, CPU.
+
+- a training run changes only the LoRA weights; the model never computes logits for the
+  loss (the lm_head is not called, also through a DDP-style wrapper);
+- on a fixed generated batch the loss (and its LoRA gradients) equals `fused_policy_loss`
+  computed independently and TRL 1.16's `GRPOTrainer._compute_loss` on the same model;
+- reference log-probs equal the adapter-free base model's; beta=0 never runs the
+  reference; num_iterations=2 trains twice on one generation batch with old log-probs;
+- a reward function that raises is named; NaN loss and OOM stop with clear messages;
+- resuming from a checkpoint (mid generation cycle and at an epoch boundary) ends with
+  the adapter of an uninterrupted run.
+"""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import fastrl.trainers.grpo as grpo_mod  # noqa: E402
+from fastrl import fused_policy_loss  # noqa: E402
+from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
+from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from fastrl.trainers.grpo import GroupRepeatSampler, backbone_hidden_states  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+]
+
+PROMPTS = ["12+7=", "30-4=", "5+5=", "81-9="]
+
+
+def letter_share(prompts, completions, **kwargs):
+    """Varies across random completions, so that groups have non-zero advantages."""
+    return [sum(ch.isalpha() for ch in c) / (1 + len(c)) for c in completions]
+
+
+def _args(tmp_path, **overrides):
+    kw = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        gradient_accumulation_steps=1,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    kw.update(overrides)
+    return GRPOConfig(**kw)
+
+
+def _trainer(tmp_path, reward_funcs=letter_share, data=None, model=None, **overrides):
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    model = model if model is not None else build_tiny_model(tok, "test", seed=0)
+    data = data if data is not None else [{"prompt": p} for p in PROMPTS]
+    args = _args(tmp_path, **overrides)
+    return GRPOTrainer(model, reward_funcs, args=args, train_dataset=data, processing_class=tok)
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _rows(prompts, G):
+    return [{"prompt": p} for p in prompts for _ in range(G)]
+
+
+def _perturb_lora(model, scale=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_changes_only_lora_weights(tmp_path):
+    trainer = _trainer(tmp_path, beta=0.1, gradient_accumulation_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = []
+    for n, p in trainer.model.named_parameters():
+        if "lora_" in n:
+            changed.append(not torch.equal(p, before[n]))
+        else:
+            assert torch.equal(p, before[n]), f"{n} is not a LoRA weight but changed"
+    assert any(changed)
+    head = trainer.model.get_base_model().lm_head.weight
+    assert not head.requires_grad
+    logs = {k for entry in trainer.state.log_history for k in entry}
+    for key in ("reward", "reward_std", "rewards/letter_share/mean", "rewards/letter_share/std",
+                "completions/mean_length", "kl", "entropy", "clip_ratio/region_mean",
+                "tokens_per_second", "peak_memory_gb"):  # fmt: skip
+        assert key in logs, key
+    assert trainer.state.log_history[0]["peak_memory_gb"] is None  # CPU
+
+
+def test_loss_runs_the_backbone_only(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.model.train()
+    batch = trainer._generate_and_score(_rows(PROMPTS[:1], 4))[0]
+    base = trainer.model.get_base_model()
+    calls = []
+    handle = base.lm_head.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    try:
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        assert calls == []  # no logits at all
+        # through a wrapper (as DDP): the forward runs the wrapper, the head sees 0 positions
+        wrapper = torch.nn.Module()
+        wrapper.forward = lambda **kw: trainer.model(**kw)
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        via_wrapper = backbone_hidden_states(wrapper, trainer.model, ids, att)
+        direct = backbone_hidden_states(trainer.model, trainer.model, ids, att)
+        torch.testing.assert_close(via_wrapper, direct)
+        assert [tuple(s) for s in calls] == [(4, 0, base.config.hidden_size)]
+    finally:
+        handle.remove()
+
+
+def test_generation_batch_layout_and_masks(tmp_path):
+    trainer = _trainer(tmp_path, mask_truncated_completions=True, max_completion_length=3)
+    trainer.model.train()
+    eos = trainer.processing_class.eos_token_id
+    micro = trainer._generate_and_score(_rows(PROMPTS[:1], 4))
+    assert len(micro) == 1
+    mb = micro[0]
+    assert mb["prompt_mask"][:, -1].all()  # left padding
+    for ids, mask in zip(mb["completion_ids"], mb["completion_mask"], strict=True):
+        if (ids == eos).any():  # the mask runs up to and including the first EOS
+            first = int((ids == eos).nonzero()[0])
+            assert mask[: first + 1].all() and not mask[first + 1 :].any()
+        else:  # truncated: masked out (DAPO overlong filtering)
+            assert not mask.any()
+    assert "old_logps" not in mb and "ref_logps" not in mb  # on-policy, beta=0
+
+
+def test_conversational_prompts_and_a_checkpoint_path(tmp_path):
+    tok = build_tiny_tokenizer(chat_template=True)
+    build_tiny_model(tok, "test", seed=0).save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    seen = {}
+
+    def spy(prompts, completions, **kwargs):
+        seen.update(prompts=prompts, completions=completions, answer=kwargs["answer"])
+        return letter_share(None, [c[0]["content"] for c in completions])
+
+    messages = [{"role": "user", "content": "12+7="}]
+    torch.manual_seed(0)
+    trainer = GRPOTrainer(
+        str(tmp_path / "ckpt"), spy, args=_args(tmp_path, max_prompt_length=8),
+        train_dataset=[{"prompt": messages, "answer": "19"}],
+    )  # fmt: skip
+    trainer.model.train()
+    mb = trainer._generate_and_score([{"prompt": messages, "answer": "19"}] * 4)[0]
+    assert seen["prompts"] == [messages] * 4 and seen["answer"] == ["19"] * 4
+    assert all(c[0]["role"] == "assistant" for c in seen["completions"])
+    assert mb["prompt_ids"].shape[1] == 8  # "user: 12+7=\nassistant: " cut to its last 8
+    assert tok.decode(mb["prompt_ids"][0]) == "istant: "
+
+
+def test_sampler_repeats_groups_and_depends_on_epoch_only():
+    s = GroupRepeatSampler(5, group_size=2, prompts_per_batch=2, repeat=3, seed=7)
+    idx = list(s)
+    assert len(idx) == len(s) == 2 * 2 * 2 * 3  # the incomplete last chunk is dropped
+    first = idx[:4]
+    assert first[0] == first[1] and first[2] == first[3] and idx[4:12] == first * 2
+    s2 = GroupRepeatSampler(5, group_size=2, prompts_per_batch=2, repeat=3, seed=7)
+    assert list(s2) == idx  # a fresh sampler (after a restart) yields the same order
+    s.set_epoch(1)
+    assert list(s) != idx
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@pytest.fixture(scope="module")
+def trl_grpo(tmp_path_factory):
+    from tests.test_trl_parity_grpo import _grpo_trainer
+
+    return _grpo_trainer(tmp_path_factory.mktemp("trl"))
+
+
+@pytest.mark.parametrize(
+    "loss_type,beta,level",
+    [("dapo", 0.04, "token"), ("grpo", 0.0, "token"), ("dr_grpo", 0.04, "sequence"),
+     ("cispo", 0.0, "token")],
+)  # fmt: skip
+def test_loss_matches_fused_policy_loss_and_trl(tmp_path, trl_grpo, loss_type, beta, level):
+    from tests.test_trl_parity_grpo import (
+        GA,
+        MAX_LEN,
+        SPG,
+        TOL_OWN_LOGPS,
+        _assert_grads_close,
+        _configure,
+        _model,
+        _tokenizer,
+    )  # fmt: skip
+
+    def length_reward(prompts, completions, **kwargs):
+        return [float(len(c.split()) % 5) for c in completions]
+
+    tok = _tokenizer()
+    args = _args(
+        tmp_path,
+        gradient_accumulation_steps=GA,
+        steps_per_generation=SPG,
+        max_completion_length=MAX_LEN,
+        loss_type=loss_type,
+        beta=beta,
+        importance_sampling_level=level,
+        epsilon_high=0.28,
+        activation_checkpointing=False,
+    )
+    prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+    torch.manual_seed(0)
+    trainer = GRPOTrainer(
+        _model(), length_reward, args=args, train_dataset=[{"prompt": p} for p in prompts],
+        processing_class=tok,
+    )  # fmt: skip
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = GA
+    micro = trainer._generate_and_score(_rows(prompts, 4))
+    assert len(micro) == SPG and "old_logps" in micro[0]  # GA % SPG != 0: old log-probs
+    assert ("ref_logps" in micro[0]) == (beta != 0)
+    _perturb_lora(model)  # as after an optimizer step: ratios away from 1
+    mb = next(m for m in micro if (m["advantages"] != 0).any())
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = trainer.compute_loss(model, mb)
+    grads = torch.autograd.grad(loss, params)
+
+    # 1. fused_policy_loss on hidden states computed independently
+    P = mb["prompt_ids"].shape[1]
+    ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
+    att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
+    hidden = model.get_base_model().model(input_ids=ids, attention_mask=att).last_hidden_state
+    kw = dict(
+        loss_type=loss_type, beta=beta, importance_sampling_level=level, epsilon=0.2,
+        epsilon_high=0.28, max_completion_length=MAX_LEN, gradient_accumulation_steps=GA,
+        steps_per_generation=SPG, num_items_in_batch=mb["num_items_in_batch"],
+    )  # fmt: skip
+    ref = mb.get("ref_logps")
+    expected, _ = fused_policy_loss(
+        hidden[:, P - 1 : -1], model.get_base_model().lm_head.weight, mb["completion_ids"],
+        mb["completion_mask"], mb["advantages"], old_logps=mb["old_logps"], ref_logps=ref, **kw,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+    # 2. TRL's GRPOTrainer._compute_loss on the same batch and the same (LoRA) model
+    _configure(trl_grpo, loss_type=loss_type, level=level, beta=beta, epsilon_high=0.28)
+    trl_inputs = {
+        "prompt_ids": mb["prompt_ids"], "prompt_mask": mb["prompt_mask"],
+        "completion_ids": mb["completion_ids"], "completion_mask": mb["completion_mask"],
+        "advantages": mb["advantages"], "old_per_token_logps": mb["old_logps"],
+        "num_items_in_batch": mb["num_items_in_batch"],
+    }  # fmt: skip
+    if ref is not None:
+        trl_inputs["ref_per_token_logps"] = ref
+    # TRL 1.16 scores through a fused head it patches into the model it trains
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model.get_base_model(), temperature=1.0, outputs=("log_probs", "entropy"))
+    trl_loss = trl_grpo._compute_loss(model, trl_inputs)
+    torch.testing.assert_close(loss, trl_loss, **TOL_OWN_LOGPS)
+    _assert_grads_close(grads, torch.autograd.grad(trl_loss, params), TOL_OWN_LOGPS)
+
+
+def test_reference_logps_are_the_adapter_free_base(tmp_path, monkeypatch):
+    tok = build_tiny_tokenizer()
+    base = build_tiny_model(tok, "test", seed=0)
+    base_copy = copy.deepcopy(base).eval()
+    trainer = _trainer(tmp_path, model=base, beta=0.1, temperature=0.7)
+    model = trainer.model
+    _perturb_lora(model)  # the policy now differs from the base
+    model.train()
+    calls = []
+    real = grpo_mod.reference_adapters_off
+    monkeypatch.setattr(grpo_mod, "reference_adapters_off", lambda m: calls.append(1) or real(m))
+    mb = trainer._generate_and_score(_rows(PROMPTS[:1], 4))[0]
+    assert calls == [1]
+
+    P = mb["prompt_ids"].shape[1]
+    ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
+    att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = base_copy(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1] / 0.7
+        expected = torch.log_softmax(logits.float(), -1)
+        expected = expected.gather(-1, mb["completion_ids"][..., None])[..., 0]
+        expected = expected * mb["completion_mask"]
+        policy = torch.log_softmax(
+            model(input_ids=ids, attention_mask=att).logits[:, P - 1 : -1] / 0.7, -1
+        )
+        policy = policy.gather(-1, mb["completion_ids"][..., None])[..., 0] * mb["completion_mask"]
+    torch.testing.assert_close(mb["ref_logps"], expected, rtol=1e-5, atol=1e-5)
+    assert (policy - expected).abs().max() > 1e-3  # the adapters matter
+
+
+def test_beta_zero_never_runs_the_reference(tmp_path, monkeypatch):
+    def forbidden(model):
+        raise AssertionError("the reference forward ran with beta=0")
+
+    monkeypatch.setattr(grpo_mod, "reference_adapters_off", forbidden)
+    trainer = _trainer(tmp_path, beta=0.0, max_steps=1)
+    monkeypatch.setattr(trainer.model, "disable_adapter", forbidden)
+    trainer.train()
+    assert "kl" not in trainer.state.log_history[0]
+
+
+def test_num_iterations_reuses_the_batch_with_old_logps(tmp_path):
+    trainer = _trainer(tmp_path, num_iterations=2, max_steps=2)
+    generated, seen = [], []
+    real_generate, real_loss = trainer._generate, trainer.compute_loss
+    trainer._generate = lambda *a: generated.append(1) or real_generate(*a)
+
+    def spy(model, inputs, **kw):
+        seen.append(inputs)
+        return real_loss(model, inputs, **kw)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert len(generated) == 1 and len(seen) == 2
+    assert seen[0] is seen[1] and "old_logps" in seen[0]
+    # the first pass is on-policy (old log-probs of the same weights: ratio 1, no clip)
+    assert trainer.state.log_history[0]["clip_ratio/region_mean"] == 0
+    assert trainer.state.global_step == 2
+
+
+def test_dynamic_sampling_drops_flat_groups(tmp_path):
+    def first_prompt_only(prompts, completions, **kwargs):
+        return [letter_share(None, [c])[0] if p == PROMPTS[0] else 0.5
+                for p, c in zip(prompts, completions, strict=True)]  # fmt: skip
+
+    trainer = _trainer(tmp_path, reward_funcs=first_prompt_only, dynamic_sampling=True,
+                       gradient_accumulation_steps=2, max_steps=1)  # fmt: skip
+    trainer.model.train()
+    micro = trainer._generate_and_score(_rows(PROMPTS[:2], 4))
+    assert [m["prompt_ids"].shape[0] for m in micro] == [2, 2]  # 4 kept of 8
+    assert trainer._metrics["dynamic_sampling/kept_fraction"] == [0.5]
+    # every group flat: the step runs on empty micro-batches and changes nothing
+    flat = _trainer(tmp_path, reward_funcs=lambda prompts, completions, **kw: [1.0] * len(prompts),
+                    dynamic_sampling=True, max_steps=1)  # fmt: skip
+    before = _lora_state(flat.model)
+    flat.train()
+    after = _lora_state(flat.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_reward_function_that_raises_is_named(tmp_path):
+    def bad_reward(prompts, completions, **kwargs):
+        raise KeyError("no such column")
+
+    trainer = _trainer(tmp_path, reward_funcs=[letter_share, bad_reward], max_steps=1)
+    with pytest.raises(RuntimeError, match="reward function 'bad_reward' raised KeyError"):
+        trainer.train()
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, max_steps=1)
+    monkeypatch.setattr(
+        grpo_mod, "fused_policy_loss", lambda *a, **k: (torch.tensor(float("nan")), {})
+    )
+    with pytest.raises(FloatingPointError, match="GRPO loss is nan at step 0"):
+        trainer.train()
+
+
+def test_oom_names_the_settings_to_lower(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    trainer._generate = oom
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        trainer.train()
+    for name in ("num_generations", "max_completion_length", "per_device_train_batch_size"):
+        assert name in str(info.value)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        _args(tmp_path, per_device_train_batch_size=3, num_generations=2)
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        _args(tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match="loss_type"):
+        _trainer(tmp_path, loss_type="ppo")
+    with pytest.raises(ValueError, match="reward_weights"):
+        _trainer(tmp_path, reward_weights=[1.0, 2.0])
+    args = _args(tmp_path)
+    assert args.beta == 0.0 and args.loss_type == "dapo" and args.remove_unused_columns is False
+    assert args.activation_checkpointing and args.steps_per_generation == 1
+
+
+def test_cap_cuda_memory(monkeypatch):
+    assert grpo_mod.cap_cuda_memory(None) is None
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 96 * 2**30})
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d))
+    )
+    assert grpo_mod.cap_cuda_memory(24) == 0.25 and calls == [(0.25, 0)]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    # G=4, 4 completions per micro-batch, 2 micro-batches per step, num_iterations=2: a
+    # generation cycle is 2 optimizer steps; 2 prompts give 2 steps per epoch, so 3 steps
+    # cross an epoch. Checkpoint 1 is mid-cycle (the buffer must come back), checkpoint 2
+    # at an epoch boundary.
+    config = dict(gradient_accumulation_steps=2, num_iterations=2, max_steps=3,
+                  save_strategy="steps", save_steps=1, beta=0.05)  # fmt: skip
+    data = [{"prompt": p} for p in PROMPTS[:2]]
+    full = _trainer(tmp_path / "full", data=data, **config)
+    full.train()
+    expected = _lora_state(full.model)
+    ckpt = tmp_path / "full"
+    assert (ckpt / "checkpoint-1" / "adapter_model.safetensors").exists()
+    assert not (ckpt / "checkpoint-1" / "model.safetensors").exists()  # the adapter only
+    assert (ckpt / "checkpoint-1" / grpo_mod.BUFFER_NAME).exists()
+
+    for step in (1, 2):
+        resumed = _trainer(tmp_path / f"resumed{step}", data=data, **config)
+        resumed.train(resume_from_checkpoint=str(ckpt / f"checkpoint-{step}"))
+        got = _lora_state(resumed.model)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+    # Ctrl-C in the generation of step 3 saves checkpoint-2, which resumes exactly
+    stopped = _trainer(tmp_path / "stopped", data=data, **{**config, "save_strategy": "no"})
+    calls, real_generate = [], stopped._generate
+
+    def interrupt(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args)
+
+    stopped._generate = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    assert (tmp_path / "stopped" / "checkpoint-2").is_dir()
+    resumed = _trainer(tmp_path / "after_stop", data=data, **config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-2"))
+    got = _lora_state(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+    # without the saved buffer, a mid-cycle resume regenerates: a different run
+    shutil.copytree(ckpt / "checkpoint-1", tmp_path / "nobuffer")
+    (tmp_path / "nobuffer" / grpo_mod.BUFFER_NAME).unlink()
+    other = _trainer(tmp_path / "other", data=data, **config)
+    other.train(resume_from_checkpoint=str(tmp_path / "nobuffer"))
+    got = _lora_state(other.model)
+    assert any((got[n] - expected[n]).abs().max() > 1e-6 for n in expected)

@@ -1,0 +1,229 @@
+"""Built-in reward functions and `call_reward`'s error reporting."""
+
+import math
+import pickle
+
+import pytest
+
+from fastrl.trainers.rewards import (
+    answers_equal,
+    call_reward,
+    completion_text,
+    exact_match_answer,
+    extract_answer,
+    format_reward,
+    length_penalty,
+    reward_name,
+)
+
+
+def conv(text):
+    """A completion in TRL's conversational format."""
+    return [{"role": "assistant", "content": text}]
+
+
+# ------------------------------------------------------------------ completion_text
+
+
+def test_completion_text_formats():
+    assert completion_text("abc") == "abc"
+    assert completion_text(conv("abc")) == "abc"
+    assert completion_text({"role": "assistant", "content": "x"}) == "x"
+    blocks = [
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+        }
+    ]
+    assert completion_text(blocks) == "ab"
+    multi = [
+        {"role": "assistant", "content": "calling tool"},
+        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "<answer>42</answer>"},
+    ]
+    assert completion_text(multi) == "<answer>42</answer>"
+    assert completion_text([]) == ""
+    with pytest.raises(TypeError, match="string or a list of chat messages"):
+        completion_text(3)
+
+
+# --------------------------------------------------------------- exact_match_answer
+
+
+def test_extract_answer_default_pattern():
+    assert extract_answer("<answer>123</answer>") == "123"
+    assert extract_answer("so #### 42\nbye") == "42"
+    assert extract_answer("<answer> 1 </answer> then <answer>2</answer>") == "2"  # last wins
+    assert extract_answer("no answer here") is None
+    assert extract_answer("x=7", r"x=(\d+)") == "7"
+    assert extract_answer("x=7", r"x=\d+") == "x=7"  # no group: the whole match
+
+
+def test_answers_equal_numeric_then_string():
+    assert answers_equal("1,000", "1000")
+    assert answers_equal("1000.0", "1000")
+    assert answers_equal("+5", "5")
+    assert answers_equal("3/4", "0.75")
+    assert not answers_equal("12", "13")
+    assert answers_equal(" Paris ", "Paris")
+    assert not answers_equal("paris", "Paris")
+
+
+def test_exact_match_answer_scores_known_strings():
+    fn = exact_match_answer()
+    completions = [
+        "<answer>433</answer>",
+        "<answer>433.0</answer>",
+        "<answer>434</answer>",
+        "433",  # no answer format
+        "#### 433",
+        "<answer>1,433</answer>",
+    ]
+    answers = ["433", "433", "433", "433", 433, "1433"]
+    assert fn(["p"] * 6, completions, answer=answers) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert fn(["p"], [conv("<answer>7</answer>")], answer=["7"]) == [1.0]
+    assert fn.__name__ == "exact_match_answer"
+    assert reward_name(fn) == "exact_match_answer"
+
+
+def test_exact_match_answer_options():
+    fn = exact_match_answer("solution", pattern=r"\\boxed\{(.*?)\}", name="boxed")
+    assert fn.__name__ == "boxed"
+    out = fn(["p", "p"], [r"\boxed{x+1}", r"\boxed{2}"], solution=["x+1", "3"], trainer_state=None)
+    assert out == [1.0, 0.0]
+    with pytest.raises(ValueError, match="column 'solution'"):
+        fn(["p"], ["x"], answer=["1"])
+    with pytest.raises(Exception):  # noqa: B017 - re.error
+        exact_match_answer(pattern="(")
+
+
+def test_rewards_are_picklable():
+    for fn in (exact_match_answer(), format_reward(), length_penalty(10)):
+        clone = pickle.loads(pickle.dumps(fn))
+        assert clone.__name__ == fn.__name__
+        assert clone(["p"], ["<answer>1</answer>"], answer=["1"]) == fn(
+            ["p"], ["<answer>1</answer>"], answer=["1"]
+        )
+
+
+# ------------------------------------------------------------------ format_reward
+
+
+def test_format_reward():
+    fn = format_reward()
+    completions = [
+        "<answer>12</answer>",
+        " <answer>12</answer>\n",
+        "x <answer>12</answer>",
+        "<answer></answer>",
+    ]
+    assert fn(None, completions) == [1.0, 1.0, 0.0, 0.0]
+    anywhere = format_reward(r"<answer>\d+</answer>", full=False, name="has_answer")
+    assert anywhere(None, completions) == [1.0, 1.0, 1.0, 0.0]
+    assert anywhere.__name__ == "has_answer"
+    think = format_reward(r"<think>.*?</think>\s*<answer>.*?</answer>")
+    assert think(None, [conv("<think>a\nb</think>\n<answer>1</answer>")]) == [1.0]
+
+
+# ----------------------------------------------------------------- length_penalty
+
+
+def test_length_penalty_chars():
+    fn = length_penalty(10)  # full penalty at 20 chars
+    out = fn(None, ["a" * 5, "a" * 10, "a" * 15, "a" * 20, "a" * 100])
+    assert out == [0.0, 0.0, -0.5, -1.0, -1.0]
+    fn = length_penalty(4, window=2, max_penalty=0.5)
+    assert fn(None, [conv("abcde")]) == [-0.25]
+    assert fn.__name__ == "length_penalty"
+
+
+def test_length_penalty_tokens():
+    fn = length_penalty(2, unit="tokens")
+    assert fn(None, ["ignored", "x"], completion_ids=[[1, 2, 3], [1]]) == [-0.5, 0.0]
+    with pytest.raises(ValueError, match="completion_ids"):
+        fn(None, ["abc"])
+
+    class CharTokenizer:
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [list(t) for t in texts]}
+
+    fn = length_penalty(2, unit="tokens", tokenizer=CharTokenizer())
+    assert fn(None, ["abc", "ab"]) == [-0.5, 0.0]
+    with pytest.raises(ValueError, match="unit"):
+        length_penalty(2, unit="words")
+
+
+# -------------------------------------------------------------------- call_reward
+
+
+def test_call_reward_passes_columns_and_converts():
+    seen = {}
+
+    def my_reward(prompts, completions, answer, **kwargs):
+        seen.update(kwargs)
+        return [1, True, None]
+
+    out = call_reward(
+        my_reward, ["a", "b", "c"], ["x", "y", "z"], {"answer": [1, 2, 3], "extra": 5}
+    )
+    assert out[:2] == [1.0, 1.0] and math.isnan(out[2])
+    assert seen == {"extra": 5}
+
+    np = pytest.importorskip("numpy")
+    assert call_reward(lambda prompts, completions, **k: np.ones(2), ["a", "b"], ["x", "y"]) == [
+        1.0,
+        1.0,
+    ]
+
+
+def test_call_reward_wrong_length_names_function():
+    def too_few(prompts, completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(
+        ValueError, match=r"'too_few'.*one float per completion \(2\).*1 values.*\[1\.0\]"
+    ):
+        call_reward(too_few, ["a", "b"], ["x", "y"])
+
+    def scalar(prompts, completions, **kwargs):
+        return 0.5
+
+    with pytest.raises(ValueError, match=r"'scalar'.*got float"):
+        call_reward(scalar, ["a"], ["x"])
+
+    def strings(prompts, completions, **kwargs):
+        return ["good"]
+
+    with pytest.raises(ValueError, match=r"'strings' must return floats, got str at index 0: good"):
+        call_reward(strings, ["a"], ["x"])
+
+
+def test_call_reward_exception_shows_failing_sample():
+    def picky(prompts, completions, answer, **kwargs):
+        return [1.0 / int(a) for a in answer]  # ZeroDivisionError on answer 0
+
+    prompts = ["1+1=", "5-5=", "2+2="]
+    completions = ["<answer>2</answer>", "<answer>0</answer>" + "z" * 500, "<answer>4</answer>"]
+    with pytest.raises(RuntimeError) as info:
+        call_reward(picky, prompts, completions, {"answer": ["2", "0", "4"]})
+    msg = str(info.value)
+    assert "'picky' raised ZeroDivisionError" in msg
+    assert "sample 1" in msg and "5-5=" in msg and "<answer>0</answer>zzz" in msg
+    assert "more chars]" in msg  # the long completion is truncated
+    assert len(msg) < 1000
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_call_reward_exception_only_in_batch():
+    class BatchOnly:
+        __name__ = "batch_only"
+
+        def __call__(self, prompts, completions, **kwargs):
+            if len(completions) > 1:
+                raise KeyError("boom")
+            return [0.0]
+
+    with pytest.raises(
+        RuntimeError, match=r"(?s)'batch_only' raised KeyError.*batch of 2.*prompt: +p0"
+    ):
+        call_reward(BatchOnly(), ["p0", "p1"], ["c0", "c1"])
