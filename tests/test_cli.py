@@ -1,0 +1,57 @@
+"""The `fastrl` command end to end on the shipped task, a step or two of each trainer."""
+
+import json
+
+import pytest
+
+from fastrl.cli import main
+from fastrl.trainers import demo_task
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tok = demo_task.build_tiny_tokenizer()
+    demo_task.build_tiny_model(tok, size="test").save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _jsonl(path, dataset):
+    path.write_text("\n".join(json.dumps(row) for row in dataset.to_list()))
+    return path
+
+
+COMMON = ["--max_steps", "1", "--report_to", "none", "--use_cpu", "true",
+          "--activation_checkpointing", "false", "--save_strategy", "no"]  # fmt: skip
+
+
+def test_cli_grpo(checkpoint, tmp_path):
+    data = _jsonl(tmp_path / "train.jsonl", demo_task.arithmetic_dataset(16, 0))
+    out = tmp_path / "grpo"
+    main(["grpo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
+          "--reward", "exact_match", "--reward", "format", "--per_device_train_batch_size", "8",
+          "--num_generations", "4", "--max_completion_length", "8", *COMMON])  # fmt: skip
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_cli_dpo_from_yaml(checkpoint, tmp_path):
+    data = _jsonl(tmp_path / "pairs.jsonl", demo_task.preference_pairs(16, 0))
+    out = tmp_path / "dpo"
+    (tmp_path / "dpo.yaml").write_text(
+        f"model: {checkpoint}\ndataset: {data}\nbeta: 0.2\nloss_type: ipo\n"
+        "per_device_train_batch_size: 4\n"
+    )
+    main(["dpo", "--config", str(tmp_path / "dpo.yaml"), "--output_dir", str(out), *COMMON])
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    (tmp_path / "bad.yaml").write_text("model: x\nnot_an_option: 1\n")
+    with pytest.raises(SystemExit, match="unknown options"):
+        main(["dpo", "--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit, match="usage: fastrl bench"):
+        main(["bench", "nope"])
