@@ -144,8 +144,9 @@ def cmd_demo(argv: list[str]) -> None:
     parser.add_argument("--output_dir", "--output-dir", default="runs/demo")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
 COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "bench": cmd_bench, "demo": cmd_demo}

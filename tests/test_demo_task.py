@@ -24,6 +24,16 @@ def tok():
     return build_tiny_tokenizer()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are too small to gain from intra-op threads, and on a busy machine
+    (pytest -n 2 on two cores) extra threads make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------- datasets
 
 
@@ -141,6 +151,23 @@ def test_sft_warmup_lowers_loss_and_is_reproducible(tok):
     )
     with pytest.raises(ValueError, match="completion"):
         sft_warmup(model, tok, data.remove_columns("completion"), steps=1, progress=False)
+
+
+def test_sft_warmup_early_stop(tok):
+    data = arithmetic_dataset(40, seed=0)
+    train, val = data.select(range(32)), data.select(range(32, 40))
+    model = build_tiny_model(tok, "test", seed=0)
+    kw = dict(steps=10, batch_size=4, progress=False)
+    losses = sft_warmup(
+        model, tok, train, eval_dataset=val, target_accuracy=0.0, eval_every=3, **kw
+    )
+    assert len(losses) == 3  # the first evaluation meets a 0% target
+    losses = sft_warmup(
+        model, tok, train, eval_dataset=val, target_accuracy=1.1, eval_every=3, **kw
+    )
+    assert len(losses) == 10  # never met: all steps
+    with pytest.raises(ValueError, match="both"):
+        sft_warmup(model, tok, train, target_accuracy=0.5, **kw)
 
 
 def test_sft_then_format_is_learned(tok):

@@ -2,8 +2,12 @@
 
 The task is multi-digit arithmetic with a fixed answer format::
 
-    prompt:      "347+86="
-    completion:  "<answer>433</answer>"
+    prompt:      "47+86="
+    completion:  "<answer>133</answer>"
+
+By default two-digit addition and subtraction (non-negative results): a 0.65M-parameter
+model learns it only partly in a one-minute warm-up, so there is room for RL. Three-digit
+operands (``digits=(2, 3)``) are far harder for it (under 8% after 2000 SFT steps).
 
 Everything is built in code, nothing is downloaded:
 
@@ -19,7 +23,7 @@ Everything is built in code, nothing is downloaded:
 - :func:`evaluate_accuracy`: greedy decoding scored with the exact-match reward;
   :func:`preference_accuracy`: how often the model prefers ``chosen`` over ``rejected``.
 
-Measured on a 2-core CPU (torch 2.13): see ``SFT_DEFAULTS`` below for the figures.
+Measured figures (2-core CPU, torch 2.13) are next to :data:`SFT_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -116,8 +120,8 @@ def arithmetic_dataset(
 ):
     """``n`` arithmetic problems as a ``datasets.Dataset``.
 
-    Columns: ``prompt`` (``"347+86="``), ``answer`` (``"433"``) and ``completion``
-    (``"<answer>433</answer>"``, the reference solution, for SFT).
+    Columns: ``prompt`` (``"47+86="``), ``answer`` (``"133"``) and ``completion``
+    (``"<answer>133</answer>"``, the reference solution, for SFT).
 
     Args:
         n: number of rows.
@@ -255,12 +259,13 @@ def build_tiny_tokenizer(*, chat_template: bool = False):
 
 #: Model sizes for :func:`build_tiny_model` (LlamaConfig fields).
 MODEL_SIZES = {
-    # ~0.1M parameters: unit tests
+    # 14k parameters: unit tests
     "test": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-    # the demo's default
+    # 0.65M parameters (with the 101-token vocabulary): the demo's default
     "tiny": dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4
     ),
+    # 1.8M parameters, ~3x the time per step of "tiny"
     "small": dict(
         hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6
     ),
@@ -308,10 +313,24 @@ def build_tiny_model(tokenizer, size: str = "tiny", seed: int = 0, **overrides):
 
 # ------------------------------------------------------------------------ SFT warm-up
 
-#: Defaults of :func:`sft_warmup` for the demo (model size "tiny"), chosen on a 2-core
-#: CPU so the warm-up takes under two minutes and leaves held-out accuracy well below
-#: 100%. Measured figures are in the module's README section / the report.
-SFT_DEFAULTS = dict(steps=1000, lr=1e-3, batch_size=32)
+#: The demo's warm-up, meant as ``sft_warmup(model, tok, train, eval_dataset=val,
+#: **SFT_DEFAULTS)`` with ``val`` a few hundred problems held out of ``train`` (e.g.
+#: ``data = arithmetic_dataset(5200, seed)``; ``train, val = data.select(range(5000)),
+#: data.select(range(5000, 5200))``): at most 1500 steps, stopping once ``val``
+#: accuracy reaches 50%.
+#:
+#: Measured with model size "tiny" on a shared 2-core CPU (torch 2.13, one torch thread,
+#: 55-67 ms/step), accuracy on 500 test problems, seeds 0-3:
+#:
+#: - these defaults: stopped after 1500, 900, 1000, 1000 steps (93, 61, 66, 62 s);
+#:   accuracy 42.4%, 61.0%, 51.6%, 54.8%; preference accuracy on held-out near-miss
+#:   pairs 86-89%. Room for GRPO and DPO, and under two minutes.
+#: - a fixed step count varies far more: 1000 steps gave 20.0%, 58.4%, 19.6%, 38.0%;
+#:   1500 steps gave 42.4% and 92.4% for seeds 0 and 1.
+#: - the learning rate matters most: 3e-3 and 1e-2 left accuracy at 0-3% after
+#:   1000-1500 steps. Operands of 2-3 digits stay under 8% after 2000 steps.
+#: - under CPU over-subscription two torch threads ran 5x slower than one.
+SFT_DEFAULTS = dict(steps=1500, lr=1e-3, batch_size=32, target_accuracy=0.5, eval_every=100)
 
 
 def _encode_sft(tokenizer, prompts, completions, device):
@@ -347,6 +366,9 @@ def sft_warmup(
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    eval_dataset=None,
+    target_accuracy: float | None = None,
+    eval_every: int = SFT_DEFAULTS["eval_every"],
 ) -> list[float]:
     """Supervised warm-up on ``prompt`` -> ``completion`` (+ ``<eos>``) pairs.
 
@@ -354,7 +376,15 @@ def sft_warmup(
     cosine decay to 0, gradient clipping, cross-entropy on the completion tokens only
     (prompt and padding are masked). Batches are drawn by reshuffling the dataset every
     epoch with a generator seeded by ``seed``. Trains ``model`` in place (on whatever
-    device it is on), leaves it in eval mode and returns the loss of every step.
+    device it is on), leaves it in eval mode and returns the loss of every step taken.
+
+    Early stop (optional): with ``eval_dataset`` (``prompt``/``answer`` rows) and
+    ``target_accuracy``, the greedy accuracy on ``eval_dataset`` is measured every
+    ``eval_every`` steps and training stops once it reaches the target. The point of the
+    warm-up is a model that is partly right, and when it gets there varies a lot with the
+    seed (the accuracy of the tiny model jumps from ~10% to ~70% within a few hundred
+    steps), so stopping on accuracy gives a steadier starting point for RL than a step
+    count. Use problems other than the ones the final accuracy is reported on.
     """
     from tqdm.auto import tqdm
 
@@ -365,6 +395,10 @@ def sft_warmup(
         raise ValueError(
             f"sft_warmup needs the columns 'prompt' and 'completion'; missing {missing}"
         )
+    if (eval_dataset is None) != (target_accuracy is None):
+        raise ValueError("sft_warmup: pass both eval_dataset and target_accuracy, or neither")
+    if eval_every < 1:
+        raise ValueError(f"sft_warmup: eval_every must be >= 1, got {eval_every}")
     prompts, completions = list(dataset["prompt"]), list(dataset["completion"])
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -380,11 +414,12 @@ def sft_warmup(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    losses = []
+    losses: list[float] = []
+    acc = None
     model.train()
     bar = tqdm(range(steps), desc="SFT warm-up", disable=not progress, leave=False)
     try:
-        for _ in bar:
+        for step in bar:
             if len(order) < batch_size:
                 order += torch.randperm(len(prompts), generator=gen).tolist()
             idx, order = order[:batch_size], order[batch_size:]
@@ -402,7 +437,14 @@ def sft_warmup(
             opt.step()
             sched.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(
+                loss=f"{losses[-1]:.3f}", **({"acc": f"{acc:.0%}"} if acc is not None else {})
+            )
+            if target_accuracy is not None and (step + 1) % eval_every == 0:
+                acc = evaluate_accuracy(model, tokenizer, eval_dataset)
+                model.train()
+                if acc >= target_accuracy:
+                    break
     finally:
         bar.close()
         model.eval()

@@ -178,12 +178,6 @@ class _ExactMatchAnswer:
             rewards.append(1.0 if ok and answers_equal(predicted, str(reference)) else 0.0)
         return rewards
 
-    def __getstate__(self):  # compiled patterns pickle fine, but keep the state minimal
-        return {"answer_column": self.answer_column, "pattern": self.pattern, "name": self.__name__}
-
-    def __setstate__(self, state):
-        self.__init__(state["answer_column"], state["pattern"], state["name"])
-
     def __repr__(self):
         return f"exact_match_answer(answer_column={self.answer_column!r}, pattern={self.pattern!r})"
 
@@ -217,11 +211,11 @@ class _FormatReward:
         self.pattern = pattern
         self.full = full
         self.flags = flags
+        self._regex = re.compile(pattern, flags)
         self.__name__ = name
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
-        regex = re.compile(self.pattern, self.flags)
-        test = regex.fullmatch if self.full else regex.search
+        test = self._regex.fullmatch if self.full else self._regex.search
         out = []
         for completion in completions:
             text = completion_text(completion)
