@@ -586,7 +586,9 @@ every = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
 dist.all_gather(every, vec)
 assert torch.equal(every[0], every[1]), (every[0] - every[1]).abs().max()
 assert vec.abs().sum() > 0
-print("RANKS_EQUAL", dist.get_rank())
+print("RANKS_EQUAL", dist.get_rank(), flush=True)
+dist.barrier()
+dist.destroy_process_group()  # else gloo's threads may abort the process at exit
 """
 
 

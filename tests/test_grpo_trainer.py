@@ -411,7 +411,9 @@ def test_config_validation(tmp_path):
 
 
 def test_cap_cuda_memory(monkeypatch):
-    assert grpo_mod.cap_cuda_memory(None) is None
+    from fastrl.trainers.model import cap_cuda_memory
+
+    assert cap_cuda_memory(None) is None
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -421,7 +423,7 @@ def test_cap_cuda_memory(monkeypatch):
     monkeypatch.setattr(
         torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d))
     )
-    assert grpo_mod.cap_cuda_memory(24) == 0.25 and calls == [(0.25, 0)]
+    assert cap_cuda_memory(24) == 0.25 and calls == [(0.25, 0)]
 
 
 # --------------------------------------------------------------------------- resume

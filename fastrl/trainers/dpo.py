@@ -41,7 +41,12 @@ from transformers import Trainer, TrainingArguments, set_seed
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs, preference_loss
 from fastrl.integrations import causal_lm_hidden_states, lm_head
 from fastrl.trainers.data import completion_text, load_data, render_prompt, require_columns
-from fastrl.trainers.model import completion_positions, load_model, reference_adapters_off
+from fastrl.trainers.model import (
+    cap_cuda_memory,
+    completion_positions,
+    load_model,
+    reference_adapters_off,
+)
 
 __all__ = [
     "DPOConfig",
@@ -562,14 +567,6 @@ def _disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def _cap_cuda_memory(gib: float) -> None:
-    if not torch.cuda.is_available():
-        return
-    device = torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
-
-
 # --------------------------------------------------------------------------- trainer
 
 
@@ -620,7 +617,7 @@ class DPOTrainer(Trainer):
                 f"precompute_ref_log_probs=True, but loss_type={args.loss_type} uses no reference"
             )
         if args.max_memory_gb is not None:
-            _cap_cuda_memory(args.max_memory_gb)
+            cap_cuda_memory(args.max_memory_gb)
 
         if processing_class is None:
             if not isinstance(model, str) and not hasattr(model, "__fspath__"):

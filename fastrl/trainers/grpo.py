@@ -70,6 +70,7 @@ from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_
 from fastrl.integrations import lm_head
 from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.model import (
+    cap_cuda_memory,
     completion_positions,
     load_model,
     policy_hidden_states,
@@ -82,7 +83,6 @@ __all__ = [
     "GRPOTrainer",
     "GroupRepeatSampler",
     "backbone_hidden_states",
-    "cap_cuda_memory",
 ]
 
 BUFFER_NAME = "grpo_buffer.pt"
@@ -361,19 +361,6 @@ def backbone_hidden_states(model, unwrapped, input_ids, attention_mask) -> torch
     finally:
         handle.remove()
     return captured["hidden"]
-
-
-def cap_cuda_memory(max_memory_gb: float | None) -> float | None:
-    """Cap this process's CUDA memory to `max_memory_gb` GiB (the caching allocator raises
-    an out-of-memory error beyond it), so a run on a bigger card proves it fits a smaller
-    one. Returns the fraction of the device set, or None (no cap, or no CUDA)."""
-    if max_memory_gb is None or not torch.cuda.is_available():
-        return None
-    device = torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = min(1.0, max_memory_gb * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    return fraction
 
 
 def _head_params(head, dtype):

@@ -134,3 +134,16 @@ def completion_positions(hidden: torch.Tensor, prompt_length: int) -> torch.Tens
     predicted by positions prompt_length - 1 ... L - 2.
     """
     return hidden[:, prompt_length - 1 : -1]
+
+
+def cap_cuda_memory(max_memory_gb: float | None) -> float | None:
+    """Cap this process's CUDA memory to `max_memory_gb` GiB (the caching allocator raises
+    an out-of-memory error beyond it), so a run on a bigger card proves it fits a smaller
+    one. Returns the fraction of the device set, or None (no cap, or no CUDA)."""
+    if max_memory_gb is None or not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, max_memory_gb * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
