@@ -19,7 +19,7 @@ from fastrl.trainers.rewards import exact_match_answer, format_reward
 # sizes of each stage: full demo and --quick (a smoke run of the whole pipeline)
 STAGES = {
     "full": dict(train=5000, val=200, test=300, pairs=512, sft_steps=task.SFT_DEFAULTS["steps"],
-                 grpo_steps=40, dpo_steps=40),
+                 grpo_steps=60, dpo_steps=40),
     "quick": dict(train=256, val=32, test=32, pairs=64, sft_steps=20, grpo_steps=2, dpo_steps=2),
 }  # fmt: skip
 
@@ -80,9 +80,9 @@ def run_demo(
 
     print(f"[2/3] GRPO with LoRA: {cfg['grpo_steps']} steps")
     grpo_args = GRPOConfig(
-        output_dir=str(out / "grpo"), max_steps=cfg["grpo_steps"], learning_rate=2e-3,
+        output_dir=str(out / "grpo"), max_steps=cfg["grpo_steps"], learning_rate=1e-4,
         per_device_train_batch_size=64, num_generations=8, max_completion_length=24,
-        temperature=1.0, beta=0.0, loss_type="dapo", logging_steps=1, save_strategy="no",
+        temperature=0.7, beta=0.0, loss_type="dapo", logging_steps=1, save_strategy="no",
         report_to=[], seed=seed, lora_r=16, lora_alpha=32, use_chat_template=False,
         activation_checkpointing=False, use_cpu=not cuda,
     )  # fmt: skip
