@@ -109,6 +109,24 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
     return _LossWithGrads.apply(loss, grads, hidden, weight, bias), metrics
 
 
+def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) -> None:
+    """Validation shared by the fused heads: `targets` and `mask` `[rows, T]`, a 0/1 mask,
+    `ref_weight` only with `ref_hidden`."""
+    _check_tensor("mask", mask, floating=False)
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(
+            f"targets must be a {rows} tensor, got {getattr(targets, 'shape', targets)}"
+        )
+    if mask.shape != targets.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
+        )
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must be boolean or hold only 0 and 1")
+
+
 def fused_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -158,21 +176,9 @@ def fused_policy_loss(
     for name in ("logps", "entropy", "_token_terms"):
         if name in kwargs:
             raise ValueError(f"fused_policy_loss computes {name} itself; do not pass {name}=")
-    _check_tensor("mask", mask, floating=False)
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(
-            f"targets must be a [B, T] tensor, got {getattr(targets, 'shape', targets)}"
-        )
-    if mask.shape != targets.shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
-        )
+    check_completion_batch(targets, mask, ref_weight, ref_hidden, rows="[B, T]")
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("pass ref_logps or ref_hidden, not both")
-    if ref_weight is not None and ref_hidden is None:
-        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be boolean or hold only 0 and 1")
 
     scored = torch.where(mask.bool(), targets, _IGNORE)
     logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE)

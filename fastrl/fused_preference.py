@@ -9,8 +9,8 @@ summed per completion, and `preference_loss` and autograd do the rest; the backw
 
 import torch
 
+from fastrl.fused_policy import check_completion_batch
 from fastrl.logprobs import linear_logprobs
-from fastrl.policy import _check_tensor
 from fastrl.preference import ld_tail_logps, preference_loss
 
 __all__ = ["fused_preference_loss"]
@@ -79,25 +79,13 @@ def fused_preference_loss(
             "(log p - log sum_v p_v^2 summed per completion), which fused_preference_loss "
             "does not compute: pass them"
         )
-    _check_tensor("mask", mask, floating=False)
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(
-            f"targets must be a [2B, T] tensor, got {getattr(targets, 'shape', targets)}"
-        )
-    if mask.shape != targets.shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
-        )
+    check_completion_batch(targets, mask, ref_weight, ref_hidden, rows="[2B, T]")
     if targets.shape[0] % 2:
         raise ValueError(
             f"rows must be [chosen; rejected] pairs, got an odd row count {targets.shape[0]}"
         )
     if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
         raise ValueError("pass ref_chosen_logps/ref_rejected_logps or ref_hidden, not both")
-    if ref_weight is not None and ref_hidden is None:
-        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be boolean or hold only 0 and 1")
 
     B = targets.shape[0] // 2
     scored = torch.where(mask.bool(), targets, _IGNORE)
