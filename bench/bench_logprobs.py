@@ -43,9 +43,11 @@ if __package__ in (None, ""):
 
 from bench.common import error_reason as _reason
 from bench.common import (
+    finish_run,
     free_memory,
     is_oom,
     measure_methods,
+    parse_shape_spec,
     peak_memory_mib,
     resolve_device,
     synchronize,
@@ -94,21 +96,7 @@ SHAPE_SETS: dict[str, list[Shape]] = {
 
 def parse_shapes(spec: str) -> list[Shape]:
     """Comma-separated shape-set names (see SHAPE_SETS) and/or `NxdxV` triples."""
-    shapes: list[Shape] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item in SHAPE_SETS:
-            shapes += SHAPE_SETS[item]
-        elif item.count("x") == 2 and all(p.isdigit() for p in item.split("x")):
-            N, d, V = map(int, item.split("x"))
-            shapes.append(Shape("custom", N, d, V))
-        else:
-            raise argparse.ArgumentTypeError(
-                f"unknown shape {item!r}: use one of {sorted(SHAPE_SETS)} or NxdxV"
-            )
-    return shapes
+    return parse_shape_spec(spec, SHAPE_SETS, lambda N, d, V: Shape("custom", N, d, V), "NxdxV")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -498,22 +486,7 @@ def main(argv=None) -> int:
         write_json(results, out_path)  # after every case, so a crash keeps what was measured
         (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
 
-    skipped = {
-        f"{name}: {m.get('reason', '')}"
-        for c in results["cases"]
-        for name, m in c["methods"].items()
-        if m["status"] == "skipped"
-    }
-    for line in sorted(skipped):
-        print(f"skipped {line}")
-    print(f"wrote {out_path}")
-    if not args.no_plot:
-        try:
-            from bench.plot import plot
-
-            print(f"wrote {plot(out_path)}")
-        except Exception as e:
-            print(f"plot failed: {_reason(e)}", file=sys.stderr)
+    finish_run(results, out_path, plot=not args.no_plot)
     return 0
 
 

@@ -56,8 +56,10 @@ if __package__ in (None, ""):
 from bench.bench_logprobs import DTYPES, HEADS, Shape, matmul_reference
 from bench.common import (
     MIB,
+    finish_run,
     free_memory,
     measure_methods,
+    parse_shape_spec,
     peak_memory_mib,
     resolve_device,
     synchronize,
@@ -108,21 +110,9 @@ SHAPE_SETS: dict[str, list[PolicyShape]] = {
 
 def parse_shapes(spec: str) -> list[PolicyShape]:
     """Comma-separated shape-set names (see SHAPE_SETS) and/or `BxTxdxV` quadruples."""
-    shapes: list[PolicyShape] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item in SHAPE_SETS:
-            shapes += SHAPE_SETS[item]
-        elif item.count("x") == 3 and all(p.isdigit() for p in item.split("x")):
-            B, T, d, V = map(int, item.split("x"))
-            shapes.append(PolicyShape("custom", B, T, d, V))
-        else:
-            raise argparse.ArgumentTypeError(
-                f"unknown shape {item!r}: use one of {sorted(SHAPE_SETS)} or BxTxdxV"
-            )
-    return shapes
+    return parse_shape_spec(
+        spec, SHAPE_SETS, lambda B, T, d, V: PolicyShape("custom", B, T, d, V), "BxTxdxV"
+    )
 
 
 MODES = ("fwd", "fwdbwd")
@@ -739,22 +729,7 @@ def main(argv=None) -> int:
         write_json(results, out_path)  # after every case, so a crash keeps what was measured
         (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
 
-    skipped = {
-        f"{name}: {m.get('reason', '')}"
-        for c in results["cases"]
-        for name, m in c["methods"].items()
-        if m["status"] == "skipped"
-    }
-    for line in sorted(skipped):
-        print(f"skipped {line}")
-    print(f"wrote {out_path}")
-    if not args.no_plot:
-        try:
-            from bench.plot import plot
-
-            print(f"wrote {plot(out_path)}")
-        except Exception as e:
-            print(f"plot failed: {_reason(e)}", file=sys.stderr)
+    finish_run(results, out_path, plot=not args.no_plot)
     return 0
 
 

@@ -74,7 +74,14 @@ if __package__ in (None, ""):
 from bench.bench_logprobs import DTYPES, HEADS, Shape, matmul_count, matmul_reference
 from bench.bench_policy import _chunked_reference, _csv, measure_method
 from bench.common import error_reason as _reason
-from bench.common import free_memory, measure_methods, resolve_device, time_ms
+from bench.common import (
+    finish_run,
+    free_memory,
+    measure_methods,
+    parse_shape_spec,
+    resolve_device,
+    time_ms,
+)
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -120,21 +127,9 @@ SHAPE_SETS: dict[str, list[PairShape]] = {
 def parse_shapes(spec: str) -> list[PairShape]:
     """Comma-separated shape-set names (see SHAPE_SETS) and/or `BxTxdxV` quadruples
     (B = pairs)."""
-    shapes: list[PairShape] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item in SHAPE_SETS:
-            shapes += SHAPE_SETS[item]
-        elif item.count("x") == 3 and all(p.isdigit() for p in item.split("x")):
-            B, T, d, V = map(int, item.split("x"))
-            shapes.append(PairShape("custom", B, T, d, V))
-        else:
-            raise argparse.ArgumentTypeError(
-                f"unknown shape {item!r}: use one of {sorted(SHAPE_SETS)} or BxTxdxV"
-            )
-    return shapes
+    return parse_shape_spec(
+        spec, SHAPE_SETS, lambda B, T, d, V: PairShape("custom", B, T, d, V), "BxTxdxV"
+    )
 
 
 MODES = ("fwd", "fwdbwd")
@@ -659,22 +654,7 @@ def main(argv=None) -> int:
         write_json(results, out_path)  # after every case, so a crash keeps what was measured
         (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
 
-    skipped = {
-        f"{name}: {m.get('reason', '')}"
-        for c in results["cases"]
-        for name, m in c["methods"].items()
-        if m["status"] == "skipped"
-    }
-    for line in sorted(skipped):
-        print(f"skipped {line}")
-    print(f"wrote {out_path}")
-    if not args.no_plot:
-        try:
-            from bench.plot import plot
-
-            print(f"wrote {plot(out_path)}")
-        except Exception as e:
-            print(f"plot failed: {_reason(e)}", file=sys.stderr)
+    finish_run(results, out_path, plot=not args.no_plot)
     return 0
 
 

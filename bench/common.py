@@ -8,6 +8,7 @@ repeats and memory is not measured (reported as None).
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import importlib.metadata
@@ -297,3 +298,43 @@ def progress(iterable: Iterable, **kwargs):
         return iterable
     kwargs.setdefault("disable", None)  # None: no bar when stderr is not a TTY (CI logs)
     return tqdm(iterable, **kwargs)
+
+
+def parse_shape_spec(spec: str, sets: dict, build: Callable, form: str) -> list:
+    """Comma-separated names of `sets` and/or custom shapes written as `form` (e.g.
+    "NxdxV"): each custom one becomes `build(*its integers)`."""
+    n = form.count("x") + 1
+    shapes = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item in sets:
+            shapes += sets[item]
+        elif item.count("x") == n - 1 and all(p.isdigit() for p in item.split("x")):
+            shapes.append(build(*map(int, item.split("x"))))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown shape {item!r}: use one of {sorted(sets)} or {form}"
+            )
+    return shapes
+
+
+def finish_run(results: dict, out_path: Path, plot: bool) -> None:
+    """List the skipped methods with their reasons, and draw the plot next to the JSON."""
+    skipped = {
+        f"{name}: {m.get('reason', '')}"
+        for c in results["cases"]
+        for name, m in c["methods"].items()
+        if m["status"] == "skipped"
+    }
+    for line in sorted(skipped):
+        print(f"skipped {line}")
+    print(f"wrote {out_path}")
+    if plot:
+        try:
+            from bench.plot import plot as draw
+
+            print(f"wrote {draw(out_path)}")
+        except Exception as e:
+            print(f"plot failed: {error_reason(e)}", file=sys.stderr)
