@@ -94,35 +94,38 @@ def _tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(model_path, local_files_only=Path(model_path).is_dir())
 
 
+def _train_and_save(trainer) -> None:
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model(trainer.args.output_dir)
+
+
 def cmd_grpo(argv: list[str]) -> None:
     from fastrl.trainers import GRPOConfig, GRPOTrainer
-    from fastrl.trainers.data import load_data
 
     script, config = _parse((GRPOScriptArguments, GRPOConfig), argv)
-    trainer = GRPOTrainer(
-        model=script.model,
-        args=config,
-        train_dataset=load_data(script.dataset),
-        reward_funcs=_reward_functions(script),
-        processing_class=_tokenizer(script.model),
+    _train_and_save(
+        GRPOTrainer(
+            model=script.model,
+            args=config,
+            train_dataset=script.dataset,  # the trainers load paths with load_data
+            reward_funcs=_reward_functions(script),
+            processing_class=_tokenizer(script.model),
+        )
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
 
 
 def cmd_dpo(argv: list[str]) -> None:
     from fastrl.trainers import DPOConfig, DPOTrainer
-    from fastrl.trainers.data import load_data
 
     script, config = _parse((DPOScriptArguments, DPOConfig), argv)
-    trainer = DPOTrainer(
-        model=script.model,
-        args=config,
-        train_dataset=load_data(script.dataset),
-        processing_class=_tokenizer(script.model),
+    _train_and_save(
+        DPOTrainer(
+            model=script.model,
+            args=config,
+            train_dataset=script.dataset,
+            processing_class=_tokenizer(script.model),
+        )
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
 
 
 def cmd_bench(argv: list[str]) -> None:
