@@ -24,7 +24,8 @@ import fastrl.trainers.grpo as grpo_mod  # noqa: E402
 from fastrl import fused_policy_loss  # noqa: E402
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from fastrl.trainers.grpo import GroupRepeatSampler, backbone_hidden_states  # noqa: E402
+from fastrl.trainers.grpo import GroupRepeatSampler  # noqa: E402
+from fastrl.trainers.model import backbone_hidden_states  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -119,15 +120,15 @@ def test_loss_runs_the_backbone_only(tmp_path):
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()
         assert calls == []  # no logits at all
-        # through a wrapper (as DDP): the forward runs the wrapper, the head sees 0 positions
+        # through a wrapper (as DDP): the wrapper's forward runs, the head still does not
         wrapper = torch.nn.Module()
         wrapper.forward = lambda **kw: trainer.model(**kw)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        via_wrapper = backbone_hidden_states(wrapper, trainer.model, ids, att)
-        direct = backbone_hidden_states(trainer.model, trainer.model, ids, att)
+        via_wrapper = backbone_hidden_states(wrapper, ids, att, unwrapped=trainer.model)
+        direct = backbone_hidden_states(trainer.model, ids, att)
         torch.testing.assert_close(via_wrapper, direct)
-        assert [tuple(s) for s in calls] == [(4, 0, base.config.hidden_size)]
+        assert calls == []
     finally:
         handle.remove()
 
@@ -479,3 +480,50 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     other.train(resume_from_checkpoint=str(tmp_path / "nobuffer"))
     got = _lora_state(other.model)
     assert any((got[n] - expected[n]).abs().max() > 1e-6 for n in expected)
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from fastrl.trainers import GRPOConfig, GRPOTrainer
+from fastrl.trainers.demo_task import arithmetic_dataset, build_tiny_model, build_tiny_tokenizer
+
+def letter_share(prompts, completions, **kwargs):
+    return [sum(ch.isalpha() for ch in c) / (1 + len(c)) for c in completions]
+
+tok = build_tiny_tokenizer()
+args = GRPOConfig({out!r}, per_device_train_batch_size=4, num_generations=4, max_steps=3,
+                  max_completion_length=6, learning_rate=5e-2, beta=0.04, use_cpu=True,
+                  save_strategy="no", disable_tqdm=True, ddp_backend="gloo", report_to="none",
+                  activation_checkpointing=False)
+trainer = GRPOTrainer(build_tiny_model(tok, "test"), letter_share, args=args,
+                      train_dataset=arithmetic_dataset(32, 0), processing_class=tok)
+trainer.train()
+assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+vec = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "lora_" in n])
+every = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
+dist.all_gather(every, vec)
+assert torch.equal(every[0], every[1]), (every[0] - every[1]).abs().max()
+assert vec.abs().sum() > 0
+print("RANKS_EQUAL", dist.get_rank(), flush=True)
+dist.barrier()
+dist.destroy_process_group()  # else gloo's threads may abort the process at exit
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_end_with_the_same_weights(tmp_path):
+    # Each rank generates and scores its own prompts; equal LoRA weights at the end mean
+    # the gradients were all-reduced, i.e. the loss's forward went through the DDP wrapper.
+    import pathlib
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    script = tmp_path / "ddp_grpo.py"
+    script.write_text(DDP_SCRIPT.format(root=root, out=str(tmp_path / "out")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("RANKS_EQUAL") == 2, done.stdout[-2000:]

@@ -32,19 +32,20 @@ import os
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs, preference_loss
-from fastrl.integrations import causal_lm_hidden_states, lm_head
+from fastrl.integrations import lm_head
 from fastrl.trainers.data import completion_text, load_data, render_prompt, require_columns
 from fastrl.trainers.model import (
+    backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
     load_model,
+    policy_hidden_states,
     reference_adapters_off,
 )
 
@@ -481,45 +482,7 @@ class PreferenceCollator:
         return batch
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token (as `generate` does for left
-    padding), so a row's positions do not depend on how much padding its batch needed."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
 # ---------------------------------------------------------------------- model plumbing
-
-
-def _transformers_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def _forward_returns_hidden_states(model) -> Iterator[None]:
-    """Within the block, calling ``model`` (or any wrapper of it: peft, DDP, accelerate's
-    autocast) returns the backbone's last hidden states ``[B, L, d]``, no logits.
-
-    The call must go through the outermost wrapper so DDP's gradient reduction is armed;
-    so the causal LM's own ``forward`` is swapped for the backbone's for the duration.
-    """
-    base = _transformers_model(model)
-
-    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-        unused = {k: v for k, v in kwargs.items() if v is not None}
-        unused.pop("use_cache", None)
-        if unused:
-            raise ValueError(
-                f"unexpected forward arguments for a hidden-states forward: {sorted(unused)}"
-            )
-        return causal_lm_hidden_states(
-            base, input_ids, attention_mask, position_ids=position_ids, use_cache=False
-        )
-
-    base.forward = forward
-    try:
-        yield
-    finally:
-        del base.forward
 
 
 def _scored_targets(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -541,13 +504,7 @@ def _sequence_logps(model, batch, *, adapters: bool, ld_alpha=None, impl="auto",
     try:
         with reference_adapters_off(model) if not adapters else contextlib.nullcontext():
             with autocast if autocast is not None else contextlib.nullcontext():
-                hidden = causal_lm_hidden_states(
-                    model,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    position_ids=_position_ids(batch["attention_mask"]),
-                    use_cache=False,
-                )
+                hidden = policy_hidden_states(model, batch["input_ids"], batch["attention_mask"])
             head = lm_head(model)
             h = completion_positions(hidden, P).to(head.weight.dtype)
             scored = torch.where(mask.bool(), targets, -100)
@@ -747,12 +704,12 @@ class DPOTrainer(Trainer):
     def policy_hidden_states(self, model, batch) -> torch.Tensor:
         """``[2B, L, d]`` last hidden states of the policy (adapters on, with grad), through
         ``model`` as the engine wrapped it (DDP included)."""
-        with _forward_returns_hidden_states(self.accelerator.unwrap_model(model)):
-            return model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=_position_ids(batch["attention_mask"]),
-            )
+        return backbone_hidden_states(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            unwrapped=self.accelerator.unwrap_model(model),
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"

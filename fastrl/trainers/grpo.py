@@ -70,6 +70,7 @@ from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_
 from fastrl.integrations import lm_head
 from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.model import (
+    backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
     load_model,
@@ -82,7 +83,6 @@ __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
     "GroupRepeatSampler",
-    "backbone_hidden_states",
 ]
 
 BUFFER_NAME = "grpo_buffer.pt"
@@ -334,43 +334,6 @@ def _rows(batch):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def backbone_hidden_states(model, unwrapped, input_ids, attention_mask) -> torch.Tensor:
-    """`[B, L, d]` last hidden states, without logits.
-
-    `unwrapped` is the peft model. When `model` is that model, its backbone runs directly.
-    When it is a wrapper (DDP, FSDP, DeepSpeed), the wrapper's forward must run for its
-    gradient hooks to fire: the model then runs with `logits_to_keep` set to no position
-    (the lm_head sees a `[B, 0, d]` input) and the backbone's output is taken by a hook.
-    """
-    if model is unwrapped:
-        return policy_hidden_states(unwrapped, input_ids, attention_mask)
-    decoder = unwrapped.get_base_model().get_decoder()
-    captured = {}
-
-    def hook(module, args, output):
-        captured["hidden"] = output.last_hidden_state
-
-    handle = decoder.register_forward_hook(hook)
-    try:
-        none = torch.empty(0, dtype=torch.long, device=input_ids.device)
-        model(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=none, use_cache=False
-        )
-    finally:
-        handle.remove()
-    return captured["hidden"]
-
-
-def _head_params(head, dtype):
-    """The lm_head weight and bias in the hidden states' dtype (they differ under autocast
-    with fp32 weights; a frozen weight, so the cast carries no gradient)."""
-    weight, bias = head.weight, head.bias
-    if weight.dtype != dtype:
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return weight, bias
 
 
 def _rng_state() -> dict:
@@ -792,8 +755,8 @@ class GRPOTrainer(Trainer):
                 hidden = completion_positions(policy_hidden_states(model, ids, att), P)
                 mask = batch["completion_mask"][s : s + bs].bool()
                 targets = torch.where(mask, batch["completion_ids"][s : s + bs], _IGNORE)
-                weight, bias = _head_params(head, hidden.dtype)
-                out.append(linear_logprobs(hidden, weight, targets, **{**kw, "bias": bias}))
+                hidden = hidden.to(head.weight.dtype)  # autocast may return another dtype
+                out.append(linear_logprobs(hidden, head.weight, targets, **kw))
         return (
             torch.cat(out) if out else batch["completion_ids"].new_zeros(0, 0, dtype=torch.float32)
         )
@@ -939,26 +902,24 @@ class GRPOTrainer(Trainer):
         P = inputs["prompt_ids"].shape[1]
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        hidden = completion_positions(backbone_hidden_states(model, unwrapped, ids, att), P)
+        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
         head = lm_head(unwrapped)
-        kw = head.kwargs(self.args.temperature)
-        del kw["bias"]
-        weight, bias = _head_params(head, hidden.dtype)
+        # accelerate's mixed-precision wrapper returns fp32 outputs: back to the head's dtype
+        hidden = completion_positions(hidden, P).to(head.weight.dtype)
         training = model.training
         loss, metrics = fused_policy_loss(
             hidden,
-            weight,
+            head.weight,
             inputs["completion_ids"],
             inputs["completion_mask"],
             inputs["advantages"],
             old_logps=inputs.get("old_logps"),
             ref_logps=inputs.get("ref_logps"),
-            bias=bias,
             num_items_in_batch=inputs["num_items_in_batch"],
             gradient_accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
             steps_per_generation=self.args.steps_per_generation if training else 1,
             num_processes=self.accelerator.num_processes,
-            **kw,
+            **head.kwargs(self.args.temperature),
             **self._loss_kwargs,
         )
         if not torch.isfinite(loss):

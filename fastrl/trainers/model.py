@@ -4,8 +4,10 @@
   a model object, and returns it with LoRA adapters on every linear layer of the blocks
   (never the lm_head), the base frozen, gradient checkpointing on, bf16 on a GPU,
   flash-attention 2 when installed (else SDPA), and optionally a 4-bit base (QLoRA).
-- `policy_hidden_states` runs the backbone only; `reference_adapters_off` turns the same
-  model into the reference (the base, adapters disabled): no second copy in memory.
+- `policy_hidden_states` runs the backbone only; `backbone_hidden_states` does the same
+  through the engine's wrapper (DDP, FSDP, DeepSpeed, accelerate's autocast) so its hooks
+  fire; `reference_adapters_off` turns the same model into the reference (the base,
+  adapters disabled): no second copy in memory.
 """
 
 import contextlib
@@ -109,9 +111,68 @@ def load_model(
     return model
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` positions counted from each row's first real token, as `generate` numbers
+    a left-padded prompt: a row's positions do not depend on its batch's padding."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def policy_hidden_states(model, input_ids, attention_mask=None) -> torch.Tensor:
-    """[B, L, d] last hidden states of the model with its adapters (no logits)."""
-    return causal_lm_hidden_states(model, input_ids, attention_mask)
+    """`[B, L, d]` last hidden states of the model with its adapters (no logits)."""
+    positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
+    return causal_lm_hidden_states(
+        model, input_ids, attention_mask, position_ids=positions, use_cache=False
+    )
+
+
+def _transformers_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def forward_returns_hidden_states(model) -> Iterator[None]:
+    """Within the block, calling `model` (or any wrapper of it: peft, DDP, accelerate's
+    autocast) returns the backbone's last hidden states `[B, L, d]`, no logits.
+
+    The causal LM's own `forward` is swapped for the backbone's for the duration, so a
+    call through the outermost wrapper still arms DDP's gradient reduction and FSDP's
+    parameter gathering, and the lm_head never runs.
+    """
+    base = _transformers_model(model)
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        # peft passes its optional arguments explicitly, as None
+        unused = {k: v for k, v in kwargs.items() if v is not None}
+        unused.pop("use_cache", None)
+        if unused:
+            raise ValueError(
+                f"unexpected forward arguments for a hidden-states forward: {sorted(unused)}"
+            )
+        return causal_lm_hidden_states(
+            base, input_ids, attention_mask, position_ids=position_ids, use_cache=False
+        )
+
+    base.forward = forward
+    try:
+        yield
+    finally:
+        del base.forward
+
+
+def backbone_hidden_states(model, input_ids, attention_mask, *, unwrapped=None) -> torch.Tensor:
+    """`[B, L, d]` last hidden states, computed by calling `model` (the engine's wrapper of
+    `unwrapped`, the peft model; by default `model` itself) with its forward swapped for
+    the backbone's: the call a trainer's loss makes, with gradient.
+
+    Under accelerate's mixed precision the wrapper returns fp32 outputs: cast the result
+    to the head's dtype before the fused head.
+    """
+    with forward_returns_hidden_states(model if unwrapped is None else unwrapped):
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        )
 
 
 @contextlib.contextmanager
