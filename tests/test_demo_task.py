@@ -208,6 +208,25 @@ def test_evaluate_accuracy_and_left_padding(tok):
     assert evaluate_accuracy(Oracle(), tok, data, batch_size=5) == 1.0
 
 
+def test_sampled_accuracy_is_seeded_and_leaves_the_global_rng(tok):
+    model = build_tiny_model(tok, "test", seed=0)
+    data = arithmetic_dataset(6, seed=0, split="test")
+    prompts = data["prompt"]
+    state = torch.random.get_rng_state()
+    a = generate_completions(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a == generate_completions(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+    assert a != generate_completions(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=4)
+    greedy = generate_completions(model, tok, prompts, max_new_tokens=6)
+    assert a != greedy  # a random model's samples are not its argmax
+    acc = evaluate_accuracy(model, tok, data, max_new_tokens=6, temperature=1.0, num_samples=3)
+    assert acc == 0.0
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate_accuracy(model, tok, data, num_samples=2)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_completions(model, tok, prompts, temperature=-1.0)
+
+
 def test_preference_accuracy(tok):
     model = build_tiny_model(tok, "test", seed=0)
     pairs = preference_pairs(16, seed=0, split="test")

@@ -467,6 +467,51 @@ def test_training_step_changes_only_lora_and_saves_the_adapter(tmp_path):
     assert "eval_loss" in metrics and "eval_rewards/accuracies" in metrics
 
 
+def test_resume_and_ctrl_c_end_where_an_uninterrupted_run_ends(tmp_path):
+    tok = build_tiny_tokenizer()
+    pairs = preference_pairs(24, 0)
+    config = dict(gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2,
+                  save_strategy="steps", save_steps=1)  # fmt: skip
+
+    def trainer(name, **overrides):
+        torch.manual_seed(0)  # the same LoRA initialisation every time
+        args = _args(tmp_path / name, **{**config, **overrides})
+        return DPOTrainer(build_tiny_model(tok, "test"), args, train_dataset=pairs,
+                          processing_class=tok)  # fmt: skip
+
+    def lora(t):
+        return {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_" in n}
+
+    full = trainer("full")
+    full.train()
+    expected = lora(full)
+    # checkpoint 3 is past the first epoch (24 pairs = 3 steps of 2 x 4)
+    for step in (1, 3):
+        resumed = trainer(f"resumed{step}")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{step}"))
+        for name, value in lora(resumed).items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+    # Ctrl-C in the second micro-batch of step 3: checkpoint-2 is saved and resumes exactly
+    stopped = trainer("stopped", save_strategy="no")
+    calls, real_loss = [], stopped.compute_loss
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    stopped.compute_loss = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["checkpoint-2"]
+    resumed = trainer("after_stop")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-2"))
+    for name, value in lora(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     # the loss is a per-micro-batch mean: Trainer divides it by the accumulation steps, so
     # 2 x 2 pairs make the same update as 4 pairs (plain SGD shows the gradient's scale)

@@ -9,6 +9,7 @@ from fastrl.trainers.rewards import (
     answers_equal,
     call_reward,
     completion_text,
+    digit_match_answer,
     exact_match_answer,
     extract_answer,
     format_reward,
@@ -97,8 +98,28 @@ def test_exact_match_answer_options():
         exact_match_answer(pattern="(")
 
 
+def test_digit_match_answer_gives_partial_credit_per_digit_place():
+    fn = digit_match_answer()
+    cases = {
+        "<answer>133</answer>": 1.0,
+        "<answer>143</answer>": 2 / 3,  # tens wrong
+        "<answer>33</answer>": 2 / 3,  # hundreds missing
+        "<answer>1330</answer>": 1 / 4,  # places align from the ones digit
+        "<answer>1,33</answer>": 1.0,  # separators ignored, like exact_match_answer
+        "<answer>-133</answer>": 0.0,  # opposite sign
+        "<answer>13.3</answer>": 0.0,  # not an integer
+        "133": 0.0,  # no answer
+    }
+    out = fn(["p"] * len(cases), list(cases), answer=["133"] * len(cases))
+    assert out == pytest.approx(list(cases.values()))
+    assert fn(["p", "p"], ["<answer>-7</answer>", conv("#### 0")], answer=[-17, "0"]) == [0.5, 1.0]
+    assert fn.__name__ == "digit_match_answer" and "digit_match_answer(" in repr(fn)
+    with pytest.raises(ValueError, match="column 'answer'"):
+        fn(["p"], ["<answer>1</answer>"])
+
+
 def test_rewards_are_picklable():
-    for fn in (exact_match_answer(), format_reward(), length_penalty(10)):
+    for fn in (exact_match_answer(), digit_match_answer(), format_reward(), length_penalty(10)):
         clone = pickle.loads(pickle.dumps(fn))
         assert clone.__name__ == fn.__name__
         assert clone(["p"], ["<answer>1</answer>"], answer=["1"]) == fn(

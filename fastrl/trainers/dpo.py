@@ -19,7 +19,8 @@ accelerate / DDP; this module adds what DPO needs on top:
   losses (CPO, SimPO, AlphaPO, ORPO) skip it;
 - the loss's metrics (``rewards/*``, ``logps/*``, ...) averaged over the logging window,
   ``num_tokens``, ``tokens_per_second`` and, on CUDA, ``peak_memory_gib``; a NaN loss
-  stops the run with a message, an out-of-memory error says what to lower.
+  stops the run with a message, an out-of-memory error says what to lower; Ctrl-C saves
+  a checkpoint of the last completed step (`resume_from_checkpoint` continues from it).
 
 `evaluate_preference_accuracy` measures how often a policy prefers the chosen completion
 of held-out pairs.
@@ -40,7 +41,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs, preference_loss
 from fastrl.integrations import lm_head
 from fastrl.trainers.data import completion_text, load_data, render_prompt, require_columns
+from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
+    DTYPES,
     backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
@@ -64,7 +67,6 @@ AVERAGED_LOSS_TYPES = ("cpo_ipo", "simpo", "alphapo", "orpo")
 _COLUMNS = ("prompt", "chosen", "rejected")
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ------------------------------------------------------------------------------ config
@@ -131,7 +133,7 @@ class DPOConfig(TrainingArguments):
         metadata={
             "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
             "default bf16 on a bf16-capable GPU, else float32.",
-            "choices": [None, *_DTYPES],
+            "choices": [None, *DTYPES],
         },
     )
     disable_dropout: bool = field(
@@ -246,10 +248,8 @@ class DPOConfig(TrainingArguments):
                 "use_weighting=True (WPO) is not supported: its weights need log sum_v p_v^2 per "
                 "token, which the fused lm_head does not compute"
             )
-        if self.model_dtype is not None and self.model_dtype not in _DTYPES:
-            raise ValueError(
-                f"model_dtype must be one of {list(_DTYPES)}, got {self.model_dtype!r}"
-            )
+        if self.model_dtype is not None and self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -527,7 +527,7 @@ def _disable_dropout(model) -> None:
 # --------------------------------------------------------------------------- trainer
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(SaveOnInterrupt, Trainer):
     """LoRA DPO (and the rest of `fastrl.preference_loss`'s family) on `transformers.Trainer`.
 
     Args:
@@ -594,7 +594,7 @@ class DPOTrainer(Trainer):
             model,
             lora=None if isinstance(model, PeftModel) else args.lora_kwargs(),
             load_in_4bit=args.load_in_4bit,
-            dtype=_DTYPES[args.model_dtype] if args.model_dtype else None,
+            dtype=DTYPES[args.model_dtype] if args.model_dtype else None,
             attn_implementation=args.attn_implementation,
             gradient_checkpointing=args.activation_checkpointing,
         )
@@ -621,6 +621,7 @@ class DPOTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self._track_rng_at_step_end()
         self.loss_kwargs = args.preference_loss_kwargs()
         if self.train_dataset is not None:
             self.train_dataset = self._with_reference(self.train_dataset)

@@ -55,21 +55,21 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
 from fastrl.integrations import lm_head
 from fastrl.trainers.data import load_data, render_prompt, require_columns
+from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
+    DTYPES,
     backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
@@ -111,6 +111,8 @@ class GRPOConfig(TrainingArguments):
         lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA adapters
             (`"all-linear"`: every linear layer of the blocks, never the lm_head).
         load_in_4bit: 4-bit NF4 base (QLoRA; needs bitsandbytes, CUDA and a checkpoint path).
+        attn_implementation, model_dtype: for a model loaded from a path (default
+            flash_attention_2 when installed, else sdpa; bf16 on a bf16-capable GPU).
         use_chat_template: render string prompts through the tokenizer's chat template
             when it has one (conversational prompts always are).
         max_memory_gb: cap this process's CUDA memory (`set_per_process_memory_fraction`)
@@ -161,6 +163,18 @@ class GRPOConfig(TrainingArguments):
         default="all-linear", metadata={"help": "LoRA target modules (default: all block linears)."}
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base (QLoRA)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel; default flash_attention_2 if installed, else sdpa."},
+    )
+    model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
+            "default bf16 on a bf16-capable GPU, else float32.",
+            "choices": [None, *DTYPES],
+        },
+    )
     use_chat_template: bool = field(
         default=True, metadata={"help": "Render string prompts with the chat template if any."}
     )
@@ -254,6 +268,8 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(
                 f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}"
             )
+        if self.model_dtype is not None and self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
         if self.max_memory_gb is not None and not self.max_memory_gb > 0:
             raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
         if self.auto_find_batch_size:
@@ -336,36 +352,6 @@ def _rows(batch):
 # --------------------------------------------------------------------------- helpers
 
 
-def _rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 - the global state Trainer saves
-        "cpu": torch.random.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _RngAtStepEnd(TrainerCallback):
-    """Keeps the RNG state of the end of the last optimizer step (a few KB), for the
-    checkpoint Ctrl-C saves."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._rng_at_step_end = _rng_state()
-
-
 def _nanstd(x: torch.Tensor) -> float:
     x = x[~torch.isnan(x)]
     return x.std().item() if x.numel() > 1 else math.nan
@@ -383,7 +369,7 @@ def _is_conversational(prompt) -> bool:
 # --------------------------------------------------------------------------- trainer
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(SaveOnInterrupt, Trainer):
     """GRPO with LoRA, on `transformers.Trainer`, without logits.
 
     Args:
@@ -466,10 +452,13 @@ class GRPOTrainer(Trainer):
                 lora_dropout=args.lora_dropout,
                 target_modules=args.lora_target_modules,
             )
+        set_seed(args.seed)  # the LoRA initialisation draws from the global RNG (as TRL)
         model = load_model(
             model,
             lora=lora,
             load_in_4bit=args.load_in_4bit,
+            dtype=DTYPES[args.model_dtype] if args.model_dtype else None,
+            attn_implementation=args.attn_implementation,
             gradient_checkpointing=bool(args.activation_checkpointing),
         )
 
@@ -558,7 +547,7 @@ class GRPOTrainer(Trainer):
         self._needs_old_logps = args.gradient_accumulation_steps % generate_every != 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._reset_generation_state()
-        self.add_callback(_RngAtStepEnd(self))
+        self._track_rng_at_step_end()
         if not hasattr(self, "current_gradient_accumulation_steps"):
             self.current_gradient_accumulation_steps = args.gradient_accumulation_steps
 
@@ -612,34 +601,18 @@ class GRPOTrainer(Trainer):
         self._metrics.clear()
         self._tokens_since_log = 0
         self._last_log_time = time.perf_counter()
-        self._rng_at_step_end = None
 
     def train(self, *args, **kwargs):
         """`Trainer.train`; Ctrl-C (KeyboardInterrupt) saves a checkpoint of the last
         completed optimizer step before it propagates (resume from it as from any)."""
         self._reset_generation_state()
-        try:
-            return super().train(*args, **kwargs)
-        except KeyboardInterrupt:
-            self._save_on_interrupt()
-            raise
+        return super().train(*args, **kwargs)
 
-    def _save_on_interrupt(self) -> None:
-        step = self.state.global_step
-        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if step == 0 or os.path.isdir(folder) or getattr(self, "lr_scheduler", None) is None:
-            return
-        # Back to the end of optimizer step `step`: a partial accumulation is dropped (its
-        # gradients were never applied), so is a buffer generated after that point, and
-        # the RNG goes back to its state then (we are exiting), so that the checkpoint
-        # resumes as exactly as one saved at that step.
-        self._step = step * self.args.gradient_accumulation_steps
+    def _rewind_to_last_step(self) -> None:
+        # a partial accumulation is dropped, so is a buffer generated after the step's end
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
         if self._buffer is not None and self._buffer_step > self._step:
             self._buffer = None
-        if self._rng_at_step_end is not None:
-            _set_rng_state(self._rng_at_step_end)
-        self._save_checkpoint(self.model_wrapped, trial=None)
-        print(f"\nInterrupted: saved {folder}; resume with train(resume_from_checkpoint=...)")
 
     def _buffer_file(self, directory: str) -> str:
         if self.args.world_size > 1:

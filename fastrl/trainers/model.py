@@ -19,6 +19,9 @@ import torch
 
 from fastrl.integrations import causal_lm_hidden_states, lm_head
 
+#: `model_dtype` names the trainers' configs accept.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 

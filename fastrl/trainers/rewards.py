@@ -38,6 +38,7 @@ __all__ = [
     "answers_equal",
     "call_reward",
     "completion_text",
+    "digit_match_answer",
     "exact_match_answer",
     "extract_answer",
     "format_reward",
@@ -162,12 +163,20 @@ def _column(columns: dict, name: str, n: int, fn_name: str) -> list:
 # ------------------------------------------------------------------------- built-ins
 
 
-class _ExactMatchAnswer:
+class _AnswerReward:
+    """Scores the completion's final answer against the dataset's with `score`."""
+
+    factory = ""
+
     def __init__(self, answer_column: str, pattern: str, name: str):
         self.answer_column = answer_column
         self.pattern = pattern
         self._regex = re.compile(pattern, re.DOTALL)
         self.__name__ = name
+
+    @staticmethod
+    def score(predicted: str, reference: str) -> float:
+        raise NotImplementedError
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
         answers = _column(columns, self.answer_column, len(completions), self.__name__)
@@ -175,11 +184,37 @@ class _ExactMatchAnswer:
         for completion, reference in zip(completions, answers, strict=True):
             predicted = extract_answer(completion_text(completion), self._regex)
             ok = predicted is not None and reference is not None
-            rewards.append(1.0 if ok and answers_equal(predicted, str(reference)) else 0.0)
+            rewards.append(self.score(predicted, str(reference)) if ok else 0.0)
         return rewards
 
     def __repr__(self):
-        return f"exact_match_answer(answer_column={self.answer_column!r}, pattern={self.pattern!r})"
+        return f"{self.factory}(answer_column={self.answer_column!r}, pattern={self.pattern!r})"
+
+
+class _ExactMatchAnswer(_AnswerReward):
+    factory = "exact_match_answer"
+
+    @staticmethod
+    def score(predicted: str, reference: str) -> float:
+        return 1.0 if answers_equal(predicted, reference) else 0.0
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+class _DigitMatchAnswer(_AnswerReward):
+    factory = "digit_match_answer"
+
+    @staticmethod
+    def score(predicted: str, reference: str) -> float:
+        p, r = (x.strip().replace(",", "").replace("_", "") for x in (predicted, reference))
+        if not (_INTEGER.fullmatch(p) and _INTEGER.fullmatch(r)):
+            return 0.0
+        a, b = int(p), int(r)
+        if (a < 0) != (b < 0):
+            return 0.0
+        da, db = str(abs(a))[::-1], str(abs(b))[::-1]  # ones digit first; unequal lengths
+        return sum(x == y for x, y in zip(da, db, strict=False)) / max(len(da), len(db))
 
 
 def exact_match_answer(
@@ -204,6 +239,26 @@ def exact_match_answer(
     """
     re.compile(pattern)  # fail here, not at the first reward call
     return _ExactMatchAnswer(answer_column, pattern, name)
+
+
+def digit_match_answer(
+    answer_column: str = "answer",
+    pattern: str = ANSWER_PATTERN,
+    *,
+    name: str = "digit_match_answer",
+) -> Callable[..., list[float]]:
+    """Partial credit for integer answers: the share of digit places (ones, tens, ...)
+    where the completion's final answer agrees with the dataset's, over the longer one's
+    number of digits. 1.0 exactly when the integers are equal; 0.0 for no answer, a
+    non-integer on either side, or opposite signs.
+
+    ``"133"`` against ``"143"`` scores 2/3, ``"33"`` against ``"133"`` 2/3, ``"1330"``
+    against ``"133"`` 1/4. A denser signal than :func:`exact_match_answer` for arithmetic:
+    a model that gets one carry wrong still learns from it. Arguments as for
+    :func:`exact_match_answer`.
+    """
+    re.compile(pattern)
+    return _DigitMatchAnswer(answer_column, pattern, name)
 
 
 class _FormatReward:

@@ -1,0 +1,378 @@
+"""One GRPO LoRA training step end to end: fastrl's GRPOTrainer against TRL's, same model,
+same settings, same run.
+
+    python bench/bench_grpo_step.py                         # 1.5B and 7B (4-bit), 24 GiB cap
+    python bench/bench_grpo_step.py --models qwen2.5-1.5b --steps 3 --beta 0.04
+    python bench/bench_grpo_step.py --models tiny --device cpu --prompt-length 16 \
+        --completion-length 16                              # smoke run of the harness
+
+A step is generation (`generate` with its KV cache, G completions of exactly
+`--completion-length` tokens: `min_new_tokens` holds EOS back) + rewards + the loss + the
+backward + the optimizer step, on `--prompts-per-step` prompts of `--prompt-length`
+tokens. Both trainers get the same checkpoint (random weights from the model's config,
+saved once under `--cache-dir` and loaded from there, the real-checkpoint path), LoRA
+r=16/alpha=32 on every linear layer of the blocks, gradient checkpointing, bf16 (4-bit NF4
+base for the 7B), the same attention implementation, DAPO loss, `--beta`.
+
+Each (model, trainer) pair runs in its own subprocess with its CUDA memory capped at
+`--max-memory-gb` (`torch.cuda.set_per_process_memory_fraction`): the peak is the
+process's own, and an out-of-memory error is a result ("does not fit"), not the end of
+the run. Reported per pair: peak allocated / reserved GiB, seconds per step (the first
+`--warmup` steps excluded), of which generation, and tokens/s (prompt + completion tokens
+of the step). Results: bench/results/grpo_step-<device>-<date>.json and a PNG.
+The issue-5 target: fastrl at most 60% of TRL's peak memory and no slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import default_results_path, environment, write_json  # noqa: E402
+
+# Architectures of the Qwen2.5 checkpoints (their config.json); weights are random.
+MODELS = {
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, four_bit=False,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, four_bit=True,
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True, four_bit=False,
+    ),
+}  # fmt: skip
+TRAINERS = ("fastrl", "trl")
+
+
+# ------------------------------------------------------------------ checkpoint
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer with one token per id (`w<i>`), so any sampled id decodes and
+    a prompt of n space-separated words is exactly n tokens. Ids 0-2: pad, bos, eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+def checkpoint(name: str, cache_dir: Path) -> Path:
+    """The model's checkpoint directory (config, random bf16 weights, tokenizer), built once."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = cache_dir / name
+    if (path / "config.json").exists():
+        return path
+    arch = {k: v for k, v in MODELS[name].items() if k != "four_bit"}
+    config = Qwen2Config(
+        **arch, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"building {name} ({device}, random weights) -> {path}", file=sys.stderr)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model.generation_config.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp)
+    # in its own folder: next to a qwen2 config.json, AutoTokenizer would pick Qwen2's class
+    synthetic_tokenizer(config.vocab_size).save_pretrained(tmp / "tokenizer")
+    del model
+    tmp.rename(path)
+    return path
+
+
+# ------------------------------------------------------------------ one trainer
+
+
+def varied_reward(prompts, completions, **kwargs) -> list[float]:
+    """Cheap, deterministic and different across a group (so advantages are not zero)."""
+    return [float(len(set(c.split())) % 7) for c in completions]
+
+
+class _GenerateTimer:
+    """Adds up the seconds spent in `generate` (both trainers call the model's)."""
+
+    def __init__(self):
+        from transformers import GenerationMixin
+
+        self.seconds = 0.0
+        original = GenerationMixin.generate
+
+        def timed(model, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.seconds += time.perf_counter() - start
+
+        GenerationMixin.generate = timed
+
+
+def _step_timer(gen_timer: _GenerateTimer):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._start, self._gen = time.perf_counter(), gen_timer.seconds
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - self._start
+            self.steps.append(dict(seconds=seconds, generate_seconds=gen_timer.seconds - self._gen))
+
+    return StepTimer()
+
+
+def run_one(opts: argparse.Namespace) -> dict:
+    """Train `opts.warmup + opts.steps` steps with one trainer; return its measurements."""
+    import random
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    spec = MODELS[opts.models]
+    path = checkpoint(opts.models, Path(opts.cache_dir))
+    if cuda and opts.max_memory_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_memory_gb * 2**30 / total))
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    rng = random.Random(0)
+    n_prompts = opts.prompts_per_step * (opts.warmup + opts.steps)
+    words = spec["vocab_size"] - 3
+    prompts = [
+        " ".join(f"w{3 + rng.randrange(words)}" for _ in range(opts.prompt_length))
+        for _ in range(n_prompts)
+    ]
+    dataset = Dataset.from_dict({"prompt": prompts})
+    G = opts.num_generations
+    four_bit = spec["four_bit"] and cuda
+    common = dict(
+        output_dir=str(Path(opts.cache_dir) / f"out-{opts.trainer}"),
+        per_device_train_batch_size=G * opts.prompts_per_step, num_generations=G,
+        max_completion_length=opts.completion_length, temperature=1.0, beta=opts.beta,
+        loss_type="dapo", learning_rate=1e-6, max_steps=opts.warmup + opts.steps,
+        logging_steps=1, save_strategy="no", report_to="none", seed=0, shuffle_dataset=False,
+        generation_kwargs={"min_new_tokens": opts.completion_length}, disable_tqdm=True,
+        gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda,
+    )  # fmt: skip
+    attn = opts.attn_implementation
+    gen_timer = _GenerateTimer()
+    timer = _step_timer(gen_timer)
+    if opts.trainer == "fastrl":
+        from fastrl.trainers import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(
+            **common, lora_r=16, lora_alpha=32, load_in_4bit=four_bit,
+            attn_implementation=attn, use_chat_template=False,
+        )  # fmt: skip
+        trainer = GRPOTrainer(
+            str(path), varied_reward, args=args, train_dataset=dataset, callbacks=[timer],
+            processing_class=tokenizer,
+        )  # fmt: skip
+    else:
+        from transformers import BitsAndBytesConfig
+        from trl import GRPOConfig, GRPOTrainer
+
+        dtype = torch.bfloat16 if cuda else torch.float32
+        args = GRPOConfig(**common, model_init_kwargs={"dtype": dtype, "attn_implementation": attn})
+        quant = None
+        if four_bit:
+            quant = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )  # fmt: skip
+        lora = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear")
+        trainer = GRPOTrainer(
+            str(path), varied_reward, args=args, train_dataset=dataset, callbacks=[timer],
+            processing_class=tokenizer, quantization_config=quant, peft_config=lora,
+        )  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    measured = timer.steps[opts.warmup :]
+    seconds = sum(s["seconds"] for s in measured) / len(measured)
+    generate = sum(s["generate_seconds"] for s in measured) / len(measured)
+    tokens = G * opts.prompts_per_step * (opts.prompt_length + opts.completion_length)
+    return dict(
+        seconds_per_step=seconds,
+        generate_seconds_per_step=generate,
+        tokens_per_second=tokens / seconds,
+        peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        steps=timer.steps,
+    )
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _worker_command(opts: argparse.Namespace, model: str, trainer: str) -> list[str]:
+    cmd = [sys.executable, __file__, "--worker", "--models", model, "--trainer", trainer]
+    forwarded = ["steps", "warmup", "beta", "max_memory_gb", "num_generations"]
+    forwarded += ["prompt_length", "completion_length", "prompts_per_step", "cache_dir"]
+    forwarded += ["attn_implementation"]
+    for key in forwarded:
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(opts, key))]
+    return cmd
+
+
+def _oom(text: str) -> bool:
+    return "OutOfMemoryError" in text or "out of memory" in text
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["results"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in (
+        (axes[0], "peak_allocated_gib", "peak GPU memory (GiB)"),
+        (axes[1], "tokens_per_second", "tokens / s (prompt + completion)"),
+    ):
+        for j, trainer in enumerate(TRAINERS):
+            values = []
+            for m in models:
+                r = next((r for r in rows if r["model"] == m and r["trainer"] == trainer), {})
+                values.append(r.get(key) or 0.0)
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(models))]
+            bars = ax.bar(xs, values, width=0.38, label=trainer)
+            for x, r_model in zip(xs, models, strict=True):
+                r = next((r for r in rows if r["model"] == r_model and r["trainer"] == trainer), {})
+                if r.get("error"):
+                    ax.text(x, 0, r["error"], rotation=90, ha="center", va="bottom", fontsize=8)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        if key == "peak_allocated_gib" and results["config"]["max_memory_gb"]:
+            ax.axhline(results["config"]["max_memory_gb"], color="k", ls="--", lw=1, label="cap")
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    cfg = results["config"]
+    fig.suptitle(
+        f"GRPO LoRA step: G={cfg['num_generations']}, prompt {cfg['prompt_length']} + "
+        f"completion {cfg['completion_length']} tokens, beta={cfg['beta']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--models", default="qwen2.5-1.5b,qwen2.5-7b", help=f"comma-separated, of {sorted(MODELS)}"
+    )
+    p.add_argument("--trainers", default=",".join(TRAINERS), help="fastrl,trl")
+    p.add_argument("--steps", type=int, default=2, help="measured steps")
+    p.add_argument("--warmup", type=int, default=1, help="steps run first, not measured")
+    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL default 0)")
+    p.add_argument("--max-memory-gb", type=float, default=24.0, help="CUDA cap; 0: none")
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--prompt-length", type=int, default=256)
+    p.add_argument("--completion-length", type=int, default=1024)
+    p.add_argument("--prompts-per-step", type=int, default=1)
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/fastrl-bench"))
+    p.add_argument("--device", default="auto", help="auto | cpu (hides CUDA from workers)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trainer", choices=TRAINERS, help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+
+    if opts.worker:
+        print("RESULT " + json.dumps(run_one(opts)), flush=True)
+        return
+    env = dict(os.environ)
+    if opts.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    device = torch.device("cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu")
+    models = opts.models.split(",")
+    trainers = opts.trainers.split(",")
+    for name in models + trainers:
+        if name not in MODELS and name not in TRAINERS:
+            raise ValueError(f"unknown model or trainer {name!r}; models: {sorted(MODELS)}")
+    from tqdm.auto import tqdm
+
+    rows = []
+    for model in models:
+        for trainer in tqdm(trainers, desc=model):
+            cmd = _worker_command(opts, model, trainer)
+            try:
+                done = subprocess.run(
+                    cmd, capture_output=True, text=True, env=env, timeout=opts.timeout
+                )
+                out, err, code = done.stdout, done.stderr, done.returncode
+            except subprocess.TimeoutExpired:
+                out, err, code = "", f"timed out after {opts.timeout} s", -1
+            row = dict(model=model, trainer=trainer)
+            result = [line for line in out.splitlines() if line.startswith("RESULT ")]
+            if code == 0 and result:
+                row.update(json.loads(result[-1][len("RESULT ") :]))
+            else:
+                row["error"] = "OOM" if _oom(err) else "failed"
+                row["stderr_tail"] = err[-2000:]
+            rows.append(row)
+            shown = {k: v for k, v in row.items() if k not in ("steps", "stderr_tail")}
+            tqdm.write(json.dumps(shown))
+    for model in models:
+        ours = next((r for r in rows if r["model"] == model and r["trainer"] == "fastrl"), {})
+        trl = next((r for r in rows if r["model"] == model and r["trainer"] == "trl"), {})
+        if ours.get("peak_allocated_gib") and trl.get("peak_allocated_gib"):
+            ours["memory_vs_trl"] = ours["peak_allocated_gib"] / trl["peak_allocated_gib"]
+        if ours.get("tokens_per_second") and trl.get("tokens_per_second"):
+            ours["speed_vs_trl"] = ours["tokens_per_second"] / trl["tokens_per_second"]
+    config = {k: v for k, v in vars(opts).items() if k not in ("worker", "trainer", "out")}
+    results = dict(benchmark="grpo_step", config=config, environment=environment(device),
+                   results=rows)  # fmt: skip
+    out_path = write_json(
+        results, opts.out if opts.out else default_results_path(device, "grpo_step-")
+    )
+    print(f"wrote {out_path}")
+    if not opts.no_plot:
+        _plot(results, out_path.with_suffix(".png"))
+        print(f"wrote {out_path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

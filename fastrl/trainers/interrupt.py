@@ -1,0 +1,82 @@
+"""Ctrl-C saves a checkpoint: a mixin for the trainers (before `transformers.Trainer` in
+the bases).
+
+The checkpoint is the one the run would have saved at the end of its last completed
+optimizer step: the weights, optimizer and scheduler are untouched by a partial
+accumulation (its gradients were never applied), the data position is the step count,
+and the RNG is put back to its state at that step's end. Resuming from it continues as
+from any checkpoint.
+"""
+
+import os
+import random
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+
+def rng_state() -> dict:
+    """The global RNG states `transformers.Trainer` saves in a checkpoint."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the global state Trainer saves
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _RngAtStepEnd(TrainerCallback):
+    """Keeps the RNG state of the end of the last optimizer step (a few KB)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._rng_at_step_end = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._rng_at_step_end = rng_state()
+
+
+class SaveOnInterrupt:
+    """`train()` that saves `checkpoint-<last completed step>` in `output_dir` when
+    interrupted by Ctrl-C (KeyboardInterrupt), then lets the interrupt propagate. Nothing
+    is saved before the first step, or when that checkpoint exists already."""
+
+    _rng_at_step_end: dict | None = None
+
+    def _track_rng_at_step_end(self) -> None:
+        """Call once in `__init__` after `Trainer.__init__`."""
+        self.add_callback(_RngAtStepEnd(self))
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+
+    def _rewind_to_last_step(self) -> None:
+        """Undo what a partial step changed beyond the RNG (subclasses' own state)."""
+
+    def _save_on_interrupt(self) -> None:
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if step == 0 or os.path.isdir(folder) or getattr(self, "lr_scheduler", None) is None:
+            return
+        self._rewind_to_last_step()
+        if self._rng_at_step_end is not None:
+            set_rng_state(self._rng_at_step_end)
+        self._save_checkpoint(self.model_wrapped, trial=None)
+        print(f"\nInterrupted: saved {folder}; resume with train(resume_from_checkpoint=...)")
