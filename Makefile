@@ -1,4 +1,4 @@
-# fastrl: make venv | test | bench | bench-policy | bench-preference | lint
+# fastrl: make venv | demo | test | bench | bench-policy | bench-preference | bench-grpo-step | lint
 #
 # Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
 # constraints-cpu.txt so it installs the CPU torch wheel, never the multi-GB CUDA one.
@@ -15,7 +15,7 @@ PYTEST_N  ?= 2
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv demo test bench bench-policy bench-preference lint format clean-venv help
+.PHONY: venv demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
@@ -27,6 +27,8 @@ help:
 	@echo "             extra options via BENCH_ARGS='--loss-type dapo,grpo --beta 0.04'"
 	@echo "make bench-preference  benchmark fused_preference_loss against TRL, Liger, eager;"
 	@echo "             extra options via BENCH_ARGS='--loss-type sigmoid,ipo --beta 0.1'"
+	@echo "make bench-grpo-step  one GRPO LoRA training step, fastrl vs TRL's GRPOTrainer"
+	@echo "             (Qwen2.5-1.5B and 7B-4bit shapes, 24 GiB cap; GPU; needs bitsandbytes)"
 	@echo "make lint    ruff check + ruff format --check"
 
 venv: $(STAMP)
@@ -51,6 +53,9 @@ bench-policy: venv
 
 bench-preference: venv
 	$(PY) bench/bench_preference.py $(BENCH_ARGS)
+
+bench-grpo-step: venv
+	$(PY) bench/bench_grpo_step.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 
     fastrl grpo --model DIR --dataset FILE [--reward exact_match --reward format] [options]
     fastrl dpo  --model DIR --dataset FILE [options]
-    fastrl bench {logprobs,policy,preference} [benchmark options]
+    fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
 
 `grpo` and `dpo` take every field of `GRPOConfig` / `DPOConfig` (transformers'
@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCHES = ("logprobs", "policy", "preference")
+BENCHES = ("logprobs", "policy", "preference", "grpo_step")
 BUILTIN_REWARDS = ("exact_match", "format", "length")
 
 

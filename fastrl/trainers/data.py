@@ -70,8 +70,9 @@ def render_prompt(tokenizer, prompt, *, use_chat_template: bool = True) -> str:
     return prompt
 
 
-def completion_text(completion) -> str:
-    """A completion as text: a string, or the content of a list of assistant messages."""
+def join_message_contents(completion) -> str:
+    """A completion as text: a string as is, or the contents of a list of messages joined
+    (all of them: for tokenisation; rewards read the last assistant message instead)."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):

@@ -40,7 +40,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs, preference_loss
 from fastrl.integrations import lm_head
-from fastrl.trainers.data import completion_text, load_data, render_prompt, require_columns
+from fastrl.trainers.data import join_message_contents, load_data, render_prompt, require_columns
 from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
     DTYPES,
@@ -360,9 +360,8 @@ def _tokenize_example(
     else:
         prompt_text = render_prompt(tokenizer, prompt, use_chat_template=False)
         prompt_ids = tokenizer(prompt_text)["input_ids"]
-        full_ids = [
-            tokenizer(prompt_text + completion_text(c))["input_ids"] for c in (chosen, rejected)
-        ]
+        full_texts = [prompt_text + join_message_contents(c) for c in (chosen, rejected)]
+        full_ids = [tokenizer(t)["input_ids"] for t in full_texts]
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("plain-text completions need a tokenizer with an eos_token")
