@@ -26,6 +26,15 @@ COMMON = ["--max_steps", "1", "--report_to", "none", "--use_cpu", "true",
           "--activation_checkpointing", "false", "--save_strategy", "no"]  # fmt: skip
 
 
+# LoRA's default: every linear layer of the (Llama) blocks, not the lm_head
+ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _adapted_modules(adapter_dir) -> set:
+    names = json.loads((adapter_dir / "adapter_config.json").read_text())["target_modules"]
+    return {name.rsplit(".", 1)[-1] for name in names}
+
+
 def test_cli_grpo(checkpoint, tmp_path):
     data = _jsonl(tmp_path / "train.jsonl", demo_task.arithmetic_dataset(16, 0))
     out = tmp_path / "grpo"
@@ -33,6 +42,7 @@ def test_cli_grpo(checkpoint, tmp_path):
           "--reward", "exact_match", "--reward", "format", "--per_device_train_batch_size", "8",
           "--num_generations", "4", "--max_completion_length", "8", *COMMON])  # fmt: skip
     assert (out / "adapter_model.safetensors").exists()
+    assert _adapted_modules(out) == ALL_LINEAR
 
 
 def test_cli_dpo_from_yaml(checkpoint, tmp_path):
@@ -44,6 +54,10 @@ def test_cli_dpo_from_yaml(checkpoint, tmp_path):
     )
     main(["dpo", "--config", str(tmp_path / "dpo.yaml"), "--output_dir", str(out), *COMMON])
     assert (out / "adapter_model.safetensors").exists()
+    assert _adapted_modules(out) == ALL_LINEAR
+    main(["dpo", "--config", str(tmp_path / "dpo.yaml"), "--output_dir", str(tmp_path / "qv"),
+          "--lora_target_modules", "q_proj", "v_proj", *COMMON])  # fmt: skip
+    assert _adapted_modules(tmp_path / "qv") == {"q_proj", "v_proj"}
 
 
 def test_cli_errors(tmp_path):

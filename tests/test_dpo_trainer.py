@@ -51,6 +51,7 @@ from tests.test_trl_parity_grpo import (  # noqa: E402
     _model,
     _tokenizer,
 )
+from tests.two_ranks import assert_ranks_end_equal  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -614,8 +615,6 @@ def test_config_survives_dataclasses_replace(tmp_path):
 
 
 DDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
 from fastrl.trainers.dpo import DPOConfig, DPOTrainer
 from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer, preference_pairs
 tok = build_tiny_tokenizer()
@@ -625,31 +624,9 @@ args = DPOConfig({out!r}, per_device_train_batch_size=4, max_steps=3, learning_r
 trainer = DPOTrainer(build_tiny_model(tok, "test"), args, train_dataset=preference_pairs(64, 0),
                      processing_class=tok)
 trainer.train()
-assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
-vec = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "lora_" in n])
-every = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
-dist.all_gather(every, vec)
-assert torch.equal(every[0], every[1]), (every[0] - every[1]).abs().max()
-assert vec.abs().sum() > 0
-print("RANKS_EQUAL", dist.get_rank(), flush=True)
-dist.barrier()
-dist.destroy_process_group()  # else gloo's threads may abort the process at exit
 """
 
 
 @pytest.mark.slow
 def test_data_parallel_ranks_end_with_the_same_weights(tmp_path):
-    # Each rank trains on its own shard; equal weights at the end mean the gradients were
-    # all-reduced, i.e. the hidden-states forward went through the DDP wrapper.
-    import pathlib
-    import subprocess
-    import sys
-
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    script = tmp_path / "ddp_dpo.py"
-    script.write_text(DDP_SCRIPT.format(root=root, out=str(tmp_path / "out")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("RANKS_EQUAL") == 2, done.stdout[-2000:]
+    assert_ranks_end_equal(DDP_SCRIPT, tmp_path)

@@ -26,6 +26,7 @@ from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers.grpo import GroupRepeatSampler  # noqa: E402
 from fastrl.trainers.model import backbone_hidden_states  # noqa: E402
+from tests.two_ranks import assert_ranks_end_equal  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -483,8 +484,6 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 
 DDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
 from fastrl.trainers import GRPOConfig, GRPOTrainer
 from fastrl.trainers.demo_task import arithmetic_dataset, build_tiny_model, build_tiny_tokenizer
 
@@ -499,31 +498,10 @@ args = GRPOConfig({out!r}, per_device_train_batch_size=4, num_generations=4, max
 trainer = GRPOTrainer(build_tiny_model(tok, "test"), letter_share, args=args,
                       train_dataset=arithmetic_dataset(32, 0), processing_class=tok)
 trainer.train()
-assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
-vec = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "lora_" in n])
-every = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
-dist.all_gather(every, vec)
-assert torch.equal(every[0], every[1]), (every[0] - every[1]).abs().max()
-assert vec.abs().sum() > 0
-print("RANKS_EQUAL", dist.get_rank(), flush=True)
-dist.barrier()
-dist.destroy_process_group()  # else gloo's threads may abort the process at exit
 """
 
 
 @pytest.mark.slow
 def test_data_parallel_ranks_end_with_the_same_weights(tmp_path):
-    # Each rank generates and scores its own prompts; equal LoRA weights at the end mean
-    # the gradients were all-reduced, i.e. the loss's forward went through the DDP wrapper.
-    import pathlib
-    import subprocess
-    import sys
-
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    script = tmp_path / "ddp_grpo.py"
-    script.write_text(DDP_SCRIPT.format(root=root, out=str(tmp_path / "out")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("RANKS_EQUAL") == 2, done.stdout[-2000:]
+    # each rank generates and scores its own prompts
+    assert_ranks_end_equal(DDP_SCRIPT, tmp_path)

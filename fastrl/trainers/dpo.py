@@ -43,7 +43,7 @@ from fastrl.integrations import lm_head
 from fastrl.trainers.data import join_message_contents, load_data, render_prompt, require_columns
 from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
-    DTYPES,
+    ModelArguments,
     backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
@@ -73,7 +73,7 @@ _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class DPOConfig(TrainingArguments):
+class DPOConfig(ModelArguments, TrainingArguments):
     r"""Configuration of `DPOTrainer`: `transformers.TrainingArguments` plus DPO's options.
 
     Names and defaults follow TRL 1.16's ``DPOConfig`` where TRL has the option
@@ -113,29 +113,7 @@ class DPOConfig(TrainingArguments):
         default=False, metadata={"help": "Keep the dataset's columns (the collator picks)."}
     )
 
-    # ---- model
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Modules to adapt; default: every linear layer of the blocks."},
-    )
-    load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: 4-bit NF4 base (bitsandbytes, CUDA)."}
-    )
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "Attention kernel; default flash_attention_2 if installed, else sdpa."},
-    )
-    model_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
-            "default bf16 on a bf16-capable GPU, else float32.",
-            "choices": [None, *DTYPES],
-        },
-    )
+    # ---- model (besides ModelArguments)
     disable_dropout: bool = field(
         default=True, metadata={"help": "Set every dropout probability of the model to 0."}
     )
@@ -224,10 +202,6 @@ class DPOConfig(TrainingArguments):
             "choices": ["auto", "triton", "torch"],
         },
     )
-    max_memory_gb: float | None = field(
-        default=None,
-        metadata={"help": "Cap this process's CUDA memory at this many GiB (e.g. 24)."},
-    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -248,14 +222,11 @@ class DPOConfig(TrainingArguments):
                 "use_weighting=True (WPO) is not supported: its weights need log sum_v p_v^2 per "
                 "token, which the fused lm_head does not compute"
             )
-        if self.model_dtype is not None and self.model_dtype not in DTYPES:
-            raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
-            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        self.check_model_arguments()
         super().__post_init__()
 
     @property
@@ -285,12 +256,6 @@ class DPOConfig(TrainingArguments):
             kw["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
         if "discopop" in types:
             kw["discopop_tau"] = self.discopop_tau
-        return kw
-
-    def lora_kwargs(self) -> dict:
-        kw = dict(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
-        if self.lora_target_modules is not None:
-            kw["target_modules"] = list(self.lora_target_modules)
         return kw
 
 
@@ -592,10 +557,8 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
         model = load_model(
             model,
             lora=None if isinstance(model, PeftModel) else args.lora_kwargs(),
-            load_in_4bit=args.load_in_4bit,
-            dtype=DTYPES[args.model_dtype] if args.model_dtype else None,
-            attn_implementation=args.attn_implementation,
             gradient_checkpointing=args.activation_checkpointing,
+            **args.load_model_kwargs(),
         )
         if args.disable_dropout:
             _disable_dropout(model)

@@ -69,7 +69,7 @@ from fastrl.integrations import lm_head
 from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
-    DTYPES,
+    ModelArguments,
     backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
@@ -93,7 +93,7 @@ _IGNORE = -100
 
 
 @dataclass
-class GRPOConfig(TrainingArguments):
+class GRPOConfig(ModelArguments, TrainingArguments):
     r"""`TrainingArguments` for `GRPOTrainer`: TRL 1.16's GRPO options, names and defaults,
     plus fastrl's.
 
@@ -155,34 +155,10 @@ class GRPOConfig(TrainingArguments):
         default=False, metadata={"help": "Keep every dataset column (reward functions get them)."}
     )
 
-    # ---- model (fastrl)
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | str = field(
-        default="all-linear", metadata={"help": "LoRA target modules (default: all block linears)."}
-    )
-    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base (QLoRA)."})
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "Attention kernel; default flash_attention_2 if installed, else sdpa."},
-    )
-    model_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
-            "default bf16 on a bf16-capable GPU, else float32.",
-            "choices": [None, *DTYPES],
-        },
-    )
+    # ---- data and generation (TRL)
     use_chat_template: bool = field(
         default=True, metadata={"help": "Render string prompts with the chat template if any."}
     )
-    max_memory_gb: float | None = field(
-        default=None, metadata={"help": "Cap this process's CUDA memory to this many GiB."}
-    )
-
-    # ---- data and generation (TRL)
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G)."})
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Keep the last N prompt tokens (None: all)."}
@@ -268,10 +244,7 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(
                 f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}"
             )
-        if self.model_dtype is not None and self.model_dtype not in DTYPES:
-            raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
-        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
-            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        self.check_model_arguments()
         if self.auto_find_batch_size:
             raise ValueError(
                 "auto_find_batch_size is not supported: the generation batch must hold whole "
@@ -444,22 +417,12 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         # ---- model: LoRA on every block linear, frozen lm_head, checkpointing
         from peft import PeftModel
 
-        lora = None
-        if not isinstance(model, PeftModel):
-            lora = dict(
-                r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                target_modules=args.lora_target_modules,
-            )
         set_seed(args.seed)  # the LoRA initialisation draws from the global RNG (as TRL)
         model = load_model(
             model,
-            lora=lora,
-            load_in_4bit=args.load_in_4bit,
-            dtype=DTYPES[args.model_dtype] if args.model_dtype else None,
-            attn_implementation=args.attn_implementation,
+            lora=None if isinstance(model, PeftModel) else args.lora_kwargs(),
             gradient_checkpointing=bool(args.activation_checkpointing),
+            **args.load_model_kwargs(),
         )
 
         # ---- rewards

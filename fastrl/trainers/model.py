@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,63 @@ from fastrl.integrations import causal_lm_hidden_states, lm_head
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+@dataclass
+class ModelArguments:
+    """The model options `GRPOConfig` and `DPOConfig` share (fastrl's; TRL's trainers take
+    a `peft_config` and `model_init_kwargs` instead). A base of both configs, before
+    `TrainingArguments`; each config's `__post_init__` calls `check_model_arguments`."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    # None rather than "all-linear": HfArgumentParser gives list fields no plain default
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt (default: every linear layer of the blocks)."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: 4-bit NF4 base (bitsandbytes, CUDA)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel; default flash_attention_2 if installed, else sdpa."},
+    )
+    model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
+            "default bf16 on a bf16-capable GPU, else float32.",
+            "choices": [None, *DTYPES],
+        },
+    )
+    max_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "Cap this process's CUDA memory to this many GiB (e.g. 24)."},
+    )
+
+    def check_model_arguments(self) -> None:
+        if self.model_dtype is not None and self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+
+    def lora_kwargs(self) -> dict:
+        """`peft.LoraConfig` keyword arguments."""
+        kw = dict(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        modules = self.lora_target_modules
+        if modules is not None:  # else DEFAULT_LORA's "all-linear"
+            kw["target_modules"] = modules if isinstance(modules, str) else list(modules)
+        return kw
+
+    def load_model_kwargs(self) -> dict:
+        """`load_model` keyword arguments other than `lora` and checkpointing."""
+        return dict(
+            load_in_4bit=self.load_in_4bit,
+            dtype=DTYPES[self.model_dtype] if self.model_dtype else None,
+            attn_implementation=self.attn_implementation,
+        )
 
 
 def _has(module: str) -> bool:
