@@ -122,7 +122,7 @@ def load_model(
     Returns:
         a `peft.PeftModel` whose only trainable parameters are the LoRA adapters.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, (str, os.PathLike)):
@@ -142,9 +142,12 @@ def load_model(
                 bnb_4bit_use_double_quant=True,
             )
         local = os.path.isdir(model)
+        # No peft.prepare_model_for_kbit_training (TRL's GRPOTrainer does not call it either):
+        # it would cast every non-quantized weight to fp32, the lm_head and embeddings
+        # included, doubling their memory and sending the fused head down its fp32 path.
+        # What else it does is done below (frozen base; non-reentrant checkpointing needs
+        # no input-grad hook).
         model = AutoModelForCausalLM.from_pretrained(model, local_files_only=local, **kwargs)
-        if load_in_4bit:
-            model = prepare_model_for_kbit_training(model, gradient_checkpointing)
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a path or a torch.nn.Module, got {type(model).__name__}")
     elif load_in_4bit:
