@@ -10,6 +10,7 @@
 `--config FILE` (flags given on the command line win).
 """
 
+import argparse
 import importlib
 import runpy
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCHES = ("logprobs", "policy", "preference", "grpo_step")
-BUILTIN_REWARDS = ("exact_match", "format", "length")
+BUILTIN_REWARDS = ("exact_match", "digit_match", "format", "length")
 
 
 @dataclass
@@ -28,7 +29,9 @@ class GRPOScriptArguments:
         default_factory=lambda: ["exact_match"],
         metadata={"help": f"built-in {BUILTIN_REWARDS} or 'module:function'; repeatable"},
     )
-    answer_column: str = field(default="answer", metadata={"help": "for exact_match"})
+    answer_column: str = field(
+        default="answer", metadata={"help": "for exact_match and digit_match"}
+    )
     answer_pattern: str | None = field(default=None, metadata={"help": "regex, group 1"})
     format_pattern: str = field(default=r"<answer>.*?</answer>", metadata={"help": "for format"})
     length_target: int = field(default=256, metadata={"help": "characters, for length"})
@@ -40,12 +43,26 @@ class DPOScriptArguments:
     dataset: str = field(metadata={"help": "prompt/chosen/rejected JSONL/CSV/parquet file"})
 
 
+class _CollectRepeated(argparse._StoreAction):
+    """A list option given several times keeps every value (`--reward a --reward b` is
+    `--reward a b`); argparse would keep only the last occurrence."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(self, "_given", False)
+        previous = list(getattr(namespace, self.dest) or []) if given else []
+        setattr(namespace, self.dest, previous + list(values))
+        self._given = True
+
+
 def _parse(dataclasses, argv):
     """HfArgumentParser over `dataclasses`, with `--config FILE.yaml` as defaults."""
     import yaml
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclasses)
+    for action in parser._actions:
+        if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
+            action.__class__ = _CollectRepeated
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -71,9 +88,11 @@ def _reward_functions(script: GRPOScriptArguments):
 
     funcs = []
     for spec in script.reward:
-        if spec == "exact_match":
+        if spec in ("exact_match", "digit_match"):
             kw = {} if script.answer_pattern is None else {"pattern": script.answer_pattern}
-            funcs.append(rewards.exact_match_answer(answer_column=script.answer_column, **kw))
+            factory = {"exact_match": rewards.exact_match_answer,
+                       "digit_match": rewards.digit_match_answer}[spec]  # fmt: skip
+            funcs.append(factory(answer_column=script.answer_column, **kw))
         elif spec == "format":
             funcs.append(rewards.format_reward(script.format_pattern))
         elif spec == "length":
@@ -97,6 +116,7 @@ def _tokenizer(model_path: str):
 def _train_and_save(trainer) -> None:
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(trainer.args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logs, next to the adapter
 
 
 def cmd_grpo(argv: list[str]) -> None:

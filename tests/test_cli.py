@@ -39,10 +39,14 @@ def test_cli_grpo(checkpoint, tmp_path):
     data = _jsonl(tmp_path / "train.jsonl", demo_task.arithmetic_dataset(16, 0))
     out = tmp_path / "grpo"
     main(["grpo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
-          "--reward", "exact_match", "--reward", "format", "--per_device_train_batch_size", "8",
+          "--reward", "exact_match", "--reward", "digit_match", "--reward", "format",
+          "--per_device_train_batch_size", "8",
           "--num_generations", "4", "--max_completion_length", "8", *COMMON])  # fmt: skip
     assert (out / "adapter_model.safetensors").exists()
     assert _adapted_modules(out) == ALL_LINEAR
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    for name in ("exact_match_answer", "digit_match_answer", "format_reward"):
+        assert f"rewards/{name}/mean" in logs[0], name
 
 
 def test_cli_dpo_from_yaml(checkpoint, tmp_path):
@@ -69,3 +73,19 @@ def test_cli_errors(tmp_path):
         main(["dpo", "--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(SystemExit, match="usage: fastrl bench"):
         main(["bench", "nope"])
+
+
+def test_repeated_list_options_keep_every_value():
+    from fastrl.cli import GRPOScriptArguments, _parse
+    from fastrl.trainers import GRPOConfig
+
+    base = ["--model", "m", "--dataset", "d", "--output_dir", "x", "--use_cpu", "true"]
+    script, _ = _parse((GRPOScriptArguments, GRPOConfig), base)
+    assert script.reward == ["exact_match"]  # the default
+    script, config = _parse(
+        (GRPOScriptArguments, GRPOConfig),
+        [*base, "--reward", "exact_match", "--reward", "format", "length",
+         "--lora_target_modules", "q_proj", "--lora_target_modules", "v_proj"],
+    )  # fmt: skip
+    assert script.reward == ["exact_match", "format", "length"]
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
