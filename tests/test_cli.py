@@ -89,3 +89,19 @@ def test_repeated_list_options_keep_every_value():
     )  # fmt: skip
     assert script.reward == ["exact_match", "format", "length"]
     assert config.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_stage(tmp_path):
+    main(["demo", "--quick", "--output_dir", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["quick"] is True and summary["device"] in ("cpu", "cuda")
+    for stage in ("sft", "grpo"):
+        assert 0.0 <= summary["accuracy"][stage] <= 1.0
+        assert 0.0 <= summary["sampled_accuracy"][stage] <= 1.0
+    # the fresh DPO adapter equals the reference: every margin is a tie, and ties count 1/2
+    assert summary["preference_accuracy"]["before_dpo"] == 0.5
+    assert 0.0 <= summary["preference_accuracy"]["after_dpo"] <= 1.0
+    for name in ("reward_curve.png", "grpo_adapter/adapter_model.safetensors",
+                 "dpo_adapter/adapter_model.safetensors"):  # fmt: skip
+        assert (tmp_path / name).exists(), name
