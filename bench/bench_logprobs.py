@@ -21,8 +21,6 @@ the run always finishes. Results go to bench/results/<device>-<date>.json plus a
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -41,18 +39,31 @@ if __package__ in (None, ""):
 
     sys.path.remove(_root)
 
-from bench.common import error_reason as _reason
 from bench.common import (
-    finish_run,
+    BenchCLI,
+    bench_parser,
+    case_record,
+    case_summary,
+    compile_afresh,
+    fastrl_impl,
     free_memory,
+    head_name,
+    headline_ms,
     is_oom,
     measure_methods,
+    model_shape_sets,
+    new_results,
     parse_shape_spec,
     peak_memory_mib,
-    resolve_device,
+    random_head_inputs,
+    resolve_run_args,
+    run_cases,
+    shape_label,
     synchronize,
     time_ms,
+    trl_chunk_size,
 )
+from bench.common import error_reason as _reason
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -66,31 +77,16 @@ class Shape:
 
     @property
     def label(self) -> str:
-        if any(self.name == model for model, _, _ in HEADS.values()):
-            return f"{self.name} N={self.N}"
-        return f"{self.name} d={self.d} V={self.V} N={self.N}"
+        return shape_label(self.name, self.d, self.V, f"N={self.N}")
 
 
-HEADS = {
-    "llama3-8b": ("Llama-3-8B", 4096, 128256),
-    "qwen2.5-7b": ("Qwen2.5-7B", 3584, 152064),
-    "qwen2.5-1.5b": ("Qwen2.5-1.5B", 1536, 151936),
-}
 GPU_TOKENS = (4096, 16384, 65536)
-
-
-def _model_shapes(key: str, tokens=GPU_TOKENS) -> list[Shape]:
-    name, d, V = HEADS[key]
-    return [Shape(name, N, d, V) for N in tokens]
-
 
 SHAPE_SETS: dict[str, list[Shape]] = {
     # a few seconds per method on 2 CPU cores, odd sizes so tails get exercised
     "cpu": [Shape("cpu", 256, 64, 1000), Shape("cpu", 256, 128, 4000)],
     "smoke": [Shape("smoke", 64, 32, 500)],
-    "gpu": [s for key in HEADS for s in _model_shapes(key)],
-    "gpu-quick": [s for key in HEADS for s in _model_shapes(key, (4096,))],
-    **{key: _model_shapes(key) for key in HEADS},
+    **model_shape_sets(lambda model, d, V, N: Shape(model, N, d, V), GPU_TOKENS, 4096),
 }
 
 
@@ -99,8 +95,6 @@ def parse_shapes(spec: str) -> list[Shape]:
     return parse_shape_spec(spec, SHAPE_SETS, lambda N, d, V: Shape("custom", N, d, V), "NxdxV")
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPES.update(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
 MODES = ("fwd", "bwd", "fwdbwd", "infer")
 # matmuls of size 2*N*V*d each mode needs: forward; backward = recompute + dH (+ dW)
 MATMULS = {"fwd": 1, "infer": 1, "bwd": 2, "fwdbwd": 3}
@@ -125,7 +119,7 @@ def eager_logprobs(hidden, weight, targets):
 def _fastrl(ctx):
     import fastrl
 
-    impl = ctx.get("fastrl_impl") or ("triton" if ctx["device"].type == "cuda" else "torch")
+    impl = fastrl_impl(ctx)
 
     def f(h, w, t):
         return fastrl.linear_logprobs(h, w, t, impl=impl)
@@ -138,17 +132,13 @@ def _eager(ctx):
 
 
 def _compile(ctx):
-    torch._dynamo.reset()
-    return torch.compile(eager_logprobs, dynamic=False), "torch.compile(eager), dynamic=False"
+    return compile_afresh(eager_logprobs)
 
 
 def _trl_chunked(ctx):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    try:
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-    except ImportError:
-        chunk = 32768
+    chunk = trl_chunk_size()
 
     def f(h, w, t):
         # apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
@@ -210,12 +200,7 @@ METHODS: dict[str, Callable] = {
 
 def make_inputs(shape: Shape, dtype, device, trainable: bool, seed: int = 0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    # logits ~ N(0, 2^2): peaked enough to look like an LM head, no overflow in fp16
-    hidden = torch.randn(shape.N, shape.d, generator=gen).to(device, dtype)
-    weight = (torch.randn(shape.V, shape.d, generator=gen) * (2.0 / math.sqrt(shape.d))).to(
-        device, dtype
-    )
-    targets = torch.randint(0, shape.V, (shape.N,), generator=gen).to(device)
+    hidden, weight, targets = random_head_inputs((shape.N,), shape.d, shape.V, dtype, device, gen)
     grad = torch.randn(shape.N, generator=gen).to(device)
     hidden.requires_grad_(True)
     weight.requires_grad_(trainable)
@@ -354,15 +339,8 @@ def run_case(
     timer = timer or (lambda fn: time_ms(fn, device))
     ctx = {"device": device, "dtype": dtype, "fastrl_impl": fastrl_impl}
     flops_unit = 2.0 * shape.N * shape.V * shape.d
-    record: dict = {
-        "shape": asdict(shape),
-        "label": shape.label,
-        "dtype": str(dtype).removeprefix("torch."),
-        "head": "trainable" if trainable else "frozen",
-        "modes": list(modes),
-        "flops": {m: matmul_count(m, trainable) * flops_unit for m in modes},
-        "methods": {},
-    }
+    flops = {m: matmul_count(m, trainable) * flops_unit for m in modes}
+    record = case_record(asdict(shape), shape.label, dtype, trainable, modes, flops)
     record["matmul"] = (
         matmul_reference(shape, dtype, device, trainable, timer)
         if matmul
@@ -390,103 +368,42 @@ def run_case(
 # ----------------------------------------------------------------------------- CLI
 
 
+def _figures(method: dict) -> str:
+    mem = method["peak_mem_mib"].get("fwdbwd")
+    return f"{headline_ms(method):.3g}ms" + (f"/{mem:.0f}MiB" if mem is not None else "")
+
+
 def summary_line(rec: dict) -> str:
-    parts = []
-    for name, m in rec["methods"].items():
-        if m["status"] == "ok":
-            ms = m["ms"].get("fwdbwd", next(iter(m["ms"].values()), float("nan")))
-            mem = m["peak_mem_mib"].get("fwdbwd")
-            parts.append(f"{name} {ms:.3g}ms" + (f"/{mem:.0f}MiB" if mem is not None else ""))
-        else:
-            parts.append(f"{name} {m['status']}")
-    return f"{rec['label']} {rec['dtype']} {rec['head']}: " + ", ".join(parts)
+    return case_summary(rec, _figures)
 
 
-def main(argv=None) -> int:
-    from bench.common import default_results_path, environment, progress, write_json
+CLI = BenchCLI(
+    name="linear_logprobs",
+    parse_shapes=parse_shapes,
+    shapes_help=f"comma list of {sorted(SHAPE_SETS)} or NxdxV",
+    modes=MODES,
+    default_modes="fwd,bwd,fwdbwd",
+    methods=METHODS,
+    default_methods=tuple(METHODS),
+    methods_help="comma list of methods",
+    results_prefix="",
+    out_help="JSON path (default bench/results/<dev>-<date>)",
+)
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--shapes",
-        type=parse_shapes,
-        default=None,
-        help=f"comma list of {sorted(SHAPE_SETS)} or NxdxV (default: gpu on CUDA, cpu else)",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on CUDA")
-    p.add_argument("--modes", default="fwd,bwd,fwdbwd", help=f"comma list of {MODES}")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
-    head = p.add_mutually_exclusive_group()
-    head.add_argument("--head", choices=["frozen", "trainable", "both"], default="frozen")
-    head.add_argument("--frozen", dest="head", action="store_const", const="frozen")
-    head.add_argument("--trainable", dest="head", action="store_const", const="trainable")
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU only: torch threads (default 1: stable numbers on a shared machine; 0 = torch's)",
-    )
-    p.add_argument("--fastrl-impl", default=None, help="override fastrl's impl (triton/torch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<dev>-<date>)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
-    args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
-    if device.type == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    shapes = args.shapes or parse_shapes("gpu" if device.type == "cuda" else "cpu")
-    dtype = (
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if args.dtype == "auto"
-        else DTYPES[args.dtype]
-    )
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {MODES}")
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {list(METHODS)}")
-    heads = [False, True] if args.head == "both" else [args.head == "trainable"]
-    out_path = Path(args.out) if args.out else default_results_path(device)
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser(__doc__, CLI)
+    run = resolve_run_args(p, p.parse_args(argv), CLI)
+    results = new_results(CLI.name, run)
 
-    env = environment(device)
-    results = {
-        "benchmark": "linear_logprobs",
-        "env": env,
-        "config": {
-            "dtype": str(dtype).removeprefix("torch."),
-            "modes": modes,
-            "methods": methods,
-            "seed": args.seed,
-        },
-        "cases": [],
-    }
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} -> {out_path}")
-    cases = [(s, tr) for tr in heads for s in shapes]
-    bar = progress(cases, desc="linear_logprobs", unit="case")
-    for shape, trainable in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{shape.label} {'trainable' if trainable else 'frozen'}")
-        rec = run_case(
-            shape,
-            dtype=dtype,
-            device=device,
-            trainable=trainable,
-            methods=methods,
-            modes=modes,
-            seed=args.seed,
-            fastrl_impl=args.fastrl_impl,
-            verbose=args.verbose,
-        )
-        results["cases"].append(rec)
-        write_json(results, out_path)  # after every case, so a crash keeps what was measured
-        (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
+    def run_one(shape: Shape, trainable: bool) -> dict:
+        return run_case(shape, trainable=trainable, **run.case_options())
 
-    finish_run(results, out_path, plot=not args.no_plot)
+    def describe(shape: Shape, trainable: bool) -> str:
+        return f"{shape.label} {head_name(trainable)}"
+
+    cases = [(s, tr) for tr in run.heads for s in run.shapes]
+    run_cases(results, cases, run_one, describe, summary_line, run)
     return 0
 
 

@@ -35,11 +35,9 @@ finishes. Results go to bench/results/policy-<device>-<date>.json plus a PNG.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,17 +51,31 @@ if __package__ in (None, ""):
 
     sys.path.remove(_root)
 
-from bench.bench_logprobs import DTYPES, HEADS, Shape, matmul_reference
+from bench.bench_logprobs import Shape, eager_logprobs, matmul_reference
 from bench.common import (
     MIB,
-    finish_run,
+    BenchCLI,
+    add_mask_arg,
+    bench_parser,
+    compiled_loss_method,
+    completion_mask,
+    csv_list,
+    eager_loss_method,
+    fastrl_impl,
     free_memory,
+    loss_case_record,
     measure_methods,
+    model_shape_sets,
+    parse_betas,
     parse_shape_spec,
     peak_memory_mib,
-    resolve_device,
+    random_head_inputs,
+    resolve_run_args,
+    run_loss_benchmark,
+    shape_label,
     synchronize,
     time_ms,
+    trl_fused_head,
 )
 from bench.common import error_reason as _reason
 
@@ -87,24 +99,15 @@ class PolicyShape:
 
     @property
     def label(self) -> str:
-        if any(self.name == model for model, _, _ in HEADS.values()):
-            return f"{self.name} N={self.B}x{self.T}"
-        return f"{self.name} d={self.d} V={self.V} N={self.B}x{self.T}"
-
-
-def _model_shapes(key: str, lengths=GPU_LENGTHS) -> list[PolicyShape]:
-    name, d, V = HEADS[key]
-    return [PolicyShape(name, G, T, d, V) for T in lengths]
+        return shape_label(self.name, self.d, self.V, f"N={self.B}x{self.T}")
 
 
 SHAPE_SETS: dict[str, list[PolicyShape]] = {
     # a few seconds per method on 2 CPU cores; odd sizes so tails get exercised
     "cpu": [PolicyShape("cpu", G, 33, 64, 1000), PolicyShape("cpu", G, 97, 128, 4000)],
     "smoke": [PolicyShape("smoke", 4, 9, 32, 500)],
-    "gpu": [s for key in HEADS for s in _model_shapes(key)],
-    # the issue's target shape (N = 16384 tokens) for each head
-    "gpu-quick": [s for key in HEADS for s in _model_shapes(key, (2048,))],
-    **{key: _model_shapes(key) for key in HEADS},
+    # gpu-quick: the issue's target shape (N = 16384 tokens) for each head
+    **model_shape_sets(lambda model, d, V, T: PolicyShape(model, G, T, d, V), GPU_LENGTHS, 2048),
 }
 
 
@@ -178,15 +181,13 @@ def _policy_loss_on(logps, x: dict, kw: dict, entropy=None) -> torch.Tensor:
 
 
 def eager_loss(x: dict, kw: dict) -> torch.Tensor:
-    logits = (x["hidden"] @ x["weight"].T).float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, x["targets"].unsqueeze(-1)).squeeze(-1)
-    return _policy_loss_on(logps, x, kw)
+    return _policy_loss_on(eager_logprobs(x["hidden"], x["weight"], x["targets"]), x, kw)
 
 
 def _fastrl(ctx):
     import fastrl
 
-    impl = ctx.get("fastrl_impl") or ("triton" if ctx["device"].type == "cuda" else "torch")
+    impl = fastrl_impl(ctx)
     kw = ctx["loss_kw"]
 
     def f(x):
@@ -207,38 +208,15 @@ def _fastrl(ctx):
 
 
 def _trl_chunked(ctx):
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
-
-    try:
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-    except ImportError:
-        chunk = 32768
+    # GRPOTrainer asks TRL's fused head for entropies too
+    head, note = trl_fused_head(ctx["device"], ("log_probs", "entropy"), keep=2)
     kw = ctx["loss_kw"]
-    compact = _use_triton(ctx["device"])
 
     def f(x):
-        # as trl.trainer.utils.add_fused_lm_head's forward (GRPOTrainer asks for entropy)
-        hidden, targets, mask = x["hidden"], x["targets"], x["mask"].bool()
-        if compact:  # score only the completion tokens
-            h, t = hidden[mask], targets[mask]
-        else:  # every position (fixed tile shapes), masked ones with label 0
-            h = hidden.reshape(-1, hidden.shape[-1])
-            t = targets.masked_fill(~mask, 0).reshape(-1)
-        # apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
-        #       outputs) -> (logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)
-        lp, ent, *_ = ChunkedLogProbFunction.apply(
-            h, x["weight"], None, t, 1.0, chunk, None, 1.0, ("log_probs", "entropy")
-        )
-        if compact:
-            lp = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
-            ent = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
-        else:
-            lp = lp.view(mask.shape).masked_fill(~mask, 0)
-            ent = ent.view(mask.shape).masked_fill(~mask, 0)
+        lp, ent = head(x)
         return _policy_loss_on(lp, x, kw, entropy=ent)
 
-    where = "completion tokens only" if compact else "every position"
-    return f, f"ChunkedLogProbFunction chunk_size={chunk} ({where}) + policy_loss (TRL's loss)"
+    return f, note + " + policy_loss (TRL's loss)"
 
 
 def _liger(ctx):
@@ -274,24 +252,12 @@ def _liger(ctx):
     return f, "LigerFusedLinearGRPOLoss chunk_size=1 compiled=True (grads computed in forward)"
 
 
-def _eager(ctx):
-    kw = ctx["loss_kw"]
-    return (lambda x: eager_loss(x, kw)), "materialised fp32 logits + policy_loss"
-
-
-def _compile(ctx):
-    torch._dynamo.reset()
-    kw = ctx["loss_kw"]
-    fn = torch.compile(eager_loss, dynamic=False)
-    return (lambda x: fn(x, kw)), "torch.compile(eager), dynamic=False"
-
-
 METHODS: dict[str, Callable] = {
     "fastrl": _fastrl,
     "trl_chunked": _trl_chunked,
     "liger": _liger,
-    "eager": _eager,
-    "compile": _compile,
+    "eager": eager_loss_method(eager_loss, "materialised fp32 logits + policy_loss"),
+    "compile": compiled_loss_method(eager_loss),
 }
 DEFAULT_METHODS = ("fastrl", "trl_chunked", "liger", "eager")
 
@@ -342,19 +308,9 @@ def make_inputs(shape: PolicyShape, dtype, device, trainable: bool, mask_kind="f
     0.1), so the ratios sit near 1 and some tokens are clipped, as in training.
     `mask_kind="ragged"` right-pads each completion to a random length in [T/2, T]."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    B, T, d, V = shape.B, shape.T, shape.d, shape.V
-    # logits ~ N(0, 2^2): peaked enough to look like an LM head, no overflow in fp16
-    hidden = torch.randn(B, T, d, generator=gen).to(device, dtype)
-    weight = (torch.randn(V, d, generator=gen) * (2.0 / math.sqrt(d))).to(device, dtype)
-    targets = torch.randint(0, V, (B, T), generator=gen).to(device)
-    if mask_kind == "full":
-        mask = torch.ones(B, T, dtype=torch.long)
-    elif mask_kind == "ragged":
-        lengths = torch.randint((T + 1) // 2, T + 1, (B,), generator=gen)
-        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    else:
-        raise ValueError(f"mask_kind must be 'full' or 'ragged', got {mask_kind!r}")
-    mask = mask.to(device)
+    B, T, d = shape.B, shape.T, shape.d
+    hidden, weight, targets = random_head_inputs((B, T), d, shape.V, dtype, device, gen)
+    mask = completion_mask(mask_kind, B, T, gen).to(device)
     rewards = torch.randn(B, generator=gen)
     advantages = ((rewards - rewards.mean()) / (rewards.std() + 1e-4)).to(device)
     base, _, _, _ = _chunked_reference(hidden.reshape(-1, d), weight, targets.reshape(-1))
@@ -379,26 +335,35 @@ def _params(x: dict) -> list[torch.Tensor]:
     return [x["hidden"]] + ([x["weight"]] if x["weight"].requires_grad else [])
 
 
-def reference_loss(x: dict, kw: dict):
-    """fp32 loss and gradients (dH, and dW for a trainable head), in row chunks:
-    fp32 log-probs and entropies, `fastrl.policy_loss` on them, then its gradient w.r.t.
-    the log-probs (and entropies) pushed through the head chunk by chunk."""
-    B, T, d = x["hidden"].shape
+def chunked_reference_loss(
+    x: dict, loss_on: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 loss and gradients (dH, and dW for a trainable head) of a loss benchmark's
+    inputs `x`, in row chunks: fp32 per-token log-probs and entropies ([rows, T]),
+    `loss_on(logps, entropy)`, then its gradient w.r.t. them pushed through the head chunk
+    by chunk."""
+    R, T, d = x["hidden"].shape
     h = x["hidden"].detach().reshape(-1, d)
     t = x["targets"].reshape(-1)
     lp, ent, _, _ = _chunked_reference(h, x["weight"].detach(), t)
-    lp = lp.view(B, T).requires_grad_(True)
-    ent = ent.view(B, T).requires_grad_(True)
+    lp = lp.view(R, T).requires_grad_(True)
+    ent = ent.view(R, T).requires_grad_(True)
     with torch.enable_grad():
-        loss = _policy_loss_on(lp, x, kw, entropy=ent)
+        loss = loss_on(lp, ent)
+        # a loss that does not use the entropies gets None for them: no entropy term
         g_lp, g_ent = torch.autograd.grad(loss, [lp, ent], allow_unused=True)
     g_ent = None if g_ent is None else g_ent.reshape(-1)
     trainable = x["weight"].requires_grad
     _, _, dh, dw = _chunked_reference(
         h, x["weight"].detach(), t, g_lp.reshape(-1), g_ent, need_dw=trainable
     )
-    grads = [dh.view(B, T, d)] + ([dw] if trainable else [])
+    grads = [dh.view(R, T, d)] + ([dw] if trainable else [])
     return loss.detach(), grads
+
+
+def reference_loss(x: dict, kw: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 loss and gradients: `fastrl.policy_loss` on fp32 log-probs and entropies."""
+    return chunked_reference_loss(x, lambda lp, ent: _policy_loss_on(lp, x, kw, entropy=ent))
 
 
 # ----------------------------------------------------------------------------- one case
@@ -449,6 +414,59 @@ def measure_method(fn: LossFn, x: dict, modes, device, timer, ref=None) -> dict:
     if "fwdbwd" in modes:
         rec["ms"]["fwdbwd"] = timer(fwdbwd)
     return rec
+
+
+def measure_loss_methods(
+    record: dict,
+    x: dict,
+    ctx: dict,
+    factories: dict[str, Callable],
+    reference: Callable[[bool], tuple] | None,
+    *,
+    methods: Sequence[str],
+    modes: Sequence[str],
+    timer: Callable,
+    verbose: bool,
+) -> None:
+    """Measure every method of a loss benchmark's case into record["methods"], each
+    checked against an fp32 reference (None: no check).
+
+    `reference(zero)` gives the reference (loss, grads); `zero` is True for methods marked
+    `zero_reference` (bench_preference: a DPO loss run with zero reference log-probs).
+    The usual one is computed up front, the other when a method first needs it; each
+    records its loss (`reference_loss`, `reference_loss_zero_ref`) or why it failed."""
+    device = ctx["device"]
+    refs: dict[bool, tuple | None] = {}
+
+    def compute_reference(zero: bool) -> None:
+        suffix = "_zero_ref" if zero else ""
+        try:
+            refs[zero] = reference(zero)
+            record["reference_loss" + suffix] = float(refs[zero][0])
+        except Exception as e:
+            refs[zero] = None
+            record["reference_reason" + suffix] = _reason(e)
+            free_memory(device)
+
+    if reference is not None:
+        compute_reference(False)
+
+    def measure(fn: LossFn) -> dict:
+        zero = bool(getattr(fn, "zero_reference", False))
+        if reference is not None and zero not in refs:
+            compute_reference(zero)
+        return measure_method(fn, x, modes, device, timer, refs.get(zero))
+
+    record["methods"] = measure_methods(
+        methods,
+        factories,
+        ctx,
+        measure,
+        flops=record["flops"],
+        matmul_ms=record["matmul"].get("ms", {}),
+        device=device,
+        verbose=verbose,
+    )
 
 
 def matmul_floor(shape: PolicyShape, n_tokens: int, dtype, device, trainable, timer) -> dict:
@@ -518,43 +536,23 @@ def run_case(
     ctx = {"device": device, "dtype": dtype, "fastrl_impl": fastrl_impl}
     ctx.update(loss=loss, loss_kw=kw)
     n_active = x["num_items"]
-    flops_unit = 2.0 * n_active * shape.V * shape.d
-    record: dict = {
-        "shape": {**asdict(shape), "N": shape.N},
-        "label": shape.label,
-        "dtype": str(dtype).removeprefix("torch."),
-        "head": "trainable" if trainable else "frozen",
-        "loss": asdict(loss),
-        "loss_label": loss.label,
-        "mask": mask_kind,
-        "active_tokens": n_active,
-        "modes": list(modes),
-        "flops": {m: matmul_count(m, trainable) * flops_unit for m in modes},
-        "methods": {},
-    }
+    record = loss_case_record(
+        shape, loss, n_active, dtype, trainable, modes, matmul_count, mask_kind
+    )
     record["matmul"] = (
         matmul_floor(shape, n_active, dtype, device, trainable, timer)
         if matmul
         else {"status": "skipped", "reason": "disabled"}
     )
-    mm_ms = record["matmul"].get("ms", {})
-    ref = None
-    if check:
-        try:
-            ref = reference_loss(x, kw)
-            record["reference_loss"] = float(ref[0])
-        except Exception as e:
-            record["reference_reason"] = _reason(e)
-            free_memory(device)
-
-    record["methods"] = measure_methods(
-        methods,
-        METHODS,
+    measure_loss_methods(
+        record,
+        x,
         ctx,
-        partial(measure_method, x=x, modes=modes, device=device, timer=timer, ref=ref),
-        flops=record["flops"],
-        matmul_ms=mm_ms,
-        device=device,
+        METHODS,
+        (lambda _: reference_loss(x, kw)) if check else None,
+        methods=methods,
+        modes=modes,
+        timer=timer,
         verbose=verbose,
     )
 
@@ -565,47 +563,29 @@ def run_case(
             k.removesuffix("_ms"): v / head_ms for k, v in lo.items() if k.endswith("_ms") and v
         }
     record["loss_only"] = lo
-    del x, ref
+    x = None  # not `del x`: the reference lambda above closes over it
     free_memory(device)
     return record
 
 
 # ----------------------------------------------------------------------------- CLI
 
-
-def summary_line(rec: dict) -> str:
-    parts = []
-    for name, m in rec["methods"].items():
-        if m["status"] == "ok":
-            ms = m["ms"].get("fwdbwd", next(iter(m["ms"].values()), float("nan")))
-            s = f"{name} {ms:.3g}ms"
-            if "fwdbwd" in m.get("x_matmul", {}):
-                s += f" ({m['x_matmul']['fwdbwd']:.2f}x mm)"
-            if m.get("extra_mem_mib") is not None:
-                s += f"/{m['extra_mem_mib']:.0f}MiB"
-            parts.append(s)
-        else:
-            parts.append(f"{name} {m['status']}")
-    label = rec["label"]
-    if not label.endswith(rec["loss_label"]):
-        label += f" {rec['loss_label']}"
-    return f"{label} {rec['dtype']} {rec['head']}: " + ", ".join(parts)
+CLI = BenchCLI(
+    name="fused_policy_loss",
+    parse_shapes=parse_shapes,
+    shapes_help=f"comma list of {sorted(SHAPE_SETS)} or BxTxdxV",
+    modes=MODES,
+    default_modes="fwd,fwdbwd",
+    methods=METHODS,
+    default_methods=DEFAULT_METHODS,
+    methods_help=f"comma list of {list(METHODS)} (default: all but compile)",
+    results_prefix="policy-",
+    out_help="JSON path (default bench/results/policy-<dev>-<date>.json)",
+    check=True,
+)
 
 
-def _csv(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
-
-
-def main(argv=None) -> int:
-    from bench.common import default_results_path, environment, progress, write_json
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--shapes",
-        type=parse_shapes,
-        default=None,
-        help=f"comma list of {sorted(SHAPE_SETS)} or BxTxdxV (default: gpu on CUDA, cpu else)",
-    )
+def _add_loss_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss-type",
         default="dapo",
@@ -622,114 +602,22 @@ def main(argv=None) -> int:
         default="token",
         help="importance_sampling_level (sequence = GSPO)",
     )
-    p.add_argument(
-        "--mask",
-        choices=["full", "ragged"],
-        default="full",
-        help="full: every token counts; ragged: completions right-padded to lengths in [T/2, T]",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on CUDA")
-    p.add_argument("--modes", default="fwd,fwdbwd", help=f"comma list of {MODES}")
-    p.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma list of {list(METHODS)} (default: all but compile)",
-    )
-    head = p.add_mutually_exclusive_group()
-    head.add_argument("--head", choices=["frozen", "trainable", "both"], default="frozen")
-    head.add_argument("--frozen", dest="head", action="store_const", const="frozen")
-    head.add_argument("--trainable", dest="head", action="store_const", const="trainable")
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU only: torch threads (default 1: stable numbers on a shared machine; 0 = torch's)",
-    )
-    p.add_argument("--fastrl-impl", default=None, help="override fastrl's impl (triton/torch)")
-    p.add_argument("--no-check", action="store_true", help="skip the fp32 reference loss/grads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out", default=None, help="JSON path (default bench/results/policy-<dev>-<date>.json)"
-    )
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
-    args = p.parse_args(argv)
+    add_mask_arg(p)
 
-    device = resolve_device(args.device)
-    if device.type == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    shapes = args.shapes or parse_shapes("gpu" if device.type == "cuda" else "cpu")
-    dtype = (
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if args.dtype == "auto"
-        else DTYPES[args.dtype]
-    )
-    modes = _csv(args.modes)
-    methods = _csv(args.methods)
-    for m in modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {MODES}")
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {list(METHODS)}")
-    try:
-        betas = [float(b) for b in _csv(args.beta)]
-    except ValueError:
-        p.error(f"--beta must be a comma list of numbers, got {args.beta!r}")
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser(__doc__, CLI, _add_loss_args)
+    args = p.parse_args(argv)
+    run = resolve_run_args(p, args, CLI)
+    betas = parse_betas(p, args.beta)
     losses = [
         LossConfig(lt, b, args.epsilon, args.epsilon_high, args.level)
-        for lt in _csv(args.loss_type)
+        for lt in csv_list(args.loss_type)
         for b in betas
     ]
-    heads = [False, True] if args.head == "both" else [args.head == "trainable"]
-    out_path = Path(args.out) if args.out else default_results_path(device, prefix="policy-")
-
-    env = environment(device)
-    title = "fastrl.fused_policy_loss" + (f" ({losses[0].label})" if len(losses) == 1 else "")
-    results = {
-        "benchmark": "fused_policy_loss",
-        "title": title,
-        "env": env,
-        "config": {
-            "dtype": str(dtype).removeprefix("torch."),
-            "modes": modes,
-            "methods": methods,
-            "losses": [asdict(c) for c in losses],
-            "mask": args.mask,
-            "group_size": G,
-            "seed": args.seed,
-        },
-        "cases": [],
-    }
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} -> {out_path}")
-    cases = [(s, c, tr) for tr in heads for c in losses for s in shapes]
-    bar = progress(cases, desc="fused_policy_loss", unit="case")
-    for shape, cfg, trainable in bar:
-        if hasattr(bar, "set_postfix_str"):
-            head = "trainable" if trainable else "frozen"
-            bar.set_postfix_str(f"{shape.label} {cfg.label} {head}")
-        rec = run_case(
-            shape,
-            cfg,
-            dtype=dtype,
-            device=device,
-            trainable=trainable,
-            methods=methods,
-            modes=modes,
-            mask_kind=args.mask,
-            seed=args.seed,
-            fastrl_impl=args.fastrl_impl,
-            check=not args.no_check,
-            verbose=args.verbose,
-        )
-        if len(losses) > 1:  # tell the loss configs apart in the plot
-            rec["label"] += f" {cfg.label}"
-        results["cases"].append(rec)
-        write_json(results, out_path)  # after every case, so a crash keeps what was measured
-        (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
-
-    finish_run(results, out_path, plot=not args.no_plot)
+    run_loss_benchmark(
+        CLI.name, run, losses, run_case, mask=args.mask, check=not args.no_check, group_size=G
+    )
     return 0
 
 

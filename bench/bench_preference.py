@@ -54,10 +54,9 @@ bench/results/preference-<device>-<date>.json plus a PNG.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,16 +70,28 @@ if __package__ in (None, ""):
 
     sys.path.remove(_root)
 
-from bench.bench_logprobs import DTYPES, HEADS, Shape, matmul_count, matmul_reference
-from bench.bench_policy import _chunked_reference, _csv, measure_method
-from bench.common import error_reason as _reason
+from bench.bench_logprobs import Shape, eager_logprobs, matmul_count, matmul_reference
+from bench.bench_policy import _chunked_reference, chunked_reference_loss, measure_loss_methods
 from bench.common import (
-    finish_run,
+    BenchCLI,
+    add_mask_arg,
+    bench_parser,
+    compiled_loss_method,
+    completion_mask,
+    csv_list,
+    eager_loss_method,
+    fastrl_impl,
     free_memory,
-    measure_methods,
+    loss_case_record,
+    model_shape_sets,
+    parse_betas,
     parse_shape_spec,
-    resolve_device,
+    random_head_inputs,
+    resolve_run_args,
+    run_loss_benchmark,
+    shape_label,
     time_ms,
+    trl_fused_head,
 )
 
 # ----------------------------------------------------------------------------- shapes
@@ -103,24 +114,14 @@ class PairShape:
 
     @property
     def label(self) -> str:
-        size = f"N=2x{self.B}x{self.T}"
-        if any(self.name == model for model, _, _ in HEADS.values()):
-            return f"{self.name} {size}"
-        return f"{self.name} d={self.d} V={self.V} {size}"
-
-
-def _model_shapes(key: str, lengths=GPU_LENGTHS) -> list[PairShape]:
-    name, d, V = HEADS[key]
-    return [PairShape(name, PAIRS, T, d, V) for T in lengths]
+        return shape_label(self.name, self.d, self.V, f"N=2x{self.B}x{self.T}")
 
 
 SHAPE_SETS: dict[str, list[PairShape]] = {
     # tiny, odd sizes so tails get exercised; the whole default CPU run takes < 1 min
     "cpu": [PairShape("cpu", 2, 33, 64, 1000), PairShape("cpu", 2, 61, 96, 2500)],
     "smoke": [PairShape("smoke", 2, 9, 32, 500)],
-    "gpu": [s for key in HEADS for s in _model_shapes(key)],
-    "gpu-quick": [s for key in HEADS for s in _model_shapes(key, (2048,))],
-    **{key: _model_shapes(key) for key in HEADS},
+    **model_shape_sets(lambda model, d, V, T: PairShape(model, PAIRS, T, d, V), GPU_LENGTHS, 2048),
 }
 
 
@@ -191,15 +192,13 @@ def _preference_loss_on(token_logps, x: dict, kw: dict, zero_reference=False) ->
 
 
 def eager_loss(x: dict, kw: dict) -> torch.Tensor:
-    logits = (x["hidden"] @ x["weight"].T).float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, x["targets"].unsqueeze(-1)).squeeze(-1)
-    return _preference_loss_on(logps, x, kw)
+    return _preference_loss_on(eager_logprobs(x["hidden"], x["weight"], x["targets"]), x, kw)
 
 
 def _fastrl(ctx):
     import fastrl
 
-    impl = ctx.get("fastrl_impl") or ("triton" if ctx["device"].type == "cuda" else "torch")
+    impl = fastrl_impl(ctx)
     kw = ctx["loss_kw"]
 
     def f(x):
@@ -224,37 +223,15 @@ TRL_DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
 def _trl_chunked(ctx):
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
-
-    try:
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-    except ImportError:
-        chunk = 32768
+    # DPOTrainer computes all of TRL_DPO_OUTPUTS, its loss uses the log-probs only
+    head, note = trl_fused_head(ctx["device"], TRL_DPO_OUTPUTS, keep=1)
     kw = ctx["loss_kw"]
-    compact = _use_triton(ctx["device"])
 
     def f(x):
-        # as trl.trainer.utils.add_fused_lm_head's forward, with DPOTrainer's outputs
-        hidden, targets, mask = x["hidden"], x["targets"], x["mask"].bool()
-        if compact:  # score only the completion tokens
-            h, t = hidden[mask], targets[mask]
-        else:  # every position (fixed tile shapes), masked ones with label 0
-            h = hidden.reshape(-1, hidden.shape[-1])
-            t = targets.masked_fill(~mask, 0).reshape(-1)
-        # apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
-        #       outputs) -> (logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)
-        lp = ChunkedLogProbFunction.apply(
-            h, x["weight"], None, t, 1.0, chunk, None, 1.0, TRL_DPO_OUTPUTS
-        )[0]
-        if compact:
-            lp = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
-        else:
-            lp = lp.view(mask.shape).masked_fill(~mask, 0)
+        (lp,) = head(x)
         return _preference_loss_on(lp, x, kw)  # DPOTrainer: per_token_logps.sum(1), ...
 
-    where = "completion tokens only" if compact else "every position"
-    note = f"ChunkedLogProbFunction chunk_size={chunk} ({where}), outputs={TRL_DPO_OUTPUTS}"
-    return f, note + " + sums + preference_loss (TRL's loss)"
+    return f, f"{note}, outputs={TRL_DPO_OUTPUTS} + sums + preference_loss (TRL's loss)"
 
 
 def _trl_selective(ctx):
@@ -318,25 +295,13 @@ def _liger(ctx):
     return f, note + ", chunk_size=1 compiled=True (grads computed in forward)"
 
 
-def _eager(ctx):
-    kw = ctx["loss_kw"]
-    return (lambda x: eager_loss(x, kw)), "materialised fp32 logits + preference_loss"
-
-
-def _compile(ctx):
-    torch._dynamo.reset()
-    kw = ctx["loss_kw"]
-    fn = torch.compile(eager_loss, dynamic=False)
-    return (lambda x: fn(x, kw)), "torch.compile(eager), dynamic=False"
-
-
 METHODS: dict[str, Callable] = {
     "fastrl": _fastrl,
     "trl_chunked": _trl_chunked,
     "trl_selective": _trl_selective,
     "liger": _liger,
-    "eager": _eager,
-    "compile": _compile,
+    "eager": eager_loss_method(eager_loss, "materialised fp32 logits + preference_loss"),
+    "compile": compiled_loss_method(eager_loss),
 }
 DEFAULT_METHODS = ("fastrl", "trl_chunked", "liger", "eager")
 
@@ -352,19 +317,9 @@ def make_inputs(shape: PairShape, dtype, device, trainable: bool, mask_kind="ful
     start of training. `mask_kind="ragged"` right-pads each completion to a random length
     in [T/2, T] (pairs of unequal lengths)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    R, T, d, V = 2 * shape.B, shape.T, shape.d, shape.V
-    # logits ~ N(0, 2^2): peaked enough to look like an LM head, no overflow in fp16
-    hidden = torch.randn(R, T, d, generator=gen).to(device, dtype)
-    weight = (torch.randn(V, d, generator=gen) * (2.0 / math.sqrt(d))).to(device, dtype)
-    targets = torch.randint(0, V, (R, T), generator=gen).to(device)
-    if mask_kind == "full":
-        mask = torch.ones(R, T, dtype=torch.long)
-    elif mask_kind == "ragged":
-        lengths = torch.randint((T + 1) // 2, T + 1, (R,), generator=gen)
-        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    else:
-        raise ValueError(f"mask_kind must be 'full' or 'ragged', got {mask_kind!r}")
-    mask = mask.to(device)
+    R, T, d = 2 * shape.B, shape.T, shape.d
+    hidden, weight, targets = random_head_inputs((R, T), d, shape.V, dtype, device, gen)
+    mask = completion_mask(mask_kind, R, T, gen).to(device)
     base, _, _, _ = _chunked_reference(hidden.reshape(-1, d), weight, targets.reshape(-1))
     seq = (base.view(R, T) * mask).sum(1)
     noise = 0.1 * mask.sum(1).float().sqrt() * torch.randn(R, generator=gen).to(device)
@@ -382,24 +337,12 @@ def make_inputs(shape: PairShape, dtype, device, trainable: bool, mask_kind="ful
     }
 
 
-def reference_loss(x: dict, kw: dict, zero_reference: bool = False):
-    """fp32 loss and gradients (dH, and dW for a trainable head), in row chunks: fp32
-    per-token log-probs, masked sums and `fastrl.preference_loss` on them, then its
-    gradient w.r.t. the per-token log-probs pushed through the head chunk by chunk."""
-    R, T, d = x["hidden"].shape
-    h = x["hidden"].detach().reshape(-1, d)
-    t = x["targets"].reshape(-1)
-    lp, _, _, _ = _chunked_reference(h, x["weight"].detach(), t)
-    lp = lp.view(R, T).requires_grad_(True)
-    with torch.enable_grad():
-        loss = _preference_loss_on(lp, x, kw, zero_reference)
-        (g_lp,) = torch.autograd.grad(loss, [lp])
-    trainable = x["weight"].requires_grad
-    _, _, dh, dw = _chunked_reference(
-        h, x["weight"].detach(), t, g_lp.reshape(-1), None, need_dw=trainable
-    )
-    grads = [dh.view(R, T, d)] + ([dw] if trainable else [])
-    return loss.detach(), grads
+def reference_loss(
+    x: dict, kw: dict, zero_reference: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 loss and gradients: masked sums of fp32 per-token log-probs, then
+    `fastrl.preference_loss` on them."""
+    return chunked_reference_loss(x, lambda lp, _: _preference_loss_on(lp, x, kw, zero_reference))
 
 
 # ----------------------------------------------------------------------------- one case
@@ -445,98 +388,57 @@ def run_case(
     ctx = {"device": device, "dtype": dtype, "fastrl_impl": fastrl_impl}
     ctx.update(loss=loss, loss_kw=kw)
     n_active = x["num_items"]
-    flops_unit = 2.0 * n_active * shape.V * shape.d
-    record: dict = {
-        "shape": {**asdict(shape), "N": shape.N},
-        "label": shape.label,
-        "dtype": str(dtype).removeprefix("torch."),
-        "head": "trainable" if trainable else "frozen",
-        "loss": asdict(loss),
-        "loss_label": loss.label,
-        "uses_reference": loss.uses_reference,
-        "mask": mask_kind,
-        "active_tokens": n_active,
-        "modes": list(modes),
-        "flops": {m: matmul_count(m, trainable) * flops_unit for m in modes},
-        "methods": {},
-    }
+    record = loss_case_record(
+        shape,
+        loss,
+        n_active,
+        dtype,
+        trainable,
+        modes,
+        matmul_count,
+        mask_kind,
+        uses_reference=loss.uses_reference,
+    )
     record["matmul"] = (
         matmul_floor(shape, n_active, dtype, device, trainable, timer)
         if matmul
         else {"status": "skipped", "reason": "disabled"}
     )
-
     # fp32 loss and gradients, by reference convention (zero reference log-probs or not)
-    refs: dict = {}
-    if check:
-        try:
-            refs[False] = reference_loss(x, kw)
-            record["reference_loss"] = float(refs[False][0])
-        except Exception as e:
-            refs[False] = None
-            record["reference_reason"] = _reason(e)
-            free_memory(device)
-
-    def measure(fn):
-        zero = bool(getattr(fn, "zero_reference", False))
-        if check and zero not in refs:  # computed when a method first needs it
-            try:
-                refs[zero] = reference_loss(x, kw, zero)
-                record["reference_loss_zero_ref"] = float(refs[zero][0])
-            except Exception as e:
-                refs[zero] = None
-                record["reference_reason_zero_ref"] = _reason(e)
-                free_memory(device)
-        return measure_method(fn, x, modes, device, timer, refs.get(zero))
-
-    record["methods"] = measure_methods(
-        methods,
-        METHODS,
+    measure_loss_methods(
+        record,
+        x,
         ctx,
-        measure,
-        flops=record["flops"],
-        matmul_ms=record["matmul"].get("ms", {}),
-        device=device,
+        METHODS,
+        (lambda zero: reference_loss(x, kw, zero)) if check else None,
+        methods=methods,
+        modes=modes,
+        timer=timer,
         verbose=verbose,
     )
-    x = refs = None
+    x = None
     free_memory(device)
     return record
 
 
 # ----------------------------------------------------------------------------- CLI
 
-
-def summary_line(rec: dict) -> str:
-    parts = []
-    for name, m in rec["methods"].items():
-        if m["status"] == "ok":
-            ms = m["ms"].get("fwdbwd", next(iter(m["ms"].values()), float("nan")))
-            s = f"{name} {ms:.3g}ms"
-            if "fwdbwd" in m.get("x_matmul", {}):
-                s += f" ({m['x_matmul']['fwdbwd']:.2f}x mm)"
-            if m.get("extra_mem_mib") is not None:
-                s += f"/{m['extra_mem_mib']:.0f}MiB"
-            parts.append(s)
-        else:
-            parts.append(f"{name} {m['status']}")
-    label = rec["label"]
-    if not label.endswith(rec["loss_label"]):
-        label += f" {rec['loss_label']}"
-    return f"{label} {rec['dtype']} {rec['head']}: " + ", ".join(parts)
+CLI = BenchCLI(
+    name="fused_preference_loss",
+    parse_shapes=parse_shapes,
+    shapes_help=f"comma list of {sorted(SHAPE_SETS)} or BxTxdxV, B = pairs",
+    modes=MODES,
+    default_modes="fwd,fwdbwd",
+    methods=METHODS,
+    default_methods=DEFAULT_METHODS,
+    methods_help=f"comma list of {list(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
+    results_prefix="preference-",
+    out_help="JSON path (default bench/results/preference-<dev>-<date>.json)",
+    check=True,
+)
 
 
-def main(argv=None) -> int:
-    from bench.common import default_results_path, environment, progress, write_json
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--shapes",
-        type=parse_shapes,
-        default=None,
-        help=f"comma list of {sorted(SHAPE_SETS)} or BxTxdxV, B = pairs "
-        "(default: gpu on CUDA, cpu else)",
-    )
+def _add_loss_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss-type",
         default="sigmoid,orpo,simpo",
@@ -544,117 +446,22 @@ def main(argv=None) -> int:
         "Liger-Kernel has fused losses for: DPO, ORPO, SimPO)",
     )
     p.add_argument("--beta", default="0.1", help="comma list of betas (default 0.1, TRL's)")
-    p.add_argument(
-        "--mask",
-        choices=["full", "ragged"],
-        default="full",
-        help="full: every token counts; ragged: completions right-padded to lengths in [T/2, T]",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on CUDA")
-    p.add_argument("--modes", default="fwd,fwdbwd", help=f"comma list of {MODES}")
-    p.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma list of {list(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
-    )
-    head = p.add_mutually_exclusive_group()
-    head.add_argument("--head", choices=["frozen", "trainable", "both"], default="frozen")
-    head.add_argument("--frozen", dest="head", action="store_const", const="frozen")
-    head.add_argument("--trainable", dest="head", action="store_const", const="trainable")
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU only: torch threads (default 1: stable numbers on a shared machine; 0 = torch's)",
-    )
-    p.add_argument("--fastrl-impl", default=None, help="override fastrl's impl (triton/torch)")
-    p.add_argument("--no-check", action="store_true", help="skip the fp32 reference loss/grads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out",
-        default=None,
-        help="JSON path (default bench/results/preference-<dev>-<date>.json)",
-    )
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
-    args = p.parse_args(argv)
+    add_mask_arg(p)
 
-    device = resolve_device(args.device)
-    if device.type == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    shapes = args.shapes or parse_shapes("gpu" if device.type == "cuda" else "cpu")
-    dtype = (
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if args.dtype == "auto"
-        else DTYPES[args.dtype]
-    )
-    modes = _csv(args.modes)
-    methods = _csv(args.methods)
-    for m in modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {MODES}")
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {list(METHODS)}")
-    try:
-        betas = [float(b) for b in _csv(args.beta)]
-    except ValueError:
-        p.error(f"--beta must be a comma list of numbers, got {args.beta!r}")
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser(__doc__, CLI, _add_loss_args)
+    args = p.parse_args(argv)
+    run = resolve_run_args(p, args, CLI)
+    betas = parse_betas(p, args.beta)
     from fastrl.preference import LOSS_TYPES
 
-    loss_types = _csv(args.loss_type)
+    loss_types = csv_list(args.loss_type)
     for lt in loss_types:
         if lt not in LOSS_TYPES:
             p.error(f"unknown loss type {lt!r}; choose from {list(LOSS_TYPES)}")
     losses = [LossConfig(lt, b) for lt in loss_types for b in betas]
-    heads = [False, True] if args.head == "both" else [args.head == "trainable"]
-    out_path = Path(args.out) if args.out else default_results_path(device, prefix="preference-")
-
-    env = environment(device)
-    title = "fastrl.fused_preference_loss" + (f" ({losses[0].label})" if len(losses) == 1 else "")
-    results = {
-        "benchmark": "fused_preference_loss",
-        "title": title,
-        "env": env,
-        "config": {
-            "dtype": str(dtype).removeprefix("torch."),
-            "modes": modes,
-            "methods": methods,
-            "losses": [asdict(c) for c in losses],
-            "mask": args.mask,
-            "seed": args.seed,
-        },
-        "cases": [],
-    }
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} -> {out_path}")
-    cases = [(s, c, tr) for tr in heads for c in losses for s in shapes]
-    bar = progress(cases, desc="fused_preference_loss", unit="case")
-    for shape, cfg, trainable in bar:
-        if hasattr(bar, "set_postfix_str"):
-            head = "trainable" if trainable else "frozen"
-            bar.set_postfix_str(f"{shape.label} {cfg.label} {head}")
-        rec = run_case(
-            shape,
-            cfg,
-            dtype=dtype,
-            device=device,
-            trainable=trainable,
-            methods=methods,
-            modes=modes,
-            mask_kind=args.mask,
-            seed=args.seed,
-            fastrl_impl=args.fastrl_impl,
-            check=not args.no_check,
-            verbose=args.verbose,
-        )
-        if len(losses) > 1:  # tell the loss configs apart in the plot
-            rec["label"] += f" {cfg.label}"
-        results["cases"].append(rec)
-        write_json(results, out_path)  # after every case, so a crash keeps what was measured
-        (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
-
-    finish_run(results, out_path, plot=not args.no_plot)
+    run_loss_benchmark(CLI.name, run, losses, run_case, mask=args.mask, check=not args.no_check)
     return 0
 
 

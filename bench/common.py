@@ -1,4 +1,6 @@
-"""Shared benchmark plumbing: timers, peak memory, environment metadata, JSON output.
+"""Shared benchmark plumbing: timers, peak memory, environment metadata, JSON output,
+the model heads and random inputs, the baselines the benchmarks have in common, and the
+command line and case loop of bench_logprobs.py, bench_policy.py and bench_preference.py.
 
 On CUDA, times are the median of `triton.testing.do_bench` (which flushes L2 between
 calls) and memory is the peak of `torch.cuda.max_memory_allocated` above what was
@@ -13,6 +15,7 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -21,8 +24,10 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,6 +127,66 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     return (peak - base) / MIB
 
 
+# ----------------------------------------------------------------------------- shapes
+
+# the lm_heads the GPU shape sets are made of: key -> (model, hidden size d, vocabulary V)
+HEADS = {
+    "llama3-8b": ("Llama-3-8B", 4096, 128256),
+    "qwen2.5-7b": ("Qwen2.5-7B", 3584, 152064),
+    "qwen2.5-1.5b": ("Qwen2.5-1.5B", 1536, 151936),
+}
+
+
+def shape_label(name: str, d: int, V: int, size: str) -> str:
+    """A case's name in logs and plots: a model's head goes by the model's name, any
+    other head shows its d and V too."""
+    if any(name == model for model, _, _ in HEADS.values()):
+        return f"{name} {size}"
+    return f"{name} d={d} V={V} {size}"
+
+
+def model_shape_sets(
+    build: Callable[[str, int, int, int], Any], sizes: Sequence[int], quick_size: int
+) -> dict[str, list]:
+    """The shape sets of the HEADS: one per head (every size in `sizes`), `gpu` (all of
+    those) and `gpu-quick` (every head at `quick_size` only). `build(model, d, V, size)`
+    makes one shape."""
+    per_head = {key: [build(model, d, V, n) for n in sizes] for key, (model, d, V) in HEADS.items()}
+    return {
+        "gpu": [s for shapes in per_head.values() for s in shapes],
+        "gpu-quick": [build(model, d, V, quick_size) for model, d, V in HEADS.values()],
+        **per_head,
+    }
+
+
+def random_head_inputs(
+    rows: tuple[int, ...],
+    d: int,
+    V: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states [*rows, d], an lm_head weight [V, d] and targets [*rows], drawn on the
+    CPU from `gen` (so every device gets the same numbers)."""
+    # logits ~ N(0, 2^2): peaked enough to look like an LM head, no overflow in fp16
+    hidden = torch.randn(*rows, d, generator=gen).to(device, dtype)
+    weight = (torch.randn(V, d, generator=gen) * (2.0 / math.sqrt(d))).to(device, dtype)
+    targets = torch.randint(0, V, rows, generator=gen).to(device)
+    return hidden, weight, targets
+
+
+def completion_mask(kind: str, rows: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """A [rows, T] 0/1 long mask on the CPU: `full` counts every token, `ragged` right-pads
+    each row to a random length in [T/2, T]."""
+    if kind == "full":
+        return torch.ones(rows, T, dtype=torch.long)
+    if kind == "ragged":
+        lengths = torch.randint((T + 1) // 2, T + 1, (rows,), generator=gen)
+        return (torch.arange(T)[None, :] < lengths[:, None]).long()
+    raise ValueError(f"mask_kind must be 'full' or 'ragged', got {kind!r}")
+
+
 # ----------------------------------------------------------------------------- methods
 
 
@@ -173,6 +238,112 @@ def measure_methods(
             }
         records[name] = rec
     return records
+
+
+def case_record(
+    shape: dict,
+    label: str,
+    dtype: torch.dtype,
+    trainable: bool,
+    modes: Sequence[str],
+    flops: dict[str, float],
+    **details: Any,
+) -> dict:
+    """A case's record before anything is measured; the script's own `details` stand
+    between the head and the modes in the JSON."""
+    return {
+        "shape": shape,
+        "label": label,
+        "dtype": dtype_name(dtype),
+        "head": head_name(trainable),
+        **details,
+        "modes": list(modes),
+        "flops": flops,
+        "methods": {},
+    }
+
+
+# A method factory takes the case context `ctx` and returns the function to time and a
+# note on how it is called. These are the ones the benchmarks have in common.
+
+
+def fastrl_impl(ctx: dict) -> str:
+    """fastrl's impl for a case: --fastrl-impl if given, else Triton on CUDA, torch elsewhere."""
+    return ctx.get("fastrl_impl") or ("triton" if ctx["device"].type == "cuda" else "torch")
+
+
+def trl_chunk_size() -> int:
+    """The chunk size TRL's trainers give its chunked head (32768 where TRL does not say)."""
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError:
+        chunk = 32768
+    return chunk
+
+
+def trl_fused_head(
+    device: torch.device, outputs: tuple[str, ...], keep: int
+) -> tuple[Callable[[dict], list[torch.Tensor]], str]:
+    """TRL's chunked head as trl.trainer.utils.add_fused_lm_head's forward calls it.
+
+    Returns `head(x)`: the first `keep` of its per-token outputs for a loss benchmark's
+    inputs `x`, on the [rows, T] grid of x["mask"] with 0 at masked tokens; and a note.
+    On Triton devices only the completion tokens go in (as in TRL), elsewhere every
+    position."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+
+    chunk = trl_chunk_size()
+    compact = _use_triton(device)
+
+    def head(x: dict) -> list[torch.Tensor]:
+        hidden, targets, mask = x["hidden"], x["targets"], x["mask"].bool()
+        if compact:  # score only the completion tokens
+            h, t = hidden[mask], targets[mask]
+        else:  # every position (fixed tile shapes), masked ones with label 0
+            h = hidden.reshape(-1, hidden.shape[-1])
+            t = targets.masked_fill(~mask, 0).reshape(-1)
+        # apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
+        #       outputs) -> (logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)
+        per_token = ChunkedLogProbFunction.apply(
+            h, x["weight"], None, t, 1.0, chunk, None, 1.0, outputs
+        )[:keep]
+        if compact:
+            return [o.new_zeros(mask.shape).masked_scatter(mask, o) for o in per_token]
+        return [o.view(mask.shape).masked_fill(~mask, 0) for o in per_token]
+
+    where = "completion tokens only" if compact else "every position"
+    return head, f"ChunkedLogProbFunction chunk_size={chunk} ({where})"
+
+
+def compile_afresh(fn: Callable) -> tuple[Callable, str]:
+    """`torch.compile(fn)` for one case, and its note; earlier cases' graphs are dropped
+    first (each case has its own shapes)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False), "torch.compile(eager), dynamic=False"
+
+
+LossOn = Callable[[dict, dict], torch.Tensor]  # (inputs, the case's loss options) -> loss
+
+
+def eager_loss_method(loss: LossOn, note: str) -> Callable:
+    """The factory of a loss benchmark's eager baseline `loss`."""
+
+    def factory(ctx: dict) -> tuple[Callable[[dict], torch.Tensor], str]:
+        kw = ctx["loss_kw"]
+        return (lambda x: loss(x, kw)), note
+
+    return factory
+
+
+def compiled_loss_method(loss: LossOn) -> Callable:
+    """The factory of `torch.compile` of a loss benchmark's eager baseline `loss`."""
+
+    def factory(ctx: dict) -> tuple[Callable[[dict], torch.Tensor], str]:
+        fn, note = compile_afresh(loss)
+        kw = ctx["loss_kw"]
+        return (lambda x: fn(x, kw)), note
+
+    return factory
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -338,3 +509,294 @@ def finish_run(results: dict, out_path: Path, plot: bool) -> None:
             print(f"wrote {draw(out_path)}")
         except Exception as e:
             print(f"plot failed: {error_reason(e)}", file=sys.stderr)
+
+
+def headline_ms(method: dict) -> float:
+    """The time a summary line shows for a method: fwdbwd, else its first mode."""
+    return method["ms"].get("fwdbwd", next(iter(method["ms"].values()), float("nan")))
+
+
+def case_summary(rec: dict, figures: Callable[[dict], str], label: str | None = None) -> str:
+    """One line for a case: `<label> <dtype> <head>: <method> <figures(record)>, ...`, a
+    method that did not run with its status instead."""
+    parts = [
+        f"{name} {figures(m) if m['status'] == 'ok' else m['status']}"
+        for name, m in rec["methods"].items()
+    ]
+    return f"{label or rec['label']} {rec['dtype']} {rec['head']}: " + ", ".join(parts)
+
+
+def _loss_figures(method: dict) -> str:
+    text = f"{headline_ms(method):.3g}ms"
+    if "fwdbwd" in method.get("x_matmul", {}):
+        text += f" ({method['x_matmul']['fwdbwd']:.2f}x mm)"
+    if method.get("extra_mem_mib") is not None:
+        text += f"/{method['extra_mem_mib']:.0f}MiB"
+    return text
+
+
+def loss_summary_line(rec: dict) -> str:
+    """A loss benchmark's line for a case: time, x matmul and workspace per method."""
+    label = rec["label"]
+    if not label.endswith(rec["loss_label"]):
+        label += f" {rec['loss_label']}"
+    return case_summary(rec, _loss_figures, label)
+
+
+# ----------------------------------------------------------------------------- command line
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES.update(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
+
+
+def csv_list(text: str) -> list[str]:
+    """The items of a comma list, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def head_name(trainable: bool) -> str:
+    return "trainable" if trainable else "frozen"
+
+
+@dataclass(frozen=True)
+class BenchCLI:
+    """What sets one benchmark's command line apart; the flags themselves are shared."""
+
+    name: str  # the results' "benchmark", and the progress bar's label
+    parse_shapes: Callable[[str], list]
+    shapes_help: str  # what --shapes takes (the default, gpu on CUDA and cpu else, is shared)
+    modes: tuple[str, ...]
+    default_modes: str
+    methods: dict[str, Callable]  # name -> method factory
+    default_methods: Sequence[str]
+    methods_help: str
+    results_prefix: str  # of the default results file: bench/results/<prefix><device>-<date>
+    out_help: str
+    check: bool = False  # it checks against an fp32 reference, which --no-check skips
+
+
+def bench_parser(
+    doc: str,
+    cli: BenchCLI,
+    add_own_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.ArgumentParser:
+    """A benchmark's command line: --shapes, the script's own flags (`add_own_args`), then
+    the shared ones (--help lists them in this order)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--shapes",
+        type=cli.parse_shapes,
+        default=None,
+        help=f"{cli.shapes_help} (default: gpu on CUDA, cpu else)",
+    )
+    if add_own_args is not None:
+        add_own_args(p)
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on CUDA")
+    p.add_argument("--modes", default=cli.default_modes, help=f"comma list of {cli.modes}")
+    p.add_argument("--methods", default=",".join(cli.default_methods), help=cli.methods_help)
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--head", choices=["frozen", "trainable", "both"], default="frozen")
+    head.add_argument("--frozen", dest="head", action="store_const", const="frozen")
+    head.add_argument("--trainable", dest="head", action="store_const", const="trainable")
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU only: torch threads (default 1: stable numbers on a shared machine; 0 = torch's)",
+    )
+    p.add_argument("--fastrl-impl", default=None, help="override fastrl's impl (triton/torch)")
+    if cli.check:
+        p.add_argument("--no-check", action="store_true", help="skip the fp32 reference loss/grads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help=cli.out_help)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
+    return p
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """The shared flags, resolved: what to run, on what, and where the results go."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shapes: list
+    modes: list[str]
+    methods: list[str]
+    heads: list[bool]  # trainable lm_head or not, in the order they run
+    seed: int
+    fastrl_impl: str | None
+    verbose: bool
+    out_path: Path
+    plot: bool
+
+    def case_options(self) -> dict:
+        """The keyword arguments every benchmark's run_case takes from the shared flags."""
+        return dict(
+            dtype=self.dtype,
+            device=self.device,
+            methods=self.methods,
+            modes=self.modes,
+            seed=self.seed,
+            fastrl_impl=self.fastrl_impl,
+            verbose=self.verbose,
+        )
+
+
+def resolve_run_args(
+    p: argparse.ArgumentParser, args: argparse.Namespace, cli: BenchCLI
+) -> RunArgs:
+    """Resolve the shared flags (the defaults that depend on the device; sets torch's CPU
+    threads). An unknown mode or method ends the program with a usage error."""
+    device = resolve_device(args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    modes = csv_list(args.modes)
+    methods = csv_list(args.methods)
+    for m in modes:
+        if m not in cli.modes:
+            p.error(f"unknown mode {m!r}; choose from {cli.modes}")
+    for m in methods:
+        if m not in cli.methods:
+            p.error(f"unknown method {m!r}; choose from {list(cli.methods)}")
+    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return RunArgs(
+        device=device,
+        dtype=auto_dtype if args.dtype == "auto" else DTYPES[args.dtype],
+        shapes=args.shapes or cli.parse_shapes("gpu" if device.type == "cuda" else "cpu"),
+        modes=modes,
+        methods=methods,
+        heads=[False, True] if args.head == "both" else [args.head == "trainable"],
+        seed=args.seed,
+        fastrl_impl=args.fastrl_impl,
+        verbose=args.verbose,
+        out_path=Path(args.out) if args.out else default_results_path(device, cli.results_prefix),
+        plot=not args.no_plot,
+    )
+
+
+def new_results(name: str, run: RunArgs, title: str | None = None, **config: Any) -> dict:
+    """A results file before its first case: the benchmark, where it runs and its settings
+    (the script's own `config` between the methods and the seed)."""
+    results: dict = {"benchmark": name}
+    if title is not None:
+        results["title"] = title
+    results["env"] = environment(run.device)
+    results["config"] = {
+        "dtype": dtype_name(run.dtype),
+        "modes": run.modes,
+        "methods": run.methods,
+        **config,
+        "seed": run.seed,
+    }
+    results["cases"] = []
+    return results
+
+
+def run_cases(
+    results: dict,
+    cases: Sequence[tuple],
+    run_case: Callable[..., dict],
+    describe: Callable[..., str],
+    summary_line: Callable[[dict], str],
+    run: RunArgs,
+) -> None:
+    """Run `run_case(*case)` for every case into `results`, with a progress bar that shows
+    `describe(*case)` and a summary line per case; then list what was skipped and plot."""
+    env = results["env"]
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} -> {run.out_path}")
+    bar = progress(cases, desc=results["benchmark"], unit="case")
+    for case in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(describe(*case))
+        rec = run_case(*case)
+        results["cases"].append(rec)
+        write_json(results, run.out_path)  # after every case, so a crash keeps what was measured
+        (bar.write if hasattr(bar, "write") else print)(summary_line(rec))
+    finish_run(results, run.out_path, plot=run.plot)
+
+
+# The loss benchmarks (bench_policy.py, bench_preference.py) run every (head, loss
+# config, shape) case; a loss config has `label`, and is a dataclass.
+
+
+def loss_case_record(
+    shape: Any,
+    loss: Any,
+    n_active: int,
+    dtype: torch.dtype,
+    trainable: bool,
+    modes: Sequence[str],
+    matmul_count: Callable[[str, bool], int],
+    mask_kind: str,
+    **details: Any,
+) -> dict:
+    """A loss benchmark's case record before anything is measured: its FLOPs count the
+    `n_active` (unmasked) tokens only, 2*n*V*d per matmul, `matmul_count(mode, trainable)`
+    matmuls a mode; the script's own `details` follow the loss config."""
+    flops_unit = 2.0 * n_active * shape.V * shape.d
+    return case_record(
+        {**asdict(shape), "N": shape.N},
+        shape.label,
+        dtype,
+        trainable,
+        modes,
+        {m: matmul_count(m, trainable) * flops_unit for m in modes},
+        loss=asdict(loss),
+        loss_label=loss.label,
+        **details,
+        mask=mask_kind,
+        active_tokens=n_active,
+    )
+
+
+def add_mask_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mask",
+        choices=["full", "ragged"],
+        default="full",
+        help="full: every token counts; ragged: completions right-padded to lengths in [T/2, T]",
+    )
+
+
+def parse_betas(p: argparse.ArgumentParser, text: str) -> list[float]:
+    """--beta's numbers; anything else ends the program with a usage error."""
+    try:
+        return [float(b) for b in csv_list(text)]
+    except ValueError:
+        p.error(f"--beta must be a comma list of numbers, got {text!r}")
+
+
+def run_loss_benchmark(
+    name: str,
+    run: RunArgs,
+    losses: Sequence[Any],
+    run_case: Callable[..., dict],
+    *,
+    mask: str,
+    check: bool,
+    **config: Any,
+) -> None:
+    """Run a loss benchmark's cases and write its results (`config`: the script's own
+    settings, after the losses and the mask)."""
+    title = f"fastrl.{name}" + (f" ({losses[0].label})" if len(losses) == 1 else "")
+    losses_config = [asdict(c) for c in losses]
+    results = new_results(name, run, title, losses=losses_config, mask=mask, **config)
+
+    def run_one(shape: Any, loss: Any, trainable: bool) -> dict:
+        options = run.case_options()
+        rec = run_case(shape, loss, trainable=trainable, mask_kind=mask, check=check, **options)
+        if len(losses) > 1:  # tell the loss configs apart in the plot
+            rec["label"] += f" {loss.label}"
+        return rec
+
+    def describe(shape: Any, loss: Any, trainable: bool) -> str:
+        return f"{shape.label} {loss.label} {head_name(trainable)}"
+
+    cases = [(s, c, tr) for tr in run.heads for c in losses for s in run.shapes]
+    run_cases(results, cases, run_one, describe, loss_summary_line, run)
