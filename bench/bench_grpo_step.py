@@ -3,8 +3,8 @@ same settings, same run.
 
     python bench/bench_grpo_step.py                         # 1.5B and 7B (4-bit), 24 GiB cap
     python bench/bench_grpo_step.py --models qwen2.5-1.5b --steps 3 --beta 0.04
-    python bench/bench_grpo_step.py --models tiny --device cpu --prompt-length 16 \
-        --completion-length 16                              # smoke run of the harness
+    python bench/bench_grpo_step.py --models qwen2.5-vocab-small --device cpu \
+        --prompt-length 64 --completion-length 256          # CPU: host memory only
 
 A step is generation (`generate` with its KV cache, G completions of exactly
 `--completion-length` tokens: `min_new_tokens` holds EOS back) + rewards + the loss + the
@@ -17,10 +17,14 @@ base for the 7B), the same attention implementation, DAPO loss, `--beta`.
 Each (model, trainer) pair runs in its own subprocess with its CUDA memory capped at
 `--max-memory-gb` (`torch.cuda.set_per_process_memory_fraction`): the peak is the
 process's own, and an out-of-memory error is a result ("does not fit"), not the end of
-the run. Reported per pair: peak allocated / reserved GiB, seconds per step (the first
+the run. Reported per pair: peak allocated / reserved GPU GiB, the process's peak
+resident host memory (the memory measure of a CPU run), seconds per step (the first
 `--warmup` steps excluded), of which generation, and tokens/s (prompt + completion tokens
 of the step). Results: bench/results/grpo_step-<device>-<date>.json and a PNG.
 The issue-5 target: fastrl at most 60% of TRL's peak memory and no slower.
+
+On a CPU, `--models qwen2.5-vocab-small --device cpu` (Qwen2.5's 151,936-token vocabulary
+on a 2-layer, d=256 body) shows the head's share of a step's memory, where it dominates.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -48,6 +53,11 @@ MODELS = {
     "qwen2.5-7b": dict(
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, four_bit=True,
+    ),
+    # Qwen2.5's vocabulary on a small body: the head-dominated case, small enough for a CPU
+    "qwen2.5-vocab-small": dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, four_bit=False,
     ),
     "tiny": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -233,6 +243,8 @@ def run_one(opts: argparse.Namespace) -> dict:
         tokens_per_second=tokens / seconds,
         peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        # the worker's peak resident memory (KiB on Linux): host memory, the measure on CPU
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         steps=timer.steps,
     )
 
@@ -250,6 +262,13 @@ def _worker_command(opts: argparse.Namespace, model: str, trainer: str) -> list[
     return cmd
 
 
+def _memory_key(rows: list[dict]) -> tuple[str, str]:
+    """GPU peak allocated memory when measured, else the processes' peak RSS (CPU runs)."""
+    if any(r.get("peak_allocated_gib") for r in rows):
+        return "peak_allocated_gib", "peak GPU memory (GiB)"
+    return "peak_rss_gib", "peak resident host memory (GiB)"
+
+
 def _oom(text: str) -> bool:
     return "OutOfMemoryError" in text or "out of memory" in text
 
@@ -262,9 +281,10 @@ def _plot(results: dict, path: Path) -> None:
 
     rows = results["results"]
     models = list(dict.fromkeys(r["model"] for r in rows))
+    memory, memory_label = _memory_key(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in (
-        (axes[0], "peak_allocated_gib", "peak GPU memory (GiB)"),
+        (axes[0], memory, memory_label),
         (axes[1], "tokens_per_second", "tokens / s (prompt + completion)"),
     ):
         for j, trainer in enumerate(TRAINERS):
@@ -288,7 +308,8 @@ def _plot(results: dict, path: Path) -> None:
     cfg = results["config"]
     fig.suptitle(
         f"GRPO LoRA step: G={cfg['num_generations']}, prompt {cfg['prompt_length']} + "
-        f"completion {cfg['completion_length']} tokens, beta={cfg['beta']}",
+        f"completion {cfg['completion_length']} tokens, beta={cfg['beta']} "
+        f"({results['environment']['device']})",
         fontsize=10,
     )
     fig.tight_layout()
@@ -358,8 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     for model in models:
         ours = next((r for r in rows if r["model"] == model and r["trainer"] == "fastrl"), {})
         trl = next((r for r in rows if r["model"] == model and r["trainer"] == "trl"), {})
-        if ours.get("peak_allocated_gib") and trl.get("peak_allocated_gib"):
-            ours["memory_vs_trl"] = ours["peak_allocated_gib"] / trl["peak_allocated_gib"]
+        memory, _ = _memory_key(rows)
+        if ours.get(memory) and trl.get(memory):
+            ours["memory_vs_trl"] = ours[memory] / trl[memory]
         if ours.get("tokens_per_second") and trl.get("tokens_per_second"):
             ours["speed_vs_trl"] = ours["tokens_per_second"] / trl["tokens_per_second"]
     config = {k: v for k, v in vars(opts).items() if k not in ("worker", "trainer", "out")}
