@@ -416,6 +416,9 @@ def test_cap_cuda_memory(monkeypatch):
     from fastrl.trainers.model import cap_cuda_memory
 
     assert cap_cuda_memory(None) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="max_memory_gb=24 has no effect: no CUDA"):
+        assert cap_cuda_memory(24) is None
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

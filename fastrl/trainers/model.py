@@ -13,6 +13,7 @@
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -264,8 +265,11 @@ def completion_positions(hidden: torch.Tensor, prompt_length: int) -> torch.Tens
 def cap_cuda_memory(max_memory_gb: float | None) -> float | None:
     """Cap this process's CUDA memory to `max_memory_gb` GiB (the caching allocator raises
     an out-of-memory error beyond it), so a run on a bigger card proves it fits a smaller
-    one. Returns the fraction of the device set, or None (no cap, or no CUDA)."""
-    if max_memory_gb is None or not torch.cuda.is_available():
+    one. Returns the fraction of the device set, or None (no cap, or no CUDA: a warning)."""
+    if max_memory_gb is None:
+        return None
+    if not torch.cuda.is_available():
+        warnings.warn(f"max_memory_gb={max_memory_gb} has no effect: no CUDA device", stacklevel=2)
         return None
     device = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(device).total_memory
