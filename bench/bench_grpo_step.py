@@ -40,7 +40,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    # Run as a script: import the `bench` package from the repo root, then take the root
+    # off sys.path again so that its kernels/ cannot shadow Hugging Face's `kernels`
+    # (transformers and TRL look for it).
+    _root = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, _root)
+    import bench.common  # noqa: F401
+
+    sys.path.remove(_root)
 
 from bench.common import default_results_path, environment, write_json  # noqa: E402
 
@@ -262,6 +270,11 @@ def _worker_command(opts: argparse.Namespace, model: str, trainer: str) -> list[
     return cmd
 
 
+def _row(rows: list[dict], model: str, trainer: str) -> dict:
+    """The result row of (model, trainer); {} when it was not run."""
+    return next((r for r in rows if r["model"] == model and r["trainer"] == trainer), {})
+
+
 def _memory_key(rows: list[dict]) -> tuple[str, str]:
     """GPU peak allocated memory when measured, else the processes' peak RSS (CPU runs)."""
     if any(r.get("peak_allocated_gib") for r in rows):
@@ -288,14 +301,10 @@ def _plot(results: dict, path: Path) -> None:
         (axes[1], "tokens_per_second", "tokens / s (prompt + completion)"),
     ):
         for j, trainer in enumerate(TRAINERS):
-            values = []
-            for m in models:
-                r = next((r for r in rows if r["model"] == m and r["trainer"] == trainer), {})
-                values.append(r.get(key) or 0.0)
+            found = [_row(rows, m, trainer) for m in models]
             xs = [i + (j - 0.5) * 0.38 for i in range(len(models))]
-            bars = ax.bar(xs, values, width=0.38, label=trainer)
-            for x, r_model in zip(xs, models, strict=True):
-                r = next((r for r in rows if r["model"] == r_model and r["trainer"] == trainer), {})
+            bars = ax.bar(xs, [r.get(key) or 0.0 for r in found], width=0.38, label=trainer)
+            for x, r in zip(xs, found, strict=True):
                 if r.get("error"):
                     ax.text(x, 0, r["error"], rotation=90, ha="center", va="bottom", fontsize=8)
             ax.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -376,10 +385,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             shown = {k: v for k, v in row.items() if k not in ("steps", "stderr_tail")}
             tqdm.write(json.dumps(shown))
+    memory, _ = _memory_key(rows)
     for model in models:
-        ours = next((r for r in rows if r["model"] == model and r["trainer"] == "fastrl"), {})
-        trl = next((r for r in rows if r["model"] == model and r["trainer"] == "trl"), {})
-        memory, _ = _memory_key(rows)
+        ours, trl = _row(rows, model, "fastrl"), _row(rows, model, "trl")
         if ours.get(memory) and trl.get(memory):
             ours["memory_vs_trl"] = ours[memory] / trl[memory]
         if ours.get("tokens_per_second") and trl.get("tokens_per_second"):
