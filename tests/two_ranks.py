@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 _HEADER = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 """
 
 # the script must leave the trained trainer in `trainer`
 _CHECK = """
 assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+# the configs' default: every LoRA weight is used, so DDP need not search for unused ones
+assert trainer.model_wrapped.find_unused_parameters is False
 vec = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "lora_" in n])
 every = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
 dist.all_gather(every, vec)
@@ -21,7 +23,11 @@ assert torch.equal(every[0], every[1]), (every[0] - every[1]).abs().max()
 assert vec.abs().sum() > 0
 print("RANKS_EQUAL", dist.get_rank(), flush=True)
 dist.barrier()
-dist.destroy_process_group()  # else gloo's threads may abort the process at exit
+# Leave without interpreter teardown: on a loaded machine gloo's worker threads can abort
+# it ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489),
+# even after destroy_process_group. Both ranks have passed the barrier, nothing is pending.
+sys.stderr.flush()
+os._exit(0)
 """
 
 

@@ -204,15 +204,7 @@ class DPOConfig(ModelArguments, TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = (
-                not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            )
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
-        kwargs = self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs
-        if kwargs is None:
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        self.set_engine_defaults()
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         else:

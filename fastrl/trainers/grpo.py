@@ -214,16 +214,7 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            self.bf16 = bool(cuda_bf16 and not self.fp16 and not self.use_cpu)
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
-        if (
-            self.activation_checkpointing_kwargs is None
-            and self.gradient_checkpointing_kwargs is None
-        ):
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        self.set_engine_defaults()
         self.scale_rewards = {True: "group", False: "none"}.get(
             self.scale_rewards, self.scale_rewards
         )

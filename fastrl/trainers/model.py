@@ -31,7 +31,8 @@ DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-l
 class ModelArguments:
     """The model options `GRPOConfig` and `DPOConfig` share (fastrl's; TRL's trainers take
     a `peft_config` and `model_init_kwargs` instead). A base of both configs, before
-    `TrainingArguments`; each config's `__post_init__` calls `check_model_arguments`."""
+    `TrainingArguments`; each config's `__post_init__` calls `set_engine_defaults` first
+    and `check_model_arguments` after its own checks."""
 
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -60,6 +61,24 @@ class ModelArguments:
         default=None,
         metadata={"help": "Cap this process's CUDA memory to this many GiB (e.g. 24)."},
     )
+
+    def set_engine_defaults(self) -> None:
+        """The `TrainingArguments` defaults a LoRA run wants, where the user left them unset:
+        bf16 on a bf16-capable GPU, activation checkpointing (non-reentrant), and no DDP
+        search for unused parameters (every LoRA weight takes part in every forward; the
+        search would cost a graph traversal per step)."""
+        if self.bf16 is None:
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = bool(cuda_bf16 and not self.fp16 and not self.use_cpu)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if (
+            self.activation_checkpointing_kwargs is None
+            and self.gradient_checkpointing_kwargs is None
+        ):
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
 
     def check_model_arguments(self) -> None:
         if self.model_dtype is not None and self.model_dtype not in DTYPES:
