@@ -1,0 +1,143 @@
+"""Drop-in fastrl inside TRL's own trainers.
+
+TRL (1.16) scores tokens without logits through one function: `add_fused_lm_head` makes
+`model(..., fused_lm_head=True)` call `trl.trainer.utils._ChunkedLogProbFunction`, a
+chunked PyTorch head (cuBLAS tiles + a Triton fold). GRPOTrainer, RLOOTrainer,
+DPOTrainer, KTOTrainer and SFTTrainer all go through it. `patch_trl()` puts
+`linear_logprobs` in its place, so those trainers keep their own losses, logging and
+semantics (the same numbers, to float rounding) and run fastrl's fused head.
+
+fastrl serves `log_probs`, `entropy` and `mean_logits` (exact without a softcap: the
+mean logit is linear in the hidden state, one GEMV with the weight's column sums). Calls
+that ask for more (`is_top1` for DPOTrainer's and SFTTrainer's token-accuracy metrics,
+`log_sum_sq_probs` for WPO, `mean_logits` with a softcap) go to TRL's own function
+unchanged; `patch.fallback_calls` counts them. So under the patch GRPOTrainer,
+RLOOTrainer and KTOTrainer run fastrl for the policy and the reference, DPOTrainer for the
+reference only.
+"""
+
+import importlib
+
+import torch
+
+from fastrl.logprobs import IMPLS, linear_logprobs
+
+_TARGET_MODULE = "trl.trainer.utils"
+_TARGET_NAME = "_ChunkedLogProbFunction"
+_FASTRL_OUTPUTS = {"log_probs", "entropy", "mean_logits"}
+
+
+def _trl_utils():
+    try:
+        utils = importlib.import_module(_TARGET_MODULE)
+    except ImportError as err:
+        raise ImportError("patch_trl needs TRL installed (pip install trl)") from err
+    if not hasattr(utils, _TARGET_NAME):
+        import trl
+
+        raise ImportError(
+            f"patch_trl needs a TRL whose fused lm head calls {_TARGET_MODULE}.{_TARGET_NAME} "
+            f"(TRL 1.16); trl {trl.__version__} has none"
+        )
+    return utils
+
+
+class TRLPatch:
+    """The active replacement of TRL's chunked log-prob head (see `patch_trl`). Its
+    `apply` has the signature and outputs of TRL's `ChunkedLogProbFunction.apply`."""
+
+    def __init__(self, original, impl: str):
+        self.original = original
+        self.impl = impl
+        self.calls = 0  # served by fastrl
+        self.fallback_calls = 0  # passed to TRL's own head
+
+    def apply(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"),
+    ):
+        """`[N, d]` hidden, `[V, d]` weight, `[V]` bias, `[N]` targets in `[0, V)` ->
+        (log_probs, entropy, None, mean_logits, None), each float32 `[N]` or None."""
+        unserved = set(outputs) - _FASTRL_OUTPUTS
+        if final_logit_softcapping is not None and "mean_logits" in outputs:
+            unserved.add("mean_logits")
+        if unserved or not logit_scale > 0:
+            self.fallback_calls += 1
+            return self.original.apply(
+                hidden, weight, bias, targets, temperature, chunk_size,
+                final_logit_softcapping, logit_scale, outputs,
+            )  # fmt: skip
+        self.calls += 1
+        device = hidden.device.type
+        # TRL computes in the autocast dtype when autocast is on, else in the hidden's
+        dtype = hidden.dtype
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        if final_logit_softcapping is None:  # scale * z / T == z / (T / scale)
+            temperature = temperature / logit_scale
+        elif logit_scale != 1.0:  # TRL scales before the softcap
+            hidden = hidden * logit_scale
+            bias = None if bias is None else bias * logit_scale
+        with torch.autocast(device, enabled=False):
+            out = linear_logprobs(
+                hidden, weight, targets, bias=bias, temperature=temperature,
+                softcap=final_logit_softcapping, return_entropy="entropy" in outputs,
+                impl=self.impl,
+            )  # fmt: skip
+        logps, entropy = out if isinstance(out, tuple) else (out, None)
+        mean_logits = None
+        if "mean_logits" in outputs:  # a metric: no gradient, as in TRL
+            with torch.no_grad():
+                col_sum = weight.sum(0, dtype=torch.float32)
+                mean_logits = hidden.float() @ col_sum
+                if bias is not None:
+                    mean_logits += bias.sum(dtype=torch.float32)
+                mean_logits /= weight.shape[0] * temperature
+        return logps, entropy, None, mean_logits, None
+
+    def undo(self) -> None:
+        """Put TRL's own head back (a no-op if another patch replaced this one)."""
+        utils = _trl_utils()
+        if getattr(utils, _TARGET_NAME) is self:
+            setattr(utils, _TARGET_NAME, self.original)
+
+    def __enter__(self) -> "TRLPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def patch_trl(impl: str = "auto") -> TRLPatch:
+    """Make TRL's trainers score tokens with fastrl's fused head.
+
+    Call it before `trainer.train()` (before or after building the trainer: TRL looks the
+    function up on every forward). Undo with `patch.undo()`, or use it as a context
+    manager: `with patch_trl(): trainer.train()`. Patching twice replaces the first patch.
+
+    Args:
+        impl: `linear_logprobs`'s implementation: "auto" (Triton on CUDA, else PyTorch),
+            "triton" or "torch".
+
+    Returns:
+        The `TRLPatch`; `calls` / `fallback_calls` count the head calls fastrl served and
+        those it passed to TRL (outputs fastrl does not compute).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    utils = _trl_utils()
+    current = getattr(utils, _TARGET_NAME)
+    original = current.original if isinstance(current, TRLPatch) else current
+    patch = TRLPatch(original, impl)
+    setattr(utils, _TARGET_NAME, patch)
+    return patch
