@@ -29,9 +29,10 @@ def _logits(h, weight, bias, v0, v1, inv_temp, softcap):
 
 
 def chunked_logprobs_fwd(
-    hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy
+    hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy, top1=None
 ):
-    """hidden [N, d], weight [V, d], targets [N] int64 -> logp [N], entropy [N] | None, lse [N]."""
+    """hidden [N, d], weight [V, d], targets [N] int64 -> logp [N], entropy [N] | None, lse [N];
+    fills `top1` ([N] bool, if given) with whether each target has the largest logit."""
     N, V = hidden.shape[0], weight.shape[0]
     dt = _compute_dtype(hidden.dtype)
     logp = torch.zeros(N, dtype=dt, device=hidden.device)
@@ -61,6 +62,8 @@ def chunked_logprobs_fwd(
         logp[rows] = torch.where(valid[rows], zt - lse[rows], 0.0)
         if return_entropy:
             ent[rows] = torch.where(valid[rows], s.log() - a / s, 0.0)
+        if top1 is not None:  # zt is the very float the max was taken over: exact
+            top1[rows] = valid[rows] & (zt >= m)
     return logp, ent, lse
 
 

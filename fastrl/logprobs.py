@@ -19,24 +19,39 @@ def _triton_backend():
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy, impl
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        softcap,
+        ignore_index,
+        return_entropy,
+        return_is_top1,
+        impl,
     ):
         # entropy is often wanted for logging only: skip its backward term when unused
         ctx.set_materialize_grads(False)
         fwd = _triton_backend()[0] if impl == "triton" else chunked_logprobs_fwd
+        top1 = None
+        if return_is_top1:
+            top1 = torch.empty(targets.shape, dtype=torch.bool, device=targets.device)
+            ctx.mark_non_differentiable(top1)
         logp, ent, lse = fwd(
-            hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy
-        )
+            hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
+            top1=top1,
+        )  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.args = (temperature, softcap, ignore_index, impl)
-        return (logp, ent) if return_entropy else logp
+        return logp, ent, top1
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_ent=None):
+    def backward(ctx, grad_logp, grad_ent, _grad_top1):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         temperature, softcap, ignore_index, impl = ctx.args
         if grad_logp is None and grad_ent is None:
-            return (None,) * 9
+            return (None,) * 10
         if impl == "triton":
             bwd = _triton_backend()[1]
             grad_logp, grad_ent = (
@@ -61,7 +76,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             need_w,
             need_b and bias is not None,
         )
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -152,6 +167,7 @@ def linear_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_is_top1: bool = False,
     impl: str = "auto",
 ):
     """Log-probs (and entropies) of `targets` under `softcap(hidden @ weight.T + bias) / T`.
@@ -170,10 +186,15 @@ def linear_logprobs(
         ignore_index: positions with this target give 0 and no gradient.
         return_entropy: also return the entropy of each position's distribution
             (differentiable).
+        return_is_top1: also return whether each target has the largest logit (greedy
+            decoding would pick it; a tie with another token counts; False where
+            ignored): token accuracy for free, from the same pass.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton", or "torch".
 
     Returns:
-        `logps` float32 `[...]` (float64 for float64 inputs), or `(logps, entropy)`.
+        `logps` float32 `[...]` (float64 for float64 inputs); with `return_entropy` and/or
+        `return_is_top1` a tuple `(logps, entropy, is_top1)` of the requested ones, in
+        that order (`is_top1` bool `[...]`).
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     impl = _resolve_impl(impl, hidden.device)
@@ -185,12 +206,12 @@ def linear_logprobs(
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     if softcap is not None:
         softcap = float(softcap)
-    out = LinearLogprobsFunction.apply(
-        h2, w, bias, t1, float(temperature), softcap, ignore_index, return_entropy, impl
-    )
-    if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+    logp, ent, top1 = LinearLogprobsFunction.apply(
+        h2, w, bias, t1, float(temperature), softcap, ignore_index, return_entropy,
+        return_is_top1, impl,
+    )  # fmt: skip
+    out = tuple(t.view(lead) for t in (logp, ent, top1) if t is not None)
+    return out[0] if len(out) == 1 else out
 
 
 def sequence_logprobs(

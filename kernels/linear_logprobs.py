@@ -212,13 +212,17 @@ def linear_logprobs_combine_kernel(
     Logp,
     Ent,
     Lse,
+    Top1,
     N,
     num_splits,
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
+    HAS_TOP1: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Merge the per-split (m, s, a, z_t) of BLOCK_N rows into logp, entropy and lse.
+    # Merge the per-split (m, s, a, z_t) of BLOCK_N rows into logp, entropy and lse; the
+    # target is a top-1 token when its logit is the row max (z_t is the same float as the
+    # tile entry the max came from, so the test is exact).
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     mx = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -243,6 +247,8 @@ def linear_logprobs_combine_kernel(
     tl.store(Logp + rows, tl.where(valid, zt - mx - log_s, 0.0), mask=row_mask)
     if HAS_ENTROPY:
         tl.store(Ent + rows, tl.where(valid, log_s - a / s, 0.0), mask=row_mask)
+    if HAS_TOP1:
+        tl.store(Top1 + rows, (valid & (zt >= mx)).to(tl.uint8), mask=row_mask)
 
 
 @autotune(LINEAR_LOGPROBS_BWD, _INTERPRET_BWD_CFG, key=["D", "V"])
@@ -362,10 +368,12 @@ def linear_logprobs_fwd(
     ignore_index: int,
     return_entropy: bool,
     num_splits: int | None = None,
+    top1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward. hidden [N, d], weight [V, d] (unit stride on d), targets [N] int64.
 
-    Returns logp [N] fp32, entropy [N] fp32 (or None), and lse [N] fp32 for the backward.
+    Returns logp [N] fp32, entropy [N] fp32 (or None), and lse [N] fp32 for the backward;
+    fills `top1` ([N] bool, if given) with whether each target has the largest logit.
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -416,10 +424,12 @@ def linear_logprobs_fwd(
         logp,
         ent if ent is not None else logp,
         lse,
+        top1.view(torch.uint8) if top1 is not None else lse,
         N,
         num_splits,
         ignore_index,
         HAS_ENTROPY=return_entropy,
+        HAS_TOP1=top1 is not None,
         BLOCK_N=combine_block,
     )
     return logp, ent, lse

@@ -173,6 +173,59 @@ def test_linear_logprobs_triton_vocab_splits(nan_empty):
         torch.testing.assert_close(ent.double(), ref_ent.detach(), atol=1e-5, rtol=0)
 
 
+def _top1_inputs(N, V, d, *, bias, softcap):
+    """make_inputs with every other target set to its row's argmax (so both answers occur),
+    the vocab tail's last column among them, and no near-tie at the top."""
+    torch.manual_seed(7)
+    hidden, weight, targets, b = make_inputs(N, V, d, torch.float32, bias=bias)
+    with torch.no_grad():
+        weight[V - 1] = 5 * hidden[0] / hidden[0].norm()  # row 0's best: the last column
+        x = hidden.double() @ weight.double().T + (b.double() if bias else 0)
+        z = softcap * torch.tanh(x / softcap) if softcap else x
+    top2 = z.topk(2, dim=-1)
+    assert (top2.values[:, 0] - top2.values[:, 1]).min() > 1e-4  # float error cannot flip it
+    assert top2.indices[0, 0] == V - 1
+    even = (torch.arange(N) % 2 == 0) & (targets != -100)
+    return hidden, weight, torch.where(even, top2.indices[:, 0], targets), b
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_linear_logprobs_is_top1(impl, shape, nan_empty):
+    N, V, d = shape
+    hidden, weight, targets, bias = _top1_inputs(N, V, d, bias=True, softcap=4.0)
+    kw = dict(bias=bias, softcap=4.0, temperature=0.7, return_entropy=True)
+    logp, ent, top1 = linear_logprobs(hidden, weight, targets, return_is_top1=True, impl=impl, **kw)
+    ref_logp, ref_ent, ref_top1 = naive_linear_logprobs(
+        hidden, weight, targets, return_is_top1=True, **kw
+    )
+    assert top1.dtype == torch.bool and torch.equal(top1, ref_top1)
+    assert 0 < int(top1.sum()) < N and not top1[targets == -100].any()
+    # the extra output changes nothing else, and its gradient is not asked for
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), atol=1e-5, rtol=0)
+    assert not top1.requires_grad
+    only_top1 = linear_logprobs(
+        hidden, weight, targets, return_is_top1=True, impl=impl, bias=bias, softcap=4.0
+    )
+    assert len(only_top1) == 2 and torch.equal(only_top1[1], ref_top1)
+
+
+def test_linear_logprobs_triton_vocab_splits_is_top1(nan_empty):
+    """is_top1 merged across vocab splits: the max may sit in another split than the target."""
+    from fastrl.kernels.linear_logprobs import linear_logprobs_fwd
+
+    hidden, weight, targets, bias = _top1_inputs(37, 1000, 96, bias=False, softcap=None)
+    ref = naive_linear_logprobs(hidden, weight, targets, return_is_top1=True)[1]
+    for splits in (1, 2, 3, 4):
+        top1 = torch.empty(37, dtype=torch.bool)
+        linear_logprobs_fwd(
+            hidden.detach(), weight.detach(), None, targets, 1.0, None, -100, False,
+            num_splits=splits, top1=top1,
+        )  # fmt: skip
+        assert torch.equal(top1, ref), splits
+
+
 def test_linear_logprobs_triton_bwd_blocks(monkeypatch, nan_empty):
     """Backward blocks of 16 rows x 128 vocab: 3 x 3 blocks, dH summed over vocab blocks,
     dW and dbias over row blocks."""
@@ -275,7 +328,7 @@ def test_linear_logprobs_auto_picks_torch_on_cpu(monkeypatch):
     calls = []
     real = chunked.chunked_logprobs_fwd
     monkeypatch.setattr(
-        "fastrl.logprobs.chunked_logprobs_fwd", lambda *a: calls.append(1) or real(*a)
+        "fastrl.logprobs.chunked_logprobs_fwd", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     hidden, weight, targets, _ = make_inputs(5, 50, 16, torch.float32)
     linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu())

@@ -46,11 +46,15 @@ def _unpatched():
 
 
 def _head_inputs(with_bias):
+    """Random targets, every third one its row's argmax (is_top1 both ways)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(N, D, generator=g, requires_grad=True)
     weight = (0.5 * torch.randn(VOCAB, D, generator=g)).requires_grad_()
     bias = torch.randn(VOCAB, generator=g, requires_grad=True) if with_bias else None
     targets = torch.randint(0, VOCAB, (N,), generator=g)
+    with torch.no_grad():
+        best = (hidden @ weight.T + (0 if bias is None else bias)).argmax(-1)
+    targets[::3] = best[::3]
     targets[-1] = VOCAB - 1  # a target in the tail
     return hidden, weight, bias, targets
 
@@ -77,7 +81,11 @@ HEAD_CASES = {
 }
 
 
-OUTPUTS = [("log_probs",), ("log_probs", "entropy"), ("log_probs", "entropy", "mean_logits")]
+OUTPUTS = [
+    ("log_probs",),
+    ("log_probs", "entropy"),
+    ("log_probs", "entropy", "mean_logits", "is_top1"),  # DPOTrainer's policy
+]
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -94,7 +102,9 @@ def test_patch_trl_head_matches_trl(impl, outputs, case):
     names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
     for name, a, b in zip(names, ours, theirs, strict=True):
         assert (a is None) == (b is None), name
-        if a is not None:
+        if name == "is_top1" and a is not None:
+            assert torch.equal(a, b) and 0 < a.sum() < N
+        elif a is not None:
             torch.testing.assert_close(a, b, **TOL, msg=name)
     for a, b in zip(our_grads, their_grads, strict=True):
         torch.testing.assert_close(a, b, **TOL)
@@ -102,7 +112,7 @@ def test_patch_trl_head_matches_trl(impl, outputs, case):
 
 def test_patch_trl_passes_other_outputs_to_trl():
     inputs = _head_inputs(True)
-    outputs = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs")
+    outputs = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs")  # DPO with WPO
     theirs, their_grads = _run_head(TRL_HEAD, inputs, 1.0, None, 1.0, outputs)
     patch = patch_trl()
     ours, our_grads = _run_head(patch, inputs, 1.0, None, 1.0, outputs)
@@ -189,16 +199,42 @@ def dpo(tmp_path_factory):
     return trainer
 
 
+def _make_even_rows_greedy(model, batch):
+    """Completion tokens of every other sequence become the policy's greedy choice, so
+    that the token accuracy DPOTrainer logs (from is_top1) is neither 0 nor 1."""
+    ids, mask = batch["input_ids"], batch["completion_mask"].bool()
+    even = torch.arange(len(ids)) % 2 == 0
+    with torch.no_grad():
+        for t in range(1, ids.shape[1]):
+            rows = mask[:, t] & even
+            if rows.any():
+                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+                ids[rows, t] = logits[rows, t - 1].argmax(-1)
+
+
 @pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-ref", "ref-model"])
 def test_patch_trl_dpo_loss_matches_trl(dpo, precompute):
     _configure_dpo(dpo, ["sigmoid", "ipo"], loss_weights=[1.0, 0.5], precompute=precompute)
     batch = _dpo_batch(dpo, 5)
-    theirs = _loss_and_grads(dpo, lambda: dpo.compute_loss(dpo.model, batch))
+    _make_even_rows_greedy(dpo.model, batch)
+
+    def step():
+        dpo._metrics["train"].clear()
+        return dpo.compute_loss(dpo.model, batch)
+
+    theirs = _loss_and_grads(dpo, step)
+    their_metrics = {k: v[-1] for k, v in dpo._metrics["train"].items()}
     with patch_trl() as patch:
-        ours = _loss_and_grads(dpo, lambda: dpo.compute_loss(dpo.model, batch))
-    # the policy asks for is_top1 (token accuracy): TRL's head; the reference: fastrl's
-    assert (patch.calls, patch.fallback_calls) == (0 if precompute else 1, 1)
+        ours = _loss_and_grads(dpo, step)
+    our_metrics = {k: v[-1] for k, v in dpo._metrics["train"].items()}
+    assert (patch.calls, patch.fallback_calls) == (1 if precompute else 2, 0)
     _assert_same(ours, theirs)
+    # logits/*, mean_token_accuracy and entropy come from the head's extra outputs
+    assert {"logits/chosen", "mean_token_accuracy", "entropy"} <= our_metrics.keys()
+    assert 0.2 < their_metrics["mean_token_accuracy"] < 0.8
+    assert our_metrics.keys() == their_metrics.keys()
+    for name in our_metrics.keys() - {"num_tokens"}:  # a running total over calls
+        assert our_metrics[name] == pytest.approx(their_metrics[name], rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ def naive_linear_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_is_top1: bool = False,
     compute_dtype: torch.dtype = torch.float64,
 ):
     """Per-token log-probs (and entropies) the obvious way, differentiable.
@@ -33,7 +34,11 @@ def naive_linear_logprobs(
     safe = torch.where(valid, targets, 0)
     logps = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logps = torch.where(valid, logps, 0.0)
-    if not return_entropy:
-        return logps
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logps, torch.where(valid, entropy, 0.0)
+    out = (logps,)
+    if return_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        out += (torch.where(valid, entropy, 0.0),)
+    if return_is_top1:
+        target_z = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        out += (valid & (target_z >= z.amax(-1)),)
+    return out[0] if len(out) == 1 else out
