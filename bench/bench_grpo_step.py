@@ -1,5 +1,6 @@
 """One GRPO LoRA training step end to end: fastrl's GRPOTrainer against TRL's, same model,
-same settings, same run.
+same settings, same run; and TRL's GRPOTrainer under `fastrl.integrations.patch_trl`
+(`trl-patched`: TRL's trainer, fastrl's fused head).
 
     python bench/bench_grpo_step.py                         # 1.5B and 7B (4-bit), 24 GiB cap
     python bench/bench_grpo_step.py --models qwen2.5-1.5b --steps 3 --beta 0.04
@@ -30,6 +31,7 @@ on a 2-layer, d=256 body) shows the head's share of a step's memory, where it do
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -72,7 +74,8 @@ MODELS = {
         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True, four_bit=False,
     ),
 }  # fmt: skip
-TRAINERS = ("fastrl", "trl")
+# trl-patched: TRL's GRPOTrainer with fastrl's head in it (fastrl.integrations.patch_trl)
+TRAINERS = ("fastrl", "trl", "trl-patched")
 
 
 # ------------------------------------------------------------------ checkpoint
@@ -238,6 +241,11 @@ def run_one(opts: argparse.Namespace) -> dict:
             str(path), varied_reward, args=args, train_dataset=dataset, callbacks=[timer],
             processing_class=tokenizer, quantization_config=quant, peft_config=lora,
         )  # fmt: skip
+    patch = None
+    if opts.trainer == "trl-patched":
+        from fastrl.integrations import patch_trl
+
+        patch = patch_trl()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -254,6 +262,8 @@ def run_one(opts: argparse.Namespace) -> dict:
         # the worker's peak resident memory (KiB on Linux): host memory, the measure on CPU
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         steps=timer.steps,
+        # trl-patched: the fused-head calls fastrl served and those it left to TRL
+        head_calls=None if patch is None else dict(fastrl=patch.calls, trl=patch.fallback_calls),
     )
 
 
@@ -300,10 +310,12 @@ def _plot(results: dict, path: Path) -> None:
         (axes[0], memory, memory_label),
         (axes[1], "tokens_per_second", "tokens / s (prompt + completion)"),
     ):
-        for j, trainer in enumerate(TRAINERS):
+        shown = [t for t in TRAINERS if any(_row(rows, m, t) for m in models)]
+        width = 0.8 / len(shown)
+        for j, trainer in enumerate(shown):
             found = [_row(rows, m, trainer) for m in models]
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(models))]
-            bars = ax.bar(xs, [r.get(key) or 0.0 for r in found], width=0.38, label=trainer)
+            xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(models))]
+            bars = ax.bar(xs, [r.get(key) or 0.0 for r in found], width=width, label=trainer)
             for x, r in zip(xs, found, strict=True):
                 if r.get("error"):
                     ax.text(x, 0, r["error"], rotation=90, ha="center", va="bottom", fontsize=8)
@@ -331,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--models", default="qwen2.5-1.5b,qwen2.5-7b", help=f"comma-separated, of {sorted(MODELS)}"
     )
-    p.add_argument("--trainers", default=",".join(TRAINERS), help="fastrl,trl")
+    p.add_argument("--trainers", default=",".join(TRAINERS), help=",".join(TRAINERS))
     p.add_argument("--steps", type=int, default=2, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="steps run first, not measured")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL default 0)")
@@ -386,8 +398,8 @@ def main(argv: list[str] | None = None) -> None:
             shown = {k: v for k, v in row.items() if k not in ("steps", "stderr_tail")}
             tqdm.write(json.dumps(shown))
     memory, _ = _memory_key(rows)
-    for model in models:
-        ours, trl = _row(rows, model, "fastrl"), _row(rows, model, "trl")
+    for model, ours in itertools.product(models, ("fastrl", "trl-patched")):
+        ours, trl = _row(rows, model, ours), _row(rows, model, "trl")
         if ours.get(memory) and trl.get(memory):
             ours["memory_vs_trl"] = ours[memory] / trl[memory]
         if ours.get("tokens_per_second") and trl.get("tokens_per_second"):
