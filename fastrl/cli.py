@@ -11,7 +11,11 @@
 """
 
 import argparse
+import contextlib
+import hashlib
 import importlib
+import importlib.util
+import os
 import runpy
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +31,10 @@ class GRPOScriptArguments:
     dataset: str = field(metadata={"help": "JSONL/CSV/parquet file or saved dataset dir"})
     reward: list[str] = field(
         default_factory=lambda: ["exact_match"],
-        metadata={"help": f"built-in {BUILTIN_REWARDS} or 'module:function'; repeatable"},
+        metadata={
+            "help": f"built-in {BUILTIN_REWARDS}, 'module:function' (the current directory "
+            "is searched first) or 'path/to/file.py:function'; repeatable"
+        },
     )
     answer_column: str = field(
         default="answer", metadata={"help": "for exact_match and digit_match"}
@@ -98,13 +105,75 @@ def _reward_functions(script: GRPOScriptArguments):
         elif spec == "length":
             funcs.append(rewards.length_penalty(script.length_target))
         elif ":" in spec:
-            module, name = spec.split(":", 1)
-            funcs.append(getattr(importlib.import_module(module), name))
+            funcs.append(load_reward_function(spec))
         else:
             raise SystemExit(
-                f"--reward {spec!r}: use one of {BUILTIN_REWARDS} or 'module:function'"
+                f"--reward {spec!r}: use one of {BUILTIN_REWARDS}, 'module:function' or "
+                "'path/to/file.py:function'"
             )
     return funcs
+
+
+@contextlib.contextmanager
+def _on_sys_path(directory: str):
+    """`directory` first on `sys.path` for the block, unless it is there already."""
+    if directory in sys.path:
+        yield
+        return
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(directory)
+
+
+def load_reward_function(spec: str):
+    """The reward function a user's `--reward` spec names: `module:function`, the module
+    imported with the current directory searched first (the `fastrl` console script does
+    not put it on `sys.path`), or `path/to/file.py:function`, the file loaded as a module
+    (its directory searched first for its own imports). Raises ValueError naming `spec`."""
+    target, _, name = spec.rpartition(":")  # rpartition: a Windows path keeps its drive
+    if not target or not name:
+        raise ValueError(f"--reward {spec!r}: expected 'module:function' or 'file.py:function'")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"--reward {spec!r}: file {str(path)!r} not found")
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        module_name = f"_fastrl_reward_{path.stem}_{digest}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ValueError(f"--reward {spec!r}: cannot load {str(path)!r} as a module")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[module_name] = module  # as an import does: pickling, dataclasses
+            try:
+                with _on_sys_path(str(path.parent)):
+                    loader_spec.loader.exec_module(module)
+            except BaseException as e:
+                del sys.modules[module_name]
+                if isinstance(e, ImportError):
+                    raise ValueError(f"--reward {spec!r}: importing {str(path)!r}: {e}") from e
+                raise
+        where = f"file {str(path)!r}"
+    else:
+        try:
+            with _on_sys_path(os.getcwd()):
+                module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(
+                f"--reward {spec!r}: cannot import module {target!r} (searched the current "
+                f"directory {os.getcwd()!r} and sys.path): {e}"
+            ) from e
+        where = f"module {target!r}"
+    func = getattr(module, name, None)
+    if func is None:
+        raise ValueError(f"--reward {spec!r}: {where} has no function {name!r}")
+    if not callable(func):
+        raise ValueError(f"--reward {spec!r}: {name!r} in {where} is not callable")
+    return func
 
 
 def _tokenizer(model_path: str):

@@ -1,10 +1,14 @@
 """The `fastrl` command end to end on the shipped task, a step or two of each trainer."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from fastrl.cli import main
+from fastrl.cli import GRPOScriptArguments, _reward_functions, main
 from fastrl.trainers import demo_task
 
 
@@ -76,7 +80,7 @@ def test_cli_errors(tmp_path):
 
 
 def test_repeated_list_options_keep_every_value():
-    from fastrl.cli import GRPOScriptArguments, _parse
+    from fastrl.cli import _parse
     from fastrl.trainers import GRPOConfig
 
     base = ["--model", "m", "--dataset", "d", "--output_dir", "x", "--use_cpu", "true"]
@@ -89,6 +93,90 @@ def test_repeated_list_options_keep_every_value():
     )  # fmt: skip
     assert script.reward == ["exact_match", "format", "length"]
     assert config.lora_target_modules == ["q_proj", "v_proj"]
+
+
+REWARD_FILE = """
+def score(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+constant = 1.0
+"""
+
+
+@pytest.fixture
+def console_script_path(tmp_path, monkeypatch):
+    """The `fastrl` console script's situation: the current directory (a fresh one) is not
+    on `sys.path`. Modules the test imports are dropped afterwards."""
+    monkeypatch.chdir(tmp_path)
+    path = [p for p in sys.path if p not in ("", ".", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", path)
+    before = set(sys.modules)
+    yield path
+    for name in set(sys.modules) - before:
+        if name.startswith(("cwd_reward", "_fastrl_reward_", "helper_for_reward")):
+            del sys.modules[name]
+
+
+def _rewards(*specs):
+    return _reward_functions(GRPOScriptArguments(model="m", dataset="d", reward=list(specs)))
+
+
+def test_reward_module_from_the_current_directory(console_script_path, tmp_path):
+    (tmp_path / "cwd_reward.py").write_text(REWARD_FILE)
+    builtin, func = _rewards("exact_match", "cwd_reward:score")
+    assert builtin.__name__ == "exact_match_answer"
+    assert func.__name__ == "score" and func(["ab", "c"]) == [2.0, 1.0]
+    assert sys.path == console_script_path  # the directory was on it for the import only
+
+
+def test_reward_from_a_file_path(console_script_path, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "helper_for_reward.py").write_text("BONUS = 10.0\n")
+    (tmp_path / "sub" / "rew.py").write_text(
+        "from helper_for_reward import BONUS\n\n"
+        "def score(completions, **kwargs):\n    return [BONUS for _ in completions]\n"
+    )
+    (relative,) = _rewards("sub/rew.py:score")  # relative to the current directory
+    (absolute,) = _rewards(f"{tmp_path / 'sub' / 'rew.py'}:score")
+    assert relative is absolute and relative(["x"]) == [10.0]
+    assert sys.path == console_script_path
+
+
+def test_reward_spec_errors(console_script_path, tmp_path):
+    (tmp_path / "cwd_reward.py").write_text(REWARD_FILE)
+    cases = {
+        "cwd_reward:nope": "module 'cwd_reward' has no function 'nope'",
+        "cwd_reward:constant": "'constant' in module 'cwd_reward' is not callable",
+        "no_such_module_xyz:f": "cannot import module 'no_such_module_xyz'",
+        "missing/rew.py:score": "not found",
+        "cwd_reward.py:nope": "has no function 'nope'",
+        "cwd_reward:": "expected 'module:function'",
+    }
+    for spec, message in cases.items():
+        pattern = re.escape(f"--reward {spec!r}") + ".*" + re.escape(message)
+        with pytest.raises(ValueError, match=pattern):
+            _rewards(spec)
+    with pytest.raises(SystemExit, match="use one of"):
+        _rewards("no_such_builtin")
+    assert sys.path == console_script_path
+
+
+@pytest.mark.slow  # a subprocess: the imports alone take a few seconds
+def test_cli_grpo_reward_from_cwd_through_the_console_script(checkpoint, tmp_path):
+    script = Path(sys.executable).with_name("fastrl")
+    if not script.exists():
+        pytest.skip("the fastrl console script is not installed")
+    (tmp_path / "myrew.py").write_text(
+        "def myrew(completions, **kwargs):\n    return [0.5 for _ in completions]\n"
+    )
+    _jsonl(tmp_path / "train.jsonl", demo_task.arithmetic_dataset(16, 0))
+    argv = [str(script), "grpo", "--model", str(checkpoint), "--dataset", "train.jsonl",
+            "--output_dir", "out", "--reward", "myrew:myrew", "--per_device_train_batch_size",
+            "8", "--num_generations", "4", "--max_completion_length", "8", *COMMON]  # fmt: skip
+    run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert logs[0]["rewards/myrew/mean"] == 0.5
 
 
 @pytest.mark.slow

@@ -105,9 +105,10 @@ def test_training_changes_only_lora_weights(tmp_path):
     logs = {k for entry in trainer.state.log_history for k in entry}
     for key in ("reward", "reward_std", "rewards/letter_share/mean", "rewards/letter_share/std",
                 "completions/mean_length", "kl", "entropy", "clip_ratio/region_mean",
-                "tokens_per_second", "peak_memory_gb"):  # fmt: skip
+                "tokens_per_second"):  # fmt: skip
         assert key in logs, key
-    assert trainer.state.log_history[0]["peak_memory_gb"] is None  # CPU
+    assert "peak_memory_gib" not in logs  # CUDA only: no None in the logs
+    assert all(v is not None for entry in trainer.state.log_history for v in entry.values())
 
 
 def test_loss_runs_the_backbone_only(tmp_path):
@@ -407,9 +408,40 @@ def test_config_validation(tmp_path):
         _trainer(tmp_path, loss_type="ppo")
     with pytest.raises(ValueError, match="reward_weights"):
         _trainer(tmp_path, reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="kernel_impl must be one of .* got 'cuda'"):
+        _args(tmp_path, kernel_impl="cuda")
+    with pytest.raises(ValueError, match="stop_strings=.*not supported"):
+        _trainer(tmp_path, generation_kwargs={"stop_strings": ["\n"]})
     args = _args(tmp_path)
     assert args.beta == 0.0 and args.loss_type == "dapo" and args.remove_unused_columns is False
+    assert args.ddp_find_unused_parameters is False and args.kernel_impl == "auto"
     assert args.activation_checkpointing and args.steps_per_generation == 1
+
+
+def test_generation_settings_reach_generate(tmp_path):
+    trainer = _trainer(tmp_path, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05,
+                       repetition_penalty=1.1, generation_kwargs={"eos_token_id": 7})  # fmt: skip
+    cfg = trainer.generation_config
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p) == (0.7, 0.9, 5, 0.05)
+    assert cfg.repetition_penalty == 1.1 and cfg.do_sample and cfg.use_cache
+    assert cfg.max_new_tokens == trainer.args.max_completion_length
+    # generation_kwargs' EOS is where completions end (and what "truncated" means)
+    assert cfg.eos_token_id == 7 and trainer.eos_token_ids == [7]
+
+
+def test_sharded_parameters_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers.integrations import deepspeed
+
+    from fastrl.trainers.model import refuse_sharded_parameters
+
+    with pytest.raises(ValueError, match="does not support sharded parameters"):
+        refuse_sharded_parameters(SimpleNamespace(is_fsdp_enabled=True))
+    refuse_sharded_parameters(SimpleNamespace(is_fsdp_enabled=False))
+    monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="FSDP, DeepSpeed ZeRO-3"):
+        refuse_sharded_parameters(SimpleNamespace(is_fsdp_enabled=False))
 
 
 def test_cap_cuda_memory(monkeypatch):
@@ -508,3 +540,23 @@ trainer.train()
 def test_data_parallel_ranks_end_with_the_same_weights(tmp_path):
     # each rank generates and scores its own prompts
     assert_ranks_end_equal(DDP_SCRIPT, tmp_path)
+
+
+@pytest.mark.slow
+def test_data_parallel_dynamic_sampling_with_a_rank_left_empty(tmp_path):
+    """Rank 0's groups are all flat, so dynamic sampling drops its whole batch: its step
+    must still join the gradient all-reduce (it used to wait forever)."""
+    script = DDP_SCRIPT.replace(
+        "def letter_share(prompts, completions, **kwargs):",
+        "def letter_share(prompts, completions, **kwargs):\n"
+        "    if dist.get_rank() == 0:\n"
+        "        return [1.0] * len(completions)",
+    ).replace("activation_checkpointing=False", "activation_checkpointing=False, "
+              "dynamic_sampling=True, logging_steps=1")  # fmt: skip
+    assert script.count("dynamic_sampling=True") == 1 and "get_rank() == 0" in script
+    # the logged kept fraction is merged over the ranks: rank 0 alone kept nothing
+    script += """
+kept = [e["dynamic_sampling/kept_fraction"] for e in trainer.state.log_history if "loss" in e]
+assert len(kept) == 3 and all(k > 0 for k in kept), kept
+"""
+    assert_ranks_end_equal(script, tmp_path)

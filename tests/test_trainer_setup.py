@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fastrl.trainers import model as model_module
 from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.model import (
     completion_positions,
+    default_attn_implementation,
     load_model,
     policy_hidden_states,
     reference_adapters_off,
@@ -70,6 +72,57 @@ def test_load_model_bad_input():
         load_model(42)
     with pytest.raises(ValueError, match="load_in_4bit"):
         load_model(tiny(), load_in_4bit=True)
+
+
+def _fake_cuda(monkeypatch, *, bf16=True, flash_attn=True):
+    """A CUDA device (bf16-capable or not) and flash-attn installed or not, on any machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(model_module, "_has", lambda name: flash_attn or name != "flash_attn")
+
+
+def test_default_attn_implementation_needs_half_precision(monkeypatch):
+    _fake_cuda(monkeypatch)
+    assert default_attn_implementation() == "flash_attention_2"  # default dtype: bf16
+    assert default_attn_implementation(torch.bfloat16) == "flash_attention_2"
+    assert default_attn_implementation(torch.float16) == "flash_attention_2"
+    assert default_attn_implementation(torch.float32) == "sdpa"  # FA2 cannot load in fp32
+    _fake_cuda(monkeypatch, bf16=False)  # a GPU without bf16: the default dtype is fp32
+    assert default_attn_implementation() == "sdpa"
+    _fake_cuda(monkeypatch, flash_attn=False)
+    assert default_attn_implementation(torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_attn_implementation(torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "dtype, bf16_gpu, expected",
+    [
+        (None, True, (torch.bfloat16, "flash_attention_2")),
+        (torch.float32, True, (torch.float32, "sdpa")),  # model_dtype="float32"
+        (None, False, (torch.float32, "sdpa")),  # a GPU without bf16
+        (torch.float16, False, (torch.float16, "flash_attention_2")),
+    ],
+)
+def test_load_model_attn_follows_the_resolved_dtype(
+    monkeypatch, tmp_path, dtype, bf16_gpu, expected
+):
+    import transformers
+
+    _fake_cuda(monkeypatch, bf16=bf16_gpu)
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(Loaded):
+        load_model(tmp_path, dtype=dtype)
+    assert (seen["dtype"], seen["attn_implementation"]) == expected
 
 
 def test_load_data_sources(tmp_path):

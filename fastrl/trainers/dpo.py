@@ -50,6 +50,7 @@ from fastrl.trainers.model import (
     load_model,
     policy_hidden_states,
     reference_adapters_off,
+    refuse_sharded_parameters,
 )
 
 __all__ = [
@@ -193,15 +194,6 @@ class DPOConfig(ModelArguments, TrainingArguments):
         default=None, metadata={"help": "SimPO / AlphaPO target margin (default 0.5)."}
     )
     alpha: float = field(default=0.0, metadata={"help": "AlphaPO's alpha (CPO family)."})
-
-    # ---- runtime
-    kernel_impl: str = field(
-        default="auto",
-        metadata={
-            "help": "Fused head implementation: auto (Triton on CUDA), triton or torch.",
-            "choices": ["auto", "triton", "torch"],
-        },
-    )
 
     def __post_init__(self):
         self.set_engine_defaults()
@@ -575,6 +567,7 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        refuse_sharded_parameters(self)
         self._track_rng_at_step_end()
         self.loss_kwargs = args.preference_loss_kwargs()
         if self.train_dataset is not None:

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
@@ -76,6 +77,7 @@ from fastrl.trainers.model import (
     load_model,
     policy_hidden_states,
     reference_adapters_off,
+    refuse_sharded_parameters,
 )
 from fastrl.trainers.rewards import call_reward, reward_name
 
@@ -116,7 +118,9 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         use_chat_template: render string prompts through the tokenizer's chat template
             when it has one (conversational prompts always are).
         max_memory_gb: cap this process's CUDA memory (`set_per_process_memory_fraction`)
-            so a run on a bigger card proves it fits a smaller one; ignored without CUDA.
+            so a run on a bigger card proves it fits a smaller one; warns without CUDA.
+        kernel_impl: the fused heads' implementation: "auto" (Triton on CUDA, else
+            PyTorch), "triton" or "torch".
 
     Generation (TRL): num_generations (G), max_completion_length, temperature, top_p,
         top_k (0: off), min_p, repetition_penalty, generation_kwargs (more
@@ -326,6 +330,11 @@ def _nanmean(x: torch.Tensor) -> float:
     return x.mean().item() if x.numel() else math.nan
 
 
+def _sum_count(values: list[float]) -> tuple[float, int]:
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid), len(valid)
+
+
 def _is_conversational(prompt) -> bool:
     return isinstance(prompt, list)
 
@@ -359,8 +368,10 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
     `completions/mean_length|min_length|max_length|clipped_ratio`, `kl` (beta != 0),
     `entropy`, `clip_ratio/*`, `num_tokens` (prompt + completion tokens generated so far,
     as TRL), `tokens_per_second` (prompt + completion tokens trained on per second of
-    wall time since the last log, generation included) and `peak_memory_gb`
-    (`torch.cuda.max_memory_allocated`, since the start; None on CPU).
+    wall time since the last log, generation included) and, on CUDA, `peak_memory_gib`
+    (`torch.cuda.max_memory_allocated`, since the start). Each metric is the mean over
+    the logging window and every process; one without a value (e.g. every reward None)
+    is left out.
 
     Errors: a reward function that raises is reported by `call_reward` with its name and
     the first failing sample; a non-finite loss raises `FloatingPointError` with the
@@ -444,15 +455,15 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        refuse_sharded_parameters(self)
 
         # ---- generation
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         model_eos = getattr(self.model.generation_config, "eos_token_id", None)
         model_eos = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
-        self.eos_token_ids = list(dict.fromkeys(eos + model_eos))
-        if not self.eos_token_ids:
-            raise ValueError("neither the tokenizer nor the model's generation_config has an EOS")
-        self.generation_config = GenerationConfig(
+        default_eos = list(dict.fromkeys(eos + model_eos))
+        # generation_kwargs override the fields set here (as in TRL)
+        gen = dict(
             max_new_tokens=args.max_completion_length,
             do_sample=True,
             temperature=args.temperature,
@@ -462,10 +473,23 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             repetition_penalty=args.repetition_penalty,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
-            eos_token_id=self.eos_token_ids,
+            eos_token_id=default_eos or None,
             use_cache=True,
-            **(args.generation_kwargs or {}),
         )
+        self.generation_config = GenerationConfig(**{**gen, **(args.generation_kwargs or {})})
+        if self.generation_config.stop_strings is not None:
+            raise ValueError(
+                f"generation_kwargs stop_strings={self.generation_config.stop_strings!r} is not "
+                "supported: a completion ends at its first EOS token (set eos_token_id instead)"
+            )
+        # generation_kwargs may replace the EOS ids: completions end where generate stopped
+        final_eos = self.generation_config.eos_token_id
+        self.eos_token_ids = [final_eos] if isinstance(final_eos, int) else list(final_eos or [])
+        if not self.eos_token_ids:
+            raise ValueError(
+                "no EOS token id: neither the tokenizer, the model's generation_config nor "
+                "generation_kwargs has one, and a completion ends at its first EOS"
+            )
 
         # ---- the loss options, validated now by the public API itself
         self._loss_kwargs = dict(
@@ -683,7 +707,9 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
                 mask = batch["completion_mask"][s : s + bs].bool()
                 targets = torch.where(mask, batch["completion_ids"][s : s + bs], _IGNORE)
                 hidden = hidden.to(head.weight.dtype)  # autocast may return another dtype
-                out.append(linear_logprobs(hidden, head.weight, targets, **kw))
+                out.append(
+                    linear_logprobs(hidden, head.weight, targets, impl=self.args.kernel_impl, **kw)
+                )
         return (
             torch.cat(out) if out else batch["completion_ids"].new_zeros(0, 0, dtype=torch.float32)
         )
@@ -824,8 +850,11 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             )
         unwrapped = self._unwrapped()
         if inputs["completion_ids"].shape[0] == 0:  # every group dropped by dynamic sampling
-            params = [p for p in model.parameters() if p.requires_grad]
-            return sum(p.sum() for p in params) * 0.0
+            # A zero loss that still runs the wrapped model on one token: under DDP every
+            # rank must join the gradient all-reduce, whether or not it kept any group.
+            one = inputs["prompt_ids"].new_full((1, 1), self.processing_class.pad_token_id)
+            hidden = backbone_hidden_states(model, one, torch.ones_like(one), unwrapped=unwrapped)
+            return hidden.sum() * 0.0
         P = inputs["prompt_ids"].shape[1]
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
@@ -846,6 +875,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             gradient_accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
             steps_per_generation=self.args.steps_per_generation if training else 1,
             num_processes=self.accelerator.num_processes,
+            impl=self.args.kernel_impl,
             **head.kwargs(self.args.temperature),
             **self._loss_kwargs,
         )
@@ -868,9 +898,18 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for key, values in self._metrics.items():
-            valid = [v for v in values if not math.isnan(v)]
-            logs[key] = sum(valid) / len(valid) if valid else None
+        # (sum, count) of the non-NaN values per metric, merged over the processes: the
+        # loss metrics are per rank (the generation ones are already global, so merging
+        # identical copies leaves them unchanged). Metrics without a value are left out.
+        totals = defaultdict(lambda: [0.0, 0])
+        parts = [{k: _sum_count(v) for k, v in self._metrics.items()}]
+        if self.accelerator.num_processes > 1:  # every rank calls log()
+            parts = gather_object(parts)
+        for part in parts:
+            for key, (total, count) in part.items():
+                totals[key][0] += total
+                totals[key][1] += count
+        logs.update({k: total / count for k, (total, count) in totals.items() if count})
         self._metrics.clear()
         now = time.perf_counter()
         if self._tokens_since_log:
@@ -878,8 +917,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             logs["tokens_per_second"] = self._tokens_since_log / max(
                 now - self._last_log_time, 1e-9
             )
-            logs["peak_memory_gb"] = (
-                torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-            )
+            if torch.cuda.is_available():
+                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self._tokens_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)

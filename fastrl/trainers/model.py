@@ -2,10 +2,12 @@
 
 - `load_model` takes a local checkpoint directory (or a hub id where a network exists) or
   a model object, and returns it with LoRA adapters on every linear layer of the blocks
-  (never the lm_head), the base frozen, gradient checkpointing on, bf16 on a GPU,
-  flash-attention 2 when installed (else SDPA), and optionally a 4-bit base (QLoRA).
+  (never the lm_head), the base frozen, gradient checkpointing on, and optionally a
+  4-bit base (QLoRA). A path loads in bf16 on a bf16-capable GPU (else fp32), with
+  flash-attention 2 when installed and the weights are half precision (else SDPA); a model
+  object keeps its dtype and attention unless a `dtype` is given.
 - `policy_hidden_states` runs the backbone only; `backbone_hidden_states` does the same
-  through the engine's wrapper (DDP, FSDP, DeepSpeed, accelerate's autocast) so its hooks
+  through the engine's wrapper (DDP, DeepSpeed ZeRO-1/2, accelerate's autocast) so its hooks
   fire; `reference_adapters_off` turns the same model into the reference (the base,
   adapters disabled): no second copy in memory.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastrl.integrations import causal_lm_hidden_states, lm_head
+from fastrl.logprobs import IMPLS
 
 #: `model_dtype` names the trainers' configs accept.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -47,7 +50,10 @@ class ModelArguments:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel; default flash_attention_2 if installed, else sdpa."},
+        metadata={
+            "help": "Attention kernel; default flash_attention_2 if installed and the weights "
+            "are bf16/fp16, else sdpa."
+        },
     )
     model_dtype: str | None = field(
         default=None,
@@ -55,6 +61,13 @@ class ModelArguments:
             "help": "Weights dtype (bfloat16, float16, float32) for a model loaded from a path; "
             "default bf16 on a bf16-capable GPU, else float32.",
             "choices": [None, *DTYPES],
+        },
+    )
+    kernel_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "Fused head implementation: auto (Triton on CUDA), triton or torch.",
+            "choices": ["auto", "triton", "torch"],
         },
     )
     max_memory_gb: float | None = field(
@@ -81,6 +94,8 @@ class ModelArguments:
             self.ddp_find_unused_parameters = False
 
     def check_model_arguments(self) -> None:
+        if self.kernel_impl not in IMPLS:
+            raise ValueError(f"kernel_impl must be one of {IMPLS}, got {self.kernel_impl!r}")
         if self.model_dtype is not None and self.model_dtype not in DTYPES:
             raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
         if self.max_memory_gb is not None and not self.max_memory_gb > 0:
@@ -113,8 +128,18 @@ def default_dtype() -> torch.dtype:
     return torch.float32
 
 
-def default_attn_implementation() -> str:
-    return "flash_attention_2" if torch.cuda.is_available() and _has("flash_attn") else "sdpa"
+def default_attn_implementation(dtype: torch.dtype | None = None) -> str:
+    """flash_attention_2 where it can run: CUDA, flash-attn installed and half-precision
+    weights (`dtype`, default `default_dtype()`; FA2 supports only bf16 and fp16). Else
+    sdpa."""
+    dtype = default_dtype() if dtype is None else dtype
+    if (
+        dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.is_available()
+        and _has("flash_attn")
+    ):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def load_model(
@@ -134,9 +159,12 @@ def load_model(
         lora: `peft.LoraConfig` keyword arguments over `DEFAULT_LORA` (all linear layers
             of the blocks, r=16, alpha=32); the lm_head is never adapted.
         load_in_4bit: load the base in 4-bit NF4 (needs bitsandbytes and CUDA).
-        dtype: weights dtype (default bf16 on a bf16-capable GPU, else fp32).
-        attn_implementation: default flash_attention_2 if flash-attn is installed and CUDA
-            is available, else sdpa.
+        dtype: weights dtype. For a path: default bf16 on a bf16-capable GPU, else fp32.
+            For a model object: the model is cast to `dtype` when given; by default it is
+            left in the dtype it has (no bf16 default).
+        attn_implementation: for a path, default flash_attention_2 if flash-attn is
+            installed, CUDA is available and the weights are bf16 or fp16, else sdpa. A
+            model object keeps the attention implementation it was built with.
         gradient_checkpointing: recompute block activations in the backward.
 
     Returns:
@@ -146,9 +174,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, (str, os.PathLike)):
+        dtype = dtype or default_dtype()
         kwargs = dict(
-            dtype=dtype or default_dtype(),
-            attn_implementation=attn_implementation or default_attn_implementation(),
+            dtype=dtype,
+            attn_implementation=attn_implementation or default_attn_implementation(dtype),
         )
         if load_in_4bit:
             if not (_has("bitsandbytes") and torch.cuda.is_available()):
@@ -279,6 +308,19 @@ def completion_positions(hidden: torch.Tensor, prompt_length: int) -> torch.Tens
     predicted by positions prompt_length - 1 ... L - 2.
     """
     return hidden[:, prompt_length - 1 : -1]
+
+
+def refuse_sharded_parameters(trainer) -> None:
+    """Data parallelism only (DDP, DeepSpeed ZeRO-1/2): the fused heads read the lm_head
+    weight, and GRPO generates, through the unwrapped model, where FSDP and ZeRO-3 leave
+    shards. Call after `Trainer.__init__`."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+        raise ValueError(
+            f"{type(trainer).__name__} does not support sharded parameters (FSDP, DeepSpeed "
+            "ZeRO-3): use DDP or ZeRO-1/2 (a LoRA run's optimizer state is small)"
+        )
 
 
 def cap_cuda_memory(max_memory_gb: float | None) -> float | None:
