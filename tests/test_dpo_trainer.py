@@ -572,6 +572,22 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
         trainer.train()
 
 
+def test_oom_names_the_settings_to_lower(tmp_path):
+    trainer = DPOTrainer(
+        _lora_model(), _args(tmp_path, max_steps=1),
+        train_dataset=datasets.Dataset.from_dict(PAIRED_DS), processing_class=_tokenizer(),
+    )  # fmt: skip
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    trainer.compute_loss = oom
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        trainer.train()
+    for name in ("per_device_train_batch_size", "max_length", "precompute_ref_log_probs"):
+        assert name in str(info.value)
+
+
 def _format_pairs(n, seed, split):
     """Arithmetic pairs where the rejected completion breaks the answer format (the
     closing tag is missing): a preference a few DPO steps learn and carry to held-out

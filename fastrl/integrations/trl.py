@@ -14,6 +14,11 @@ state, one GEMV with the weight's column sums). Calls that ask for more (`log_su
 for DPO's WPO weighting, `mean_logits` with a softcap) go to TRL's own function unchanged;
 `patch.fallback_calls` counts them. So under the patch GRPOTrainer, RLOOTrainer,
 DPOTrainer, KTOTrainer and SFTTrainer run fastrl's head for the policy and the reference.
+
+Dtypes follow TRL: the head computes in the autocast dtype when autocast is on, else in
+the hidden states' dtype. When the lm_head weight has another dtype (an fp32 model under
+bf16 autocast, or GRPO's `cast_lm_head_to_fp32=True` with a bf16 model) it is cast whole
+for the call, a `[V, d]` copy, where TRL casts one vocabulary chunk at a time.
 """
 
 import importlib

@@ -132,7 +132,9 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         (KL to the reference = the base with adapters off; 0 skips the reference
         forward), kl_estimator (fastrl), use_bias_correction_kl, importance_sampling_level,
         sapo_temperature_pos/neg, num_iterations, entropy_coef, top_entropy_quantile,
-        off_policy_mask_threshold.
+        off_policy_mask_threshold. (The loss's sampler correction, `sampling_logps` for
+        vLLM-style samplers, has no use here: completions come from the policy itself
+        through `generate`, so the sampler's log-probs are the old policy's.)
 
     Rewards (TRL): reward_weights, scale_rewards ("group" | "batch" | "none"),
         multi_objective_aggregation.
