@@ -67,7 +67,7 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "Fused head implementation: auto (Triton on CUDA), triton or torch.",
-            "choices": ["auto", "triton", "torch"],
+            "choices": list(IMPLS),
         },
     )
     max_memory_gb: float | None = field(
