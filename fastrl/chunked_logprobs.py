@@ -29,10 +29,12 @@ def _logits(h, weight, bias, v0, v1, inv_temp, softcap):
 
 
 def chunked_logprobs_fwd(
-    hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy, top1=None
-):
+    hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
+    top1=None, log_sum_sq=None,
+):  # fmt: skip
     """hidden [N, d], weight [V, d], targets [N] int64 -> logp [N], entropy [N] | None, lse [N];
-    fills `top1` ([N] bool, if given) with whether each target has the largest logit."""
+    fills `top1` ([N] bool, if given) with whether each target has the largest logit and
+    `log_sum_sq` ([N], if given) with log sum_v p_v^2 (0 where ignored)."""
     N, V = hidden.shape[0], weight.shape[0]
     dt = _compute_dtype(hidden.dtype)
     logp = torch.zeros(N, dtype=dt, device=hidden.device)
@@ -43,7 +45,7 @@ def chunked_logprobs_fwd(
         rows = slice(n0, n0 + CHUNK_TOKENS)
         h, t = hidden[rows].to(dt), targets[rows]
         m = torch.full((h.shape[0],), float("-inf"), dtype=dt, device=h.device)
-        s, a, zt = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+        s, a, q, zt = (torch.zeros_like(m) for _ in range(4))
         for v0 in range(0, V, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, V)
             z, _ = _logits(h, weight, bias, v0, v1, 1.0 / temperature, softcap)
@@ -55,6 +57,8 @@ def chunked_logprobs_fwd(
                 shift = torch.where(m.isinf(), 0.0, m - m_new)
                 a = alpha * (a + s * shift) + (e * zm).sum(1)
             s = s * alpha + e.sum(1)
+            if log_sum_sq is not None:  # q = sum e^(2(z-m)), re-based like s
+                q = q * alpha * alpha + (e * e).sum(1)
             hit = (t >= v0) & (t < v1)
             zt += torch.where(hit, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0)
             m = m_new
@@ -64,6 +68,8 @@ def chunked_logprobs_fwd(
             ent[rows] = torch.where(valid[rows], s.log() - a / s, 0.0)
         if top1 is not None:  # zt is the very float the max was taken over: exact
             top1[rows] = valid[rows] & (zt >= m)
+        if log_sum_sq is not None:
+            log_sum_sq[rows] = torch.where(valid[rows], q.log() - 2 * s.log(), 0.0)
     return logp, ent, lse
 
 

@@ -29,29 +29,34 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ignore_index,
         return_entropy,
         return_is_top1,
+        return_log_sum_sq,
         impl,
     ):
         # entropy is often wanted for logging only: skip its backward term when unused
         ctx.set_materialize_grads(False)
         fwd = _triton_backend()[0] if impl == "triton" else chunked_logprobs_fwd
-        top1 = None
+        # metrics and weights without a gradient: is_top1, log sum_v p_v^2
+        top1 = sq = None
         if return_is_top1:
             top1 = torch.empty(targets.shape, dtype=torch.bool, device=targets.device)
-            ctx.mark_non_differentiable(top1)
+        if return_log_sum_sq:
+            dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            sq = torch.empty(targets.shape, dtype=dt, device=targets.device)
+        ctx.mark_non_differentiable(*(t for t in (top1, sq) if t is not None))
         logp, ent, lse = fwd(
             hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
-            top1=top1,
+            top1=top1, log_sum_sq=sq,
         )  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.args = (temperature, softcap, ignore_index, impl)
-        return logp, ent, top1
+        return logp, ent, top1, sq
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_ent, _grad_top1):
+    def backward(ctx, grad_logp, grad_ent, _grad_top1, _grad_sq):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         temperature, softcap, ignore_index, impl = ctx.args
         if grad_logp is None and grad_ent is None:
-            return (None,) * 10
+            return (None,) * 11
         if impl == "triton":
             bwd = _triton_backend()[1]
             grad_logp, grad_ent = (
@@ -76,7 +81,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             need_w,
             need_b and bias is not None,
         )
-        return dh, dw, db, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -168,6 +173,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_is_top1: bool = False,
+    return_log_sum_sq_probs: bool = False,
     impl: str = "auto",
 ):
     """Log-probs (and entropies) of `targets` under `softcap(hidden @ weight.T + bias) / T`.
@@ -189,12 +195,14 @@ def linear_logprobs(
         return_is_top1: also return whether each target has the largest logit (greedy
             decoding would pick it; a tie with another token counts; False where
             ignored): token accuracy for free, from the same pass.
+        return_log_sum_sq_probs: also return `log sum_v p_v^2` of each position (0 where
+            ignored; no gradient): WPO's weights, from the same pass.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton", or "torch".
 
     Returns:
-        `logps` float32 `[...]` (float64 for float64 inputs); with `return_entropy` and/or
-        `return_is_top1` a tuple `(logps, entropy, is_top1)` of the requested ones, in
-        that order (`is_top1` bool `[...]`).
+        `logps` float32 `[...]` (float64 for float64 inputs); with any `return_*` a tuple
+        `(logps, entropy, is_top1, log_sum_sq_probs)` of the requested ones, in that order
+        (`is_top1` bool `[...]`, the others as `logps`).
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     impl = _resolve_impl(impl, hidden.device)
@@ -206,11 +214,11 @@ def linear_logprobs(
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     if softcap is not None:
         softcap = float(softcap)
-    logp, ent, top1 = LinearLogprobsFunction.apply(
+    outputs = LinearLogprobsFunction.apply(
         h2, w, bias, t1, float(temperature), softcap, ignore_index, return_entropy,
-        return_is_top1, impl,
+        return_is_top1, return_log_sum_sq_probs, impl,
     )  # fmt: skip
-    out = tuple(t.view(lead) for t in (logp, ent, top1) if t is not None)
+    out = tuple(t.view(lead) for t in outputs if t is not None)
     return out[0] if len(out) == 1 else out
 
 

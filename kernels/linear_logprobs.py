@@ -6,8 +6,9 @@ Forward tiling. grid = (num_splits, cdiv(N, BLOCK_N)). Program (s, i) owns rows
 [i*BLOCK_N, (i+1)*BLOCK_N) and the vocab columns of split s. For every BLOCK_V block of
 its split it forms the [BLOCK_N, BLOCK_V] logits tile with an fp32 accumulator (a loop
 over d in BLOCK_D steps), masks padded columns to -inf, and folds the tile into running
-per-row statistics: max m, s = sum e^(z-m), a = sum e^(z-m) (z-m), and the target logit
-when the target falls in the block. Splits vary fastest in the grid, so the programs in
+per-row statistics: max m, s = sum e^(z-m), a = sum e^(z-m) (z-m), optionally
+q = sum e^(2(z-m)) (WPO's log sum_v p_v^2 = log q - 2 log s), and the target logit when
+the target falls in the block. Splits vary fastest in the grid, so the programs in
 flight cover a few row blocks times all splits and share both hidden and weight blocks
 through L2 (see `_num_splits`). Each split writes its statistics to [num_splits, N]
 scratch, and `linear_logprobs_combine_kernel` merges them into logp = z_t - lse and
@@ -128,6 +129,7 @@ def linear_logprobs_fwd_kernel(
     Sp,
     Ap,
     Zp,
+    Qp,
     N,
     V,
     D,
@@ -140,6 +142,7 @@ def linear_logprobs_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_SQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -154,6 +157,7 @@ def linear_logprobs_fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
+    q = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     v_begin = pid_s.to(tl.int64) * split_cols
     v_end = tl.minimum(v_begin + split_cols, V)
@@ -191,6 +195,8 @@ def linear_logprobs_fwd_kernel(
             shift = tl.where(m == float("-inf"), 0.0, m - m_new)
             a = alpha * (a + s * shift) + tl.sum(e * zm, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
+        if HAS_SQ:
+            q = q * alpha * alpha + tl.sum(e * e, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
 
@@ -200,6 +206,8 @@ def linear_logprobs_fwd_kernel(
     tl.store(Zp + out, zt, mask=row_mask)
     if HAS_ENTROPY:
         tl.store(Ap + out, a, mask=row_mask)
+    if HAS_SQ:
+        tl.store(Qp + out, q, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["N", "num_splits", "ignore_index"])
@@ -208,16 +216,19 @@ def linear_logprobs_combine_kernel(
     Sp,
     Ap,
     Zp,
+    Qp,
     T,
     Logp,
     Ent,
     Lse,
     Top1,
+    LogSq,
     N,
     num_splits,
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
     HAS_TOP1: tl.constexpr,
+    HAS_SQ: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Merge the per-split (m, s, a, z_t) of BLOCK_N rows into logp, entropy and lse; the
@@ -230,6 +241,7 @@ def linear_logprobs_combine_kernel(
         mx = tl.maximum(mx, tl.load(Mp + k * N + rows, mask=row_mask, other=0.0))
     s = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
+    q = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     for k in range(num_splits):
         mk = tl.load(Mp + k * N + rows, mask=row_mask, other=0.0)
@@ -239,6 +251,8 @@ def linear_logprobs_combine_kernel(
         if HAS_ENTROPY:
             ak = tl.load(Ap + k * N + rows, mask=row_mask, other=0.0)
             a += scale * (ak + sk * (mk - mx))
+        if HAS_SQ:
+            q += tl.load(Qp + k * N + rows, mask=row_mask, other=0.0) * scale * scale
         zt += tl.load(Zp + k * N + rows, mask=row_mask, other=0.0)
 
     valid = row_mask & (tl.load(T + rows, mask=row_mask, other=ignore_index) != ignore_index)
@@ -249,6 +263,8 @@ def linear_logprobs_combine_kernel(
         tl.store(Ent + rows, tl.where(valid, log_s - a / s, 0.0), mask=row_mask)
     if HAS_TOP1:
         tl.store(Top1 + rows, (valid & (zt >= mx)).to(tl.uint8), mask=row_mask)
+    if HAS_SQ:
+        tl.store(LogSq + rows, tl.where(valid, tl.log(q) - 2.0 * log_s, 0.0), mask=row_mask)
 
 
 @autotune(LINEAR_LOGPROBS_BWD, _INTERPRET_BWD_CFG, key=["D", "V"])
@@ -369,11 +385,13 @@ def linear_logprobs_fwd(
     return_entropy: bool,
     num_splits: int | None = None,
     top1: torch.Tensor | None = None,
+    log_sum_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward. hidden [N, d], weight [V, d] (unit stride on d), targets [N] int64.
 
     Returns logp [N] fp32, entropy [N] fp32 (or None), and lse [N] fp32 for the backward;
-    fills `top1` ([N] bool, if given) with whether each target has the largest logit.
+    fills `top1` ([N] bool, if given) with whether each target has the largest logit and
+    `log_sum_sq` ([N] fp32, if given) with log sum_v p_v^2 (0 where ignored).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -385,6 +403,7 @@ def linear_logprobs_fwd(
     f32 = dict(device=hidden.device, dtype=torch.float32)
     m, s, zt = (torch.empty((num_splits, N), **f32) for _ in range(3))
     a = torch.empty((num_splits, N), **f32) if return_entropy else m
+    q = torch.empty((num_splits, N), **f32) if log_sum_sq is not None else m
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     ent = torch.empty(N, **f32) if return_entropy else None
     if N == 0:
@@ -400,6 +419,7 @@ def linear_logprobs_fwd(
         s,
         a,
         zt,
+        q,
         N,
         V,
         D,
@@ -412,6 +432,7 @@ def linear_logprobs_fwd(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
         HAS_ENTROPY=return_entropy,
+        HAS_SQ=log_sum_sq is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype),
     )
     combine_block = 16 if N <= 16 else 128
@@ -420,16 +441,19 @@ def linear_logprobs_fwd(
         s,
         a,
         zt,
+        q,
         targets,
         logp,
         ent if ent is not None else logp,
         lse,
         top1.view(torch.uint8) if top1 is not None else lse,
+        log_sum_sq if log_sum_sq is not None else lse,
         N,
         num_splits,
         ignore_index,
         HAS_ENTROPY=return_entropy,
         HAS_TOP1=top1 is not None,
+        HAS_SQ=log_sum_sq is not None,
         BLOCK_N=combine_block,
     )
     return logp, ent, lse

@@ -226,6 +226,47 @@ def test_linear_logprobs_triton_vocab_splits_is_top1(nan_empty):
         assert torch.equal(top1, ref), splits
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_linear_logprobs_log_sum_sq_probs(impl, shape, dtype, nan_empty):
+    hidden, weight, targets, bias = make_inputs(*shape, dtype, bias=True)
+    kw = dict(bias=bias, softcap=3.0, temperature=0.6)
+    logp, sq = linear_logprobs(
+        hidden, weight, targets, return_log_sum_sq_probs=True, impl=impl, **kw
+    )
+    truth = naive_linear_logprobs(hidden, weight, targets, return_log_sum_sq_probs=True, **kw)[1]
+    same_dtype = naive_linear_logprobs(
+        hidden, weight, targets, return_log_sum_sq_probs=True, compute_dtype=dtype, **kw
+    )[1]
+    assert not sq.requires_grad and sq.dtype == logp.dtype == torch.float32
+    assert (sq[targets == -100] == 0).all() and (sq[targets != -100] < 0).all()
+    # kernel error <= same-dtype PyTorch error + tolerance
+    err = (sq.double() - truth.detach()).abs().max()
+    torch_err = (same_dtype.double() - truth.detach()).abs().max()
+    assert err <= torch_err + TOL[dtype], (err, torch_err)
+    # every output at once keeps its place in the tuple
+    outs = linear_logprobs(
+        hidden, weight, targets, return_entropy=True, return_is_top1=True,
+        return_log_sum_sq_probs=True, impl=impl, **kw,
+    )  # fmt: skip
+    assert len(outs) == 4 and outs[2].dtype == torch.bool and torch.equal(outs[3], sq)
+
+
+def test_linear_logprobs_triton_vocab_splits_log_sum_sq(nan_empty):
+    from fastrl.kernels.linear_logprobs import linear_logprobs_fwd
+
+    hidden, weight, targets, _ = make_inputs(37, 1000, 96, torch.float32)
+    truth = naive_linear_logprobs(hidden, weight, targets, return_log_sum_sq_probs=True)[1]
+    for splits in (1, 2, 3, 4):
+        sq = torch.empty(37)
+        linear_logprobs_fwd(
+            hidden.detach(), weight.detach(), None, targets, 1.0, None, -100, False,
+            num_splits=splits, log_sum_sq=sq,
+        )  # fmt: skip
+        torch.testing.assert_close(sq.double(), truth.detach(), atol=1e-5, rtol=0)
+
+
 def test_linear_logprobs_triton_bwd_blocks(monkeypatch, nan_empty):
     """Backward blocks of 16 rows x 128 vocab: 3 x 3 blocks, dH summed over vocab blocks,
     dW and dbias over row blocks."""

@@ -14,6 +14,7 @@ def naive_linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_is_top1: bool = False,
+    return_log_sum_sq_probs: bool = False,
     compute_dtype: torch.dtype = torch.float64,
 ):
     """Per-token log-probs (and entropies) the obvious way, differentiable.
@@ -41,4 +42,6 @@ def naive_linear_logprobs(
     if return_is_top1:
         target_z = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         out += (valid & (target_z >= z.amax(-1)),)
+    if return_log_sum_sq_probs:
+        out += (torch.where(valid, torch.logsumexp(2 * logp_all, -1), 0.0),)
     return out[0] if len(out) == 1 else out
