@@ -64,8 +64,10 @@ def fused_preference_loss(
             `linear_logprobs`.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
         **kwargs: every other option of `preference_loss` (``loss_type``, ``beta``,
-            ``label_smoothing``, ``ld_alpha``, ``simpo_gamma``, ...). The sequence
-            log-probs, the lengths and LD-DPO's tails are computed here.
+            ``label_smoothing``, ``ld_alpha``, ``simpo_gamma``, ``use_weighting``, ...).
+            The sequence log-probs, the lengths, LD-DPO's tails and, with
+            ``use_weighting`` (WPO), the aligned log-probs ``sum (log p - log sum_v
+            p_v^2)`` are computed here (the last from the same pass, unless passed).
 
     Returns:
         ``(loss, metrics)`` as `preference_loss`.
@@ -73,12 +75,6 @@ def fused_preference_loss(
     for name in _COMPUTED:
         if name in kwargs:
             raise ValueError(f"fused_preference_loss computes {name} itself; do not pass it")
-    if kwargs.get("use_weighting") and "chosen_aligned_logps" not in kwargs:
-        raise ValueError(
-            "use_weighting=True (WPO) needs chosen_aligned_logps/rejected_aligned_logps "
-            "(log p - log sum_v p_v^2 summed per completion), which fused_preference_loss "
-            "does not compute: pass them"
-        )
     check_completion_batch(targets, mask, ref_weight, ref_hidden, rows="[2B, T]")
     if targets.shape[0] % 2:
         raise ValueError(
@@ -105,7 +101,14 @@ def fused_preference_loss(
                 c, r = ld_tail_logps(ref_tok, mask)
                 seq_kw.update(ref_chosen_tail_logps=c, ref_rejected_tail_logps=r)
 
-    logps = linear_logprobs(hidden, weight, scored, impl=impl, **logit_kw)
+    wpo = kwargs.get("use_weighting") and "chosen_aligned_logps" not in kwargs
+    logps = linear_logprobs(
+        hidden, weight, scored, impl=impl, return_log_sum_sq_probs=wpo, **logit_kw
+    )
+    if wpo:  # WPO's weights carry no gradient; both terms are 0 off the mask
+        logps, log_sum_sq = logps
+        aligned = (logps.detach() - log_sum_sq).sum(1)
+        kwargs.update(chosen_aligned_logps=aligned[:B], rejected_aligned_logps=aligned[B:])
     seq = logps.sum(1)
     if kwargs.get("ld_alpha") is not None:
         c, r = ld_tail_logps(logps, mask)

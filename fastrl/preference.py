@@ -473,8 +473,9 @@ def preference_loss(
             ``aot_unpaired`` (as TRL).
         chosen_aligned_logps, rejected_aligned_logps: ``[B]`` float, WPO's aligned
             log-probs: the sum over each completion's tokens of ``log p(y_t) - log
-            sum_v p_v(t)^2`` under the policy (TRL's fused head returns ``log sum_v
-            p_v^2`` per token as ``log_sum_sq_probs``). Constants.
+            sum_v p_v(t)^2`` under the policy (``linear_logprobs(...,
+            return_log_sum_sq_probs=True)`` gives the second term; `fused_preference_loss`
+            computes these sums itself). Constants.
         rdpo_alpha: R-DPO (``sigmoid`` only, not in TRL): the logit becomes
             ``z - rdpo_alpha * (n_c - n_r)``; needs the lengths.
         dpop_lambda: DPOP (``sigmoid`` only, not in TRL): the logit becomes ``beta * (s_c

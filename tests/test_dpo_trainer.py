@@ -125,16 +125,16 @@ def _batch(trainer, n=4):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
 
-@pytest.fixture(scope="module")
-def pair_trainers(tmp_path_factory):
+def _pair_trainers(tmp, **config):
     """Ours and TRL's around the same weights: TRL builds its LoRA from a peft_config on
-    the base model (so its reference is the base, as ours), then gets our adapter."""
-    tmp = tmp_path_factory.mktemp("dpo")
+    the base model (so its reference is the base, as ours), then gets our adapter.
+    `config`: options both configs take at construction."""
     ds = datasets.Dataset.from_dict(PAIRED_DS)
     lora = _lora_model()
     ours = DPOTrainer(
-        copy.deepcopy(lora), _args(tmp / "ours"), train_dataset=ds, processing_class=_tokenizer()
-    )
+        copy.deepcopy(lora), _args(tmp / "ours", **config), train_dataset=ds,
+        processing_class=_tokenizer(),
+    )  # fmt: skip
     trl_args = trl.DPOConfig(
         output_dir=str(tmp / "trl"),
         per_device_train_batch_size=4,
@@ -144,6 +144,7 @@ def pair_trainers(tmp_path_factory):
         activation_checkpointing=False,
         bf16=False,
         seed=0,
+        **config,
     )
     theirs = trl.DPOTrainer(
         _model(),
@@ -160,6 +161,11 @@ def pair_trainers(tmp_path_factory):
     ours.model.train()
     theirs.model.train()
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def pair_trainers(tmp_path_factory):
+    return _pair_trainers(tmp_path_factory.mktemp("dpo"))
 
 
 # ------------------------------------------------------------------------ config, data
@@ -180,8 +186,11 @@ def test_config_defaults_and_refusals(tmp_path):
     assert args.preference_loss_kwargs()["loss_type"] == "ipo"
     assert "f_alpha_divergence_coef" not in args.preference_loss_kwargs()
     assert not args.reference_free and DPOConfig(str(tmp_path), loss_type="simpo").reference_free
-    with pytest.raises(ValueError, match="use_weighting"):
-        DPOConfig(str(tmp_path), use_weighting=True)
+    assert DPOConfig(str(tmp_path), use_weighting=True).preference_loss_kwargs()["use_weighting"]
+    with pytest.raises(ValueError, match="use_weighting=True .*'aot'"):  # at construction
+        DPOTrainer(_lora_model(), _args(tmp_path, use_weighting=True, loss_type="aot"),
+                   train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
+                   processing_class=_tokenizer())  # fmt: skip
     from transformers import HfArgumentParser
 
     (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
@@ -308,7 +317,18 @@ TRL_CASES = [
 
 @pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: str(c["loss_type"]) + str(len(c)))
 def test_loss_matches_trl(pair_trainers, case):
-    ours, theirs = pair_trainers
+    _check_against_trl(*pair_trainers, case)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_wpo_loss_matches_trl(tmp_path, loss_type):
+    """WPO: ours takes log sum_v p_v^2 from the policy's own kernel pass, TRL from its
+    fused head's extra output (which it adds when built with use_weighting)."""
+    ours, theirs = _pair_trainers(tmp_path, use_weighting=True)
+    _check_against_trl(ours, theirs, dict(loss_type=loss_type, use_weighting=True))
+
+
+def _check_against_trl(ours, theirs, case):
     _configure(ours, **{"beta": 0.1, "loss_weights": None, "ld_alpha": None, **case})
     _configure_dpo(
         theirs,
@@ -316,13 +336,19 @@ def test_loss_matches_trl(pair_trainers, case):
         beta=case.get("beta", 0.1),
         loss_weights=case.get("loss_weights"),
         ld_alpha=case.get("ld_alpha"),
+        use_weighting=case.get("use_weighting", False),
         precompute=False,
     )
     loss = ours.compute_loss(ours.model, _batch(ours))
     trl_loss = theirs.compute_loss(theirs.model, _batch(theirs))
+    # WPO's weights (exp of mean aligned log-probs, ~1e-4 here) scale loss and gradients
+    # down: compare them relative to TRL's loss, so the tolerances keep their meaning
+    unit = trl_loss.detach().abs() if case.get("use_weighting") else 1.0
     tol = TOL_SAME_LOGPS if case.get("ld_alpha") is None else TOL_OWN_LOGPS
-    torch.testing.assert_close(loss, trl_loss, **tol)
-    _assert_grads_close(_grads(loss, ours.model), _grads(trl_loss, theirs.model), TOL_GRADS)
+    torch.testing.assert_close(loss / unit, trl_loss / unit, **tol)
+    _assert_grads_close(
+        _grads(loss / unit, ours.model), _grads(trl_loss / unit, theirs.model), TOL_GRADS
+    )
     mine = {k: v[-1] for k, v in ours._metrics["train"].items()}
     trls = {k: v[-1] for k, v in theirs._metrics["train"].items()}
     for name in REWARD_METRICS + LOGP_METRICS:

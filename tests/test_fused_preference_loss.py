@@ -101,11 +101,10 @@ def test_fused_preference_loss_precomputed_reference_and_frozen_head():
         (dict(rows=5), "odd row count 5"),
         (dict(ref_both=True), "not both"),
         (dict(chosen_logps=True), "computes chosen_logps itself"),
-        (dict(use_weighting=True), "use_weighting=True"),
         (dict(no_ref=True), "ref_chosen_logps"),
         (dict(loss_type="dpo2"), "loss_type"),
     ],
-    ids=["odd-rows", "ref-both", "chosen-logps-kw", "wpo", "missing-ref", "unknown-type"],
+    ids=["odd-rows", "ref-both", "chosen-logps-kw", "missing-ref", "unknown-type"],
 )
 def test_fused_preference_loss_bad_input(change, match):
     hidden, weight, targets, mask, ref_hidden = make_pairs()
@@ -117,8 +116,6 @@ def test_fused_preference_loss_bad_input(change, match):
         kw["ref_chosen_logps"] = torch.zeros(B, device=DEVICE)
     if change.get("chosen_logps"):
         kw["chosen_logps"] = torch.zeros(B, device=DEVICE)
-    if change.get("use_weighting"):
-        kw["use_weighting"] = True
     if change.get("no_ref"):
         kw.pop("ref_hidden")
     if "loss_type" in change:

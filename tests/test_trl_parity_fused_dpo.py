@@ -149,8 +149,9 @@ def _wpo_aligned_logps(model, batch):
         return (aligned * batch["completion_mask"][:, 1:]).sum(1).chunk(2)
 
 
-def _dpo_fused(trainer, batch, impl):
-    """fastrl's loss from the policy's hidden states and head, on DEVICE (differentiable)."""
+def _dpo_fused(trainer, batch, impl, pass_aligned=False):
+    """fastrl's loss from the policy's hidden states and head, on DEVICE (differentiable).
+    With WPO the kernel computes the aligned log-probs, unless `pass_aligned`."""
     model = trainer.model
     ids, att = batch["input_ids"], batch["attention_mask"]
     kw = _fastrl_dpo_kwargs(trainer)
@@ -164,7 +165,7 @@ def _dpo_fused(trainer, batch, impl):
         ref = trainer.ref_model
         with torch.no_grad():
             kw.update(ref_hidden=_hidden(ref, ids, att), ref_weight=ref.lm_head.weight)
-    if trainer.use_weighting:
+    if trainer.use_weighting and pass_aligned:
         c, r = _wpo_aligned_logps(model, batch)
         kw.update(chosen_aligned_logps=c, rejected_aligned_logps=r)
     loss, metrics = fused_preference_loss(
@@ -193,6 +194,7 @@ DPO_CASES = {
     "ld_alpha": dict(loss_type="sigmoid", ld_alpha=0.5),
     "ld_alpha-ipo": dict(loss_type="ipo", ld_alpha=0.0, beta=0.5),
     "wpo": dict(loss_type="sigmoid", use_weighting=True, beta=0.3),
+    "wpo-aligned-passed": dict(loss_type="ipo", use_weighting=True, pass_aligned=True),
     "js-hinge": dict(loss_type="hinge", f_divergence_type="js_divergence"),
     # the reference model runs: fastrl gets its hidden states and head (ref_hidden)
     "ref_hidden-sigmoid": dict(loss_type="sigmoid", precompute=False),
@@ -204,11 +206,14 @@ DPO_CASES = {
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", DPO_CASES.values(), ids=DPO_CASES.keys())
 def test_fused_dpo_matches_trl(dpo, monkeypatch, impl, case):
+    seed = 1200 + list(DPO_CASES.values()).index(case)
+    case = dict(case)
+    pass_aligned = case.pop("pass_aligned", False)
     _configure_dpo(dpo, **case)
-    batch = _dpo_batch(dpo, 1200 + list(DPO_CASES.values()).index(case))
+    batch = _dpo_batch(dpo, seed)
     trl_loss, _, _, trl_metrics = _dpo_step(dpo, batch, monkeypatch)
     assert torch.isfinite(trl_loss)
-    loss, metrics = _dpo_fused(dpo, batch, impl)
+    loss, metrics = _dpo_fused(dpo, batch, impl, pass_aligned)
     _check(dpo, loss, metrics, trl_loss, trl_metrics)
     assert set(metrics) == set(trl_metrics) - MODEL_METRICS
 

@@ -85,6 +85,7 @@ OUTPUTS = [
     ("log_probs",),
     ("log_probs", "entropy"),
     ("log_probs", "entropy", "mean_logits", "is_top1"),  # DPOTrainer's policy
+    ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"),  # ... with WPO
 ]
 
 
@@ -110,12 +111,13 @@ def test_patch_trl_head_matches_trl(impl, outputs, case):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_patch_trl_passes_other_outputs_to_trl():
+def test_patch_trl_passes_what_it_cannot_serve_to_trl():
+    """The mean logit after a softcap is not linear in the hidden state: TRL's head."""
     inputs = _head_inputs(True)
-    outputs = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs")  # DPO with WPO
-    theirs, their_grads = _run_head(TRL_HEAD, inputs, 1.0, None, 1.0, outputs)
+    outputs = ("log_probs", "entropy", "mean_logits")
+    theirs, their_grads = _run_head(TRL_HEAD, inputs, 1.0, 5.0, 1.0, outputs)
     patch = patch_trl()
-    ours, our_grads = _run_head(patch, inputs, 1.0, None, 1.0, outputs)
+    ours, our_grads = _run_head(patch, inputs, 1.0, 5.0, 1.0, outputs)
     assert (patch.calls, patch.fallback_calls) == (0, 1)
     for a, b in zip(ours + our_grads, theirs + their_grads, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -153,11 +155,12 @@ def _loss_and_grads(trainer, compute):
     return loss.detach(), grads
 
 
-def _assert_same(ours, theirs):
-    torch.testing.assert_close(ours[0], theirs[0], **TOL)
+def _assert_same(ours, theirs, unit=1.0):
+    """Loss and gradients equal, in units of `unit` (WPO's weights shrink both ~1e-4x)."""
+    torch.testing.assert_close(ours[0] / unit, theirs[0] / unit, **TOL)
     assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 0
     for name in ours[1]:
-        torch.testing.assert_close(ours[1][name], theirs[1][name], **TOL, msg=name)
+        torch.testing.assert_close(ours[1][name] / unit, theirs[1][name] / unit, **TOL, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +189,15 @@ def test_patch_trl_grpo_loss_matches_trl(grpo, impl, config):
     _assert_same(ours, theirs)
 
 
-@pytest.fixture(scope="module")
-def dpo(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["dpo", "wpo"])
+def dpo(request, tmp_path_factory):
+    """TRL's DPOTrainer; with WPO (use_weighting at construction) its head also returns
+    log_sum_sq_probs."""
+    args = _dpo_args(tmp_path_factory.mktemp("dpo"))
     trainer = trl.DPOTrainer(
         model=_model(),
         ref_model=_ref_model(),
-        args=trl.DPOConfig(**_dpo_args(tmp_path_factory.mktemp("dpo"))),
+        args=trl.DPOConfig(**args, use_weighting=request.param),
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
         processing_class=_tokenizer(),
     )
@@ -214,7 +220,10 @@ def _make_even_rows_greedy(model, batch):
 
 @pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-ref", "ref-model"])
 def test_patch_trl_dpo_loss_matches_trl(dpo, precompute):
-    _configure_dpo(dpo, ["sigmoid", "ipo"], loss_weights=[1.0, 0.5], precompute=precompute)
+    _configure_dpo(
+        dpo, ["sigmoid", "ipo"], loss_weights=[1.0, 0.5], precompute=precompute,
+        use_weighting=dpo.args.use_weighting,
+    )  # fmt: skip
     batch = _dpo_batch(dpo, 5)
     _make_even_rows_greedy(dpo.model, batch)
 
@@ -228,7 +237,7 @@ def test_patch_trl_dpo_loss_matches_trl(dpo, precompute):
         ours = _loss_and_grads(dpo, step)
     our_metrics = {k: v[-1] for k, v in dpo._metrics["train"].items()}
     assert (patch.calls, patch.fallback_calls) == (1 if precompute else 2, 0)
-    _assert_same(ours, theirs)
+    _assert_same(ours, theirs, unit=theirs[0].abs() if dpo.args.use_weighting else 1.0)
     # logits/*, mean_token_accuracy and entropy come from the head's extra outputs
     assert {"logits/chosen", "mean_token_accuracy", "entropy"} <= our_metrics.keys()
     assert 0.2 < their_metrics["mean_token_accuracy"] < 0.8

@@ -7,13 +7,12 @@ DPOTrainer, KTOTrainer and SFTTrainer all go through it. `patch_trl()` puts
 `linear_logprobs` in its place, so those trainers keep their own losses, logging and
 semantics (the same numbers, to float rounding) and run fastrl's fused head.
 
-fastrl serves `log_probs`, `entropy`, `is_top1` (from the same pass; a target tied with an
-earlier token for the top logit counts as top-1 here, not in TRL: only exact float ties
-differ) and `mean_logits` (exact without a softcap: the mean logit is linear in the hidden
-state, one GEMV with the weight's column sums). Calls that ask for more (`log_sum_sq_probs`
-for DPO's WPO weighting, `mean_logits` with a softcap) go to TRL's own function unchanged;
-`patch.fallback_calls` counts them. So under the patch GRPOTrainer, RLOOTrainer,
-DPOTrainer, KTOTrainer and SFTTrainer run fastrl's head for the policy and the reference.
+fastrl serves every output TRL asks for from the same pass: `log_probs`, `entropy`,
+`is_top1` (a target tied with an earlier token for the top logit counts as top-1 here,
+not in TRL: only exact float ties differ), `log_sum_sq_probs` (WPO) and `mean_logits`
+(exact without a softcap: the mean logit is linear in the hidden state, one GEMV with the
+weight's column sums). What it cannot serve (`mean_logits` with a softcap, a logit scale
+<= 0) goes to TRL's own function unchanged; `patch.fallback_calls` counts those calls.
 
 Dtypes follow TRL: the head computes in the autocast dtype when autocast is on, else in
 the hidden states' dtype. When the lm_head weight has another dtype (an fp32 model under
@@ -29,7 +28,7 @@ from fastrl.logprobs import IMPLS, linear_logprobs
 
 _TARGET_MODULE = "trl.trainer.utils"
 _TARGET_NAME = "_ChunkedLogProbFunction"
-_FASTRL_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits"}
+_FASTRL_OUTPUTS = {"log_probs", "entropy", "is_top1", "log_sum_sq_probs", "mean_logits"}
 
 
 def _trl_utils():
@@ -70,8 +69,8 @@ class TRLPatch:
         outputs: tuple[str, ...] = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"),
     ):
         """`[N, d]` hidden, `[V, d]` weight, `[V]` bias, `[N]` targets in `[0, V)` ->
-        (log_probs, entropy, None, mean_logits, is_top1), each `[N]` (float32, is_top1
-        bool) or None when not requested."""
+        (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each `[N]` (float32,
+        is_top1 bool) or None when not requested."""
         unserved = set(outputs) - _FASTRL_OUTPUTS
         if final_logit_softcapping is not None and "mean_logits" in outputs:
             unserved.add("mean_logits")
@@ -98,12 +97,14 @@ class TRLPatch:
             out = linear_logprobs(
                 hidden, weight, targets, bias=bias, temperature=temperature,
                 softcap=final_logit_softcapping, return_entropy="entropy" in outputs,
-                return_is_top1="is_top1" in outputs, impl=self.impl,
+                return_is_top1="is_top1" in outputs,
+                return_log_sum_sq_probs="log_sum_sq_probs" in outputs, impl=self.impl,
             )  # fmt: skip
         out = iter(out if isinstance(out, tuple) else (out,))
         logps = next(out)
         entropy = next(out) if "entropy" in outputs else None
         is_top1 = next(out) if "is_top1" in outputs else None
+        log_sum_sq = next(out) if "log_sum_sq_probs" in outputs else None
         mean_logits = None
         if "mean_logits" in outputs:  # a metric: no gradient, as in TRL
             with torch.no_grad():
@@ -112,7 +113,7 @@ class TRLPatch:
                 if bias is not None:
                     mean_logits += bias.sum(dtype=torch.float32)
                 mean_logits /= weight.shape[0] * temperature
-        return logps, entropy, None, mean_logits, is_top1
+        return logps, entropy, log_sum_sq, mean_logits, is_top1
 
     def undo(self) -> None:
         """Put TRL's own head back (a no-op if another patch replaced this one)."""

@@ -95,8 +95,8 @@ class DPOConfig(ModelArguments, TrainingArguments):
     - ``max_prompt_length`` (keeps the end of the prompt) and ``max_completion_length``
       (keeps the start of each completion) besides ``max_length`` (prompt + completion,
       keeps the start; rows whose prompt alone fills it are dropped, as TRL drops them);
-    - ``use_weighting`` (WPO) is refused: it needs ``log sum_v p_v^2`` per token, which
-      the fused head does not compute;
+    - ``use_weighting`` (WPO): each pair's loss weighted by its completions' aligned
+      probabilities; the kernel's ``log sum_v p_v^2`` comes from the policy's own pass;
     - LoRA options (``lora_r``, ``lora_alpha``, ``lora_dropout``,
       ``lora_target_modules``), ``load_in_4bit``, ``attn_implementation``,
       ``model_dtype`` (used when the model is given as a path), ``use_chat_template``,
@@ -183,7 +183,7 @@ class DPOConfig(ModelArguments, TrainingArguments):
         default=None, metadata={"help": "LD-DPO's weight of the verbose tail, in [0, 1]."}
     )
     use_weighting: bool = field(
-        default=False, metadata={"help": "WPO weighting: not supported (raises ValueError)."}
+        default=False, metadata={"help": "WPO weighting of each pair's loss (DPO loss types)."}
     )
     rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty (sigmoid)."})
     dpop_lambda: float = field(default=0.0, metadata={"help": "DPOP positive penalty (sigmoid)."})
@@ -201,11 +201,6 @@ class DPOConfig(ModelArguments, TrainingArguments):
             self.loss_type = [self.loss_type]
         else:
             self.loss_type = list(self.loss_type)
-        if self.use_weighting:
-            raise ValueError(
-                "use_weighting=True (WPO) is not supported: its weights need log sum_v p_v^2 per "
-                "token, which the fused lm_head does not compute"
-            )
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -232,6 +227,7 @@ class DPOConfig(ModelArguments, TrainingArguments):
             cpo_alpha=self.cpo_alpha,
             simpo_gamma=self.simpo_gamma,
             alpha=self.alpha,
+            use_weighting=self.use_weighting,
         )
         if self.loss_weights is not None:
             kw["loss_weights"] = list(self.loss_weights)
@@ -250,6 +246,8 @@ def _check_loss_options(args: DPOConfig) -> None:
     kw = args.preference_loss_kwargs()
     extra = dict(chosen_lengths=one, rejected_lengths=one)
     ref = () if args.reference_free else (zero, zero)
+    if args.use_weighting:
+        extra.update(chosen_aligned_logps=zero, rejected_aligned_logps=zero)
     if args.ld_alpha is not None:
         extra.update(chosen_tail_logps=zero, rejected_tail_logps=zero)
         if ref:
