@@ -1,9 +1,10 @@
 """`patch_trl`: TRL's own trainers on fastrl's fused head give TRL's numbers.
 
 The head-level tests compare the patch with TRL's `ChunkedLogProbFunction` (outputs and
-every gradient) on odd sizes with a vocab tail; the trainer-level tests run TRL 1.16's
-GRPOTrainer, RLOOTrainer-style settings and DPOTrainer losses with and without the patch
-on the tiny model of the parity tests and compare loss and every parameter's gradient.
+every gradient) on odd sizes with a vocab tail; the trainer-level tests run the losses of
+TRL 1.16's GRPOTrainer, DPOTrainer (with and without WPO), KTOTrainer and SFTTrainer with
+and without the patch on the tiny model of the parity tests and compare the loss, every
+parameter's gradient and every metric the trainer logged.
 """
 
 import pytest
@@ -17,9 +18,12 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 from fastrl.integrations import patch_trl  # noqa: E402
 from fastrl.integrations.trl import TRLPatch  # noqa: E402
 from tests.test_trl_parity_dpo import (  # noqa: E402
+    KTO_PROMPT_LENS,
     PAIRED_DS,
     _configure_dpo,
+    _configure_kto,
     _dpo_batch,
+    _kto_batch,
     _ref_model,
 )
 from tests.test_trl_parity_dpo import _common_args as _dpo_args  # noqa: E402
@@ -163,6 +167,26 @@ def _assert_same(ours, theirs, unit=1.0):
         torch.testing.assert_close(ours[1][name] / unit, theirs[1][name] / unit, **TOL, msg=name)
 
 
+def _metrics_match(theirs, ours):
+    assert ours.keys() == theirs.keys()
+    for name in ours.keys() - {"num_tokens"}:  # a running total over calls
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name
+
+
+def _with_and_without_patch(trainer, compute, impl="auto"):
+    """(TRL's (loss, grads, metrics), the patched run's, the patch)."""
+
+    def run():
+        trainer._metrics["train"].clear()
+        loss, grads = _loss_and_grads(trainer, compute)
+        return loss, grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    theirs = run()
+    with patch_trl(impl=impl) as patch:
+        ours = run()
+    return theirs, ours, patch
+
+
 @pytest.fixture(scope="module")
 def grpo(tmp_path_factory):
     return _grpo_trainer(tmp_path_factory.mktemp("grpo"))
@@ -180,13 +204,14 @@ GRPO_CASES = [
 @pytest.mark.parametrize("config", GRPO_CASES, ids=lambda c: "-".join(f"{k}={c[k]}" for k in c))
 def test_patch_trl_grpo_loss_matches_trl(grpo, impl, config):
     _configure(grpo, **config)
-    grpo.temperature = 0.8  # folded into the head by add_fused_lm_head at construction
     inputs = _inputs(grpo, 3)
-    theirs = _loss_and_grads(grpo, lambda: grpo._compute_loss(grpo.model, inputs))
-    with patch_trl(impl=impl) as patch:
-        ours = _loss_and_grads(grpo, lambda: grpo._compute_loss(grpo.model, inputs))
+    theirs, ours, patch = _with_and_without_patch(
+        grpo, lambda: grpo._compute_loss(grpo.model, inputs), impl=impl
+    )
     assert patch.calls == 1 and patch.fallback_calls == 0
-    _assert_same(ours, theirs)
+    _assert_same(ours[:2], theirs[:2])
+    assert "entropy" in ours[2] and "clip_ratio/region_mean" in ours[2]
+    _metrics_match(theirs[2], ours[2])
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["dpo", "wpo"])
@@ -226,24 +251,56 @@ def test_patch_trl_dpo_loss_matches_trl(dpo, precompute):
     )  # fmt: skip
     batch = _dpo_batch(dpo, 5)
     _make_even_rows_greedy(dpo.model, batch)
-
-    def step():
-        dpo._metrics["train"].clear()
-        return dpo.compute_loss(dpo.model, batch)
-
-    theirs = _loss_and_grads(dpo, step)
-    their_metrics = {k: v[-1] for k, v in dpo._metrics["train"].items()}
-    with patch_trl() as patch:
-        ours = _loss_and_grads(dpo, step)
-    our_metrics = {k: v[-1] for k, v in dpo._metrics["train"].items()}
+    theirs, ours, patch = _with_and_without_patch(dpo, lambda: dpo.compute_loss(dpo.model, batch))
     assert (patch.calls, patch.fallback_calls) == (1 if precompute else 2, 0)
-    _assert_same(ours, theirs, unit=theirs[0].abs() if dpo.args.use_weighting else 1.0)
+    _assert_same(ours[:2], theirs[:2], unit=theirs[0].abs() if dpo.args.use_weighting else 1.0)
     # logits/*, mean_token_accuracy and entropy come from the head's extra outputs
-    assert {"logits/chosen", "mean_token_accuracy", "entropy"} <= our_metrics.keys()
-    assert 0.2 < their_metrics["mean_token_accuracy"] < 0.8
-    assert our_metrics.keys() == their_metrics.keys()
-    for name in our_metrics.keys() - {"num_tokens"}:  # a running total over calls
-        assert our_metrics[name] == pytest.approx(their_metrics[name], rel=1e-5, abs=1e-6), name
+    assert {"logits/chosen", "mean_token_accuracy", "entropy"} <= ours[2].keys()
+    assert 0.2 < theirs[2]["mean_token_accuracy"] < 0.8
+    _metrics_match(theirs[2], ours[2])
+
+
+def test_patch_trl_kto_loss_matches_trl(tmp_path):
+    """KTOTrainer asks its head for the mean logit too (its logits/* metrics)."""
+    trainer = trl.KTOTrainer(
+        model=_model(), ref_model=_ref_model(),
+        args=trl.KTOConfig(**_dpo_args(tmp_path)),
+        train_dataset=datasets.Dataset.from_dict(
+            dict(prompt=["w1", "w2 w3"], completion=[" w4", " w5 w6"], label=[True, False])
+        ),
+        processing_class=_tokenizer(),
+    )  # fmt: skip
+    _configure_kto(trainer, precompute=False)  # the reference model's pass goes through it too
+    labels = [i % 2 == 0 for i in range(len(KTO_PROMPT_LENS))]
+    batch = _kto_batch(trainer, 7, labels)
+    theirs, ours, patch = _with_and_without_patch(
+        trainer, lambda: trainer.compute_loss(trainer.model, batch)
+    )
+    assert patch.calls >= 2 and patch.fallback_calls == 0
+    _assert_same(ours[:2], theirs[:2])
+    assert {"logits/chosen", "logits/rejected"} <= ours[2].keys()
+    _metrics_match(theirs[2], ours[2])
+
+
+def test_patch_trl_sft_loss_matches_trl(tmp_path):
+    """SFTTrainer's loss is the mean token NLL; it logs token accuracy (is_top1)."""
+    trainer = trl.SFTTrainer(
+        model=_model(),
+        args=trl.SFTConfig(**_dpo_args(tmp_path)),
+        train_dataset=datasets.Dataset.from_dict(dict(text=["w1 w2 w3 w4", "w5 w6 w7"] * 2)),
+        processing_class=_tokenizer(),
+    )
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    _make_even_rows_greedy(trainer.model, {**batch, "completion_mask": batch["attention_mask"]})
+    batch["labels"] = torch.where(batch["labels"] == -100, -100, batch["input_ids"])
+    theirs, ours, patch = _with_and_without_patch(
+        trainer, lambda: trainer.compute_loss(trainer.model, dict(batch))
+    )
+    assert patch.calls == 1 and patch.fallback_calls == 0
+    _assert_same(ours[:2], theirs[:2])
+    assert 0 < theirs[2]["mean_token_accuracy"] < 1
+    _metrics_match(theirs[2], ours[2])
 
 
 @pytest.mark.slow
