@@ -40,6 +40,12 @@ LINEAR_LOGPROBS_BWD = [
     _cfg(64, 128, 64, 4, 4, GROUP_N=8),
     _cfg(128, 128, 32, 4, 4, GROUP_N=16),
 ]
+# fp32 inputs: the same tiles with half the BLOCK_D, so that the staged operand tiles
+# (twice the bytes per element) stay within the 99 KB of shared memory a block gets on
+# sm_86/sm_89 (the 24 GB RTX 3090/4090); the half-precision defaults use 96 KB there.
+# tests/compile_for_gpu.py checks every default against each target's budget.
+LINEAR_LOGPROBS_FWD_FP32 = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 3)]
+LINEAR_LOGPROBS_BWD_FP32 = [_cfg(128, 128, 32, 8, 3, GROUP_N=8), _cfg(64, 128, 32, 4, 3, GROUP_N=8)]
 
 
 def configs(space: list[triton.Config], interpret_cfg: triton.Config) -> list[triton.Config]:

@@ -34,7 +34,9 @@ from .config import (
     _INTERPRET_BWD_CFG,
     _INTERPRET_CFG,
     LINEAR_LOGPROBS_BWD,
+    LINEAR_LOGPROBS_BWD_FP32,
     LINEAR_LOGPROBS_FWD,
+    LINEAR_LOGPROBS_FWD_FP32,
     SPLIT_ALIGN,
     autotune,
 )
@@ -118,7 +120,6 @@ def _logits_tile(
     return logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
 
 
-@autotune(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG, key=["D", "V"])
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def linear_logprobs_fwd_kernel(
     H,
@@ -267,7 +268,6 @@ def linear_logprobs_combine_kernel(
         tl.store(LogSq + rows, tl.where(valid, tl.log(q) - 2.0 * log_s, 0.0), mask=row_mask)
 
 
-@autotune(LINEAR_LOGPROBS_BWD, _INTERPRET_BWD_CFG, key=["D", "V"])
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def linear_logprobs_bwd_kernel(
     H,
@@ -358,6 +358,28 @@ def linear_logprobs_bwd_kernel(
     )
 
 
+# The tile kernels with their default config for half-precision (2-byte) and wider inputs
+# (see kernels/config.py); index with `_width(tensor)`.
+_FWD = {
+    2: autotune(LINEAR_LOGPROBS_FWD, _INTERPRET_CFG, key=["D", "V"])(linear_logprobs_fwd_kernel),
+    4: autotune(LINEAR_LOGPROBS_FWD_FP32, _INTERPRET_CFG, key=["D", "V"])(
+        linear_logprobs_fwd_kernel
+    ),
+}
+_BWD = {
+    2: autotune(LINEAR_LOGPROBS_BWD, _INTERPRET_BWD_CFG, key=["D", "V"])(
+        linear_logprobs_bwd_kernel
+    ),
+    4: autotune(LINEAR_LOGPROBS_BWD_FP32, _INTERPRET_BWD_CFG, key=["D", "V"])(
+        linear_logprobs_bwd_kernel
+    ),
+}
+
+
+def _width(t: torch.Tensor) -> int:
+    return 2 if t.element_size() <= 2 else 4
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 heads get true fp32 products (as torch.matmul by default), not TF32
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -410,7 +432,7 @@ def linear_logprobs_fwd(
         return logp, ent, lse
 
     grid = lambda meta: (num_splits, triton.cdiv(N, meta["BLOCK_N"]))
-    linear_logprobs_fwd_kernel[grid](
+    _FWD[_width(hidden)][grid](
         hidden,
         weight,
         bias if bias is not None else m,
@@ -501,7 +523,7 @@ def linear_logprobs_bwd(
             grid = lambda meta, n=n, nv=nv: (
                 triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(nv, meta["BLOCK_V"]),
             )
-            linear_logprobs_bwd_kernel[grid](
+            _BWD[_width(hidden)][grid](
                 h,
                 weight,
                 bias if bias is not None else unused,
