@@ -11,8 +11,9 @@ Outputs are garbage (nothing runs); only the compilation is checked.
 
 Run in a fresh process with TRITON_INTERPRET unset (the kernels must be decorated as
 compiled kernels): `python tests/compile_for_gpu.py --arch 90`. Prints one JSON line per
-compiled kernel: its name, shared memory bytes, the target's budget, cubin size. A kernel
-over the budget fails as its launch would on that GPU (OutOfResources).
+compiled kernel: its name, shared memory bytes, the target's budget, cubin size and the
+matrix instructions its dots use (wgmma, mma or none). A kernel over the budget fails as
+its launch would on that GPU (OutOfResources).
 """
 
 import argparse
@@ -24,6 +25,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run with TRITON_INTERPRET unset: the kernels must be compiled kernels")
 
 import torch  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
@@ -66,8 +68,17 @@ class CompileOnlyDriver:
     def get_device_properties(self, device):
         return {"max_shared_mem": self.max_shared, "multiprocessor_count": 132}
 
+    def inspect_ptx(self, module, function, name, metadata_group, hash):
+        """Which matrix instructions the kernel's dots became (Triton calls this just
+        before `load_binary`): wgmma on Hopper, mma.sync before, none for fp32 'ieee'."""
+        ptx_path = next((p for f, p in metadata_group.items() if f.endswith(".ptx")), None)
+        ptx = open(ptx_path).read() if ptx_path else ""
+        kinds = [k for k in ("wgmma.mma_async", "mma.sync") if k in ptx]
+        self._mma = kinds[0].split(".")[0] if kinds else "none"
+
     def load_binary(self, name, kernel, shared, device):
         record = dict(name=name, shared=shared, max_shared=self.max_shared, cubin_bytes=len(kernel))
+        record["mma"] = self._mma
         self.loaded.append(record)
         return None, None, 0, 0, 1024  # module, function, registers, spills, max threads
 
@@ -123,6 +134,7 @@ def main() -> None:
     arch = p.parse_args().arch
     fake = CompileOnlyDriver(arch)
     driver.set_active(fake)
+    knobs.runtime.kernel_load_start_hook = fake.inspect_ptx
     # decorate every kernel as a compiled kernel now, before the flag below is set
     import fastrl.kernels.fused_policy_loss
     import fastrl.kernels.group_advantages

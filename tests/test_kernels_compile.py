@@ -42,3 +42,9 @@ def test_every_kernel_compiles_within_the_shared_memory_budget(arch):
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {r["name"] for r in records} == KERNELS
     assert all(0 <= r["shared"] <= r["max_shared"] and r["cubin_bytes"] > 0 for r in records)
+    # the tile kernels' half-precision dots run on the tensor cores of their generation
+    # (Hopper's wgmma, else mma); fp32 inputs use exact fp32 FMAs ('ieee')
+    tensor_core = "wgmma" if arch >= 90 else "mma"
+    for name in ("linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel"):
+        kinds = {r["mma"] for r in records if r["name"] == name}
+        assert kinds == {tensor_core, "none"}, (name, kinds)
