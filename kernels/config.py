@@ -67,3 +67,6 @@ GROUP_ADVANTAGES_BATCH_BLOCK = 16 if INTERPRET else 1024  # the one-program batc
 POLICY_LOSS_BLOCK_T = 16 if INTERPRET else 1024  # tokens of one row per program
 FUSED_POLICY_BLOCK_N = 4  # rows of Z per program (the row kernel is bandwidth-bound)
 FUSED_POLICY_BLOCK_V = 64 if INTERPRET else 2048  # vocab columns per step
+# 8 warps: with 4 the [4, 2048] fp32 tiles need more than 255 registers a thread and
+# spill (192 bytes on sm_90, 84 on sm_89, `ptxas -v`); 8 use 166 and spill nothing.
+FUSED_POLICY_NUM_WARPS = 8

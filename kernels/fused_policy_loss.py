@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FUSED_POLICY_BLOCK_N, FUSED_POLICY_BLOCK_V
+from .config import FUSED_POLICY_BLOCK_N, FUSED_POLICY_BLOCK_V, FUSED_POLICY_NUM_WARPS
 from .linear_logprobs import addmm_fp32, logits_epilogue
 from .policy_loss import CLIPPED, FAMILY, KL_ESTIMATORS, token_terms
 
@@ -186,7 +186,7 @@ def fused_policy_loss_fwd(
             KL_EST=KL_ESTIMATORS[kl_estimator] if ref_logps is not None else 0,
             KL_TIMES_RATIO=kl_times_ratio, HAS_WKL=w_kl is not None,
             HAS_WENT=w_ent is not None, BLOCK_N=FUSED_POLICY_BLOCK_N,
-            BLOCK_V=FUSED_POLICY_BLOCK_V,
+            BLOCK_V=FUSED_POLICY_BLOCK_V, num_warps=FUSED_POLICY_NUM_WARPS,
         )  # fmt: skip
         if dh is not None:
             torch.mm(z, weight, out=dh[rows])

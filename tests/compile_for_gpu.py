@@ -11,14 +11,16 @@ Outputs are garbage (nothing runs); only the compilation is checked.
 
 Run in a fresh process with TRITON_INTERPRET unset (the kernels must be decorated as
 compiled kernels): `python tests/compile_for_gpu.py --arch 90`. Prints one JSON line per
-compiled kernel: its name, shared memory bytes, the target's budget, cubin size and the
-matrix instructions its dots use (wgmma, mma or none). A kernel over the budget fails as
-its launch would on that GPU (OutOfResources).
+compiled kernel: its name and variant, shared memory bytes, the target's budget, cubin
+size, the matrix instructions its dots use (wgmma, mma or none), registers and spilled
+bytes. A kernel over the budget fails as its launch would on that GPU (OutOfResources).
 """
 
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -49,6 +51,7 @@ class CompileOnlyDriver:
         self.target = GPUTarget("cuda", arch, 32)
         self.max_shared = MAX_SHARED[arch]
         self.loaded: list[dict] = []
+        self.variant = ""  # what the caller is compiling, for the records
         self.launcher_cls = _NoLaunch
         self.utils = self
 
@@ -69,21 +72,37 @@ class CompileOnlyDriver:
         return {"max_shared_mem": self.max_shared, "multiprocessor_count": 132}
 
     def inspect_ptx(self, module, function, name, metadata_group, hash):
-        """Which matrix instructions the kernel's dots became (Triton calls this just
-        before `load_binary`): wgmma on Hopper, mma.sync before, none for fp32 'ieee'."""
-        ptx_path = next((p for f, p in metadata_group.items() if f.endswith(".ptx")), None)
-        ptx = open(ptx_path).read() if ptx_path else ""
+        """Triton calls this just before `load_binary`: which matrix instructions the
+        kernel's dots became (wgmma on Hopper, mma.sync before, none for fp32 'ieee'),
+        and the registers and spilled bytes `ptxas -v` reports (spills cost speed)."""
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptx_path = next(p for f, p in metadata_group.items() if f.endswith(".ptx"))
+        with open(ptx_path) as f:
+            ptx = f.read()
         kinds = [k for k in ("wgmma.mma_async", "mma.sync") if k in ptx]
-        self._mma = kinds[0].split(".")[0] if kinds else "none"
+        arch = self.target.arch
+        ptxas = get_ptxas(arch).path
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run(
+            [ptxas, "-v", "--gpu-name", gpu, ptx_path, "-o", os.devnull],
+            capture_output=True, text=True,
+        ).stderr  # fmt: skip
+        registers = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        self._ptx_info = dict(
+            mma=kinds[0].split(".")[0] if kinds else "none",
+            registers=int(registers.group(1)) if registers else None,
+            spill_bytes=int(spills.group(1)) if spills else None,
+        )
 
     def load_binary(self, name, kernel, shared, device):
         record = dict(name=name, shared=shared, max_shared=self.max_shared, cubin_bytes=len(kernel))
-        record["mma"] = self._mma
-        self.loaded.append(record)
+        self.loaded.append({**record, **self._ptx_info, "variant": self.variant})
         return None, None, 0, 0, 1024  # module, function, registers, spills, max threads
 
 
-def _drive_every_kernel() -> None:
+def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
     """Call the public API with impl="triton" at shapes that reach every kernel and its
     constexpr variants (bf16 and fp32, bias, softcap, entropy, is_top1, log sum p^2)."""
     import fastrl
@@ -96,13 +115,17 @@ def _drive_every_kernel() -> None:
         b = torch.randn(V, generator=g).to(dtype).requires_grad_()
         t = torch.randint(0, V, (N,), generator=g)
         for kw in (dict(), dict(bias=b, softcap=30.0, temperature=0.7)):
+            opts = "bias+softcap" if kw else "plain"
+            fake.variant = f"{str(dtype)[6:]} {opts} logp+entropy+top1+sumsq, bwd"
             out = fastrl.linear_logprobs(
                 h, w, t, return_entropy=True, return_is_top1=True,
                 return_log_sum_sq_probs=True, impl="triton", **kw,
             )  # fmt: skip
             (out[0].sum() + out[1].sum()).backward()
+            fake.variant = f"{str(dtype)[6:]} {opts} logp"
             fastrl.linear_logprobs(h.detach(), w.detach(), t, impl="triton", **kw)
 
+    fake.variant = "losses"
     B, G, T = 8, 4, 37
     rewards = torch.randn(B, 2, generator=g)
     fastrl.group_advantages(rewards, G, weights=torch.tensor([1.0, 0.5]), impl="triton")
@@ -144,7 +167,7 @@ def main() -> None:
     # the public API accepts CPU tensors for impl="triton" under the interpreter flag; the
     # kernels are already decorated as compiled kernels, so nothing is interpreted
     os.environ["TRITON_INTERPRET"] = "1"
-    _drive_every_kernel()
+    _drive_every_kernel(fake)
     for record in fake.loaded:
         print(json.dumps(record), flush=True)
 

@@ -3,8 +3,9 @@
 The CPU tests run the kernels through the interpreter, which never lowers them: this
 compiles each one (forward and backward, half precision and fp32, every option's
 constexpr variant) to a cubin for the H100/H200 (sm_90) and for the 24 GB RTX 4090
-(sm_89), and checks its shared memory against what a block may use there. See
-tests/compile_for_gpu.py.
+(sm_89), checks its shared memory against what a block may use there, the tensor-core
+instructions of the matmul tiles and the register spills of the hot path (`ptxas -v`).
+See tests/compile_for_gpu.py.
 """
 
 import json
@@ -48,3 +49,11 @@ def test_every_kernel_compiles_within_the_shared_memory_budget(arch):
     for name in ("linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel"):
         kinds = {r["mma"] for r in records if r["name"] == name}
         assert kinds == {tensor_core, "none"}, (name, kinds)
+    # the hot path spills no registers: the fused policy row kernel everywhere, and the
+    # bf16 tile kernels on Hopper (on sm_89 two forward variants spill 8 bytes)
+    hot = [r for r in records if r["name"] == "fused_policy_loss_fwd_kernel"]
+    if arch >= 90:
+        hot += [r for r in records if r["mma"] == "wgmma"]
+    assert hot and all(r["spill_bytes"] == 0 for r in hot), [
+        (r["name"], r["variant"], r["spill_bytes"]) for r in hot if r["spill_bytes"]
+    ]
