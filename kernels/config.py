@@ -65,8 +65,12 @@ def autotune(space: list[triton.Config], interpret_cfg: triton.Config, key: list
 GROUP_ADVANTAGES_TILE = 16 if INTERPRET else 1024  # completions per program (groups x slots)
 GROUP_ADVANTAGES_BATCH_BLOCK = 16 if INTERPRET else 1024  # the one-program batch pass
 POLICY_LOSS_BLOCK_T = 16 if INTERPRET else 1024  # tokens of one row per program
-FUSED_POLICY_BLOCK_N = 4  # rows of Z per program (the row kernel is bandwidth-bound)
+# rows of Z per program. The row kernel is bandwidth-bound, so the grid should cover every
+# SM: a 64 MiB chunk of a 128k-152k bf16 vocab is 220-256 rows, 55-64 programs at 4 rows
+# (fewer than an H100's 132 SMs) and 220-256 at 1 (48 registers a thread, no spills). Not
+# yet measured on a GPU. The interpreter keeps 4 to test multi-row tiles and row tails.
+FUSED_POLICY_BLOCK_N = 4 if INTERPRET else 1
 FUSED_POLICY_BLOCK_V = 64 if INTERPRET else 2048  # vocab columns per step
-# 8 warps: with 4 the [4, 2048] fp32 tiles need more than 255 registers a thread and
-# spill (192 bytes on sm_90, 84 on sm_89, `ptxas -v`); 8 use 166 and spill nothing.
+# 8 warps per [rows, 2048] step (with 4 rows of 4 warps the fp32 tiles took 255 registers
+# a thread and spilled 192 bytes on sm_90, `ptxas -v`).
 FUSED_POLICY_NUM_WARPS = 8
