@@ -49,9 +49,18 @@ BWD_CHUNK_ROWS = 1024
 BWD_CHUNK_VOCAB = 16384
 
 
+# torch.addmm(..., out_dtype=) (half inputs into an fp32 output, CUDA only) is torch >= 2.8
+_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b into an fp32 acc without rounding each product to a's dtype first."""
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+    """acc += a @ b into an fp32 acc without rounding each product to a's dtype first
+    (before torch 2.8, through fp32 copies of a and b)."""
+    if (
+        _ADDMM_OUT_DTYPE
+        and acc.device.type == "cuda"
+        and a.dtype in (torch.float16, torch.bfloat16)
+    ):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
