@@ -29,19 +29,17 @@ KERNELS = {
 }
 
 
-def _runtime_hooks_missing() -> bool:
-    """The stand-in driver uses Triton 3.9's runtime hooks (CI pins 3.9.0 in
-    constraints-cpu.txt); a GPU image may carry an older Triton, and compiles for real."""
-    try:
-        from triton import knobs
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except ImportError:
-        return True
-    return not hasattr(knobs.runtime, "kernel_load_start_hook")
+def _not_the_pinned_triton() -> bool:
+    """The stand-in driver is written against Triton 3.9's runtime (hooks, driver calls),
+    the version constraints-cpu.txt pins for CI. A GPU image may carry another Triton;
+    there the kernels compile for real in the GPU tests."""
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 9)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_runtime_hooks_missing(), reason="needs Triton 3.9's runtime hooks")
+@pytest.mark.skipif(_not_the_pinned_triton(), reason="the stand-in driver targets Triton 3.9")
 @pytest.mark.parametrize("arch", [90, 89], ids=["sm90-h100", "sm89-rtx4090"])
 def test_every_kernel_compiles_within_the_shared_memory_budget(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
