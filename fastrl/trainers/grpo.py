@@ -332,6 +332,11 @@ def _nanmean(x: torch.Tensor) -> float:
     return x.mean().item() if x.numel() else math.nan
 
 
+def _token_ids(ids) -> list[int]:
+    """An EOS setting (None, one id or several) as a list of ids."""
+    return [ids] if isinstance(ids, int) else list(ids or [])
+
+
 def _sum_count(values: list[float]) -> tuple[float, int]:
     valid = [v for v in values if not math.isnan(v)]
     return sum(valid), len(valid)
@@ -461,8 +466,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
 
         # ---- generation
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        model_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        model_eos = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+        model_eos = _token_ids(getattr(self.model.generation_config, "eos_token_id", None))
         default_eos = list(dict.fromkeys(eos + model_eos))
         # generation_kwargs override the fields set here (as in TRL)
         gen = dict(
@@ -485,8 +489,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
                 "supported: a completion ends at its first EOS token (set eos_token_id instead)"
             )
         # generation_kwargs may replace the EOS ids: completions end where generate stopped
-        final_eos = self.generation_config.eos_token_id
-        self.eos_token_ids = [final_eos] if isinstance(final_eos, int) else list(final_eos or [])
+        self.eos_token_ids = _token_ids(self.generation_config.eos_token_id)
         if not self.eos_token_ids:
             raise ValueError(
                 "no EOS token id: neither the tokenizer, the model's generation_config nor "
