@@ -25,16 +25,33 @@ _IGNORE = -100
 
 
 class _LossWithGrads(torch.autograd.Function):
-    """A loss value whose gradients w.r.t. `inputs` were computed in the forward."""
+    """A loss value whose gradients w.r.t. `inputs` were computed in the forward, times a
+    0-d `scale`; the backward multiplies them by g_out / scale in fp32."""
 
     @staticmethod
-    def forward(ctx, loss, grads, *inputs):
-        ctx.grads = grads
+    def forward(ctx, loss, grads, scale, *inputs):
+        ctx.grads, ctx.scale = grads, scale
+        ctx.dtypes = [None if t is None else t.dtype for t in inputs]
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, g):
-        return (None, None, *(None if d is None else d * g.to(d.dtype) for d in ctx.grads))
+        # a 0-d fp32 factor: computed in fp32, rounded once to each gradient's dtype (a
+        # loss scaler's 2^16 would overflow fp16 if cast first)
+        factor = g.float() / ctx.scale
+        grads = (None if d is None else (d * factor).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
+        return (None, None, None, *grads)
+
+
+def _fp16_grad_scale(*coefficients: torch.Tensor | None) -> torch.Tensor:
+    """A power of two that brings the largest |coefficient| to (1/2, 1], on the device.
+
+    In fp16 the single pass's dz ~ p * A / N_tokens (and dH, dW after it) underflow
+    before a loss scaler's factor arrives in the backward; scaled, they keep their bits.
+    """
+    m = torch.stack([c.abs().amax().float() for c in coefficients if c is not None]).amax()
+    exponent = torch.ceil(torch.log2(m)).clamp(-64, 64)
+    return torch.where(m > 0, torch.exp2(-exponent), torch.ones_like(m))
 
 
 def _single_pass_ok(impl, kwargs, old_logps, hidden, weight, bias) -> bool:
@@ -86,11 +103,14 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
     epsilon_high = kwargs.get("epsilon_high")
     if epsilon_high is None:
         epsilon_high = epsilon
+    w_ent = w_ent if kwargs.get("entropy_coef", 0.0) != 0 else None
     with torch.no_grad():
+        scale = None
+        if hidden.dtype == torch.float16 and hidden.numel():
+            scale = _fp16_grad_scale(w_pt * adv, w_kl, w_ent)
         logp, ent, dh, dw, db = fused_policy_loss_fwd(
             hidden.reshape(-1, d), weight, bias, scored.reshape(-1), flat(old_logps),
-            flat(adv), flat(ref_logps), flat(w_pt), flat(w_kl),
-            flat(w_ent) if kwargs.get("entropy_coef", 0.0) != 0 else None,
+            flat(adv), flat(ref_logps), flat(w_pt), flat(w_kl), flat(w_ent),
             temperature=temperature, softcap=softcap, ignore_index=_IGNORE,
             loss_type=loss_type, epsilon_low=float(epsilon), epsilon_high=float(epsilon_high),
             delta=None if kwargs.get("delta") is None else float(kwargs["delta"]),
@@ -99,14 +119,16 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
             sapo_temperature_pos=float(kwargs.get("sapo_temperature_pos", 1.0)),
             sapo_temperature_neg=float(kwargs.get("sapo_temperature_neg", 1.05)),
             need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
-            need_bias=bias is not None and bias.requires_grad,
+            need_bias=bias is not None and bias.requires_grad, grad_scale=scale,
         )  # fmt: skip
         loss, metrics = policy_loss(
             logp.view(B, T), old_logps, advantages, mask, ref_logps=ref_logps,
             entropy=ent.view(B, T), **kwargs,
         )  # fmt: skip
     grads = (None if dh is None else dh.view(B, T, d), dw, db)
-    return _LossWithGrads.apply(loss, grads, hidden, weight, bias), metrics
+    if scale is None:
+        scale = torch.ones((), device=hidden.device)
+    return _LossWithGrads.apply(loss, grads, scale, hidden, weight, bias), metrics
 
 
 def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) -> None:

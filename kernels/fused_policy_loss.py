@@ -5,14 +5,14 @@ token (the normalisers, masks and sampler weights are constants the caller folds
 per-token coefficients w_pt, w_kl, w_ent), so the gradient can be formed as soon as the
 token's logsumexp is known, and forward+backward needs two N x V x d GEMMs, not three:
 
-    for each chunk of CHUNK_ROWS tokens:
-        Z  = H_c @ W.T                 cuBLAS, [rows, V] in the input dtype (the only GEMM
-                                       output kept; <= CHUNK_BYTES)
+    for each chunk of `rows` tokens (a multiple of 128, the GEMM tile, from chunk_bytes):
+        Z  = H_c @ W.T                 cuBLAS, [rows, V] fp32 (the only GEMM output kept)
         fused_policy_loss_fwd_kernel   per row: pass 1 over Z -> max, sum e^z, sum z e^z,
                                        target logit -> logp, entropy; the token's loss
                                        derivative g = w_pt dpt + w_kl dkl (token_terms);
                                        pass 2 over Z -> dz = g (onehot - p) - w_ent p (log p
-                                       + H), through softcap/temperature, written over Z
+                                       + H), through softcap/temperature, times `scale`,
+                                       written in the input dtype over Z's own bytes
         dH_c = dZ @ W                  cuBLAS, fp32 accumulation over the whole vocab
         dW  += dZ^T @ H_c              only for a trainable head, fp32
 
@@ -20,31 +20,56 @@ Tiling of the row kernel: grid = (cdiv(rows, BLOCK_N),), a [BLOCK_N, BLOCK_V] ti
 per step, two sweeps over the vocab. It is bandwidth-bound: it reads Z twice and writes
 it once, ~3 x rows x V x 2 bytes per chunk against 2 x 2 x rows x V x d flops of GEMMs.
 
-The logits are rounded to the input dtype once (as in eager PyTorch and TRL) before the
-fp32 statistics; `linear_logprobs` keeps them in fp32 tiles but needs the third GEMM.
+Z is kept in fp32, as in `linear_logprobs`' tiles: log-probs that are compared with each
+other (current here, old and reference from `linear_logprobs`) see the same fp32 logits,
+so identical weights give a ratio of 1 and a KL of 0 to fp32 rounding. Rounding Z to bf16
+instead would move each logit by up to half a bf16 step (0.06 at |z| ~ 20).
+
+dz goes over Z in place: for a 2-byte input dtype, row r's dz occupies the first half of
+the bytes of row r's fp32 logits (a [rows, V] view with row stride 2V). A store of block
+[v0, v0 + BLOCK_V) overwrites fp32 columns below v0 + BLOCK_V, all read by then; a
+barrier between the loads and the stores of a block orders the warps of the program.
+
+fp16 and loss scaling: the gradient is formed before the upstream gradient (a loss
+scaler's 2^16) is known, and dz ~ p / N_tokens underflows in fp16. The caller passes a
+power-of-two `scale` (a device scalar) that brings the largest coefficient to ~1; dz, dH
+and dW hold scale x the gradient, and the backward multiplies by g_out / scale.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .config import FUSED_POLICY_BLOCK_N, FUSED_POLICY_BLOCK_V, FUSED_POLICY_NUM_WARPS
-from .linear_logprobs import addmm_fp32, logits_epilogue
+from .linear_logprobs import addmm_fp32, logits_epilogue, mm_fp32
 from .policy_loss import CLIPPED, FAMILY, KL_ESTIMATORS, token_terms
 
-# Z chunks hold at most this many bytes (>= 16 rows): 256 rows of a 128k bf16 vocab.
-CHUNK_BYTES = 64 * 2**20
+# fp32 Z chunks hold at most this many bytes: 128 rows of a 128k vocab (62.6 MiB at
+# V=128256). FASTRL_FUSED_CHUNK_MB (or chunk_bytes=) trades memory for larger GEMMs.
+CHUNK_BYTES = int(float(os.environ.get("FASTRL_FUSED_CHUNK_MB", "64")) * 2**20)
+# chunk rows are a multiple of this (a full cuBLAS tile) when at least this many fit
+GEMM_TILE_ROWS = 128
+
+
+def chunk_rows(n_tokens: int, vocab: int, chunk_bytes: int) -> int:
+    """Rows of a fp32 [rows, vocab] chunk within chunk_bytes: a multiple of 128 (16 when
+    fewer fit), at least 16, at most n_tokens."""
+    rows = chunk_bytes // (4 * vocab)
+    step = GEMM_TILE_ROWS if rows >= GEMM_TILE_ROWS else 16
+    return max(1, min(n_tokens, max(16, rows // step * step)))
 
 
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def fused_policy_loss_fwd_kernel(
-    Z, Bias, T, OLD, ADV, REF, WPT, WKL, WENT, LOGP, ENT,
-    N, V, stride_z, inv_temp, softcap, ignore_index,
+    Z, DZ, SCALE, Bias, T, OLD, ADV, REF, WPT, WKL, WENT, LOGP, ENT,
+    N, V, stride_z, stride_dz, inv_temp, softcap, ignore_index,
     clip_low, clip_high, delta, cispo_cap, tau_pos, tau_neg,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_OLD: tl.constexpr,
     FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, KL_EST: tl.constexpr,
     KL_TIMES_RATIO: tl.constexpr, HAS_WKL: tl.constexpr, HAS_WENT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    HALF_DZ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
@@ -99,6 +124,7 @@ def fused_policy_loss_fwd_kernel(
     g_ent = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_WENT:
         g_ent = tl.load(WENT + rows, mask=valid, other=0.0)
+    scale = tl.load(SCALE)
 
     # pass 2: dz over Z, in place
     for v0 in range(0, V, BLOCK_V):
@@ -114,8 +140,14 @@ def fused_policy_loss_fwd_kernel(
         dz = g[:, None] * (onehot - p)
         if HAS_WENT:
             dz -= g_ent[:, None] * p * (logp_v + ent[:, None])
-        dx = tl.where(keep, dz * dzdx * inv_temp, 0.0)
-        tl.store(ptrs, dx.to(Z.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        dx = tl.where(keep, dz * dzdx * (inv_temp * scale), 0.0)
+        if HALF_DZ:  # the half-width stores land on fp32 columns other warps may still read
+            tl.debug_barrier()
+        tl.store(
+            DZ + rows[:, None] * stride_dz + cols[None, :],
+            dx.to(DZ.dtype.element_ty),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
 
 
 def fused_policy_loss_fwd(
@@ -144,40 +176,50 @@ def fused_policy_loss_fwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    grad_scale: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
 ):
     """hidden [N, d], weight [V, d] (same dtype), targets [N] int64 (ignore_index where
     not scored); per-token fp32 [N]: old_logps (None: on-policy), advantages, ref_logps
     (None: no KL), and the loss's coefficients w_pt, w_kl, w_ent (dL/d per-token loss
-    term, KL and entropy).
+    term, KL and entropy). grad_scale: a 0-d fp32 device tensor the gradients are
+    multiplied by (default 1); chunk_bytes: the fp32 logits chunk (default CHUNK_BYTES).
 
-    Returns logp [N] fp32, entropy [N] fp32, and the gradients (d_hidden in hidden's
-    dtype, d_weight, d_bias) or None where not needed.
+    Returns logp [N] fp32, entropy [N] fp32, and grad_scale x the gradients (d_hidden in
+    hidden's dtype, d_weight and d_bias fp32) or None where not needed.
     """
     N, D = hidden.shape
     V = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
+    zdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logp, ent = torch.empty(N, **f32), torch.empty(N, **f32)
     dh = torch.empty_like(hidden) if need_hidden else None
-    dw = torch.zeros((V, D), **f32) if need_weight else None
-    db = torch.zeros(V, **f32) if need_bias else None
-    chunk = max(1, min(N, max(16, CHUNK_BYTES // (V * hidden.element_size()))))
-    zbuf = torch.empty((chunk, V), device=hidden.device, dtype=hidden.dtype)
+    dw = torch.zeros((V, D), device=hidden.device, dtype=zdt) if need_weight else None
+    db = torch.zeros(V, device=hidden.device, dtype=zdt) if need_bias else None
+    if grad_scale is None:
+        grad_scale = torch.ones((), **f32)
+    rows_per_chunk = chunk_rows(N, V, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    zbuf = torch.empty((rows_per_chunk, V), device=hidden.device, dtype=zdt)
+    # dz in the input dtype over Z's bytes: [rows, 2V] half view, its first V columns
+    half = hidden.element_size() == 2
+    dzbuf = zbuf.view(hidden.dtype) if half else zbuf
     unused = logp
     family = FAMILY[loss_type]
+    w32 = None if hidden.device.type == "cuda" else weight.to(zdt)  # CPU: no fp32-out GEMM
 
-    for n0 in range(0, N, chunk):
-        rows = slice(n0, n0 + chunk)
+    for n0 in range(0, N, rows_per_chunk):
+        rows = slice(n0, n0 + rows_per_chunk)
         h = hidden[rows]
         n = h.shape[0]
-        z = zbuf[:n]
-        torch.mm(h, weight.T, out=z)
+        z, dz = zbuf[:n], dzbuf[:n, :V]
+        mm_fp32(h, weight.T, z, b32=None if w32 is None else w32.T)
         fused_policy_loss_fwd_kernel[(triton.cdiv(n, FUSED_POLICY_BLOCK_N),)](
-            z, bias if bias is not None else unused, targets[rows],
+            z, dz, grad_scale, bias if bias is not None else unused, targets[rows],
             old_logps[rows] if old_logps is not None else unused,
             advantages[rows], ref_logps[rows] if ref_logps is not None else unused,
             w_pt[rows], w_kl[rows] if w_kl is not None else unused,
             w_ent[rows] if w_ent is not None else unused, logp[rows], ent[rows],
-            n, V, z.stride(0), 1.0 / temperature, softcap or 1.0, ignore_index,
+            n, V, z.stride(0), dz.stride(0), 1.0 / temperature, softcap or 1.0, ignore_index,
             1.0 - epsilon_low, 1.0 + epsilon_high, delta if delta is not None else 0.0,
             epsilon_high, sapo_temperature_pos, sapo_temperature_neg,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
@@ -185,20 +227,14 @@ def fused_policy_loss_fwd(
             HAS_DELTA=delta is not None and family == CLIPPED,
             KL_EST=KL_ESTIMATORS[kl_estimator] if ref_logps is not None else 0,
             KL_TIMES_RATIO=kl_times_ratio, HAS_WKL=w_kl is not None,
-            HAS_WENT=w_ent is not None, BLOCK_N=FUSED_POLICY_BLOCK_N,
+            HAS_WENT=w_ent is not None, HALF_DZ=half, BLOCK_N=FUSED_POLICY_BLOCK_N,
             BLOCK_V=FUSED_POLICY_BLOCK_V, num_warps=FUSED_POLICY_NUM_WARPS,
         )  # fmt: skip
         if dh is not None:
-            torch.mm(z, weight, out=dh[rows])
+            torch.mm(dz, weight, out=dh[rows])
         if dw is not None:
-            addmm_fp32(dw, z.T, h)
+            addmm_fp32(dw, dz.T, h)
         if db is not None:
-            db += z.sum(0, dtype=torch.float32)
+            db += dz.sum(0, dtype=torch.float32)
 
-    return (
-        logp,
-        ent,
-        dh,
-        dw.to(weight.dtype) if dw is not None else None,
-        db.to(bias.dtype) if db is not None else None,
-    )
+    return logp, ent, dh, dw, db

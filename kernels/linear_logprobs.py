@@ -49,21 +49,29 @@ BWD_CHUNK_ROWS = 1024
 BWD_CHUNK_VOCAB = 16384
 
 
-# torch.addmm(..., out_dtype=) (half inputs into an fp32 output, CUDA only) is torch >= 2.8
-_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+def _half_on_cuda(a: torch.Tensor) -> bool:
+    # torch.mm/addmm(..., out_dtype=torch.float32): half inputs, fp32 output, CUDA only
+    # (torch >= 2.8, the floor in pyproject.toml); elsewhere through fp32 copies
+    return a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16)
 
 
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b into an fp32 acc without rounding each product to a's dtype first
-    (before torch 2.8, through fp32 copies of a and b)."""
-    if (
-        _ADDMM_OUT_DTYPE
-        and acc.device.type == "cuda"
-        and a.dtype in (torch.float16, torch.bfloat16)
-    ):
+    """acc += a @ b into an fp32 acc without rounding the products to a's dtype."""
+    if _half_on_cuda(a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, b32=None) -> None:
+    """out = a @ b into an fp32 `out` (on CPU through fp32 copies; pass b32 = b.float()
+    to reuse one across calls)."""
+    if _half_on_cuda(a):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(a.float(), b.float() if b32 is None else b32, out=out)
 
 
 @triton.jit
