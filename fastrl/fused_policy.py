@@ -16,7 +16,15 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
-from fastrl.logprobs import _check_inputs, _resolve_impl, linear_logprobs
+from fastrl.logprobs import (
+    _check_inputs,
+    _resolve_impl,
+    _scatter_rows,
+    check_target_ids,
+    check_values,
+    linear_logprobs,
+    scored_rows,
+)
 from fastrl.policy import _check_tensor, policy_loss
 
 __all__ = ["fused_policy_loss"]
@@ -39,7 +47,8 @@ class _LossWithGrads(torch.autograd.Function):
         # a 0-d fp32 factor: computed in fp32, rounded once to each gradient's dtype (a
         # loss scaler's 2^16 would overflow fp16 if cast first)
         factor = g.float() / ctx.scale
-        grads = (None if d is None else (d * factor).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
+        pairs = zip(ctx.grads, ctx.dtypes, strict=True)
+        grads = (None if d is None else (d * factor).to(dt) for d, dt in pairs)
         return (None, None, None, *grads)
 
 
@@ -88,10 +97,11 @@ def _coefficients(B, T, device, old_logps, advantages, mask, ref_logps, kwargs):
 
 
 def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,
-                 temperature, softcap, kwargs):  # fmt: skip
+                 temperature, softcap, compact, kwargs):  # fmt: skip
     from fastrl.kernels.fused_policy_loss import fused_policy_loss_fwd
 
     B, T, d = hidden.shape
+    check_target_ids(scored, weight.shape[0], _IGNORE)
     w_pt, w_kl, w_ent = _coefficients(
         B, T, hidden.device, old_logps, advantages, mask, ref_logps, kwargs
     )
@@ -108,9 +118,14 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
         scale = None
         if hidden.dtype == torch.float16 and hidden.numel():
             scale = _fp16_grad_scale(w_pt * adv, w_kl, w_ent)
+        h, t = hidden.reshape(-1, d), scored.reshape(-1)
+        per_token = [flat(x) for x in (old_logps, adv, ref_logps, w_pt, w_kl, w_ent)]
+        rows = scored_rows(t, _IGNORE) if compact else None
+        if rows is not None:  # the valid rows only: padding costs no GEMM work
+            h, t = h.index_select(0, rows), t[rows]
+            per_token = [None if x is None else x[rows] for x in per_token]
         logp, ent, dh, dw, db = fused_policy_loss_fwd(
-            hidden.reshape(-1, d), weight, bias, scored.reshape(-1), flat(old_logps),
-            flat(adv), flat(ref_logps), flat(w_pt), flat(w_kl), flat(w_ent),
+            h, weight, bias, t, *per_token,
             temperature=temperature, softcap=softcap, ignore_index=_IGNORE,
             loss_type=loss_type, epsilon_low=float(epsilon), epsilon_high=float(epsilon_high),
             delta=None if kwargs.get("delta") is None else float(kwargs["delta"]),
@@ -121,6 +136,10 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
             need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
             need_bias=bias is not None and bias.requires_grad, grad_scale=scale,
         )  # fmt: skip
+        if rows is not None:
+            logp, ent, dh = (
+                x if x is None else _scatter_rows(x, rows, B * T) for x in (logp, ent, dh)
+            )
         loss, metrics = policy_loss(
             logp.view(B, T), old_logps, advantages, mask, ref_logps=ref_logps,
             entropy=ent.view(B, T), **kwargs,
@@ -145,8 +164,10 @@ def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) 
         )
     if ref_weight is not None and ref_hidden is None:
         raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be boolean or hold only 0 and 1")
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)
+        msg = "mask must be boolean or hold only 0 and 1"
+        check_values(bad, msg, lambda: f"{msg}, got value {mask[bad][0].item()!r}")
 
 
 def fused_policy_loss(
@@ -164,6 +185,7 @@ def fused_policy_loss(
     temperature: float = 1.0,
     softcap: float | None = None,
     impl: str = "auto",
+    compact: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`policy_loss` straight from the policy's last hidden states and lm_head weight.
@@ -189,6 +211,7 @@ def fused_policy_loss(
         bias, temperature, softcap: the lm_head bias and logit transforms, as in
             `linear_logprobs` (TRL scores completions at the sampling temperature).
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
+        compact: score only the positions where ``mask`` is 1 (see `linear_logprobs`).
         **kwargs: every other option of `policy_loss` (``loss_type``, ``epsilon``,
             ``beta``, ``importance_sampling_level``, ``entropy_coef``, ...).
 
@@ -208,19 +231,21 @@ def fused_policy_loss(
         with torch.no_grad():
             ref_logps = linear_logprobs(
                 ref_hidden, weight if ref_weight is None else ref_weight, scored, impl=impl,
-                **logit_kw,
+                compact=compact, **logit_kw,
             )  # fmt: skip
 
     _check_inputs(hidden, weight, scored, bias, temperature, softcap, _IGNORE)
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact must be a bool, got {compact!r}")
     if hidden.dim() == 3 and _single_pass_ok(
         _resolve_impl(impl, hidden.device), kwargs, old_logps, hidden, weight, bias
     ):
         return _single_pass(
             hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,
-            float(temperature), None if softcap is None else float(softcap), kwargs,
+            float(temperature), None if softcap is None else float(softcap), compact, kwargs,
         )  # fmt: skip
     logps, entropy = linear_logprobs(
-        hidden, weight, scored, return_entropy=True, impl=impl, **logit_kw
+        hidden, weight, scored, return_entropy=True, impl=impl, compact=compact, **logit_kw
     )
     return policy_loss(
         logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **kwargs

@@ -40,6 +40,7 @@ def fused_preference_loss(
     temperature: float = 1.0,
     softcap: float | None = None,
     impl: str = "auto",
+    compact: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`preference_loss` straight from the policy's last hidden states and lm_head weight.
@@ -63,6 +64,7 @@ def fused_preference_loss(
         bias, temperature, softcap: lm_head bias and logit transforms, as in
             `linear_logprobs`.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
+        compact: score only the positions where ``mask`` is 1 (see `linear_logprobs`).
         **kwargs: every other option of `preference_loss` (``loss_type``, ``beta``,
             ``label_smoothing``, ``ld_alpha``, ``simpo_gamma``, ``use_weighting``, ...).
             The sequence log-probs, the lengths, LD-DPO's tails and, with
@@ -85,7 +87,9 @@ def fused_preference_loss(
 
     B = targets.shape[0] // 2
     scored = torch.where(mask.bool(), targets, _IGNORE)
-    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE)
+    logit_kw = dict(
+        bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE, compact=compact
+    )
     lengths = mask.sum(1)
     seq_kw = dict(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
 

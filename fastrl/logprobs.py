@@ -1,7 +1,9 @@
 """Per-token log-probs and entropies straight from hidden states and an lm_head weight."""
 
+import contextlib
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -16,72 +18,133 @@ def _triton_backend():
     return linear_logprobs_fwd, linear_logprobs_bwd
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        temperature,
-        softcap,
-        ignore_index,
-        return_entropy,
-        return_is_top1,
-        return_log_sum_sq,
-        impl,
-    ):
-        # entropy is often wanted for logging only: skip its backward term when unused
-        ctx.set_materialize_grads(False)
-        fwd = _triton_backend()[0] if impl == "triton" else chunked_logprobs_fwd
-        # metrics and weights without a gradient: is_top1, log sum_v p_v^2
-        top1 = sq = None
-        if return_is_top1:
-            top1 = torch.empty(targets.shape, dtype=torch.bool, device=targets.device)
-        if return_log_sum_sq:
-            dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            sq = torch.empty(targets.shape, dtype=dt, device=targets.device)
-        ctx.mark_non_differentiable(*(t for t in (top1, sq) if t is not None))
+# The backends as torch.library custom ops: torch.compile(fullgraph=True) and CUDA graphs
+# go around them (fake implementations give the output shapes), and their bodies run
+# eagerly on real tensors, where the value checks live. Outputs that were not asked for
+# are empty tensors (a custom op returns no None).
+_LIB = "fastrl"
+
+
+def _stat_dtype(hidden: torch.Tensor, impl: str) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 and impl == "torch" else torch.float32
+
+
+@torch.library.custom_op(f"{_LIB}::linear_logprobs_fwd", mutates_args=())
+def _fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    return_entropy: bool,
+    return_is_top1: bool,
+    return_log_sum_sq: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> logp [N], entropy [N] | [0], lse [N], is_top1 [N] bool | [0], log_sum_sq [N] | [0]"""
+    check_target_ids(targets, weight.shape[0], ignore_index)
+    dt = _stat_dtype(hidden, impl)
+    top1 = torch.empty(
+        targets.shape if return_is_top1 else 0, dtype=torch.bool, device=targets.device
+    )
+    sq = torch.empty(targets.shape if return_log_sum_sq else 0, dtype=dt, device=targets.device)
+    fwd = _triton_backend()[0] if impl == "triton" else chunked_logprobs_fwd
+    with _on_device(hidden.device):
         logp, ent, lse = fwd(
             hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
-            top1=top1, log_sum_sq=sq,
+            top1=top1 if return_is_top1 else None, log_sum_sq=sq if return_log_sum_sq else None,
         )  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.args = (temperature, softcap, ignore_index, impl)
-        return logp, ent, top1, sq
+    if ent is None:
+        ent = logp.new_empty(0)
+    return logp, ent, lse, top1, sq
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_ent, _grad_top1, _grad_sq):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        temperature, softcap, ignore_index, impl = ctx.args
-        if grad_logp is None and grad_ent is None:
-            return (None,) * 11
-        if impl == "triton":
-            bwd = _triton_backend()[1]
-            grad_logp, grad_ent = (
-                g.float().contiguous() if g is not None else None for g in (grad_logp, grad_ent)
-            )
-        else:
-            bwd = chunked_logprobs_bwd
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = bwd(
-            hidden,
-            weight,
-            bias,
-            targets,
-            lse,
-            ent,
-            grad_logp,
-            grad_ent,
-            temperature,
-            softcap,
-            ignore_index,
-            need_h,
-            need_w,
-            need_b and bias is not None,
+
+@_fwd_op.register_fake
+def _(hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
+      return_is_top1, return_log_sum_sq, impl):  # fmt: skip
+    n, dt = targets.shape[0], _stat_dtype(hidden, impl)
+    vec = lambda want, dtype=dt: hidden.new_empty(n if want else 0, dtype=dtype)
+    return (
+        vec(True),
+        vec(return_entropy),
+        vec(True),
+        vec(return_is_top1, torch.bool),
+        vec(return_log_sum_sq),
+    )
+
+
+@torch.library.custom_op(f"{_LIB}::linear_logprobs_bwd", mutates_args=())
+def _bwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> d_hidden, d_weight, d_bias in their inputs' dtypes ([0] where not needed)"""
+    if impl == "triton":
+        bwd = _triton_backend()[1]
+        grad_logp, grad_entropy = (
+            g.float().contiguous() if g is not None else None for g in (grad_logp, grad_entropy)
         )
-        return dh, dw, db, None, None, None, None, None, None, None, None
+    else:
+        bwd = chunked_logprobs_bwd
+    with _on_device(hidden.device):
+        grads = bwd(
+            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+            softcap, ignore_index, need_hidden, need_weight, need_bias,
+        )  # fmt: skip
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@_bwd_op.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+      softcap, ignore_index, need_hidden, need_weight, need_bias, impl):  # fmt: skip
+    like = lambda t, want: torch.empty_like(t) if want else hidden.new_empty(0)
+    return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # entropy often feeds logging only: skip its term
+    hidden, weight, bias, targets, temperature, softcap, ignore_index, *_, impl = inputs
+    _, ent, lse, _, _ = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.args = (temperature, softcap, ignore_index, impl)
+
+
+def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_top1, _grad_sq):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    temperature, softcap, ignore_index, impl = ctx.args
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_logp is None and grad_ent is None or not (need_h or need_w or need_b):
+        return (None,) * 11
+    dh, dw, db = _bwd_op(
+        hidden, weight, bias, targets, lse, ent if ent.numel() else None, grad_logp,
+        grad_ent if ent.numel() else None, temperature, softcap, ignore_index, need_h,
+        need_w, need_b and bias is not None, impl,
+    )  # fmt: skip
+    pick = lambda g, need: g if need else None
+    return (pick(dh, need_h), pick(dw, need_w), pick(db, need_b and bias is not None)) + (None,) * 8
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current device; device_map="auto" puts the lm_head on the last
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -152,14 +215,41 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_in
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    vocab = weight.shape[0]
+
+
+# FASTRL_SYNC_CHECKS=1: check values on accelerators eagerly too, with the full message
+SYNC_CHECKS = os.environ.get("FASTRL_SYNC_CHECKS") == "1"
+
+
+def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> None:
+    """Raise ValueError where `bad` holds a True, without waiting on a GPU.
+
+    On the CPU (or with FASTRL_SYNC_CHECKS=1) the check is eager and the message,
+    `detail()`, names the value. On an accelerator it is a device-side assert with
+    `summary`, as PyTorch's own `nll_loss` checks class ids: the host does not wait, and a
+    failure surfaces at the next synchronisation.
+    """
+    if bad.device.type == "cpu" or SYNC_CHECKS:
+        if bad.any():
+            raise ValueError(detail())
+    else:
+        torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
+
+
+def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is in [0, vocab) or ignore_index (the kernels never read by target id:
+    an out-of-range id would only give a wrong log-prob, never an out-of-bounds read)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bad.any():
+
+    def detail() -> str:
         value = targets[bad].flatten()[0].item()
-        raise ValueError(
+        return (
             f"targets holds id {value} outside [0, {vocab}) that is not ignore_index "
             f"({ignore_index}); {int(bad.sum())} such positions"
         )
+
+    summary = f"targets holds ids outside [0, {vocab}) that are not ignore_index ({ignore_index})"
+    check_values(bad, summary, detail)
 
 
 def linear_logprobs(
@@ -175,6 +265,7 @@ def linear_logprobs(
     return_is_top1: bool = False,
     return_log_sum_sq_probs: bool = False,
     impl: str = "auto",
+    compact: bool = True,
 ):
     """Log-probs (and entropies) of `targets` under `softcap(hidden @ weight.T + bias) / T`.
 
@@ -198,6 +289,11 @@ def linear_logprobs(
         return_log_sum_sq_probs: also return `log sum_v p_v^2` of each position (0 where
             ignored; no gradient): WPO's weights, from the same pass.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton", or "torch".
+        compact: score only the positions whose target is not ignore_index (gathered,
+            and their results and gradients scattered back), so padding costs no GEMM
+            work; one host read of their count (see `scored_rows`). False: score every
+            row and zero the ignored ones (no host read; for CUDA-graph capture this
+            happens by itself).
 
     Returns:
         `logps` float32 `[...]` (float64 for float64 inputs); with any `return_*` a tuple
@@ -205,6 +301,8 @@ def linear_logprobs(
         (`is_top1` bool `[...]`, the others as `logps`).
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact must be a bool, got {compact!r}")
     impl = _resolve_impl(impl, hidden.device)
     lead = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -214,12 +312,45 @@ def linear_logprobs(
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     if softcap is not None:
         softcap = float(softcap)
-    outputs = LinearLogprobsFunction.apply(
-        h2, w, bias, t1, float(temperature), softcap, ignore_index, return_entropy,
-        return_is_top1, return_log_sum_sq_probs, impl,
-    )  # fmt: skip
-    out = tuple(t.view(lead) for t in outputs if t is not None)
+    args = (float(temperature), softcap, ignore_index, return_entropy, return_is_top1,
+            return_log_sum_sq_probs, impl)  # fmt: skip
+    rows = scored_rows(t1, ignore_index) if compact else None
+    if rows is None:
+        outputs = _fwd_op(h2, w, bias, t1, *args)
+    else:  # score the valid rows only; the others are 0 (False) with no gradient
+        outputs = _fwd_op(h2.index_select(0, rows), w, bias, t1[rows], *args)
+        wanted = (True, return_entropy, True, return_is_top1, return_log_sum_sq_probs)
+        outputs = [_scatter_rows(t, rows, t1.shape[0]) if want else t
+                   for t, want in zip(outputs, wanted, strict=True)]  # fmt: skip
+    logp, ent, _, top1, sq = outputs
+    out = [logp]
+    if return_entropy:
+        out.append(ent)
+    if return_is_top1:
+        out.append(top1)
+    if return_log_sum_sq_probs:
+        out.append(sq.detach())  # a weight (WPO), not differentiated
+    out = tuple(t.view(lead) for t in out)
     return out[0] if len(out) == 1 else out
+
+
+def scored_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The indices of the rows whose target is not ignore_index, or None to score them all.
+
+    Compaction costs one host read of the count (a sync on a GPU: TRL's head does the
+    same with `hidden[mask]`), so it is skipped where that is not allowed or not worth it:
+    under torch.compile and CUDA-graph capture, and when every row is valid.
+    """
+    if torch.compiler.is_compiling() or (
+        targets.is_cuda and torch.cuda.is_current_stream_capturing()
+    ):
+        return None
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    return None if rows.shape[0] == targets.shape[0] else rows
+
+
+def _scatter_rows(t: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    return t.new_zeros((n, *t.shape[1:])).index_copy(0, rows, t)
 
 
 def sequence_logprobs(
