@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastrl.checks import check_values
 from fastrl.logprobs import _triton_usable
 
 __all__ = ["group_advantages"]
@@ -224,8 +225,8 @@ def group_advantages(
             raise ValueError(
                 f"weights must have shape [K]=[{K}] (one per reward column), got {tuple(w.shape)}"
             )
-        if not torch.isfinite(w).all():
-            raise ValueError(f"weights must be finite, got {w.tolist()}")
+        msg = "weights must be finite"
+        check_values(~torch.isfinite(w), msg, lambda: f"{msg}, got {w.tolist()}")
     if B == 0:
         return r2.new_zeros(0)
 

@@ -16,12 +16,12 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
+from fastrl.checks import check_values
 from fastrl.logprobs import (
     _check_inputs,
     _resolve_impl,
     _scatter_rows,
     check_target_ids,
-    check_values,
     linear_logprobs,
     scored_rows,
 )

@@ -3,10 +3,11 @@
 import contextlib
 import math
 import os
-from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
+from fastrl.checks import check_values
 from fastrl.chunked_logprobs import chunked_logprobs_bwd, chunked_logprobs_fwd
 
 IMPLS = ("auto", "triton", "torch")
@@ -217,25 +218,6 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_in
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
-# FASTRL_SYNC_CHECKS=1: check values on accelerators eagerly too, with the full message
-SYNC_CHECKS = os.environ.get("FASTRL_SYNC_CHECKS") == "1"
-
-
-def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> None:
-    """Raise ValueError where `bad` holds a True, without waiting on a GPU.
-
-    On the CPU (or with FASTRL_SYNC_CHECKS=1) the check is eager and the message,
-    `detail()`, names the value. On an accelerator it is a device-side assert with
-    `summary`, as PyTorch's own `nll_loss` checks class ids: the host does not wait, and a
-    failure surfaces at the next synchronisation.
-    """
-    if bad.device.type == "cpu" or SYNC_CHECKS:
-        if bad.any():
-            raise ValueError(detail())
-    else:
-        torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
-
-
 def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every target is in [0, vocab) or ignore_index (the kernels never read by target id:
     an out-of-range id would only give a wrong log-prob, never an out-of-bounds read)."""
@@ -339,10 +321,13 @@ def scored_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
 
     Compaction costs one host read of the count (a sync on a GPU: TRL's head does the
     same with `hidden[mask]`), so it is skipped where that is not allowed or not worth it:
-    under torch.compile and CUDA-graph capture, and when every row is valid.
+    under torch.compile, CUDA-graph capture and fake tensors, and when every row is valid.
     """
-    if torch.compiler.is_compiling() or (
-        targets.is_cuda and torch.cuda.is_current_stream_capturing()
+    if (
+        torch.compiler.is_compiling()
+        or is_fake(targets)
+        or targets.device.type == "meta"
+        or (targets.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
         return None
     rows = (targets != ignore_index).nonzero().squeeze(1)

@@ -20,6 +20,8 @@ import numbers
 
 import torch
 
+from fastrl.checks import check_values
+
 __all__ = ["policy_loss"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -403,8 +405,8 @@ def policy_loss(
         raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {mask.dtype}")
     if mask.dtype != torch.bool:
         bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(f"mask must contain only 0 and 1, got value {mask[bad][0].item()!r}")
+        msg = "mask must contain only 0 and 1"
+        check_values(bad, msg, lambda: f"{msg}, got value {mask[bad][0].item()!r}")
 
     _check_number("epsilon", epsilon, low=0.0)
     if epsilon_high is not None:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastrl.checks import check_values
 from fastrl.policy import _check_choice, _check_number
 
 __all__ = ["kto_loss", "ld_tail_logps", "preference_loss"]
@@ -90,8 +91,8 @@ def _check_vector(name, x, B=None, *, floating=True, like="chosen_logps"):
 def _check_lengths(name, x, B):
     _check_vector(name, x, B, floating=False)
     bad = x < 0
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be token counts >= 0, got value {x[bad][0].item()!r}")
+    msg = f"{name} must be token counts >= 0"
+    check_values(bad, msg, lambda: f"{msg}, got value {x[bad][0].item()!r}")
 
 
 def _loss_type_list(loss_type):
@@ -163,8 +164,9 @@ def ld_tail_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
             f"logps must have an even number of rows [chosen; rejected], got {logps.shape[0]}"
         )
     keep = mask.bool() if mask.dtype != torch.bool else mask
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must contain only 0 and 1")
+    if mask.dtype != torch.bool:
+        msg = "mask must contain only 0 and 1"
+        check_values((mask != 0) & (mask != 1), msg, lambda: msg)
     pos = keep.long().cumsum(1)  # 1-based position among the completion tokens
     lens = keep.sum(1)
     shared = torch.minimum(*lens.chunk(2)).repeat(2)
@@ -859,10 +861,8 @@ def kto_loss(
         raise TypeError(f"labels must be a bool or 0/1 tensor, got dtype {labels.dtype}")
     if labels.dtype != torch.bool:
         bad = (labels != 0) & (labels != 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must contain only 0 and 1, got value {labels[bad][0].item()!r}"
-            )
+        msg = "labels must contain only 0 and 1"
+        check_values(bad, msg, lambda: f"{msg}, got value {labels[bad][0].item()!r}")
     if loss_type == "kto":
         for name, x in (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
             if x is None:

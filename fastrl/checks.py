@@ -1,0 +1,24 @@
+"""Checks of tensor values that never make the host wait on an accelerator."""
+
+import os
+from collections.abc import Callable
+
+import torch
+
+# FASTRL_SYNC_CHECKS=1: check values on accelerators eagerly too, with the full message
+SYNC_CHECKS = os.environ.get("FASTRL_SYNC_CHECKS") == "1"
+
+
+def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> None:
+    """Raise ValueError where `bad` holds a True, without waiting on a GPU.
+
+    On the CPU (or with FASTRL_SYNC_CHECKS=1) the check is eager and the message,
+    `detail()`, names the value. On an accelerator it is a device-side assert with
+    `summary`, as PyTorch's own `nll_loss` checks class ids: the host does not wait, and a
+    failure surfaces at the next synchronisation.
+    """
+    if bad.device.type == "cpu" or SYNC_CHECKS:
+        if bad.any():
+            raise ValueError(detail())
+    else:
+        torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
