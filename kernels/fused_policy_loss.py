@@ -46,9 +46,27 @@ from .config import FUSED_POLICY_BLOCK_N, FUSED_POLICY_BLOCK_V, FUSED_POLICY_NUM
 from .linear_logprobs import addmm_fp32, logits_epilogue, mm_fp32
 from .policy_loss import CLIPPED, FAMILY, KL_ESTIMATORS, token_terms
 
-# fp32 Z chunks hold at most this many bytes: 128 rows of a 128k vocab (62.6 MiB at
-# V=128256). FASTRL_FUSED_CHUNK_MB (or chunk_bytes=) trades memory for larger GEMMs.
-CHUNK_BYTES = int(float(os.environ.get("FASTRL_FUSED_CHUNK_MB", "64")) * 2**20)
+# fp32 Z chunks hold at most this many bytes by default: 128 rows of a 128k vocab (62.6
+# MiB at V=128256). FASTRL_FUSED_CHUNK_MB (or chunk_bytes=) trades memory for GEMMs of
+# more rows (the dH GEMM of 128 rows x d=4096 has only 32-64 output tiles for 132 SMs).
+CHUNK_BYTES = 64 * 2**20
+ROW_KERNELS = ("lanes", "reduced")
+
+
+def chunk_bytes_default() -> int:
+    mb = os.environ.get("FASTRL_FUSED_CHUNK_MB")
+    return CHUNK_BYTES if mb is None else int(float(mb) * 2**20)
+
+
+def lane_stats() -> bool:
+    """FASTRL_FUSED_ROW_KERNEL: "lanes" (the default: statistics per lane, one reduction
+    after the loop) or "reduced" (reduced every step); not yet measured on a GPU."""
+    name = os.environ.get("FASTRL_FUSED_ROW_KERNEL", "lanes")
+    if name not in ROW_KERNELS:
+        raise ValueError(f"FASTRL_FUSED_ROW_KERNEL must be one of {ROW_KERNELS}, got {name!r}")
+    return name == "lanes"
+
+
 # chunk rows are a multiple of this (a full cuBLAS tile) when at least this many fit
 GEMM_TILE_ROWS = 128
 
@@ -61,6 +79,77 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_bytes: int) -> int:
     return max(1, min(n_tokens, max(16, rows // step * step)))
 
 
+@triton.jit
+def _load_logits(Z, Bias, rows, row_mask, v0, V, stride_z, inv_temp, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    # one [BLOCK_N, BLOCK_V] step of z, -inf on the vocab tail
+    cols = v0 + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    ptrs = Z + rows[:, None] * stride_z + cols[None, :]
+    x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    z, _ = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+    return tl.where(col_mask[None, :], z, float("-inf")), cols
+
+
+@triton.jit
+def _row_stats_reduced(Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, softcap,
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    # per-row statistics, reduced across the block every step (one exp per element,
+    # four cross-warp reductions and their barriers per step)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    a = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        z, cols = _load_logits(Z, Bias, rows, row_mask, v0, V, stride_z, inv_temp, softcap,
+                               HAS_BIAS, HAS_SOFTCAP, BLOCK_V)  # fmt: skip
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        zm = tl.where(z > float("-inf"), z - m_new[:, None], 0.0)
+        e = tl.where(z > float("-inf"), tl.exp(zm), 0.0)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
+        a = alpha * (a + s * shift) + tl.sum(e * zm, axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m = m_new
+    return m, s, a, zt
+
+
+@triton.jit
+def _row_stats_lanes(Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, softcap,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    # running statistics per lane ([BLOCK_N, BLOCK_V] each), merged once after the loop:
+    # no reduction or barrier inside it, so warps stream Z independently (more loads in
+    # flight), at two exps per element instead of one
+    m = tl.full((BLOCK_N, BLOCK_V), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    zt = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        z, cols = _load_logits(Z, Bias, rows, row_mask, v0, V, stride_z, inv_temp, softcap,
+                               HAS_BIAS, HAS_SOFTCAP, BLOCK_V)  # fmt: skip
+        m_new = tl.maximum(m, z)
+        seen = m_new > float("-inf")  # a lane that has seen no column keeps zeros
+        alpha = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+        zm = tl.where(z > float("-inf"), z - m_new, 0.0)
+        e = tl.where(z > float("-inf"), tl.exp(zm), 0.0)
+        shift = tl.where(m > float("-inf"), m - m_new, 0.0)
+        a = tl.where(seen, alpha * (a + s * shift) + e * zm, 0.0)
+        s = tl.where(seen, s * alpha + e, 0.0)
+        zt += tl.where(cols[None, :] == tgt[:, None], z, 0.0)
+        m = m_new
+    # merge the lanes of each row, relative to the row max
+    row_m = tl.max(m, axis=1)
+    live = m > float("-inf")
+    dm = tl.where(live, m - row_m[:, None], 0.0)
+    scale = tl.where(live, tl.exp(dm), 0.0)
+    row_s = tl.sum(s * scale, axis=1)
+    row_a = tl.sum(scale * (a + s * dm), axis=1)
+    return row_m, row_s, row_a, tl.sum(zt, axis=1)
+
+
 @triton.jit(do_not_specialize=["N", "ignore_index"])
 def fused_policy_loss_fwd_kernel(
     Z, DZ, SCALE, Bias, T, OLD, ADV, REF, WPT, WKL, WENT, LOGP, ENT,
@@ -69,7 +158,8 @@ def fused_policy_loss_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_OLD: tl.constexpr,
     FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, KL_EST: tl.constexpr,
     KL_TIMES_RATIO: tl.constexpr, HAS_WKL: tl.constexpr, HAS_WENT: tl.constexpr,
-    HALF_DZ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    HALF_DZ: tl.constexpr, LANE_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
@@ -77,26 +167,16 @@ def fused_policy_loss_fwd_kernel(
     valid = row_mask & (tgt != ignore_index)
 
     # pass 1: online (max, sum e^(z-m), sum e^(z-m)(z-m)) and the target logit
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    a = tl.zeros((BLOCK_N,), tl.float32)
-    zt = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        ptrs = Z + rows[:, None] * stride_z + cols[None, :]
-        x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        z, _ = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zm = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(col_mask[None, :], tl.exp(zm), 0.0)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
-        a = alpha * (a + s * shift) + tl.sum(e * zm, axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        m = m_new
+    if LANE_STATS:
+        m, s, a, zt = _row_stats_lanes(
+            Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, softcap, HAS_BIAS,
+            HAS_SOFTCAP, BLOCK_N, BLOCK_V,
+        )  # fmt: skip
+    else:
+        m, s, a, zt = _row_stats_reduced(
+            Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, softcap, HAS_BIAS,
+            HAS_SOFTCAP, BLOCK_N, BLOCK_V,
+        )  # fmt: skip
     s = tl.where(row_mask, s, 1.0)
     lse = m + tl.log(s)
     logp = tl.where(valid, zt - lse, 0.0)
@@ -183,7 +263,8 @@ def fused_policy_loss_fwd(
     not scored); per-token fp32 [N]: old_logps (None: on-policy), advantages, ref_logps
     (None: no KL), and the loss's coefficients w_pt, w_kl, w_ent (dL/d per-token loss
     term, KL and entropy). grad_scale: a 0-d fp32 device tensor the gradients are
-    multiplied by (default 1); chunk_bytes: the fp32 logits chunk (default CHUNK_BYTES).
+    multiplied by (default 1); chunk_bytes: the fp32 logits chunk (default
+    FASTRL_FUSED_CHUNK_MB, else CHUNK_BYTES).
 
     Returns logp [N] fp32, entropy [N] fp32, and grad_scale x the gradients (d_hidden in
     hidden's dtype, d_weight and d_bias fp32) or None where not needed.
@@ -198,7 +279,7 @@ def fused_policy_loss_fwd(
     db = torch.zeros(V, device=hidden.device, dtype=zdt) if need_bias else None
     if grad_scale is None:
         grad_scale = torch.ones((), **f32)
-    rows_per_chunk = chunk_rows(N, V, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    rows_per_chunk = chunk_rows(N, V, chunk_bytes or chunk_bytes_default())
     zbuf = torch.empty((rows_per_chunk, V), device=hidden.device, dtype=zdt)
     # dz in the input dtype over Z's bytes: [rows, 2V] half view, its first V columns
     half = hidden.element_size() == 2
@@ -227,7 +308,8 @@ def fused_policy_loss_fwd(
             HAS_DELTA=delta is not None and family == CLIPPED,
             KL_EST=KL_ESTIMATORS[kl_estimator] if ref_logps is not None else 0,
             KL_TIMES_RATIO=kl_times_ratio, HAS_WKL=w_kl is not None,
-            HAS_WENT=w_ent is not None, HALF_DZ=half, BLOCK_N=FUSED_POLICY_BLOCK_N,
+            HAS_WENT=w_ent is not None, HALF_DZ=half, LANE_STATS=lane_stats(),
+            BLOCK_N=FUSED_POLICY_BLOCK_N,
             BLOCK_V=FUSED_POLICY_BLOCK_V, num_warps=FUSED_POLICY_NUM_WARPS,
         )  # fmt: skip
         if dh is not None:

@@ -323,3 +323,41 @@ def test_fused_policy_loss_single_pass_fp16_loss_scaler(trainable):
         scale = x.abs().max()
         assert torch.isfinite(g).all() and scale > 1e-3
         assert (g - x).abs().max() <= (e - x).abs().max() + 1e-3 * scale
+
+
+@pytest.mark.parametrize("row_kernel", ["lanes", "reduced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("chunk_mb", [None, 0.02], ids=["chunk-default", "chunk-16rows"])
+def test_fused_policy_loss_single_pass_variants(row_kernel, dtype, chunk_mb, monkeypatch):
+    """Both row kernels (FASTRL_FUSED_ROW_KERNEL) and chunk sizes (FASTRL_FUSED_CHUNK_MB)
+    give the two-pass result, with a bias, softcap and entropy term, a vocab tail (V=300
+    is no multiple of the interpreter's 64-column steps) and padded rows."""
+    monkeypatch.setenv("FASTRL_FUSED_ROW_KERNEL", row_kernel)
+    if chunk_mb is not None:
+        monkeypatch.setenv("FASTRL_FUSED_CHUNK_MB", str(chunk_mb))
+    calls = spy_single_pass(monkeypatch)
+    hidden, weight, targets, mask, adv, old, ref = make_batch()
+    hidden, weight = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype)
+    bias = torch.randn(V, device=DEVICE).to(dtype)
+    kw = dict(old_logps=old, ref_logps=ref, beta=0.04, loss_type="dapo", num_items_in_batch=22,
+              bias=bias, softcap=3.0, entropy_coef=0.05)  # fmt: skip
+    loss, _ = fused_policy_loss(hidden, weight, targets, mask, adv, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert calls == [1]
+    ref_loss, _ = fused_policy_loss(hidden, weight, targets, mask, adv, impl="torch", **kw)
+    (ref_grad,) = torch.autograd.grad(ref_loss, hidden)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    scale = max(1.0, ref_grad.abs().max().item())
+    if dtype == torch.float32:  # the tolerance of the single-pass tests above
+        torch.testing.assert_close(grad, ref_grad, atol=1e-6 * scale, rtol=1e-4)
+    else:  # dz and dH are stored in fp16 (2^-11 relative each)
+        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=2e-3 * scale, rtol=0)
+
+
+def test_fused_policy_loss_row_kernel_unknown(monkeypatch):
+    monkeypatch.setenv("FASTRL_FUSED_ROW_KERNEL", "warp")
+    hidden, weight, targets, mask, adv, old, _ = make_batch()
+    with pytest.raises(ValueError, match="FASTRL_FUSED_ROW_KERNEL.*'warp'"):
+        fused_policy_loss(
+            hidden, weight, targets, mask, adv, old_logps=old, loss_type="grpo", impl="triton"
+        )
