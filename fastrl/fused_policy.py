@@ -19,6 +19,7 @@ import torch
 from fastrl.checks import check_values
 from fastrl.logprobs import (
     _check_inputs,
+    _on_device,
     _resolve_impl,
     _scatter_rows,
     check_target_ids,
@@ -114,7 +115,7 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
     if epsilon_high is None:
         epsilon_high = epsilon
     w_ent = w_ent if kwargs.get("entropy_coef", 0.0) != 0 else None
-    with torch.no_grad():
+    with torch.no_grad(), _on_device(hidden.device):
         scale = None
         if hidden.dtype == torch.float16 and hidden.numel():
             scale = _fp16_grad_scale(w_pt * adv, w_kl, w_ent)

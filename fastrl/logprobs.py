@@ -13,10 +13,34 @@ from fastrl.chunked_logprobs import chunked_logprobs_bwd, chunked_logprobs_fwd
 IMPLS = ("auto", "triton", "torch")
 
 
-def _triton_backend():
+DESIGNS = ("tiles", "cublas")
+
+
+def _triton_backend(design: str):
+    """The launchers (fwd, bwd) of a Triton design of linear_logprobs."""
+    if design == "cublas":
+        from fastrl.kernels.cublas_logprobs import cublas_logprobs_bwd, cublas_logprobs_fwd
+
+        return cublas_logprobs_fwd, cublas_logprobs_bwd
     from fastrl.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
     return linear_logprobs_fwd, linear_logprobs_bwd
+
+
+def resolve_design(design: str | None, device: torch.device) -> str:
+    """The design of impl="triton": the argument, else FASTRL_LOGPROBS_DESIGN, else
+    "cublas" on CUDA (cuBLAS GEMMs into a bounded fp32 buffer + Triton epilogues; by
+    analysis ~1.1x the 3 GEMMs against ~1.2-1.5x for the Triton tiles, not yet measured:
+    kernels/cublas_logprobs.py) and "tiles" under the interpreter (its test suite)."""
+    if design is None:
+        design = os.environ.get("FASTRL_LOGPROBS_DESIGN")
+    if design is None:
+        design = "cublas" if device.type == "cuda" else "tiles"
+    if design not in DESIGNS:
+        raise ValueError(
+            f"design (or FASTRL_LOGPROBS_DESIGN) must be one of {DESIGNS}, got {design!r}"
+        )
+    return design
 
 
 # The backends as torch.library custom ops: torch.compile(fullgraph=True) and CUDA graphs
@@ -44,14 +68,15 @@ def _fwd_op(
     return_log_sum_sq: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> logp [N], entropy [N] | [0], lse [N], is_top1 [N] bool | [0], log_sum_sq [N] | [0]"""
+    """impl: the backend, "torch", "tiles" or "cublas".
+    -> logp [N], entropy [N] | [0], lse [N], is_top1 [N] bool | [0], log_sum_sq [N] | [0]"""
     check_target_ids(targets, weight.shape[0], ignore_index)
     dt = _stat_dtype(hidden, impl)
     top1 = torch.empty(
         targets.shape if return_is_top1 else 0, dtype=torch.bool, device=targets.device
     )
     sq = torch.empty(targets.shape if return_log_sum_sq else 0, dtype=dt, device=targets.device)
-    fwd = _triton_backend()[0] if impl == "triton" else chunked_logprobs_fwd
+    fwd = chunked_logprobs_fwd if impl == "torch" else _triton_backend(impl)[0]
     with _on_device(hidden.device):
         logp, ent, lse = fwd(
             hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
@@ -95,8 +120,8 @@ def _bwd_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> d_hidden, d_weight, d_bias in their inputs' dtypes ([0] where not needed)"""
-    if impl == "triton":
-        bwd = _triton_backend()[1]
+    if impl != "torch":
+        bwd = _triton_backend(impl)[1]
         grad_logp, grad_entropy = (
             g.float().contiguous() if g is not None else None for g in (grad_logp, grad_entropy)
         )
@@ -248,6 +273,7 @@ def linear_logprobs(
     return_log_sum_sq_probs: bool = False,
     impl: str = "auto",
     compact: bool = True,
+    design: str | None = None,
 ):
     """Log-probs (and entropies) of `targets` under `softcap(hidden @ weight.T + bias) / T`.
 
@@ -276,6 +302,8 @@ def linear_logprobs(
             work; one host read of their count (see `scored_rows`). False: score every
             row and zero the ignored ones (no host read; for CUDA-graph capture this
             happens by itself).
+        design: the Triton path's design, "cublas" or "tiles" (see `resolve_design`;
+            default FASTRL_LOGPROBS_DESIGN, else by device).
 
     Returns:
         `logps` float32 `[...]` (float64 for float64 inputs); with any `return_*` a tuple
@@ -286,6 +314,7 @@ def linear_logprobs(
     if not isinstance(compact, bool):
         raise TypeError(f"compact must be a bool, got {compact!r}")
     impl = _resolve_impl(impl, hidden.device)
+    backend = "torch" if impl == "torch" else resolve_design(design, hidden.device)
     lead = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
@@ -295,7 +324,7 @@ def linear_logprobs(
     if softcap is not None:
         softcap = float(softcap)
     args = (float(temperature), softcap, ignore_index, return_entropy, return_is_top1,
-            return_log_sum_sq_probs, impl)  # fmt: skip
+            return_log_sum_sq_probs, backend)  # fmt: skip
     rows = scored_rows(t1, ignore_index) if compact else None
     if rows is None:
         outputs = _fwd_op(h2, w, bias, t1, *args)

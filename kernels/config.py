@@ -74,3 +74,22 @@ FUSED_POLICY_BLOCK_V = 64 if INTERPRET else 2048  # vocab columns per step
 # 8 warps per [rows, 2048] step (with 4 rows of 4 warps the fp32 tiles took 255 registers
 # a thread and spilled 192 bytes on sm_90, `ptxas -v`).
 FUSED_POLICY_NUM_WARPS = 8
+
+# cuBLAS-chunk linear_logprobs (kernels/cublas_logprobs.py). Chunk defaults (override with
+# the launchers' chunk_rows/chunk_vocab or FASTRL_CUBLAS_CHUNK_ROWS/_VOCAB): the forward
+# keeps one fp32 [rows, vocab] logits chunk, 1024 x 16384 x 4 B = 64 MiB; the backward
+# adds a half dz chunk and an fp32 [rows, d] dH accumulator, so it takes half the vocab:
+# 1024 x 8192 x (4 + 2) B + 1024 x 4096 x 4 B = 48 + 16 = 64 MiB at d = 4096 (bf16).
+CUBLAS_CHUNK_ROWS = 1024  # a multiple of 128 (and 256): full cuBLAS tiles
+CUBLAS_FWD_CHUNK_VOCAB = 16384
+CUBLAS_BWD_CHUNK_VOCAB = 8192
+# Epilogue tiles. Forward: BLOCK_N rows per program, a loop over the chunk's columns in
+# BLOCK_V steps (per-lane running statistics, one reduction after the loop); backward:
+# one [BLOCK_N, BLOCK_V] tile per program. 8 warps x 8 fp32 a thread per step. Not yet
+# measured on a GPU. The interpreter keeps multi-row tiles and short steps so the test
+# shapes exercise row and column tails.
+CUBLAS_FWD_BLOCK_N = 4 if INTERPRET else 1
+CUBLAS_FWD_BLOCK_V = 128 if INTERPRET else 2048
+CUBLAS_BWD_BLOCK_N = 4 if INTERPRET else 1
+CUBLAS_BWD_BLOCK_V = 128 if INTERPRET else 2048
+CUBLAS_NUM_WARPS = 8

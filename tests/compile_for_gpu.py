@@ -17,6 +17,7 @@ bytes. A kernel over the budget fails as its launch would on that GPU (OutOfReso
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -105,6 +106,8 @@ class CompileOnlyDriver:
 def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
     """Call the public API with impl="triton" at shapes that reach every kernel and its
     constexpr variants (bf16 and fp32, bias, softcap, entropy, is_top1, log sum p^2)."""
+    from fastrl.kernels.fused_policy_loss import ROW_KERNELS
+
     import fastrl
 
     g = torch.Generator().manual_seed(0)
@@ -124,6 +127,12 @@ def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
             (out[0].sum() + out[1].sum()).backward()
             fake.variant = f"{str(dtype)[6:]} {opts} logp"
             fastrl.linear_logprobs(h.detach(), w.detach(), t, impl="triton", **kw)
+            fake.variant = f"{str(dtype)[6:]} {opts} cublas logp+entropy+top1+sumsq, bwd"
+            out = fastrl.linear_logprobs(
+                h, w, t, return_entropy=True, return_is_top1=True,
+                return_log_sum_sq_probs=True, impl="triton", design="cublas", **kw,
+            )  # fmt: skip
+            (out[0].sum() + out[1].sum()).backward()
 
     fake.variant = "losses"
     B, G, T = 8, 4, 37
@@ -140,15 +149,20 @@ def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
         )  # fmt: skip
         loss.backward()
 
-    hid = torch.randn(B, T, D, generator=g).to(torch.bfloat16).requires_grad_()
-    head = (torch.randn(V, D, generator=g) / D**0.5).to(torch.bfloat16)
     ids = torch.randint(0, V, (B, T), generator=g)
-    loss, _ = fastrl.fused_policy_loss(
-        hid, head, ids, mask, adv, old_logps=torch.randn(B, T, generator=g) - 5,
-        ref_logps=torch.randn(B, T, generator=g) - 5, beta=0.04, loss_type="dapo",
-        num_items_in_batch=mask.sum(), impl="triton",
-    )  # fmt: skip
-    loss.backward()
+    # the fused single pass: half (dz over Z's own bytes) and fp32, each row kernel
+    for dtype, row_kernel in itertools.product((torch.bfloat16, torch.float32), ROW_KERNELS):
+        fake.variant = f"fused {str(dtype)[6:]} {row_kernel}"
+        os.environ["FASTRL_FUSED_ROW_KERNEL"] = row_kernel
+        hid = torch.randn(B, T, D, generator=g).to(dtype).requires_grad_()
+        head = (torch.randn(V, D, generator=g) / D**0.5).to(dtype)
+        loss, _ = fastrl.fused_policy_loss(
+            hid, head, ids, mask, adv, old_logps=torch.randn(B, T, generator=g) - 5,
+            ref_logps=torch.randn(B, T, generator=g) - 5, beta=0.04, loss_type="dapo",
+            num_items_in_batch=mask.sum(), impl="triton",
+        )  # fmt: skip
+        loss.backward()
+    os.environ.pop("FASTRL_FUSED_ROW_KERNEL")
 
 
 def main() -> None:
@@ -159,6 +173,7 @@ def main() -> None:
     driver.set_active(fake)
     knobs.runtime.kernel_load_start_hook = fake.inspect_ptx
     # decorate every kernel as a compiled kernel now, before the flag below is set
+    import fastrl.kernels.cublas_logprobs
     import fastrl.kernels.fused_policy_loss
     import fastrl.kernels.group_advantages
     import fastrl.kernels.linear_logprobs
