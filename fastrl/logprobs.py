@@ -13,7 +13,7 @@ from fastrl.chunked_logprobs import chunked_logprobs_bwd, chunked_logprobs_fwd
 IMPLS = ("auto", "triton", "torch")
 
 
-DESIGNS = ("tiles", "cublas")
+DESIGNS = ("tiles", "cublas", "frozen")
 
 
 def _triton_backend(design: str):
@@ -31,7 +31,10 @@ def resolve_design(design: str | None, device: torch.device) -> str:
     """The design of impl="triton": the argument, else FASTRL_LOGPROBS_DESIGN, else
     "cublas" on CUDA (cuBLAS GEMMs into a bounded fp32 buffer + Triton epilogues; by
     analysis ~1.1x the 3 GEMMs against ~1.2-1.5x for the Triton tiles, not yet measured:
-    kernels/cublas_logprobs.py) and "tiles" under the interpreter (its test suite)."""
+    kernels/cublas_logprobs.py) and "tiles" under the interpreter (its test suite).
+    "frozen" (opt-in) is two GEMMs instead of three for a frozen head without entropy
+    (kernels/frozen_logprobs.py; it holds an [N, d] tensor from forward to backward),
+    and "cublas" where that does not apply."""
     if design is None:
         design = os.environ.get("FASTRL_LOGPROBS_DESIGN")
     if design is None:
@@ -168,6 +171,109 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_top1, _grad_sq):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The frozen-head two-GEMM design (kernels/frozen_logprobs.py): its forward returns what
+# its backward needs in place of the logsumexp, and the backward is a gather + combine.
+@torch.library.custom_op(f"{_LIB}::linear_logprobs_frozen_fwd", mutates_args=())
+def _frozen_fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    return_is_top1: bool,
+    return_log_sum_sq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> logp [N], lse [N], is_top1 [N] | [0], log_sum_sq [N] | [0], o [N, d], ct [N]"""
+    from fastrl.kernels.frozen_logprobs import frozen_logprobs_fwd
+
+    check_target_ids(targets, weight.shape[0], ignore_index)
+    n = targets.shape[0]
+    top1 = torch.empty(n if return_is_top1 else 0, dtype=torch.bool, device=targets.device)
+    sq = torch.empty(n if return_log_sum_sq else 0, dtype=torch.float32, device=targets.device)
+    with _on_device(hidden.device):
+        logp, lse, o, ct = frozen_logprobs_fwd(
+            hidden, weight, bias, targets, temperature, softcap, ignore_index,
+            top1=top1 if return_is_top1 else None, log_sum_sq=sq if return_log_sum_sq else None,
+        )  # fmt: skip
+    return logp, lse, top1, sq, o, ct
+
+
+@_frozen_fwd_op.register_fake
+def _(hidden, weight, bias, targets, temperature, softcap, ignore_index, return_is_top1,
+      return_log_sum_sq):  # fmt: skip
+    n = targets.shape[0]
+    vec = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)
+    return (vec(True), vec(True), vec(return_is_top1, torch.bool), vec(return_log_sum_sq),
+            torch.empty_like(hidden), vec(True))  # fmt: skip
+
+
+@torch.library.custom_op(f"{_LIB}::linear_logprobs_frozen_bwd", mutates_args=())
+def _frozen_bwd_op(
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    o: torch.Tensor,
+    ct: torch.Tensor,
+    grad_logp: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    from fastrl.kernels.frozen_logprobs import frozen_logprobs_bwd
+
+    with _on_device(o.device):
+        return frozen_logprobs_bwd(weight, targets, o, ct, grad_logp, temperature, ignore_index)
+
+
+@_frozen_bwd_op.register_fake
+def _(weight, targets, o, ct, grad_logp, temperature, ignore_index):
+    return torch.empty_like(o)
+
+
+def _frozen_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    _, weight, _, targets, temperature, _, ignore_index, *_ = inputs
+    *_, o, ct = output
+    ctx.save_for_backward(weight, targets, o, ct)
+    ctx.args = (temperature, ignore_index)
+
+
+def _frozen_backward(ctx, grad_logp, *_unused):
+    if grad_logp is None:
+        return (None,) * 9
+    weight, targets, o, ct = ctx.saved_tensors
+    dh = _frozen_bwd_op(weight, targets, o, ct, grad_logp, *ctx.args)
+    return (dh,) + (None,) * 8
+
+
+_frozen_fwd_op.register_autograd(_frozen_backward, setup_context=_frozen_setup_context)
+
+
+def _frozen_two_gemm_ok(hidden, weight, bias, return_entropy) -> bool:
+    """The two-GEMM design applies to a frozen head with a hidden-state gradient to form
+    and no entropy (whose gradient it does not carry); elsewhere "cublas" is as fast."""
+    return (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+        and not return_entropy
+    )
+
+
+def _score(hidden, weight, bias, targets, *args):
+    """(logp, entropy, lse, is_top1, log_sum_sq) of the rows, from the backend args[-1]."""
+    temperature, softcap, ignore_index, return_entropy, top1, sq, backend = args
+    if backend == "frozen":
+        if _frozen_two_gemm_ok(hidden, weight, bias, return_entropy):
+            logp, lse, top1, sq, _, _ = _frozen_fwd_op(
+                hidden, weight, bias, targets, temperature, softcap, ignore_index, top1, sq
+            )
+            return logp, logp.new_empty(0), lse, top1, sq
+        args = (*args[:-1], "cublas")
+    return _fwd_op(hidden, weight, bias, targets, *args)
+
+
 def _on_device(device: torch.device):
     # Triton launches on the current device; device_map="auto" puts the lm_head on the last
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -302,8 +408,8 @@ def linear_logprobs(
             work; one host read of their count (see `scored_rows`). False: score every
             row and zero the ignored ones (no host read; for CUDA-graph capture this
             happens by itself).
-        design: the Triton path's design, "cublas" or "tiles" (see `resolve_design`;
-            default FASTRL_LOGPROBS_DESIGN, else by device).
+        design: the Triton path's design, "cublas", "tiles" or "frozen" (see
+            `resolve_design`; default FASTRL_LOGPROBS_DESIGN, else by device).
 
     Returns:
         `logps` float32 `[...]` (float64 for float64 inputs); with any `return_*` a tuple
@@ -327,9 +433,9 @@ def linear_logprobs(
             return_log_sum_sq_probs, backend)  # fmt: skip
     rows = scored_rows(t1, ignore_index) if compact else None
     if rows is None:
-        outputs = _fwd_op(h2, w, bias, t1, *args)
+        outputs = _score(h2, w, bias, t1, *args)
     else:  # score the valid rows only; the others are 0 (False) with no gradient
-        outputs = _fwd_op(h2.index_select(0, rows), w, bias, t1[rows], *args)
+        outputs = _score(h2.index_select(0, rows), w, bias, t1[rows], *args)
         wanted = (True, return_entropy, True, return_is_top1, return_log_sum_sq_probs)
         outputs = [_scatter_rows(t, rows, t1.shape[0]) if want else t
                    for t, want in zip(outputs, wanted, strict=True)]  # fmt: skip

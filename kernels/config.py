@@ -93,3 +93,8 @@ CUBLAS_FWD_BLOCK_V = 128 if INTERPRET else 2048
 CUBLAS_BWD_BLOCK_N = 4 if INTERPRET else 1
 CUBLAS_BWD_BLOCK_V = 128 if INTERPRET else 2048
 CUBLAS_NUM_WARPS = 8
+# Frozen-head two-GEMM design (kernels/frozen_logprobs.py): its epilogue sweeps each row of
+# a chunk twice, one row per program as the cublas forward epilogue. Not yet measured.
+FROZEN_BLOCK_N = 4 if INTERPRET else 1
+FROZEN_BLOCK_V = 128 if INTERPRET else 2048
+FROZEN_NUM_WARPS = 8

@@ -133,6 +133,13 @@ def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
                 return_log_sum_sq_probs=True, impl="triton", design="cublas", **kw,
             )  # fmt: skip
             (out[0].sum() + out[1].sum()).backward()
+            fake.variant = f"{str(dtype)[6:]} {opts} frozen logp+top1+sumsq, bwd"
+            frozen_kw = {**kw, "bias": b.detach()} if kw else {}  # a frozen head
+            out = fastrl.linear_logprobs(
+                h, w.detach(), t, return_is_top1=True, return_log_sum_sq_probs=True,
+                impl="triton", design="frozen", **frozen_kw,
+            )  # fmt: skip
+            out[0].sum().backward()
 
     fake.variant = "losses"
     B, G, T = 8, 4, 37
@@ -174,6 +181,7 @@ def main() -> None:
     knobs.runtime.kernel_load_start_hook = fake.inspect_ptx
     # decorate every kernel as a compiled kernel now, before the flag below is set
     import fastrl.kernels.cublas_logprobs
+    import fastrl.kernels.frozen_logprobs
     import fastrl.kernels.fused_policy_loss
     import fastrl.kernels.group_advantages
     import fastrl.kernels.linear_logprobs

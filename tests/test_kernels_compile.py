@@ -28,6 +28,7 @@ KERNELS = {
     "fused_policy_loss_fwd_kernel",
     "cublas_logprobs_fwd_kernel",
     "cublas_logprobs_bwd_kernel",
+    "frozen_logprobs_fwd_kernel",
 }
 
 
