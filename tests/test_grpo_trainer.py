@@ -21,7 +21,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import fastrl.trainers.grpo as grpo_mod  # noqa: E402
-from fastrl import fused_policy_loss  # noqa: E402
+from fastrl import fused_policy_loss, policy_loss  # noqa: E402
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers.grpo import GroupRepeatSampler  # noqa: E402
@@ -191,6 +191,89 @@ def test_sampler_repeats_groups_and_depends_on_epoch_only():
 # --------------------------------------------------------------------------- the loss
 
 
+# float32 unit roundoff (round to nearest) and Higham's gamma_n = n u / (1 - n u): a sum or
+# dot product of n float32 terms, in any order, is within gamma_{n-1} sum|x_i| of the exact
+# value (gamma_n for a dot product: n products and n - 1 additions).
+U32 = 2.0**-24
+
+
+def _gamma(n: int) -> float:
+    return n * U32 / (1 - n * U32)
+
+
+def _fp32_policy_loss_error_bound(hidden, weight, targets, mask, advantages, old, ref, kw):
+    """A first-order bound on |fused_policy_loss in float32 - its exact value| that holds for
+    every summation order (thread count, ISA, impl), from this batch's own tensors.
+
+    Two float32 evaluations of the same loss differ by at most twice this. The rounding
+    enters in two places, both bounded in float64 from the inputs:
+
+    1. the log-probs, `logp_t = z_t - m - log sum_j exp(z_j - m)` with `z = h @ W.T`:
+       each logit is a d-term dot product, |dz_j| <= gamma_d sum_k |h_k W_jk|, and moves
+       logp_t by sum_j (onehot_j - p_j) dz_j; the V-term sum of exps adds gamma_{V-1}; the
+       elementwise steps (z_j - m, exp, log, + m, z_t - lse) one u each, relative to their
+       results. A log-prob error e_t moves the loss by |dL/dlogp_t| e_t (autograd).
+    2. the loss from the log-probs: every per-token term carries <= 10 roundings (ratio,
+       times A, the k3 KL's exp and two subtractions, times ratio, beta, normaliser...) and
+       the aggregation sums <= B*T of them, so gamma_{B*T+10} * sum_t |term_t| (the sum of
+       magnitudes, not |L|: advantages are zero-mean per group, the terms cancel); the
+       sequence-level ratio exp(mean_t log-ratio) adds the relative error of a T-term mean.
+    """
+    B, T, d = hidden.shape
+    V = weight.shape[0]
+    loss_type, beta = kw["loss_type"], kw["beta"]
+    if loss_type not in ("grpo", "dr_grpo", "dapo", "cispo"):
+        raise NotImplementedError(f"no per-token term bound for loss_type={loss_type!r}")
+    h = hidden.detach().double().reshape(-1, d)
+    w = weight.detach().double()
+    z = h @ w.T
+    p = z.softmax(-1)
+    zmax = z.amax(-1)
+    lse = z.logsumexp(-1)
+    t = targets.reshape(-1, 1)
+    lp = z.gather(-1, t).squeeze(-1) - lse
+    onehot = torch.zeros_like(z).scatter_(-1, t, 1.0)
+    logit_err = _gamma(d) * ((onehot - p).abs() * (h.abs() @ w.abs().T)).sum(-1)
+    elementwise = (p * ((z - zmax[:, None]).abs() + 1)).sum(-1) + (lse - zmax) + lse.abs()
+    lp_err = (logit_err + _gamma(V - 1) + U32 * (elementwise + lp.abs())).view(B, T)
+    lp = lp.view(B, T)
+
+    m = mask.double()
+    old, adv = old.double(), advantages.double().reshape(B, -1)
+    ref = None if ref is None else ref.double()
+    x = lp.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(policy_loss(x, old, adv.squeeze(1), mask, ref_logps=ref, **kw)[0], x)
+    from_logps = (g.abs() * lp_err * m).sum()
+
+    # |per-token term| and its weight in the loss (TRL's normalisers)
+    n_row = m.sum(1, keepdim=True).clamp(min=1)
+    log_ratio = (lp - old) * m
+    if kw["importance_sampling_level"] == "sequence":
+        log_ratio = (log_ratio.sum(1, keepdim=True) / n_row).expand(B, T)
+        ratio_err = _gamma(T + 1) * ((lp - old).abs() * m).sum(1, keepdim=True) / n_row
+    else:
+        ratio_err = U32 * log_ratio.abs()
+    r = log_ratio.exp()
+    eps_high = kw["epsilon_high"]
+    if loss_type == "cispo":  # -min(r, eps_high) A logp
+        term = r.clamp(max=eps_high) * adv.abs() * lp.abs()
+    else:  # -min(r A, clip(r) A): at most |A| max(r, 1 + eps_high)
+        term = adv.abs() * r.clamp(min=1 + eps_high)
+    if beta:  # beta r k3, k3 = exp(ref - logp) - (ref - logp) - 1: the magnitudes it adds up
+        dk = ref - lp
+        term = term + beta * r * (dk.exp() + dk.abs() + 1)
+    GA, spg = kw["gradient_accumulation_steps"], kw["steps_per_generation"]
+    if loss_type == "grpo":
+        weight_t = 1.0 / (B * n_row * GA)
+    elif loss_type == "dr_grpo":
+        weight_t = 1.0 / (B * kw["max_completion_length"] * GA)
+    else:
+        weight_t = spg / (float(kw["num_items_in_batch"]) * GA)
+    terms = weight_t * term * m
+    from_loss = _gamma(B * T + 10) * terms.sum() + (terms * ratio_err).sum()
+    return float(from_logps + from_loss)
+
+
 @pytest.fixture(scope="module")
 def trl_grpo(tmp_path_factory):
     from tests.test_trl_parity_grpo import _grpo_trainer
@@ -253,18 +336,32 @@ def test_loss_matches_fused_policy_loss_and_trl(tmp_path, trl_grpo, loss_type, b
     P = mb["prompt_ids"].shape[1]
     ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
     att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
-    hidden = model.get_base_model().model(input_ids=ids, attention_mask=att).last_hidden_state
+    # positions counted from each row's first real token, as generate numbers a left-padded
+    # prompt. HF's default (0..L-1) shifts them; RoPE is invariant to the shift only up to
+    # rounding, and this batch's logits (lm_head x 40) turn that into ~1e-6 of the loss.
+    positions = (att.long().cumsum(1) - 1).clamp(min=0)
+    backbone = model.get_base_model().model
+    hidden = backbone(input_ids=ids, attention_mask=att, position_ids=positions).last_hidden_state
     kw = dict(
         loss_type=loss_type, beta=beta, importance_sampling_level=level, epsilon=0.2,
         epsilon_high=0.28, max_completion_length=MAX_LEN, gradient_accumulation_steps=GA,
         steps_per_generation=SPG, num_items_in_batch=mb["num_items_in_batch"],
     )  # fmt: skip
     ref = mb.get("ref_logps")
-    expected, _ = fused_policy_loss(
+    head_inputs = (
         hidden[:, P - 1 : -1], model.get_base_model().lm_head.weight, mb["completion_ids"],
-        mb["completion_mask"], mb["advantages"], old_logps=mb["old_logps"], ref_logps=ref, **kw,
+        mb["completion_mask"], mb["advantages"],
     )  # fmt: skip
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    expected, _ = fused_policy_loss(*head_inputs, old_logps=mb["old_logps"], ref_logps=ref, **kw)
+    # Same float32 math on the same inputs; only the summation order may differ (thread
+    # count, ISA, impl), so twice the order-independent rounding bound of one evaluation.
+    bound = _fp32_policy_loss_error_bound(*head_inputs, mb["old_logps"], ref, kw)
+    # Here 3.3e-5 (dapo), 3.5e-5 (grpo), 1.1e-4 (dr_grpo: one token's KL term is
+    # exp(ref - logp) ~ e^20, so the loss carries that token's log-prob rounding) and
+    # 1.7e-4 (cispo: its terms cancel to 1/8 of their magnitudes) of |loss|. A bound that
+    # grew past 2e-4 would no longer test anything.
+    assert 2 * bound < 2e-4 * expected.abs()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=2 * bound)
 
     # 2. TRL's GRPOTrainer._compute_loss on the same batch and the same (LoRA) model
     _configure(trl_grpo, loss_type=loss_type, level=level, beta=beta, epsilon_high=0.28)
