@@ -1,4 +1,5 @@
-# fastrl: make venv | demo | test | bench | bench-policy | bench-preference | bench-grpo-step | lint
+# fastrl: make venv | demo | test | bench | bench-policy | bench-preference | bench-grpo-step |
+#         bench-micro | lint
 #
 # Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
 # constraints-cpu.txt so it installs the CPU torch wheel, never the multi-GB CUDA one.
@@ -29,6 +30,11 @@ help:
 	@echo "             extra options via BENCH_ARGS='--loss-type sigmoid,ipo --beta 0.1'"
 	@echo "make bench-grpo-step  one GRPO LoRA training step, fastrl vs TRL's GRPOTrainer"
 	@echo "             (Qwen2.5-1.5B and 7B-4bit shapes, 24 GiB cap; GPU; needs bitsandbytes)"
+	@echo "make bench-micro  the kernel microbenchmarks as a pytest-benchmark suite -> JSON in"
+	@echo "             bench/results/ (MICRO_ARGS='-k llama3-8b -m \"not slow\"', MICRO_JSON=path)"
+	@echo "make bench-micro-check  that suite once per benchmark, untimed (CI, ~30 s on a CPU)"
+	@echo "make gpu-check  everything a GPU run measures, in <= 8 min (tools/gpu_check.sh);"
+	@echo "             GPU_CHECK_ARGS='--dry-run --out /tmp/check' checks it on a CPU"
 	@echo "make lint    ruff check + ruff format --check"
 
 venv: $(STAMP)
@@ -56,6 +62,28 @@ bench-preference: venv
 
 bench-grpo-step: venv
 	$(PY) bench/bench_grpo_step.py $(BENCH_ARGS)
+
+# pytest-benchmark's JSON, named as the bench scripts name theirs (*-cpu-* is git-ignored);
+# compare two runs with `.venv/bin/pytest-benchmark compare A.json B.json --group-by=group`
+.PHONY: bench-micro bench-micro-check
+MICRO_ARGS ?=
+MICRO_JSON ?= bench/results/microbench-$(shell $(PY) -c "from bench.common import \
+	device_slug, resolve_device; print(device_slug(resolve_device()))" 2>/dev/null \
+	|| echo unknown)-$(shell date +%F).json
+
+bench-micro: venv
+	$(PY) -m pytest bench/test_microbench.py -q --benchmark-json=$(MICRO_JSON) $(MICRO_ARGS)
+
+# every benchmark runs once (--benchmark-disable), the torch.compile'd baselines left out
+bench-micro-check: venv
+	$(PY) -m pytest bench/test_microbench.py -q --benchmark-disable -m "not slow" $(MICRO_ARGS)
+
+# No venv prerequisite: on a lent GPU machine (offline) the script sets up what it needs
+# with tools/gpu_env.sh; elsewhere it uses .venv's python if there is one.
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -51,6 +51,7 @@ from bench.common import (
     headline_ms,
     is_oom,
     measure_methods,
+    model_of,
     model_shape_sets,
     new_results,
     parse_shape_spec,
@@ -92,7 +93,9 @@ SHAPE_SETS: dict[str, list[Shape]] = {
 
 def parse_shapes(spec: str) -> list[Shape]:
     """Comma-separated shape-set names (see SHAPE_SETS) and/or `NxdxV` triples."""
-    return parse_shape_spec(spec, SHAPE_SETS, lambda N, d, V: Shape("custom", N, d, V), "NxdxV")
+    return parse_shape_spec(
+        spec, SHAPE_SETS, lambda N, d, V: Shape(model_of(d, V), N, d, V), "NxdxV"
+    )
 
 
 MODES = ("fwd", "bwd", "fwdbwd", "infer")

@@ -65,6 +65,7 @@ from bench.common import (
     free_memory,
     loss_case_record,
     measure_methods,
+    model_of,
     model_shape_sets,
     parse_betas,
     parse_shape_spec,
@@ -114,7 +115,7 @@ SHAPE_SETS: dict[str, list[PolicyShape]] = {
 def parse_shapes(spec: str) -> list[PolicyShape]:
     """Comma-separated shape-set names (see SHAPE_SETS) and/or `BxTxdxV` quadruples."""
     return parse_shape_spec(
-        spec, SHAPE_SETS, lambda B, T, d, V: PolicyShape("custom", B, T, d, V), "BxTxdxV"
+        spec, SHAPE_SETS, lambda B, T, d, V: PolicyShape(model_of(d, V), B, T, d, V), "BxTxdxV"
     )
 
 

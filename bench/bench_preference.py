@@ -83,6 +83,7 @@ from bench.common import (
     fastrl_impl,
     free_memory,
     loss_case_record,
+    model_of,
     model_shape_sets,
     parse_betas,
     parse_shape_spec,
@@ -129,7 +130,7 @@ def parse_shapes(spec: str) -> list[PairShape]:
     """Comma-separated shape-set names (see SHAPE_SETS) and/or `BxTxdxV` quadruples
     (B = pairs)."""
     return parse_shape_spec(
-        spec, SHAPE_SETS, lambda B, T, d, V: PairShape("custom", B, T, d, V), "BxTxdxV"
+        spec, SHAPE_SETS, lambda B, T, d, V: PairShape(model_of(d, V), B, T, d, V), "BxTxdxV"
     )
 
 

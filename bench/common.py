@@ -11,6 +11,7 @@ repeats and memory is not measured (reported as None).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import importlib.metadata
@@ -24,8 +25,8 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ def synchronize(device: torch.device) -> None:
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
+        # A full collection walks every tracked object: with torch, transformers and the
+        # peers loaded, ~0.1 s, and a case calls this ~5 times a method (a minute of a GPU
+        # run). What is alive now is taken out of later collections (gc.freeze); garbage
+        # made from here on is still collected, and tensors are freed by refcount anyway.
+        gc.freeze()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
@@ -111,6 +117,50 @@ def time_ms(
     return statistics.median(times) * 1e3
 
 
+_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def quick_time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    rep_ms: float = 40.0,
+    min_reps: int = 3,
+    max_reps: int = 100,
+) -> float:
+    """Median time of `fn()` in ms, in fewer calls than do_bench: on CUDA one warm-up call
+    (which also sizes the run), then max(min_reps, rep_ms / its time) calls (at most
+    max_reps), each timed with CUDA events after flushing the L2 as do_bench does. A 90 ms
+    call takes 4 calls instead of do_bench's 8 (whose median is then of one sample). On
+    CPU: one warm-up and one timed call."""
+    if device.type != "cuda":
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    if device not in _FLUSH:  # 256 MiB: more than any L2
+        _FLUSH[device] = torch.empty(2**26, dtype=torch.int32, device=device)
+    flush = _FLUSH[device]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush.zero_()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    n = max(min_reps, min(max_reps, int(rep_ms / max(start.elapsed_time(end), 1e-3))))
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(n)
+    ]
+    for a, b in events:
+        flush.zero_()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(a.elapsed_time(b) for a, b in events)
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory allocated while `fn()` runs (its result held until the end), above
     what was allocated before, in MiB. None off CUDA."""
@@ -145,6 +195,12 @@ def shape_label(name: str, d: int, V: int, size: str) -> str:
     return f"{name} d={d} V={V} {size}"
 
 
+def model_of(d: int, V: int) -> str:
+    """The model whose head is [V, d] (see HEADS), or "custom": so that a shape written as
+    numbers (NxdxV, BxTxdxV) is labelled like the named sets' shapes."""
+    return next((model for model, hd, hv in HEADS.values() if (hd, hv) == (d, V)), "custom")
+
+
 def model_shape_sets(
     build: Callable[[str, int, int, int], Any], sizes: Sequence[int], quick_size: int
 ) -> dict[str, list]:
@@ -167,8 +223,18 @@ def random_head_inputs(
     device: torch.device,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states [*rows, d], an lm_head weight [V, d] and targets [*rows], drawn on the
-    CPU from `gen` (so every device gets the same numbers)."""
+    """Hidden states [*rows, d], an lm_head weight [V, d] and targets [*rows], drawn from
+    `gen` on the CPU (every CPU run gets the same numbers), or on CUDA from a device
+    generator seeded from `gen` (every CUDA device gets the same numbers): drawing the
+    0.2-0.6 G normals of a real head on the CPU took seconds per case, most of a GPU run's
+    time at small N."""
+    if device.type == "cuda":
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        dgen = torch.Generator(device=device).manual_seed(seed)
+        hidden = torch.randn(*rows, d, generator=dgen, device=device).to(dtype)
+        weight = torch.randn(V, d, generator=dgen, device=device) * (2.0 / math.sqrt(d))
+        targets = torch.randint(0, V, rows, generator=dgen, device=device)
+        return hidden, weight.to(dtype), targets
     # logits ~ N(0, 2^2): peaked enough to look like an LM head, no overflow in fp16
     hidden = torch.randn(*rows, d, generator=gen).to(device, dtype)
     weight = (torch.randn(V, d, generator=gen) * (2.0 / math.sqrt(d))).to(device, dtype)
@@ -208,27 +274,19 @@ def measure_methods(
     Otherwise `measure(fn)` returns its figures (`ms`, `peak_mem_mib`, ...), recorded with
     status `ok`; if it raises, the method is `OOM` (out of memory) or `skipped`. Methods
     with times get `tflops[mode]` (`flops[mode]` / time) and `x_matmul[mode]` (time /
-    `matmul_ms[mode]`). Memory is freed after each method. Returns {name: record}, in the
-    order of `names`.
+    `matmul_ms[mode]`). Memory is freed after each method. A factory made by env_variant
+    (a design variant) is built and measured with its environment variables set, and its
+    record keeps them (`env`). Returns {name: record}, in the order of `names`.
     """
     records: dict[str, dict] = {}
     for name in names:
-        try:
-            fn, note = factories[name](ctx)
-        except Exception as e:  # not installed, unsupported here, ...
-            records[name] = {"status": "skipped", "reason": error_reason(e)}
-            continue
-        try:
-            rec = measure(fn)
-            rec = {"status": "ok", "note": note, **rec}
-        except Exception as e:
-            status = "OOM" if is_oom(e) else "skipped"
-            rec = {"status": status, "note": note, "reason": error_reason(e)}
-            if verbose and status != "OOM":
-                traceback.print_exc()
-        finally:
-            fn = None
-            free_memory(device)
+        # a design variant (env_variant) runs with its environment variables set
+        env = getattr(factories[name], "env", None) or {}
+        with environ(env):
+            records[name] = _measure_one(factories[name], ctx, measure, device, verbose)
+        if env:
+            records[name]["env"] = dict(env)
+    for rec in records.values():
         if rec.get("ms"):
             rec["tflops"] = {
                 m: flops[m] / (ms * 1e-3) / 1e12 for m, ms in rec["ms"].items() if ms > 0
@@ -236,8 +294,56 @@ def measure_methods(
             rec["x_matmul"] = {
                 m: ms / matmul_ms[m] for m, ms in rec["ms"].items() if matmul_ms.get(m, 0) > 0
             }
-        records[name] = rec
     return records
+
+
+def _measure_one(
+    factory: Callable, ctx: dict, measure: Callable[[Callable], dict], device, verbose: bool
+) -> dict:
+    """One method of measure_methods: its record (`ok`, `skipped` or `OOM`)."""
+    try:
+        fn, note = factory(ctx)
+    except Exception as e:  # not installed, unsupported here, ...
+        return {"status": "skipped", "reason": error_reason(e)}
+    try:
+        return {"status": "ok", "note": note, **measure(fn)}
+    except Exception as e:
+        status = "OOM" if is_oom(e) else "skipped"
+        if verbose and status != "OOM":
+            traceback.print_exc()
+        return {"status": status, "note": note, "reason": error_reason(e)}
+    finally:
+        fn = None
+        free_memory(device)
+
+
+@contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def env_variant(factory: Callable, env: dict[str, str]) -> Callable:
+    """A method factory that is `factory` with the environment variables `env` set while
+    measure_methods builds and measures it (forward, backward, timing: the whole method,
+    since a design may be read again in the backward). This is how a design that fastrl
+    selects at run time (tools/gpu_plan.py lists them) is timed beside the default."""
+
+    def variant(ctx: dict) -> tuple[Callable, str]:
+        fn, note = factory(ctx)
+        return fn, f"{note}, " + " ".join(f"{k}={v}" for k, v in env.items())
+
+    variant.env = dict(env)  # type: ignore[attr-defined]
+    return variant
 
 
 def case_record(
@@ -395,7 +501,16 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> dict:
+    """The checkout's commit and whether tracked files differ from it; where there is no
+    git checkout (a copy of the tree on a GPU machine), FASTRL_GIT_COMMIT and
+    FASTRL_GIT_DIRTY (0/1) as tools/gpu_check.sh read them before copying the tree."""
     commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("FASTRL_GIT_COMMIT"):
+        dirty = os.environ.get("FASTRL_GIT_DIRTY")
+        return {
+            "commit": os.environ["FASTRL_GIT_COMMIT"],
+            "dirty": None if not dirty else dirty == "1",
+        }
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
@@ -610,6 +725,20 @@ def bench_parser(
         help="CPU only: torch threads (default 1: stable numbers on a shared machine; 0 = torch's)",
     )
     p.add_argument("--fastrl-impl", default=None, help="override fastrl's impl (triton/torch)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also time fastrl as method fastrl:NAME with these environment variables set\n"
+        "(a run-time design choice; repeatable; tools/gpu_plan.py lists the designs)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer timed calls (quick_time_ms): on CUDA a warm-up, then the median of\n"
+        "max(3, 40 ms / its time) event-timed calls; on CPU one timed call",
+    )
     if cli.check:
         p.add_argument("--no-check", action="store_true", help="skip the fp32 reference loss/grads")
     p.add_argument("--seed", type=int, default=0)
@@ -634,6 +763,13 @@ class RunArgs:
     verbose: bool
     out_path: Path
     plot: bool
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> env
+    quick: bool = False
+
+    def timer(self) -> Callable[[Callable[[], object]], float]:
+        if not self.quick:
+            return lambda fn: time_ms(fn, self.device)
+        return lambda fn: quick_time_ms(fn, self.device)
 
     def case_options(self) -> dict:
         """The keyword arguments every benchmark's run_case takes from the shared flags."""
@@ -644,6 +780,7 @@ class RunArgs:
             modes=self.modes,
             seed=self.seed,
             fastrl_impl=self.fastrl_impl,
+            timer=self.timer(),
             verbose=self.verbose,
         )
 
@@ -664,6 +801,13 @@ def resolve_run_args(
     for m in methods:
         if m not in cli.methods:
             p.error(f"unknown method {m!r}; choose from {list(cli.methods)}")
+    variants = _parse_variants(p, args.variant)
+    names = [f"fastrl:{name}" for name in variants]
+    for name, env in zip(names, variants.values(), strict=True):
+        cli.methods[name] = env_variant(cli.methods["fastrl"], env)
+    # the variants run right after the default fastrl, or first without it
+    at = methods.index("fastrl") + 1 if "fastrl" in methods else 0
+    methods[at:at] = [n for n in names if n not in methods]
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return RunArgs(
         device=device,
@@ -677,7 +821,24 @@ def resolve_run_args(
         verbose=args.verbose,
         out_path=Path(args.out) if args.out else default_results_path(device, cli.results_prefix),
         plot=not args.no_plot,
+        variants=variants,
+        quick=args.quick,
     )
+
+
+def _parse_variants(p: argparse.ArgumentParser, specs: Sequence[str]) -> dict[str, dict]:
+    """--variant's `NAME:VAR=VALUE[,VAR=VALUE]` items as {NAME: {VAR: VALUE}}; a malformed
+    one ends the program with a usage error."""
+    variants: dict[str, dict] = {}
+    for spec in specs:
+        name, _, assignments = spec.partition(":")
+        env = dict(a.split("=", 1) for a in csv_list(assignments) if "=" in a)
+        if not re.fullmatch(r"[\w.+-]+", name) or not env or len(env) != len(csv_list(assignments)):
+            p.error(f"--variant {spec!r}: use NAME:VAR=VALUE[,VAR=VALUE]")
+        if name in variants:
+            p.error(f"--variant {name!r} given twice")
+        variants[name] = env
+    return variants
 
 
 def new_results(name: str, run: RunArgs, title: str | None = None, **config: Any) -> dict:
@@ -691,8 +852,10 @@ def new_results(name: str, run: RunArgs, title: str | None = None, **config: Any
         "dtype": dtype_name(run.dtype),
         "modes": run.modes,
         "methods": run.methods,
+        **({"variants": run.variants} if run.variants else {}),
         **config,
         "seed": run.seed,
+        **({"timer": "quick"} if run.quick else {}),
     }
     results["cases"] = []
     return results

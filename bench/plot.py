@@ -33,6 +33,20 @@ COLORS = {
 }
 
 
+# fastrl's design variants (methods "fastrl:<name>", bench/common.py's --variant): warm
+# colours next to fastrl's red, in the order they ran
+VARIANT_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#ff9896", "#c49c94", "#f7b6d2", "#dbdb8d")
+
+
+def _color(name: str, methods: list[str]) -> str | None:
+    if name in COLORS:
+        return COLORS[name]
+    variants = [m for m in methods if m.startswith("fastrl:")]
+    if name in variants:
+        return VARIANT_COLORS[variants.index(name) % len(VARIANT_COLORS)]
+    return None  # matplotlib's next colour
+
+
 def _matmul_ms(case: dict, mode: str) -> float | None:
     mm = case.get("matmul") or {}
     return mm.get("ms", {}).get(mode) if mm.get("status") == "ok" else None
@@ -69,7 +83,7 @@ def _panel(ax, cases, methods, value, ylabel, title, floor=None):
     for j, name in enumerate(methods):
         offs = [x - 0.4 + width * (j + 0.5) for x in xs]
         vals = [v or 0.0 for _, v in table[name]]
-        ax.bar(offs, vals, width, label=name, color=COLORS.get(name))
+        ax.bar(offs, vals, width, label=name, color=_color(name, methods))
         if not any_value:
             continue
         for x, (m, v) in zip(offs, table[name], strict=True):
