@@ -22,3 +22,19 @@ def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> 
             raise ValueError(detail())
     else:
         torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
+
+
+def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is in [0, vocab) or ignore_index (the kernels never read by target id:
+    an out-of-range id would only give a wrong log-prob, never an out-of-bounds read)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+
+    def detail() -> str:
+        value = targets[bad].flatten()[0].item()
+        return (
+            f"targets holds id {value} outside [0, {vocab}) that is not ignore_index "
+            f"({ignore_index}); {int(bad.sum())} such positions"
+        )
+
+    summary = f"targets holds ids outside [0, {vocab}) that are not ignore_index ({ignore_index})"
+    check_values(bad, summary, detail)

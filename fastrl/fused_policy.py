@@ -16,16 +16,15 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
-from fastrl.checks import check_values
+from fastrl.checks import check_target_ids, check_values
 from fastrl.logprobs import (
     _check_inputs,
-    _on_device,
     _resolve_impl,
     _scatter_rows,
-    check_target_ids,
     linear_logprobs,
     scored_rows,
 )
+from fastrl.logprobs_ops import on_device
 from fastrl.policy import _check_tensor, policy_loss
 
 __all__ = ["fused_policy_loss"]
@@ -115,7 +114,7 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
     if epsilon_high is None:
         epsilon_high = epsilon
     w_ent = w_ent if kwargs.get("entropy_coef", 0.0) != 0 else None
-    with torch.no_grad(), _on_device(hidden.device):
+    with torch.no_grad(), on_device(hidden.device):
         scale = None
         if hidden.dtype == torch.float16 and hidden.numel():
             scale = _fp16_grad_scale(w_pt * adv, w_kl, w_ent)

@@ -369,7 +369,7 @@ def test_linear_logprobs_auto_picks_torch_on_cpu(monkeypatch):
     calls = []
     real = chunked.chunked_logprobs_fwd
     monkeypatch.setattr(
-        "fastrl.logprobs.chunked_logprobs_fwd", lambda *a, **k: calls.append(1) or real(*a, **k)
+        "fastrl.logprobs_ops.chunked_logprobs_fwd", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     hidden, weight, targets, _ = make_inputs(5, 50, 16, torch.float32)
     linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu())

@@ -6,7 +6,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastrl import linear_logprobs
-from fastrl.logprobs import check_target_ids
+from fastrl.checks import check_target_ids
 from tests.conftest import DEVICE
 
 N, D, V = 37, 48, 300
