@@ -295,7 +295,7 @@ def policy_loss(
             and ScaleRL use about 5).
         delta: two-sided clipping (INTELLECT-2): the unclipped ratio is capped at
             ``delta``. Clipped-surrogate loss types only.
-        beta: weight of the per-token KL penalty ``beta * KL`` added to the loss.
+        beta: weight of the per-token KL penalty ``beta * KL`` added to the loss; >= 0.
         kl_estimator: ``"k3"`` (TRL: ``exp(ref - logp) - (ref - logp) - 1``), ``"k2"``
             (``(logp - ref)^2 / 2``) or ``"k1"`` (``logp - ref``).
         use_bias_correction_kl: multiply the KL by the (differentiable) importance ratio,
@@ -418,7 +418,7 @@ def policy_loss(
                 f"delta={delta!r} caps the unclipped ratio of the clipped surrogate, which "
                 f"loss_type={loss_type!r} does not have (it applies to {_CLIPPED})"
             )
-    _check_number("beta", beta)
+    _check_number("beta", beta, low=0.0)  # a negative KL coefficient rewards divergence
     if beta != 0 and ref_logps is None:
         raise ValueError(f"beta={beta!r} needs ref_logps (the KL penalty's reference)")
     if loss_type == "dr_grpo":

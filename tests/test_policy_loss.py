@@ -355,6 +355,7 @@ def test_bad_input():
     _bad("mask must contain only 0 and 1.*2", mask=x["mask"] * 2)
     _bad("mask must contain only 0 and 1.*0.5", mask=x["mask"] * 0.5)
     _bad("beta=0.1 needs ref_logps", beta=0.1)
+    _bad(r"beta must be finite and >= 0.0, got -0.1", beta=-0.1, ref_logps=x["ref_logps"])
     _bad("delta=1.5.*'cispo'", loss_type="cispo", delta=1.5)
     _bad("delta=1.5.*'sapo'", loss_type="sapo", delta=1.5)
     _bad("delta", delta=-1.0)

@@ -444,6 +444,7 @@ BAD = [
     (dict(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing=0.1 has no effect"),
     (dict(loss_type="exo_pair"), ValueError, "exo_pair.*label_smoothing > 0"),
     (dict(beta=0.0), ValueError, "beta must be finite and > 0"),
+    (dict(beta=-0.1), ValueError, r"beta must be finite and > 0.0, got -0.1"),
     (dict(beta=float("nan")), ValueError, "beta must be finite"),
     (dict(beta=True), TypeError, "beta must be a number"),
     (dict(f_divergence_type="kl"), ValueError, "f_divergence_type must be one of"),
@@ -555,3 +556,11 @@ def test_ld_tail_logps_bad_input():
         ld_tail_logps(torch.zeros(2, 4), torch.full((2, 4), 2))
     with pytest.raises(TypeError, match="logps must be a floating-point tensor"):
         ld_tail_logps(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4))
+
+
+def test_orpo_beta_may_be_zero_but_not_negative():
+    z, n = _z(), torch.ones(B)
+    kw = dict(loss_type="orpo", chosen_lengths=n, rejected_lengths=n)
+    preference_loss(z - 1, z - 1, beta=0.0, **kw)  # the NLL term alone
+    with pytest.raises(ValueError, match=r"beta must be finite and >= 0.0, got -0.1"):
+        preference_loss(z - 1, z - 1, beta=-0.1, **kw)

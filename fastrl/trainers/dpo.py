@@ -40,6 +40,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs, preference_loss
 from fastrl.integrations import lm_head
+from fastrl.trainers.console import use_console
 from fastrl.trainers.data import join_message_contents, load_data, render_prompt, require_columns
 from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
@@ -52,6 +53,7 @@ from fastrl.trainers.model import (
     reference_adapters_off,
     refuse_sharded_parameters,
 )
+from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
 
 __all__ = [
     "DPOConfig",
@@ -68,6 +70,13 @@ AVERAGED_LOSS_TYPES = ("cpo_ipo", "simpo", "alphapo", "orpo")
 _COLUMNS = ("prompt", "chosen", "rejected")
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the preference_loss arguments that are DPOConfig options of the same name
+_LOSS_OPTIONS = (
+    "loss_type", "beta", "loss_weights", "label_smoothing", "f_divergence_type",
+    "f_alpha_divergence_coef", "discopop_tau", "ld_alpha", "use_weighting", "rdpo_alpha",
+    "dpop_lambda", "cpo_alpha", "simpo_gamma", "alpha",
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ config
@@ -201,12 +210,50 @@ class DPOConfig(ModelArguments, TrainingArguments):
             self.loss_type = [self.loss_type]
         else:
             self.loss_type = list(self.loss_type)
-        for name in ("max_length", "max_prompt_length", "max_completion_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        self.check_model_arguments()
+        # the options alone first: no device set-up, and a typo fails in milliseconds
+        self._check_options()
         super().__post_init__()
+        _check_loss_options(self)
+
+    def _check_options(self) -> None:
+        """Every DPO option on its own (and `kernel_impl` / `load_in_4bit` against the
+        device), each message naming the flag, the value and what is allowed; the
+        combinations are `preference_loss`'s to check (`_check_loss_options`)."""
+        if not self.loss_type:
+            raise ValueError("--loss_type needs at least one loss type, got none")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            check_number(name, getattr(self, name), low=1, integer=True, optional=True)
+        for name in ("precompute_ref_batch_size", "dataset_num_proc", "pad_to_multiple_of"):
+            check_number(name, getattr(self, name), low=1, integer=True, optional=True)
+        # ORPO's lambda may be 0 (the NLL alone); every other beta divides or scales a margin
+        orpo_only = self.loss_type == ["orpo"]
+        check_number("beta", self.beta, low=0, low_open=not orpo_only)
+        check_number("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
+        check_choice("f_divergence_type", self.f_divergence_type, _F_DIVERGENCES)
+        check_number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        check_number("discopop_tau", self.discopop_tau, low=0, low_open=True)
+        check_number("ld_alpha", self.ld_alpha, low=0, high=1, optional=True)
+        check_number("rdpo_alpha", self.rdpo_alpha)
+        check_number("dpop_lambda", self.dpop_lambda, low=0)
+        for name in ("cpo_alpha", "simpo_gamma"):
+            check_number(name, getattr(self, name), optional=True)
+        check_number("alpha", self.alpha)
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ValueError(
+                    f"--loss_weights {' '.join(map(str, self.loss_weights))} must hold one "
+                    f"weight per --loss_type ({' '.join(self.loss_type)}): "
+                    f"{len(self.loss_type)}, got {len(self.loss_weights)}"
+                )
+            for w in self.loss_weights:
+                check_number("loss_weights", w)
+        if self.precompute_ref_log_probs and self.reference_free:
+            raise ValueError(
+                f"--precompute_ref_log_probs is set, but --loss_type {' '.join(self.loss_type)} "
+                "uses no reference model"
+            )
+        check_model_options(self)
+        self.check_model_arguments()
 
     @property
     def reference_free(self) -> bool:
@@ -240,8 +287,9 @@ class DPOConfig(ModelArguments, TrainingArguments):
 
 
 def _check_loss_options(args: DPOConfig) -> None:
-    """Surface a bad loss configuration at construction (preference_loss raises ValueError
-    naming the option) instead of at the first step."""
+    """Surface a bad loss configuration at construction instead of at the first step:
+    `preference_loss` itself on one dummy pair (so nothing the trainer's loss refuses
+    passes), its argument names, the options of the same name, written as flags."""
     one, zero = torch.ones(1), torch.zeros(1)
     kw = args.preference_loss_kwargs()
     extra = dict(chosen_lengths=one, rejected_lengths=one)
@@ -252,7 +300,10 @@ def _check_loss_options(args: DPOConfig) -> None:
         extra.update(chosen_tail_logps=zero, rejected_tail_logps=zero)
         if ref:
             extra.update(ref_chosen_tail_logps=zero, ref_rejected_tail_logps=zero)
-    preference_loss(-one, -one, *ref, **extra, **kw)
+    try:
+        preference_loss(-one, -one, *ref, **extra, **kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(flag_names(str(e), _LOSS_OPTIONS)) from e
 
 
 # ---------------------------------------------------------------------------- the data
@@ -567,6 +618,7 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
         )
         refuse_sharded_parameters(self)
         self._track_rng_at_step_end()
+        use_console(self)  # compact log lines on the console
         self.loss_kwargs = args.preference_loss_kwargs()
         if self.train_dataset is not None:
             self.train_dataset = self._with_reference(self.train_dataset)

@@ -67,6 +67,7 @@ from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
 from fastrl.integrations import lm_head
+from fastrl.trainers.console import use_console
 from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
@@ -79,6 +80,7 @@ from fastrl.trainers.model import (
     reference_adapters_off,
     refuse_sharded_parameters,
 )
+from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
 from fastrl.trainers.rewards import call_reward, reward_name
 
 __all__ = [
@@ -88,6 +90,21 @@ __all__ = [
 ]
 
 BUFFER_NAME = "grpo_buffer.pt"
+# The choices of fastrl.policy_loss / group_advantages (tests pin them against those
+# functions): the config checks them before any model is loaded.
+POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # have a clipped surrogate (delta)
+_LEVELS = ("token", "sequence")
+_KL_ESTIMATORS = ("k1", "k2", "k3")
+_SCALES = ("group", "batch", "none")
+_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+# the policy_loss arguments that are GRPOConfig options of the same name
+_LOSS_OPTIONS = (
+    "loss_type", "epsilon", "epsilon_high", "delta", "beta", "kl_estimator",
+    "use_bias_correction_kl", "importance_sampling_level", "max_completion_length",
+    "sapo_temperature_pos", "sapo_temperature_neg", "entropy_coef", "top_entropy_quantile",
+    "off_policy_mask_threshold",
+)  # fmt: skip
 _IGNORE = -100
 
 
@@ -224,52 +241,130 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         self.scale_rewards = {True: "group", False: "none"}.get(
             self.scale_rewards, self.scale_rewards
         )
+        # the options alone first: no device set-up, and a typo fails in milliseconds
+        self._check_options()
         super().__post_init__()
+        self._check_batches()
+        self._check_loss()
 
-        if self.num_generations < 2:
+    def _check_options(self) -> None:
+        """Every GRPO option on its own (and `kernel_impl` / `load_in_4bit` against the
+        device), each message naming the flag, the value and what is allowed."""
+        check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
+        check_choice("importance_sampling_level", self.importance_sampling_level, _LEVELS)
+        check_choice("kl_estimator", self.kl_estimator, _KL_ESTIMATORS)
+        check_choice(
+            "scale_rewards", self.scale_rewards, _SCALES, " (True means 'group', False 'none')"
+        )
+        check_choice("multi_objective_aggregation", self.multi_objective_aggregation, _AGGREGATIONS)
+        check_number("num_generations", self.num_generations, low=2, integer=True)
+        check_number("num_iterations", self.num_iterations, low=1, integer=True)
+        check_number("max_completion_length", self.max_completion_length, low=1, integer=True)
+        check_number(
+            "max_prompt_length", self.max_prompt_length, low=1, integer=True, optional=True
+        )
+        for name in ("generation_batch_size", "steps_per_generation"):
+            check_number(name, getattr(self, name), low=1, integer=True, optional=True)
+        # sampling: generate() would reject these only at the first step, after the model
+        check_number("temperature", self.temperature, low=0, low_open=True)
+        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
+        check_number("top_k", self.top_k, low=0, integer=True)
+        check_number("min_p", self.min_p, low=0, high=1, optional=True)
+        check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
+        # loss ranges (as fastrl.policy_loss checks them; beta < 0 would reward divergence)
+        check_number("beta", self.beta, low=0)
+        check_number("epsilon", self.epsilon, low=0)
+        check_number("epsilon_high", self.epsilon_high, low=0, optional=True)
+        check_number("delta", self.delta, low=0, low_open=True, optional=True)
+        if self.delta is not None and self.loss_type not in _CLIPPED:
             raise ValueError(
-                "num_generations must be >= 2 (group advantages need a group), got "
-                f"{self.num_generations}"
+                f"--delta {self.delta} caps the ratio of the clipped surrogate, which --loss_type "
+                f"{self.loss_type!r} does not have (it applies to {', '.join(_CLIPPED)})"
             )
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.max_completion_length < 1:
-            raise ValueError(
-                f"max_completion_length must be >= 1, got {self.max_completion_length}"
-            )
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(
-                f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}"
-            )
+        check_number("sapo_temperature_pos", self.sapo_temperature_pos, low=0, low_open=True)
+        check_number("sapo_temperature_neg", self.sapo_temperature_neg, low=0, low_open=True)
+        check_number("entropy_coef", self.entropy_coef)
+        check_number("top_entropy_quantile", self.top_entropy_quantile, low=0, high=1)
+        check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
+        if self.reward_weights is not None:
+            for w in self.reward_weights:
+                check_number("reward_weights", w)
+        check_model_options(self)
         self.check_model_arguments()
         if self.auto_find_batch_size:
             raise ValueError(
-                "auto_find_batch_size is not supported: the generation batch must hold whole "
-                "groups of num_generations completions; lower per_device_train_batch_size instead"
+                "--auto_find_batch_size is not supported: the generation batch must hold whole "
+                "groups of --num_generations completions; lower --per_device_train_batch_size "
+                "instead"
+            )
+
+    def _check_batches(self) -> None:
+        """The generation batch (TRL's layout): whole groups per process; and what the
+        trainer refuses (after `TrainingArguments` has parsed `generation_kwargs` and set
+        `do_eval`)."""
+        if self.eval_strategy != "no" or self.do_eval:
+            strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
+            given = f"--eval_strategy {strategy!r}" if strategy != "no" else "--do_eval"
+            raise ValueError(
+                f"{given}: GRPOTrainer has no evaluation loop; leave --eval_strategy 'no' and "
+                "evaluate with generation yourself (e.g. "
+                "fastrl.trainers.demo_task.evaluate_accuracy)"
+            )
+        stop = (self.generation_kwargs or {}).get("stop_strings")
+        if stop is not None:
+            # a completion ends at its first EOS token; strings would need decoding per step
+            raise ValueError(
+                f"--generation_kwargs stop_strings={stop!r} is not supported: a completion "
+                "ends at its first EOS token (set eos_token_id instead)"
             )
         global_batch = self.per_device_train_batch_size * self.world_size
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            raise ValueError("set generation_batch_size or steps_per_generation, not both")
+            raise ValueError(
+                f"set --generation_batch_size ({self.generation_batch_size}) or "
+                f"--steps_per_generation ({self.steps_per_generation}), not both"
+            )
         if self.generation_batch_size is not None:
             if self.generation_batch_size % global_batch:
                 raise ValueError(
-                    f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
-                    f"per_device_train_batch_size x processes ({global_batch})"
+                    f"--generation_batch_size {self.generation_batch_size} must be a multiple "
+                    f"of --per_device_train_batch_size x processes ({global_batch})"
                 )
             self.steps_per_generation = self.generation_batch_size // global_batch
         elif self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
-        if self.steps_per_generation < 1:
-            raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}")
+        check_number("steps_per_generation", self.steps_per_generation, low=1, integer=True)
         self.generation_batch_size = global_batch * self.steps_per_generation
         local = self.per_device_train_batch_size * self.steps_per_generation
         if local % self.num_generations:
             raise ValueError(
-                f"the generation batch of each process, per_device_train_batch_size x "
-                f"steps_per_generation = {self.per_device_train_batch_size} x "
+                f"the generation batch of each process, --per_device_train_batch_size x "
+                f"--steps_per_generation = {self.per_device_train_batch_size} x "
                 f"{self.steps_per_generation} = {local} completions, must be a multiple of "
-                f"num_generations ({self.num_generations}) so that every group is whole"
+                f"num_generations (--num_generations {self.num_generations}) so that every "
+                "group is whole"
             )
+
+    def _check_loss(self) -> None:
+        """The combinations of loss options, by `fastrl.policy_loss` itself on a 1x1 batch
+        (what the trainer runs, so nothing it refuses passes here), its argument names
+        written as flags."""
+        one = torch.zeros(1, 1)
+        try:
+            policy_loss(
+                one, one, torch.zeros(1), torch.ones(1, 1, dtype=torch.long),
+                ref_logps=one, entropy=one, num_items_in_batch=1,
+                loss_type=self.loss_type, epsilon=self.epsilon,
+                epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
+                kl_estimator=self.kl_estimator, use_bias_correction_kl=self.use_bias_correction_kl,
+                importance_sampling_level=self.importance_sampling_level,
+                max_completion_length=self.max_completion_length,
+                sapo_temperature_pos=self.sapo_temperature_pos,
+                sapo_temperature_neg=self.sapo_temperature_neg,
+                entropy_coef=self.entropy_coef, top_entropy_quantile=self.top_entropy_quantile,
+                off_policy_mask_threshold=self.off_policy_mask_threshold,
+            )  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise ValueError(flag_names(str(e), _LOSS_OPTIONS)) from e
 
 
 # --------------------------------------------------------------------------- sampler
@@ -531,6 +626,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._reset_generation_state()
         self._track_rng_at_step_end()
+        use_console(self)  # compact log lines on the console
         if not hasattr(self, "current_gradient_accumulation_steps"):
             self.current_gradient_accumulation_steps = args.gradient_accumulation_steps
 

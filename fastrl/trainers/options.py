@@ -1,0 +1,106 @@
+"""Checks of `GRPOConfig` / `DPOConfig` options at construction, with messages that name
+each option as it is typed on the command line (`--beta`), the value given and what is
+allowed, so that a wrong setting fails before any model or data is loaded and the CLI
+can print the message as it is (one line, `ValueError`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+import os
+import re
+from collections.abc import Iterable
+
+import torch
+
+from fastrl.logprobs import IMPLS
+
+__all__ = ["check_choice", "check_model_options", "check_number", "flag_names"]
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_choice(name: str, value, choices: Iterable, hint: str = "") -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        listed = ", ".join(_show(c) for c in choices)
+        raise ValueError(f"--{name} must be one of {listed}; got {_show(value)}{hint}")
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
+    """`value` a finite number (an int with `integer`) in the range given; None passes
+    when `optional`. ValueError rather than TypeError for a wrong type: from Python the
+    same option can arrive as a string, and the CLI reports ValueErrors as user errors."""
+    if value is None and optional:
+        return
+    lo = None if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = None if high is None else f"{'<' if high_open else '<='} {high:g}"
+    if lo and hi:  # an interval as people write it: (0, 1]
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    else:
+        what = lo or hi or "a finite number"
+    what += " (an integer)" if integer else ""
+    what += " or None" if optional else ""
+    ok_type = numbers.Integral if integer else numbers.Real
+    ok = not isinstance(value, bool) and isinstance(value, ok_type)
+    if ok:
+        x = float(value)
+        ok = math.isfinite(x)
+        if ok and low is not None:
+            ok = x > low if low_open else x >= low
+        if ok and high is not None:
+            ok = x < high if high_open else x <= high
+    if not ok:
+        raise ValueError(f"--{name} must be {what}, got {_show(value)}")
+
+
+def flag_names(message: str, names: Iterable[str]) -> str:
+    """`message` with every option name among `names` written as its flag (`beta` ->
+    `--beta`): the loss functions name their arguments, which are the configs' options."""
+    names = sorted(set(names), key=len, reverse=True)
+    pattern = r"(?<![\w\-.])(" + "|".join(map(re.escape, names)) + r")\b"
+    return re.sub(pattern, r"--\1", message)
+
+
+def check_model_options(args) -> None:
+    """The `ModelArguments` options, against the device at hand (`args.use_cpu` included):
+    `kernel_impl='triton'` cannot run on CPU tensors unless Triton's interpreter is on,
+    and `load_in_4bit` needs bitsandbytes' CUDA kernels; both would otherwise fail only
+    after the model is loaded."""
+    from fastrl.trainers.model import DTYPES
+
+    check_choice("kernel_impl", args.kernel_impl, IMPLS)
+    cuda = torch.cuda.is_available() and not args.use_cpu
+    where = "--use_cpu is set" if args.use_cpu else "no CUDA device is available"
+    if args.kernel_impl == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(
+                "--kernel_impl 'triton' needs the triton package, which is not installed; "
+                "use --kernel_impl auto or torch"
+            )
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"--kernel_impl 'triton' needs a CUDA device ({where}); use --kernel_impl auto "
+                "or torch, or set TRITON_INTERPRET=1 to run the kernels on CPU (slow)"
+            )
+    if args.load_in_4bit and not cuda:
+        raise ValueError(f"--load_in_4bit needs a CUDA device ({where})")
+    if args.model_dtype is not None:
+        check_choice("model_dtype", args.model_dtype, DTYPES)
+    check_number("max_memory_gb", args.max_memory_gb, low=0, low_open=True, optional=True)
+    check_number("lora_r", args.lora_r, low=1, integer=True)
+    check_number("lora_alpha", args.lora_alpha, low=0, low_open=True)
+    check_number("lora_dropout", args.lora_dropout, low=0, high=1, high_open=True)

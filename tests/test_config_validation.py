@@ -1,0 +1,143 @@
+"""GRPOConfig / DPOConfig refuse every bad option at construction (no model, no data),
+naming the option as it is typed on the command line, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import HfArgumentParser
+
+import fastrl.advantages
+import fastrl.policy
+import fastrl.preference
+from fastrl.trainers import dpo, grpo
+from fastrl.trainers.dpo import DPOConfig
+from fastrl.trainers.grpo import GRPOConfig
+
+# batch sizes that make whole groups, so only the option under test is wrong
+GRPO_OK = dict(per_device_train_batch_size=4, num_generations=4, use_cpu=True)
+
+GRPO_BAD = [
+    (dict(loss_type="ppo"), r"--loss_type must be one of 'grpo', .*'luspo'; got 'ppo'"),
+    (dict(scale_rewards="scal"), r"--scale_rewards must be one of 'group', 'batch', 'none'; got 'scal'"),  # noqa: E501
+    (dict(scale_rewards="True"), r"--scale_rewards .*got 'True' \(True means 'group'"),
+    (dict(importance_sampling_level="seq"), r"--importance_sampling_level .*'token', 'sequence'; got 'seq'"),  # noqa: E501
+    (dict(kl_estimator="k4"), r"--kl_estimator must be one of 'k1', 'k2', 'k3'; got 'k4'"),
+    (dict(multi_objective_aggregation="mean"), r"--multi_objective_aggregation .*got 'mean'"),
+    (dict(kernel_impl="cuda"), r"--kernel_impl must be one of 'auto', 'triton', 'torch'; got 'cuda'"),  # noqa: E501
+    (dict(model_dtype="fp8"), r"--model_dtype must be one of .*'float32'; got 'fp8'"),
+    (dict(beta=-0.1), r"--beta must be >= 0, got -0.1"),
+    (dict(beta=float("nan")), r"--beta must be >= 0, got nan"),
+    (dict(epsilon=-0.2), r"--epsilon must be >= 0, got -0.2"),
+    (dict(epsilon_high=-1.0), r"--epsilon_high must be >= 0 or None, got -1.0"),
+    (dict(delta=0.0), r"--delta must be > 0 or None, got 0.0"),
+    (dict(delta=2.0, loss_type="cispo"), r"--delta 2.0 .*--loss_type 'cispo' does not have"),
+    (dict(num_generations=1, per_device_train_batch_size=1), r"--num_generations must be >= 2 \(an integer\), got 1"),  # noqa: E501
+    (dict(num_iterations=0), r"--num_iterations must be >= 1 \(an integer\), got 0"),
+    (dict(max_completion_length=0), r"--max_completion_length must be >= 1 \(an integer\), got 0"),
+    (dict(max_prompt_length=0), r"--max_prompt_length must be >= 1 \(an integer\) or None, got 0"),
+    (dict(temperature=0.0), r"--temperature must be > 0, got 0.0"),
+    (dict(top_p=1.5), r"--top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=0.0), r"--top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_k=-1), r"--top_k must be >= 0 \(an integer\), got -1"),
+    (dict(min_p=2.0), r"--min_p must be in \[0, 1\] or None, got 2.0"),
+    (dict(repetition_penalty=0.0), r"--repetition_penalty must be > 0, got 0.0"),
+    (dict(sapo_temperature_pos=0.0), r"--sapo_temperature_pos must be > 0, got 0.0"),
+    (dict(sapo_temperature_neg=-1.0), r"--sapo_temperature_neg must be > 0, got -1.0"),
+    (dict(top_entropy_quantile=1.5), r"--top_entropy_quantile must be in \[0, 1\], got 1.5"),
+    (dict(entropy_coef=float("inf")), r"--entropy_coef must be a finite number, got inf"),
+    (dict(reward_weights=[1.0, float("nan")]), r"--reward_weights must be a finite number, got nan"),  # noqa: E501
+    (dict(lora_r=0), r"--lora_r must be >= 1 \(an integer\), got 0"),
+    (dict(lora_alpha=0), r"--lora_alpha must be > 0, got 0"),
+    (dict(lora_dropout=1.0), r"--lora_dropout must be in \[0, 1\), got 1.0"),
+    (dict(max_memory_gb=0.0), r"--max_memory_gb must be > 0 or None, got 0.0"),
+    (dict(load_in_4bit=True), r"--load_in_4bit needs a CUDA device \(--use_cpu is set\)"),
+    (dict(auto_find_batch_size=True), r"--auto_find_batch_size is not supported"),
+    (dict(eval_strategy="steps"), r"--eval_strategy 'steps': GRPOTrainer has no evaluation loop"),
+    (dict(do_eval=True), r"--do_eval: GRPOTrainer has no evaluation loop"),
+    (dict(generation_kwargs={"stop_strings": ["\n"]}), r"--generation_kwargs stop_strings=.*not supported"),  # noqa: E501
+    (dict(generation_batch_size=8, steps_per_generation=2), r"--generation_batch_size \(8\) or --steps_per_generation \(2\), not both"),  # noqa: E501
+    (dict(generation_batch_size=6), r"--generation_batch_size 6 must be a multiple of --per_device_train_batch_size"),  # noqa: E501
+    (dict(steps_per_generation=0), r"--steps_per_generation must be >= 1 \(an integer\) or None, got 0"),  # noqa: E501
+    (dict(per_device_train_batch_size=3), r"--per_device_train_batch_size x --steps_per_generation = 3 x 1 = 3 .*multiple of num_generations \(--num_generations 4\)"),  # noqa: E501
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw,match", GRPO_BAD, ids=[next(iter(k)) for k, _ in GRPO_BAD])
+def test_grpo_config_refuses(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOConfig(str(tmp_path), **{**GRPO_OK, **kw})
+
+
+DPO_BAD = [
+    (dict(loss_type="nope"), r"--loss_type must be one of \('sigmoid', .*got 'nope'"),
+    (dict(loss_type=[]), r"--loss_type needs at least one loss type"),
+    (dict(loss_type=["sigmoid", "simpo"]), r"--loss_type lists .*'simpo' is a reference-free"),
+    (dict(beta=-0.1), r"--beta must be > 0, got -0.1"),
+    (dict(beta=0.0), r"--beta must be > 0, got 0.0"),
+    (dict(loss_type="orpo", beta=-0.1), r"--beta must be >= 0, got -0.1"),
+    (dict(label_smoothing=0.5), r"--label_smoothing must be in \[0, 0.5\), got 0.5"),
+    (dict(loss_type="exo_pair"), r"--loss_type='exo_pair' needs --label_smoothing > 0"),
+    (dict(loss_type="ipo", label_smoothing=0.1), r"--label_smoothing=0.1 has no effect on --loss_type='ipo'"),  # noqa: E501
+    (dict(f_divergence_type="kl"), r"--f_divergence_type must be one of 'reverse_kl', .*; got 'kl'"),  # noqa: E501
+    (dict(f_alpha_divergence_coef=float("nan")), r"--f_alpha_divergence_coef must be a finite number, got nan"),  # noqa: E501
+    (dict(discopop_tau=0.0), r"--discopop_tau must be > 0, got 0.0"),
+    (dict(ld_alpha=1.5), r"--ld_alpha must be in \[0, 1\] or None, got 1.5"),
+    (dict(dpop_lambda=-1.0), r"--dpop_lambda must be >= 0, got -1.0"),
+    (dict(loss_type="ipo", rdpo_alpha=0.1), r"--rdpo_alpha=0.1 is R-DPO's, for --loss_type='sigmoid'"),  # noqa: E501
+    (dict(simpo_gamma=0.5), r"--simpo_gamma=0.5 is SimPO's"),
+    (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), r"--loss_weights 1.0 must hold one weight per --loss_type \(sigmoid ipo\): 2, got 1"),  # noqa: E501
+    (dict(use_weighting=True, loss_type="aot"), r"--use_weighting=True \(WPO\) cannot weight 'aot'"),  # noqa: E501
+    (dict(loss_type="simpo", precompute_ref_log_probs=True), r"--precompute_ref_log_probs is set, but --loss_type simpo uses no reference"),  # noqa: E501
+    (dict(max_length=0), r"--max_length must be >= 1 \(an integer\) or None, got 0"),
+    (dict(max_prompt_length=-1), r"--max_prompt_length must be >= 1 \(an integer\) or None, got -1"),  # noqa: E501
+    (dict(max_completion_length=0), r"--max_completion_length must be >= 1 \(an integer\) or None, got 0"),  # noqa: E501
+    (dict(precompute_ref_batch_size=0), r"--precompute_ref_batch_size must be >= 1"),
+    (dict(pad_to_multiple_of=0), r"--pad_to_multiple_of must be >= 1"),
+    (dict(kernel_impl="gpu"), r"--kernel_impl must be one of 'auto', 'triton', 'torch'; got 'gpu'"),  # noqa: E501
+    (dict(lora_r=0), r"--lora_r must be >= 1 \(an integer\), got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw,match", DPO_BAD, ids=[next(iter(k)) for k, _ in DPO_BAD])
+def test_dpo_config_refuses(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        DPOConfig(str(tmp_path), use_cpu=True, **kw)
+
+
+@pytest.mark.parametrize("config", [GRPOConfig, DPOConfig])
+def test_triton_needs_cuda_or_the_interpreter(tmp_path, monkeypatch, config):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"--kernel_impl 'triton' needs a CUDA device"):
+        config(str(tmp_path), kernel_impl="triton", use_cpu=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels on CPU
+    config(str(tmp_path), kernel_impl="triton", use_cpu=True)
+
+
+def test_defaults_and_edges_pass(tmp_path):
+    GRPOConfig(str(tmp_path), **GRPO_OK)
+    args = GRPOConfig(str(tmp_path), scale_rewards=False, beta=0.0, top_k=0, **GRPO_OK)
+    assert args.scale_rewards == "none"  # TRL's bool form
+    DPOConfig(str(tmp_path), use_cpu=True)
+    DPOConfig(str(tmp_path), loss_type="orpo", beta=0.0, use_cpu=True)  # ORPO: NLL alone
+
+
+def test_command_line_values_are_checked_as_typed(tmp_path):
+    parser = HfArgumentParser(GRPOConfig)
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "--num_generations", "2"]
+    with pytest.raises(ValueError, match=r"--scale_rewards .*got 'Group'"):
+        parser.parse_args_into_dataclasses([*argv, "--scale_rewards", "Group"])
+    with pytest.raises(ValueError, match=r"--beta must be >= 0, got -0.1"):
+        parser.parse_args_into_dataclasses([*argv, "--beta", "-0.1"])
+    with pytest.raises(ValueError, match=r"--beta must be > 0, got -1.0"):
+        HfArgumentParser(DPOConfig).parse_args_into_dataclasses([*argv[:3], "--beta", "-1"])
+
+
+def test_choices_match_the_losses():
+    # the configs keep copies of the losses' choices (trainers import the public API only)
+    assert grpo.POLICY_LOSS_TYPES == fastrl.policy.LOSS_TYPES
+    assert grpo._CLIPPED == fastrl.policy._CLIPPED
+    assert grpo._LEVELS == fastrl.policy._LEVELS
+    assert grpo._KL_ESTIMATORS == fastrl.policy._KL_ESTIMATORS
+    assert tuple(dpo._F_DIVERGENCES) == tuple(fastrl.preference.F_DIVERGENCES)
+    assert grpo._SCALES == fastrl.advantages._SCALES
+    assert grpo._AGGREGATIONS == fastrl.advantages._NORMALIZE
