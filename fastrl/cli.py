@@ -4,25 +4,49 @@
     fastrl dpo  --model DIR --dataset FILE [options]
     fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
+    fastrl sample --model DIR --adapter DIR [prompts]
+    fastrl --version
 
 `grpo` and `dpo` take every field of `GRPOConfig` / `DPOConfig` (transformers'
 `TrainingArguments` plus the TRL-named loss options) as flags, or from a YAML file with
-`--config FILE` (flags given on the command line win).
+`--config FILE` (flags given on the command line win). `fastrl grpo --help` lists them.
+A mistake in the options, paths or data prints one line and exits 2; `--debug` (or
+`FASTRL_DEBUG=1`) shows the traceback.
 """
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
+import re
 import runpy
 import sys
+import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCHES = ("logprobs", "policy", "preference", "grpo_step")
 BUILTIN_REWARDS = ("exact_match", "digit_match", "format", "length")
+#: the built-in rewards that read the reference answer from `--answer_column`
+ANSWER_REWARDS = ("exact_match", "digit_match")
+#: files one of which a checkpoint's tokenizer needs (tokenizer_config.json alone loads an
+#: empty tokenizer, which fails only at the first step)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+class UsageError(Exception):
+    """A mistake in the command line, a path or a data file: reported in one line, exit 2.
+    `hint`, where given, is printed on a second line."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass
@@ -61,33 +85,194 @@ class _CollectRepeated(argparse._StoreAction):
         self._given = True
 
 
-def _parse(dataclasses, argv):
-    """HfArgumentParser over `dataclasses`, with `--config FILE.yaml` as defaults."""
-    import yaml
-    from transformers import HfArgumentParser
+class _Parser(argparse.ArgumentParser):
+    """An argument error in one line (plus where to look), not argparse's usage message,
+    which for a few hundred `TrainingArguments` flags runs to a hundred lines."""
 
-    parser = HfArgumentParser(dataclasses)
+    def error(self, message: str):
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
+
+
+def _choices(command: str) -> dict[str, tuple[str, ...]]:
+    """Choices for string options the configs check only in `__post_init__`: argparse then
+    rejects a typo at once and `--help` shows them (`--loss_type {grpo,...}`)."""
+    if command == "grpo":
+        from fastrl.policy import LOSS_TYPES
+
+        return {"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
+                "importance_sampling_level": ("token", "sequence"),
+                "kl_estimator": ("k1", "k2", "k3")}  # fmt: skip
+    from fastrl.preference import LOSS_TYPES
+
+    return {"loss_type": LOSS_TYPES}
+
+
+def _build_parser(command: str, dataclasses):
+    """HfArgumentParser over `dataclasses` (the script's arguments, then the config), with
+    fastrl's own options first and the inherited `TrainingArguments` after, prefix
+    matching off (`--num_generation` is not `--num_generations`)."""
+    import dataclasses as dc
+    import typing
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    class Parser(_Parser, HfArgumentParser):
+        pass
+
+    parser = Parser(
+        prog=f"fastrl {command}",
+        # argparse's own usage would list every flag: a few hundred lines
+        usage=f"fastrl {command} --model DIR --dataset FILE [--config FILE.yaml] [options]",
+        allow_abbrev=False,
+        description=f"fastrl {command}: LoRA {command.upper()} training. Options can also "
+        "come from a YAML file with --config FILE (flags given here win). --debug alone "
+        "(no value) shows the traceback of an error; --debug VALUE is TrainingArguments'.",
+    )
+    parser.dataclass_types = list(dataclasses)
+    own = parser.add_argument_group("fastrl options")
+    own.add_argument("--config", metavar="FILE", help="YAML file of option: value")
+    inherited = parser.add_argument_group("transformers TrainingArguments")
+    base_fields = {f.name for f in dc.fields(TrainingArguments)}
+    choices = _choices(command)
+    later = []
+    for dtype in dataclasses:
+        hints = typing.get_type_hints(dtype)
+        for f in dc.fields(dtype):
+            if not f.init:
+                continue
+            f.type = hints[f.name]
+            if f.name in choices and "choices" not in f.metadata:
+                f = copy.copy(f)  # the class's own field keeps its metadata
+                f.metadata = types.MappingProxyType({**f.metadata, "choices": choices[f.name]})
+            # a config field that only changes a TrainingArguments default stays with them
+            if f.name in base_fields:
+                later.append(f)
+            else:
+                parser._parse_dataclass_field(own, f)
+    for f in later:
+        parser._parse_dataclass_field(inherited, f)
     for action in parser._actions:
         if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
             action.__class__ = _CollectRepeated
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML file")
-        with open(argv[i + 1]) as f:
-            defaults = yaml.safe_load(f) or {}
-        if not isinstance(defaults, dict):
-            raise SystemExit(f"--config {argv[i + 1]}: expected a mapping of option: value")
+    _save_option_table(command, parser)
+    return parser
+
+
+def _option_cache(command: str) -> Path:
+    """Where the option table of `fastrl COMMAND` is kept, keyed by the versions and files
+    that define the options: a later mistyped flag is then rejected without importing the
+    trainers (seconds of torch, transformers and peft)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).resolve().parent
+    key = [command]
+    for package in ("fastrl", "transformers"):
+        try:
+            key.append(version(package))
+        except PackageNotFoundError:
+            key.append("-")
+    for name in ("cli.py", "policy.py", "preference.py", "trainers/grpo.py", "trainers/dpo.py",
+                 "trainers/model.py"):  # fmt: skip
+        with contextlib.suppress(OSError):
+            stat = (here / name).stat()
+            key.append(f"{name}:{stat.st_mtime_ns}:{stat.st_size}")
+    digest = hashlib.sha1("|".join(key).encode()).hexdigest()[:16]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "fastrl" / f"cli-{command}-{digest}.json"
+
+
+def _save_option_table(command: str, parser) -> None:
+    table = [
+        {"options": list(a.option_strings), "dest": a.dest,
+         "nargs": 0 if a.nargs == 0 else a.nargs,
+         "choices": None if a.choices is None else [str(c) for c in a.choices]}
+        for a in parser._actions if a.option_strings and a.dest != "help"
+    ]  # fmt: skip
+    path = _option_cache(command)
+    with contextlib.suppress(OSError):  # a read-only home only loses the speed-up
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(path)
+
+
+def _fast_argument_check(command: str, argv: list[str]) -> None:
+    """Reject unknown options and bad choices from the cached option table, before the slow
+    imports; the full parser checks everything again (types, the config's own checks)."""
+    try:
+        table = json.loads(_option_cache(command).read_text())
+    except (OSError, ValueError):
+        return
+    parser = _Parser(prog=f"fastrl {command}", allow_abbrev=False, add_help=False)
+    for entry in table:
+        if entry["nargs"] == 0:
+            parser.add_argument(*entry["options"], dest=entry["dest"], action="store_const",
+                                const=None)  # fmt: skip
+        else:
+            parser.add_argument(*entry["options"], dest=entry["dest"], nargs=entry["nargs"],
+                                choices=entry["choices"])  # fmt: skip
+    parser.parse_args(argv)
+
+
+def _yaml_config(path: str) -> dict:
+    """The options in a `--config` YAML file; a missing or malformed file names the file
+    and the line."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: file not found") from None
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror})") from None
+    try:
+        options = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"--config {path}{where}: not valid YAML ({e.problem})") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(options, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option: value")
+    return options
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise UsageError("argument --config: expected one argument (a YAML file)")
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _parse(dataclasses, argv, command: str = "grpo"):
+    """The dataclasses from `argv`, with `--config FILE.yaml` as defaults."""
+    parser = _build_parser(command, dataclasses)
+    path = _config_path(argv)
+    if path is not None:
+        defaults = _yaml_config(path)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(defaults) - known)
         if unknown:
-            raise SystemExit(f"--config {argv[i + 1]}: unknown options {unknown}")
+            raise UsageError(f"--config {path}: unknown options {unknown}")
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a value from the file satisfies a required flag
             if action.dest in defaults:
                 action.required = False
-        argv = argv[:i] + argv[i + 2 :]
-    return parser.parse_args_into_dataclasses(args=argv)
+    namespace = parser.parse_args(argv)
+    namespace.__dict__.pop("config", None)
+    outputs = []
+    for dtype in parser.dataclass_types:
+        import dataclasses as dc
+
+        names = {f.name for f in dc.fields(dtype) if f.init}
+        outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in names}))
+    return tuple(outputs)
 
 
 def _reward_functions(script: GRPOScriptArguments):
@@ -107,7 +292,7 @@ def _reward_functions(script: GRPOScriptArguments):
         elif ":" in spec:
             funcs.append(load_reward_function(spec))
         else:
-            raise SystemExit(
+            raise UsageError(
                 f"--reward {spec!r}: use one of {BUILTIN_REWARDS}, 'module:function' or "
                 "'path/to/file.py:function'"
             )
@@ -182,6 +367,137 @@ def _tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(model_path, local_files_only=Path(model_path).is_dir())
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_path(model: str, flag: str = "--model") -> None:
+    """Fail at once, naming `flag` and the path, where `model` cannot load: a local path
+    that is not a directory (anything but an `org/name` id is taken as one: no ~1 min wait
+    for the Hub to say `my-checkpoint` is not there), a directory that is not a checkpoint
+    or has no tokenizer files, or, offline (`HF_HUB_OFFLINE=1`), a hub id not in the cache.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(
+                f"{flag} {model}: directory {str(path.resolve())!r} is not a model checkpoint "
+                "(no config.json)"
+            )
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UsageError(
+                f"{flag} {model}: checkpoint {str(path.resolve())!r} has no tokenizer files "
+                f"(one of {', '.join(TOKENIZER_FILES)})",
+                hint="save the tokenizer next to the weights: tokenizer.save_pretrained(DIR)",
+            )
+        return
+    if path.exists():
+        raise UsageError(f"{flag} {model}: not a directory (a checkpoint is a directory)")
+    if not _HUB_ID.match(model) or model.startswith("."):
+        raise UsageError(
+            f"{flag} {model}: directory {str(path.resolve())!r} does not exist",
+            hint="give a local checkpoint directory or a hub id (org/name)",
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise UsageError(
+                f"{flag} {model}: no such directory, and hub model {model!r} is not in the "
+                "cache (HF_HUB_OFFLINE is set)"
+            )
+
+
+def _data_module():
+    # fastrl.trainers loads its trainers lazily: this imports no torch/transformers
+    return importlib.import_module("fastrl.trainers.data")
+
+
+def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:
+    """The data file `path` loads and has the columns in `needed` (column -> what needs it,
+    naming the flag that changes it), or one of the column sets in `alternatives`."""
+    try:
+        columns = _data_module().check_data_file(path)
+    except ValueError as e:
+        raise UsageError(f"--dataset {path}: {e}") from None
+    if columns is None:  # parquet or a saved dataset: checked when loaded
+        return
+    if any(set(alt) <= set(columns) for alt in alternatives):
+        return
+    for column, why in needed.items():
+        if column not in columns:
+            raise UsageError(
+                f"--dataset {path}: no column {column!r} ({why}); the file has {columns}"
+            )
+
+
+def _prescan(dataclass, argv: list[str]) -> dict:
+    """The script options (model, dataset, rewards) from the command line and `--config`,
+    read without transformers, so a wrong path or file fails before the slow imports."""
+    import dataclasses as dc
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    for f in dc.fields(dataclass):
+        parser.add_argument(f"--{f.name}", nargs="+" if f.name == "reward" else None,
+                            action="extend" if f.name == "reward" else "store")  # fmt: skip
+    parser.add_argument("--output_dir", "--output-dir")
+    parser.add_argument("--max_memory_gb", "--max-memory-gb")
+    given, _ = parser.parse_known_args(argv)
+    path = _config_path(argv)
+    options = _yaml_config(path) if path is not None else {}
+    options.update({k: v for k, v in vars(given).items() if v is not None})
+    return options
+
+
+def _check_reward_columns(options: dict) -> dict[str, str]:
+    needed = {"prompt": "every GRPO dataset needs the prompts"}
+    rewards = options.get("reward") or ["exact_match"]
+    if isinstance(rewards, str):
+        rewards = [rewards]
+    answer = options.get("answer_column", "answer")
+    for spec in rewards:
+        if spec in ANSWER_REWARDS:
+            needed.setdefault(answer, f"--reward {spec} reads the answers from it; set "
+                                      "--answer_column to the column that has them")  # fmt: skip
+    return needed
+
+
+def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
+    _fast_argument_check(command, argv)
+    options = _prescan(dataclass, argv)
+    if "model" in options:
+        check_model_path(str(options["model"]))
+    if "dataset" in options:
+        if command == "grpo":
+            _check_dataset(str(options["dataset"]), _check_reward_columns(options))
+        else:
+            # DPOTrainer's columns (importing it here would cost the slow imports)
+            needed = {c: "DPO pairs need prompt, chosen and rejected"
+                      for c in ("prompt", "chosen", "rejected")}  # fmt: skip
+            tokenized = ("prompt_ids", "chosen_ids", "rejected_ids")
+            _check_dataset(str(options["dataset"]), needed, alternatives=(tokenized,))
+    return options
+
+
+def _announce(command: str, options: dict, config) -> None:
+    """Say what a user may not expect: the default output directory, a memory cap that does
+    nothing without CUDA."""
+    if "output_dir" not in options:
+        print(f"fastrl {command}: no --output_dir given: writing to "
+              f"{os.path.abspath(config.output_dir)}", file=sys.stderr)  # fmt: skip
+    if config.max_memory_gb is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"fastrl {command}: warning: --max_memory_gb {config.max_memory_gb} has no "
+                  "effect: no CUDA device", file=sys.stderr)  # fmt: skip
+        # said once here, in the user's terms; the trainer's own warning would repeat it
+        warnings.filterwarnings("ignore", message="max_memory_gb=")
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
 def _train_and_save(trainer) -> None:
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(trainer.args.output_dir)
@@ -189,24 +505,29 @@ def _train_and_save(trainer) -> None:
 
 
 def cmd_grpo(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("grpo", GRPOScriptArguments, argv)
     from fastrl.trainers import GRPOConfig, GRPOTrainer
 
-    script, config = _parse((GRPOScriptArguments, GRPOConfig), argv)
+    script, config = _parse((GRPOScriptArguments, GRPOConfig), argv, "grpo")
+    rewards = _reward_functions(script)
+    _announce("grpo", options, config)
     _train_and_save(
         GRPOTrainer(
             model=script.model,
             args=config,
             train_dataset=script.dataset,  # the trainers load paths with load_data
-            reward_funcs=_reward_functions(script),
+            reward_funcs=rewards,
             processing_class=_tokenizer(script.model),
         )
     )
 
 
 def cmd_dpo(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("dpo", DPOScriptArguments, argv)
     from fastrl.trainers import DPOConfig, DPOTrainer
 
-    script, config = _parse((DPOScriptArguments, DPOConfig), argv)
+    script, config = _parse((DPOScriptArguments, DPOConfig), argv, "dpo")
+    _announce("dpo", options, config)
     _train_and_save(
         DPOTrainer(
             model=script.model,
@@ -217,12 +538,22 @@ def cmd_dpo(argv: list[str]) -> None:
     )
 
 
+def cmd_sample(argv: list[str]) -> int:
+    try:
+        from fastrl.sample import main as sample_main
+    except ModuleNotFoundError as e:
+        if e.name != "fastrl.sample":
+            raise
+        raise UsageError("`fastrl sample` is not available in this install") from None
+    return sample_main(argv)
+
+
 def cmd_bench(argv: list[str]) -> None:
     if not argv or argv[0] not in BENCHES:
-        raise SystemExit(f"usage: fastrl bench {{{','.join(BENCHES)}}} [options]")
+        raise UsageError(f"usage: fastrl bench {{{','.join(BENCHES)}}} [options]")
     script = Path(__file__).resolve().parent.parent / "bench" / f"bench_{argv[0]}.py"
     if not script.exists():
-        raise SystemExit(f"{script} not found: the benchmarks run from a source checkout")
+        raise UsageError(f"{script} not found: the benchmarks run from a source checkout")
     sys.argv = [str(script), *argv[1:]]
     runpy.run_path(str(script), run_name="__main__")
 
@@ -241,16 +572,78 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
-COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "sample": cmd_sample, "bench": cmd_bench,
+            "demo": cmd_demo}  # fmt: skip
+
+#: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastrl")
+    except PackageNotFoundError:  # a source checkout on sys.path, not installed
+        from fastrl import __version__
+
+        return __version__
+
+
+def _help() -> str:
+    return (
+        f"{__doc__.strip()}\n\n"
+        "`fastrl grpo --help` (dpo, demo, sample, ...) lists a command's options."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `fastrl` command. A user error prints `fastrl CMD: error: ...` (and a hint) to
+    stderr and exits 2; `--debug` or `FASTRL_DEBUG=1` re-raises it with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("FASTRL_DEBUG", "") not in ("", "0")
+    # `--debug` alone is fastrl's; `--debug VALUE` is TrainingArguments' own `debug` option
+    for i in reversed(range(len(argv))):
+        if argv[i] == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            debug = True
+            del argv[i]
+    if argv and argv[0] == "--version":
+        print(f"fastrl {_version()}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help())
+        if not argv:
+            raise SystemExit(2)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"fastrl: error: unknown command {command!r}; use one of "
+              f"{', '.join(COMMANDS)}\nsee `fastrl --help`", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    try:
+        code = COMMANDS[command](rest)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"fastrl {command}: error: {e}", file=sys.stderr)
+        hint = getattr(e, "hint", None)
+        print(f"hint: {hint}" if hint else "(run again with --debug for the traceback)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from None
+    except (OSError, MemoryError, RuntimeError) as e:
+        # a runtime failure (unreadable weights, out of memory): exit 1 with the message;
+        # other RuntimeErrors are bugs, and keep their traceback
+        out_of_memory = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+        if debug or not (out_of_memory or isinstance(e, OSError)):
+            raise
+        print(f"fastrl {command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)  # fmt: skip
+        if out_of_memory:
+            print("hint: lower --per_device_train_batch_size or --max_completion_length",
+                  file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
+    return int(code or 0)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

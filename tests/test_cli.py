@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastrl.cli import GRPOScriptArguments, _reward_functions, main
+from fastrl.cli import GRPOScriptArguments, UsageError, _reward_functions, main
 from fastrl.trainers import demo_task
 
 
@@ -68,15 +68,18 @@ def test_cli_dpo_from_yaml(checkpoint, tmp_path):
     assert _adapted_modules(tmp_path / "qv") == {"q_proj", "v_proj"}
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
-    (tmp_path / "bad.yaml").write_text("model: x\nnot_an_option: 1\n")
-    with pytest.raises(SystemExit, match="unknown options"):
+    data = _jsonl(tmp_path / "pairs.jsonl", demo_task.preference_pairs(4, 0))
+    (tmp_path / "bad.yaml").write_text(f"model: {checkpoint}\ndataset: {data}\nnot_an_option: 1\n")
+    with pytest.raises(SystemExit) as e:
         main(["dpo", "--config", str(tmp_path / "bad.yaml")])
-    with pytest.raises(SystemExit, match="usage: fastrl bench"):
+    assert e.value.code == 2 and "unknown options ['not_an_option']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         main(["bench", "nope"])
+    assert e.value.code == 2 and "usage: fastrl bench" in capsys.readouterr().err
 
 
 def test_repeated_list_options_keep_every_value():
@@ -156,7 +159,7 @@ def test_reward_spec_errors(console_script_path, tmp_path):
         pattern = re.escape(f"--reward {spec!r}") + ".*" + re.escape(message)
         with pytest.raises(ValueError, match=pattern):
             _rewards(spec)
-    with pytest.raises(SystemExit, match="use one of"):
+    with pytest.raises(UsageError, match="use one of"):
         _rewards("no_such_builtin")
     assert sys.path == console_script_path
 

@@ -1,22 +1,34 @@
-"""LoRA-first GRPO and DPO trainers built on transformers.Trainer and peft."""
+"""LoRA-first GRPO and DPO trainers built on transformers.Trainer and peft.
 
-from fastrl.trainers.dpo import DPOConfig, DPOTrainer, evaluate_preference_accuracy
-from fastrl.trainers.grpo import GRPOConfig, GRPOTrainer
+The names load on first use (PEP 562): `import fastrl.trainers.data` (the command line's
+data checks) then costs no torch/transformers/peft import.
+"""
 
-__all__ = [
-    "DPOConfig",
-    "DPOTrainer",
-    "GRPOConfig",
-    "GRPOTrainer",
-    "evaluate_preference_accuracy",
-]
+import importlib
 
-# built-in reward functions (TRL's convention) and the checked call the trainers use
-from fastrl.trainers.rewards import (  # noqa: E402
-    call_reward,
-    exact_match_answer,
-    format_reward,
-    length_penalty,
-)
+# name -> the submodule that defines it; the built-in reward functions follow TRL's
+# convention, `call_reward` is the checked call the trainers use
+_EXPORTS = {
+    "DPOConfig": "dpo",
+    "DPOTrainer": "dpo",
+    "evaluate_preference_accuracy": "dpo",
+    "GRPOConfig": "grpo",
+    "GRPOTrainer": "grpo",
+    "call_reward": "rewards",
+    "exact_match_answer": "rewards",
+    "format_reward": "rewards",
+    "length_penalty": "rewards",
+}
+__all__ = list(_EXPORTS)
 
-__all__ += ["call_reward", "exact_match_answer", "format_reward", "length_penalty"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fastrl.trainers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fastrl.trainers.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

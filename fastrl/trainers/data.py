@@ -1,10 +1,110 @@
 """Training data from Python lists, a `datasets.Dataset`, or local JSONL/CSV/parquet files,
 and prompt rendering (chat template where the tokenizer has one)."""
 
+import csv
+import json
 import os
 from pathlib import Path
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def check_data_file(path: str | os.PathLike) -> list[str] | None:
+    """The column names of a local data file, checked without `datasets` (whose errors name
+    neither the file nor the line): the file exists and is not empty, every JSONL line is a
+    JSON object, every CSV row has the header's number of fields. None where the columns are
+    not known without loading (parquet, a saved dataset directory). Raises ValueError
+    naming the file, and the line where one is at fault."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    if not path.exists():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"data file {str(path)!r}: unknown format {path.suffix!r}; "
+            f"use one of {sorted(_FORMATS)}"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty")
+    if fmt == "parquet":
+        return None
+    if fmt == "csv":
+        return _csv_columns(path)
+    if path.suffix.lower() == ".json":
+        # a .json file is either one JSON document (a list of rows) or JSON lines
+        try:
+            with open(path, encoding="utf-8") as f:
+                document = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            document = None
+        if isinstance(document, list):
+            return _row_columns(path, document)
+    return _jsonl_columns(path)
+
+
+def _row_columns(path: Path, rows: list) -> list[str]:
+    if not rows:
+        raise ValueError(f"data file {str(path)!r} has no rows")
+    columns: dict[str, None] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"data file {str(path)!r}: row {i} is a {type(row).__name__}, expected an object"
+            )
+        columns.update(dict.fromkeys(row))
+    return list(columns)
+
+
+def _jsonl_columns(path: Path) -> list[str]:
+    columns: dict[str, None] = {}  # a dict keeps the first row's order
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"data file {str(path)!r} line {number}: not valid JSON ({e.msg} at column "
+                    f"{e.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"data file {str(path)!r} line {number}: expected a JSON object "
+                    f"(one row per line), got a {type(row).__name__}"
+                )
+            columns.update(dict.fromkeys(row))
+            rows += 1
+    if not rows:
+        raise ValueError(f"data file {str(path)!r} has no rows (only blank lines)")
+    return list(columns)
+
+
+def _csv_columns(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+            rows = 0
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"data file {str(path)!r} line {reader.line_num}: {len(row)} fields, "
+                        f"the header has {len(header)} ({header})"
+                    )
+                rows += 1
+        except StopIteration:
+            header, rows = [], 0
+        except csv.Error as e:
+            raise ValueError(f"data file {str(path)!r} line {reader.line_num}: {e}") from None
+    if not header or not rows:
+        raise ValueError(f"data file {str(path)!r} has no rows (a header line, then one per row)")
+    return header
 
 
 def load_data(data, *, split: str = "train"):
@@ -29,14 +129,8 @@ def load_data(data, *, split: str = "train"):
         path = Path(data)
         if path.is_dir():
             return load_data(datasets.load_from_disk(str(path)), split=split)
-        if not path.exists():
-            raise ValueError(f"data file {str(path)!r} does not exist")
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(
-                f"data file {str(path)!r}: unknown format {path.suffix!r}; "
-                f"use one of {sorted(_FORMATS)}"
-            )
+        check_data_file(path)
+        fmt = _FORMATS[path.suffix.lower()]
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     raise TypeError(
         "data must be a list of dicts, a dict of lists, a datasets.Dataset or a file path, "

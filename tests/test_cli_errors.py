@@ -1,0 +1,231 @@
+"""The `fastrl` command meets a user's mistakes: one message naming the flag, file or value,
+exit code 2, no traceback, and quickly (before any model or data is loaded)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from fastrl import cli
+
+TIMEOUT = 120  # seconds; a mistake should fail in a few, the bound only stops a hang
+
+
+def fastrl(*args, cwd=None, env=None):
+    """`python -m fastrl.cli ARGS` in a subprocess: (exit code, stderr, stdout, seconds)."""
+    base = {k: v for k, v in os.environ.items() if k != "FASTRL_DEBUG"}
+    env = {**base, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "fastrl.cli", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    return run.returncode, run.stderr, run.stdout, time.monotonic() - start
+
+
+def assert_user_error(code, stderr, *named):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 3, stderr
+    assert lines[0].startswith("fastrl"), stderr
+    for text in named:
+        assert text in stderr, (text, stderr)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A directory the path checks take for a checkpoint (they do not load it)."""
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    return path
+
+
+def test_missing_local_model_directory(tmp_path, data):
+    code, err, _, _ = fastrl("grpo", "--model", "./nope", "--dataset", data, cwd=tmp_path)
+    assert_user_error(code, err, "--model ./nope", "does not exist")
+
+
+def test_missing_model_name_does_not_wait_for_the_hub(tmp_path, data):
+    # used to wait ~51 s for the Hub before an OSError traceback
+    code, err, _, seconds = fastrl("grpo", "--model", "my-checkpoint", "--dataset", data,
+                                   cwd=tmp_path)  # fmt: skip
+    assert_user_error(code, err, "--model my-checkpoint", "does not exist")
+    assert seconds < 30
+
+
+def test_hub_id_offline_not_in_cache(tmp_path, data):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code, err, _, seconds = fastrl("grpo", "--model", "no-org/no-model", "--dataset", data,
+                                   cwd=tmp_path, env=env)  # fmt: skip
+    assert_user_error(code, err, "--model no-org/no-model", "not in the cache")
+    assert seconds < 30
+
+
+def test_checkpoint_without_tokenizer_files(tmp_path, ckpt, data):
+    (ckpt / "tokenizer.json").unlink()
+    code, err, _, _ = fastrl("grpo", "--model", ckpt, "--dataset", data)
+    assert_user_error(code, err, f"--model {ckpt}", "no tokenizer files")
+
+
+def test_missing_dataset(tmp_path, ckpt):
+    code, err, _, _ = fastrl("grpo", "--model", ckpt, "--dataset", "nothing.jsonl", cwd=tmp_path)
+    assert_user_error(code, err, "--dataset nothing.jsonl", "does not exist")
+
+
+def test_empty_dataset(tmp_path, ckpt):
+    (tmp_path / "empty.jsonl").write_text("")
+    code, err, _, _ = fastrl("grpo", "--model", ckpt, "--dataset", tmp_path / "empty.jsonl")
+    assert_user_error(code, err, "empty.jsonl", "is empty")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, ckpt):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", answer: 4}\n')
+    code, err, _, _ = fastrl("grpo", "--model", ckpt, "--dataset", bad)
+    assert_user_error(code, err, "bad.jsonl", "line 2", "not valid JSON")
+
+
+def test_malformed_csv_names_the_line(tmp_path, ckpt):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,answer\n1+1=,2\n2+2=,4,extra\n")
+    code, err, _, _ = fastrl("grpo", "--model", ckpt, "--dataset", bad)
+    assert_user_error(code, err, "bad.csv", "line 3")
+
+
+def test_default_reward_needs_the_answer_column(tmp_path, ckpt):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1=", "solution": "2"}) + "\n")
+    code, err, _, _ = fastrl("grpo", "--model", ckpt, "--dataset", rows)
+    assert_user_error(code, err, "'answer'", "--answer_column", "rows.jsonl")
+
+
+def test_dpo_pairs_need_their_columns(tmp_path, ckpt, data):
+    code, err, _, _ = fastrl("dpo", "--model", ckpt, "--dataset", data)
+    assert_user_error(code, err, "'chosen'", "train.jsonl")
+
+
+def test_malformed_yaml_config_names_the_line(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: ckpt\n  dataset: [oops\n")
+    code, err, _, _ = fastrl("grpo", "--config", "run.yaml", cwd=tmp_path)
+    assert_user_error(code, err, "--config run.yaml line 2", "not valid YAML")
+
+
+def test_missing_yaml_config(tmp_path):
+    code, err, _, _ = fastrl("dpo", "--config", "none.yaml", cwd=tmp_path)
+    assert_user_error(code, err, "--config none.yaml", "not found")
+
+
+def test_prefix_of_an_option_is_rejected(tmp_path, ckpt, data):
+    # the first run builds the full parser (and caches its option table), the second
+    # rejects the flag from the cache, before importing the trainers: the same message
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ("grpo", "--model", ckpt, "--dataset", data, "--num_generation", "4")
+    code, err, _, _ = fastrl(*args, env=env)
+    assert_user_error(code, err, "--num_generation 4", "fastrl grpo --help")
+    assert list((tmp_path / "cache" / "fastrl").glob("cli-grpo-*.json"))
+    code, again, _, _ = fastrl(*args, env=env)
+    assert_user_error(code, again, "--num_generation 4")
+    assert again == err
+    code, err, _, _ = fastrl(*args[:-2], "--loss_type", "nope", env=env)
+    assert_user_error(code, err, "--loss_type", "invalid choice: 'nope'")
+
+
+def test_debug_shows_the_traceback(tmp_path, data):
+    code, err, _, _ = fastrl("grpo", "--model", "./nope", "--dataset", data, "--debug",
+                             cwd=tmp_path)  # fmt: skip
+    assert code == 1 and "Traceback" in err and "UsageError" in err
+    code, err, _, _ = fastrl("grpo", "--model", "./nope", "--dataset", data, cwd=tmp_path,
+                             env={"FASTRL_DEBUG": "1"})  # fmt: skip
+    assert "Traceback" in err
+
+
+def test_unknown_command():
+    code, err, _, _ = fastrl("gpro")
+    assert_user_error(code, err, "'gpro'", "fastrl --help")
+
+
+def test_version_and_help():
+    code, _, out, _ = fastrl("--version")
+    assert code == 0 and out.startswith("fastrl 0.")
+    code, _, out, _ = fastrl("--help")
+    assert code == 0
+    for command in ("grpo", "dpo", "demo", "sample", "fastrl grpo --help"):
+        assert command in out
+
+
+# In-process: transformers is imported already, so the full parser costs no start-up.
+
+
+@pytest.fixture(autouse=True)
+def _option_cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [
+        ("--loss_type", "nope", "invalid choice: 'nope'"),
+        ("--scale_rewards", "grou", "invalid choice: 'grou'"),
+        ("--importance_sampling_level", "seq", "invalid choice: 'seq'"),
+        ("--num_generations", "four", "invalid int value: 'four'"),
+        ("--beta", "-1", "beta"),  # the config's own check: a ValueError is a user error
+    ],
+)
+def test_bad_option_values(capsys, ckpt, data, flag, value, named):
+    code, err = run_main(capsys, "grpo", "--model", str(ckpt), "--dataset", str(data),
+                         "--use_cpu", "true", flag, value)  # fmt: skip
+    assert_user_error(code, err, named)
+    assert flag.lstrip("-") in err
+
+
+def test_grpo_help_shows_fastrls_options_first(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["grpo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fastrl grpo")
+    assert "--loss_type {grpo,bnpo," in out
+    assert out.index("fastrl options") < out.index("transformers TrainingArguments")
+    assert out.index("--num_generations") < out.index("--per_device_train_batch_size")
+
+
+def test_says_where_it_writes_and_that_a_memory_cap_needs_cuda(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = types.SimpleNamespace(output_dir="trainer_output", max_memory_gb=24.0)
+    cli._announce("grpo", {}, config)
+    err = capsys.readouterr().err
+    assert "no --output_dir given: writing to " + os.path.abspath("trainer_output") in err
+    assert "--max_memory_gb 24.0 has no effect: no CUDA device" in err
+    cli._announce(
+        "grpo", {"output_dir": "x"}, types.SimpleNamespace(output_dir="x", max_memory_gb=None)
+    )
+    assert capsys.readouterr().err == ""
+
+
+def test_sample_is_dispatched(capsys, monkeypatch):
+    module = types.ModuleType("fastrl.sample")
+    module.main = lambda argv: 7 if argv == ["--x"] else 0
+    monkeypatch.setitem(sys.modules, "fastrl.sample", module)
+    assert cli.main(["sample", "--x"]) == 7
