@@ -235,3 +235,28 @@ def test_preference_accuracy(tok):
     swapped = pairs.rename_columns({"chosen": "rejected", "rejected": "chosen"})
     # ties are impossible in practice; chosen/rejected swapped flips the accuracy
     assert preference_accuracy(model, tok, swapped) == pytest.approx(1.0 - acc)
+
+
+# ------------------------------------------------------------------------ demo plot
+
+
+def test_demo_plot_draws_held_out_accuracy_as_two_markers(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from fastrl.trainers.demo import _plot_rewards
+
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to inspect it
+    history = [{"step": s, "reward": 0.1 * s, "rewards/exact_match/mean": 0.05 * s} for s in (1, 2)]
+    _plot_rewards(history, tmp_path / "curve.png", (0.25, 0.4))
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    ax = plt.gcf().axes[0]
+    # two measurements are points (a scatter), not a line: only the rewards are lines
+    assert [line.get_label() for line in ax.get_lines()] == [
+        "reward (sum, train)",
+        "exact_match/mean",
+    ]
+    (points,) = ax.collections
+    assert points.get_offsets().tolist() == [[0, 0.25], [2, 0.4]]
+    real_close("all")

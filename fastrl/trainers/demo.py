@@ -2,17 +2,26 @@
 
 Everything is built in code (tokenizer, Llama-style model, arithmetic task), so it runs
 on a fresh CPU machine in minutes; on a GPU the same command uses the Triton kernels.
-Writes to `output_dir`: `summary.json`, `reward_curve.png`, the GRPO and DPO adapters.
+Writes to `output_dir`: `summary.json`, `reward_curve.png`, the GRPO and DPO adapters
+and the base model each was trained on (`base_model`, the SFT model; `grpo_merged`, the
+GRPO policy DPO starts from), so `peft.AutoPeftModelForCausalLM.from_pretrained(
+"runs/demo/grpo_adapter")` and `fastrl sample --adapter runs/demo/grpo_adapter` work.
 """
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from fastrl.trainers import demo_task as task
-from fastrl.trainers.dpo import DPOConfig, DPOTrainer, evaluate_preference_accuracy
+from fastrl.trainers.dpo import (
+    DPOConfig,
+    DPOTrainer,
+    evaluate_preference_accuracy,
+    tokenize_preference_dataset,
+)
 from fastrl.trainers.grpo import GRPOConfig, GRPOTrainer
 from fastrl.trainers.rewards import digit_match_answer, exact_match_answer
 
@@ -42,7 +51,14 @@ def _plot_rewards(log_history: list[dict], path: Path, accuracy: tuple[float, fl
             {k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}
         ):
             ax.plot(steps, [r.get(key) for r in rows], alpha=0.7, label=key[len("rewards/") :])
-        ax.plot([0, steps[-1]], accuracy, "k--", marker="s", label="held-out accuracy (greedy)")
+        # measured twice only, before and after GRPO: two markers, not a line that would
+        # read as a trend between them
+        ax.scatter(
+            [0, steps[-1]], accuracy, marker="s", s=40, color="k", zorder=3,
+            label="held-out accuracy (greedy): after SFT, after GRPO",
+        )  # fmt: skip
+        for x, y in zip([0, steps[-1]], accuracy, strict=True):
+            ax.annotate(f"{y:.0%}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward / accuracy")
     ax.set_ylim(0, None)
@@ -52,6 +68,31 @@ def _plot_rewards(log_history: list[dict], path: Path, accuracy: tuple[float, fl
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _save_base(model, tokenizer, path: Path) -> str:
+    """Save a model built in code (and its tokenizer) where an adapter trained on it can
+    find it; returns the absolute path, which the model then carries as its name so that
+    peft writes it into the adapter's `adapter_config.json`."""
+    path = path.resolve()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model.name_or_path = model.config.name_or_path = str(path)
+    return str(path)
+
+
+@contextmanager
+def _quiet_datasets():
+    """No `datasets` progress bars: for the held-out set, after the training set's."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def run_demo(
@@ -82,6 +123,7 @@ def run_demo(
     task.sft_warmup(base, tokenizer, train, seed=seed, eval_dataset=val, **sft)
     acc_sft = task.evaluate_accuracy(base, tokenizer, test)
     sampled_sft = task.evaluate_accuracy(base, tokenizer, test, **SAMPLED)
+    _save_base(base, tokenizer, out / "base_model")  # the GRPO adapter's base
     print(f"      held-out accuracy after SFT: {acc_sft:.1%} (samples at T=1: {sampled_sft:.1%})")
 
     print(f"[2/3] GRPO with LoRA: {cfg['grpo_steps']} steps")
@@ -110,6 +152,7 @@ def run_demo(
 
     print(f"[3/3] DPO with LoRA: {cfg['dpo_steps']} steps on {cfg['pairs']} pairs")
     policy = grpo.model.merge_and_unload()  # DPO starts from the GRPO policy
+    _save_base(policy, tokenizer, out / "grpo_merged")  # the DPO adapter's base
     pairs = task.preference_pairs(cfg["pairs"], seed, split="train")
     held_out = task.preference_pairs(max(cfg["test"], 32), seed, split="test")
     dpo_args = DPOConfig(
@@ -121,6 +164,12 @@ def run_demo(
     dpo = DPOTrainer(model=policy, args=dpo_args, train_dataset=pairs, processing_class=tokenizer)
     # implicit-reward accuracy (TRL's rewards/accuracies) on held-out pairs: 0.5 at the
     # start, when the fresh adapter equals the reference
+    with _quiet_datasets():  # tokenized once, as the trainer tokenizes, without more bars
+        held_out = tokenize_preference_dataset(
+            held_out, tokenizer, use_chat_template=dpo_args.use_chat_template,
+            max_prompt_length=dpo_args.max_prompt_length,
+            max_completion_length=dpo_args.max_completion_length, max_length=dpo_args.max_length,
+        )  # fmt: skip
     pref_before = evaluate_preference_accuracy(dpo, tokenizer, held_out)
     dpo.train()
     dpo.save_model(str(out / "dpo_adapter"))
@@ -137,5 +186,21 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    print(f"reward curve: {out / 'reward_curve.png'}; adapters: {out}/grpo_adapter, dpo_adapter")
+    print(outputs_message(out))
     return summary
+
+
+def outputs_message(out: Path) -> str:
+    """What the demo wrote and how to use the trained model."""
+    grpo = out / "grpo_adapter"
+    return "\n".join([
+        f"Outputs in {out}:",
+        "  summary.json, reward_curve.png (the plot)",
+        f"  grpo_adapter  (LoRA; base model: {out / 'base_model'}, the SFT model)",
+        f"  dpo_adapter   (LoRA; base model: {out / 'grpo_merged'}, the GRPO policy)",
+        "Sample from the trained model:",
+        f"  fastrl sample --adapter {grpo} --prompt '12+7='",
+        "or in Python:",
+        "  from peft import AutoPeftModelForCausalLM",
+        f"  model = AutoPeftModelForCausalLM.from_pretrained({str(grpo)!r})",
+    ])  # fmt: skip
