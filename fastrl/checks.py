@@ -5,9 +5,6 @@ from collections.abc import Callable
 
 import torch
 
-# FASTRL_SYNC_CHECKS=1: check values on accelerators eagerly too, with the full message
-SYNC_CHECKS = os.environ.get("FASTRL_SYNC_CHECKS") == "1"
-
 
 def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> None:
     """Raise ValueError where `bad` holds a True, without waiting on a GPU.
@@ -15,9 +12,11 @@ def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> 
     On the CPU (or with FASTRL_SYNC_CHECKS=1) the check is eager and the message,
     `detail()`, names the value. On an accelerator it is a device-side assert with
     `summary`, as PyTorch's own `nll_loss` checks class ids: the host does not wait, and a
-    failure surfaces at the next synchronisation.
+    failure surfaces at the next synchronisation, and, as any device-side assert, leaves
+    the CUDA context unusable (restart the process): the price of checking without a sync.
     """
-    if bad.device.type == "cpu" or SYNC_CHECKS:
+    # FASTRL_SYNC_CHECKS=1 (read per call): eager on accelerators too, naming the value
+    if bad.device.type == "cpu" or os.environ.get("FASTRL_SYNC_CHECKS") == "1":
         if bad.any():
             raise ValueError(detail())
     else:

@@ -370,6 +370,12 @@ def _tokenizer(model_path: str):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "config.json"), str)
+
+
 def check_model_path(model: str, flag: str = "--model") -> None:
     """Fail at once, naming `flag` and the path, where `model` cannot load: a local path
     that is not a directory (anything but an `org/name` id is taken as one: no ~1 min wait
@@ -393,14 +399,14 @@ def check_model_path(model: str, flag: str = "--model") -> None:
     if path.exists():
         raise UsageError(f"{flag} {model}: not a directory (a checkpoint is a directory)")
     if not _HUB_ID.match(model) or model.startswith("."):
+        if re.fullmatch(r"[\w.-]+", model) and _in_hub_cache(model):
+            return  # a bare legacy hub id (gpt2) already downloaded
         raise UsageError(
             f"{flag} {model}: directory {str(path.resolve())!r} does not exist",
             hint="give a local checkpoint directory or a hub id (org/name)",
         )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        if not _in_hub_cache(model):
             raise UsageError(
                 f"{flag} {model}: no such directory, and hub model {model!r} is not in the "
                 "cache (HF_HUB_OFFLINE is set)"
@@ -498,7 +504,15 @@ def _wants_help(argv: list[str]) -> bool:
     return "-h" in argv or "--help" in argv
 
 
+class _Running:
+    """Set while the work runs (training, a benchmark): a ValueError from there is a bug or
+    a failure of the run, not a mistake in what the user typed, and keeps its traceback."""
+
+    active = False
+
+
 def _train_and_save(trainer) -> None:
+    _Running.active = True
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(trainer.args.output_dir)
     trainer.save_state()  # trainer_state.json: the logs, next to the adapter
@@ -555,6 +569,7 @@ def cmd_bench(argv: list[str]) -> None:
     if not script.exists():
         raise UsageError(f"{script} not found: the benchmarks run from a source checkout")
     sys.argv = [str(script), *argv[1:]]
+    _Running.active = True
     runpy.run_path(str(script), run_name="__main__")
 
 
@@ -569,6 +584,7 @@ def cmd_demo(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
+    _Running.active = True
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
@@ -601,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     """The `fastrl` command. A user error prints `fastrl CMD: error: ...` (and a hint) to
     stderr and exits 2; `--debug` or `FASTRL_DEBUG=1` re-raises it with its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _Running.active = False  # main() may run several times in one process (tests)
     debug = os.environ.get("FASTRL_DEBUG", "") not in ("", "0")
     # `--debug` alone is fastrl's; `--debug VALUE` is TrainingArguments' own `debug` option
     for i in reversed(range(len(argv))):
@@ -623,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = COMMANDS[command](rest)
     except USER_ERRORS as e:
-        if debug:
+        if debug or _Running.active:
             raise
         print(f"fastrl {command}: error: {e}", file=sys.stderr)
         hint = getattr(e, "hint", None)

@@ -55,12 +55,27 @@ def _half_on_cuda(a: torch.Tensor) -> bool:
     return a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16)
 
 
+# Whether torch.addmm takes an fp32 accumulator with half operands (out_dtype=fp32): some
+# releases require self to have the operands' dtype. Found out on the first call.
+_ADDMM_FP32_ACC: bool | None = None
+
+
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b into an fp32 acc without rounding the products to a's dtype."""
-    if _half_on_cuda(a):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
+    global _ADDMM_FP32_ACC
+    if not _half_on_cuda(a):
         acc.addmm_(a.float(), b.float())
+        return
+    if _ADDMM_FP32_ACC is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_FP32_ACC = True
+            return
+        except RuntimeError:  # a dtype check at launch, before any work
+            if _ADDMM_FP32_ACC:
+                raise
+            _ADDMM_FP32_ACC = False
+    acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # an fp32 temporary of acc's size
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, b32=None) -> None:

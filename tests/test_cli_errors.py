@@ -229,3 +229,34 @@ def test_sample_is_dispatched(capsys, monkeypatch):
     module.main = lambda argv: 7 if argv == ["--x"] else 0
     monkeypatch.setitem(sys.modules, "fastrl.sample", module)
     assert cli.main(["sample", "--x"]) == 7
+
+
+def test_a_value_error_while_training_keeps_its_traceback(monkeypatch):
+    """Only mistakes in what the user typed are one-line errors: a ValueError raised while
+    the work runs (a bug, a reward function's own error) propagates with its traceback."""
+
+    def command(argv):
+        cli._Running.active = True
+        raise ValueError("raised inside train()")
+
+    monkeypatch.setattr(cli._Running, "active", False)
+    monkeypatch.setitem(cli.COMMANDS, "grpo", command)
+    with pytest.raises(ValueError, match="inside train"):
+        cli.main(["grpo"])
+
+
+def test_bare_hub_id_only_when_cached(monkeypatch):
+    """`gpt2`-style ids have no org: taken as hub ids only if already downloaded, so a
+    missing `my-checkpoint` still fails at once instead of waiting for the Hub."""
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda model: model == "gpt2")
+    cli.check_model_path("gpt2")
+    with pytest.raises(cli.UsageError, match="my-checkpoint.*does not exist"):
+        cli.check_model_path("my-checkpoint")
+
+
+def test_column_format_json_is_a_data_file(tmp_path):
+    from fastrl.trainers.data import check_data_file
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"prompt": ["1+1=", "2+2="], "answer": ["2", "4"]}, indent=1))
+    assert check_data_file(path) == ["prompt", "answer"]

@@ -41,6 +41,8 @@ def check_data_file(path: str | os.PathLike) -> list[str] | None:
             document = None
         if isinstance(document, list):
             return _row_columns(path, document)
+        if isinstance(document, dict) and all(isinstance(v, list) for v in document.values()):
+            return list(document)  # column format, {"prompt": [...], ...}, as datasets reads
     return _jsonl_columns(path)
 
 
