@@ -272,7 +272,7 @@ def measure_methods(
     For each name, `factories[name](ctx)` builds `(fn, note)`; if that raises (not
     installed, unsupported here, ...) the method is recorded as `skipped` with the reason.
     Otherwise `measure(fn)` returns its figures (`ms`, `peak_mem_mib`, ...), recorded with
-    status `ok`; if it raises, the method is `OOM` (out of memory) or `skipped`. Methods
+    status `ok`; if it raises, the method is `OOM` (out of memory) or `failed`. Methods
     with times get `tflops[mode]` (`flops[mode]` / time) and `x_matmul[mode]` (time /
     `matmul_ms[mode]`). Memory is freed after each method. A factory made by env_variant
     (a design variant) is built and measured with its environment variables set, and its
@@ -308,7 +308,9 @@ def _measure_one(
     try:
         return {"status": "ok", "note": note, **measure(fn)}
     except Exception as e:
-        status = "OOM" if is_oom(e) else "skipped"
+        # a method that was built but broke while running failed (a bug to look at, not a
+        # missing package): the summary and the GPU report show it as such
+        status = "OOM" if is_oom(e) else "failed"
         if verbose and status != "OOM":
             traceback.print_exc()
         return {"status": status, "note": note, "reason": error_reason(e)}
@@ -607,15 +609,16 @@ def parse_shape_spec(spec: str, sets: dict, build: Callable, form: str) -> list:
 
 
 def finish_run(results: dict, out_path: Path, plot: bool) -> None:
-    """List the skipped methods with their reasons, and draw the plot next to the JSON."""
-    skipped = {
-        f"{name}: {m.get('reason', '')}"
+    """List the skipped and failed methods with their reasons, and draw the plot next to
+    the JSON."""
+    not_run = {
+        f"{m['status']} {name}: {m.get('reason', '')}"
         for c in results["cases"]
         for name, m in c["methods"].items()
-        if m["status"] == "skipped"
+        if m["status"] in ("skipped", "failed")
     }
-    for line in sorted(skipped):
-        print(f"skipped {line}")
+    for line in sorted(not_run):
+        print(line)
     print(f"wrote {out_path}")
     if plot:
         try:
