@@ -23,6 +23,15 @@ def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> 
         torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
 
 
+def check_zero_one(x: torch.Tensor, message: str) -> None:
+    """A mask or label tensor that is not bool holds only 0 and 1 (ValueError(message),
+    naming the first other value where the check is eager)."""
+    if x.dtype == torch.bool:
+        return
+    bad = (x != 0) & (x != 1)
+    check_values(bad, message, lambda: f"{message}, got value {x[bad][0].item()!r}")
+
+
 def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every target is in [0, vocab) or ignore_index (the kernels never read by target id:
     an out-of-range id would only give a wrong log-prob, never an out-of-bounds read)."""

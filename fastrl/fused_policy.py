@@ -16,7 +16,7 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
-from fastrl.checks import check_target_ids, check_values
+from fastrl.checks import check_target_ids, check_zero_one
 from fastrl.logprobs import (
     _check_inputs,
     _resolve_impl,
@@ -164,10 +164,7 @@ def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) 
         )
     if ref_weight is not None and ref_hidden is None:
         raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    if mask.dtype != torch.bool:
-        bad = (mask != 0) & (mask != 1)
-        msg = "mask must be boolean or hold only 0 and 1"
-        check_values(bad, msg, lambda: f"{msg}, got value {mask[bad][0].item()!r}")
+    check_zero_one(mask, "mask must be boolean or hold only 0 and 1")
 
 
 def fused_policy_loss(

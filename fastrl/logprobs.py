@@ -6,6 +6,7 @@ import os
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from fastrl.checks import check_zero_one
 from fastrl.logprobs_ops import score
 
 IMPLS = ("auto", "triton", "torch")
@@ -232,8 +233,7 @@ def sequence_logprobs(
         raise ValueError(
             f"logps and mask must both be [B, T], got {tuple(logps.shape)} and {tuple(mask.shape)}"
         )
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be boolean or hold only 0 and 1")
+    check_zero_one(mask, "mask must be boolean or hold only 0 and 1")
     m = mask.to(logps.dtype)
     total = (logps * m).sum(-1)
     return total / m.sum(-1).clamp(min=1) if average else total

@@ -97,13 +97,7 @@ def _bwd_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> d_hidden, d_weight, d_bias in their inputs' dtypes ([0] where not needed)"""
-    if impl != "torch":
-        bwd = _triton_backend(impl)[1]
-        grad_logp, grad_entropy = (
-            g.float().contiguous() if g is not None else None for g in (grad_logp, grad_entropy)
-        )
-    else:
-        bwd = chunked_logprobs_bwd
+    bwd = chunked_logprobs_bwd if impl == "torch" else _triton_backend(impl)[1]
     with on_device(hidden.device):
         grads = bwd(
             hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, temperature,

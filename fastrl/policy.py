@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from fastrl.checks import check_values
+from fastrl.checks import check_zero_one
 
 __all__ = ["policy_loss"]
 
@@ -403,10 +403,7 @@ def policy_loss(
     _check_tensor("mask", mask, shape, floating=False)
     if mask.is_complex():
         raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {mask.dtype}")
-    if mask.dtype != torch.bool:
-        bad = (mask != 0) & (mask != 1)
-        msg = "mask must contain only 0 and 1"
-        check_values(bad, msg, lambda: f"{msg}, got value {mask[bad][0].item()!r}")
+    check_zero_one(mask, "mask must contain only 0 and 1")
 
     _check_number("epsilon", epsilon, low=0.0)
     if epsilon_high is not None:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastrl.checks import check_values
+from fastrl.checks import check_values, check_zero_one
 from fastrl.policy import _check_choice, _check_number
 
 __all__ = ["kto_loss", "ld_tail_logps", "preference_loss"]
@@ -164,9 +164,7 @@ def ld_tail_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
             f"logps must have an even number of rows [chosen; rejected], got {logps.shape[0]}"
         )
     keep = mask.bool() if mask.dtype != torch.bool else mask
-    if mask.dtype != torch.bool:
-        msg = "mask must contain only 0 and 1"
-        check_values((mask != 0) & (mask != 1), msg, lambda: msg)
+    check_zero_one(mask, "mask must contain only 0 and 1")
     pos = keep.long().cumsum(1)  # 1-based position among the completion tokens
     lens = keep.sum(1)
     shared = torch.minimum(*lens.chunk(2)).repeat(2)
@@ -859,10 +857,7 @@ def kto_loss(
         raise ValueError(f"labels must have shape [B]=({B},) like logps, got {tuple(labels.shape)}")
     if labels.is_complex():
         raise TypeError(f"labels must be a bool or 0/1 tensor, got dtype {labels.dtype}")
-    if labels.dtype != torch.bool:
-        bad = (labels != 0) & (labels != 1)
-        msg = "labels must contain only 0 and 1"
-        check_values(bad, msg, lambda: f"{msg}, got value {labels[bad][0].item()!r}")
+    check_zero_one(labels, "labels must contain only 0 and 1")
     if loss_type == "kto":
         for name, x in (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
             if x is None:

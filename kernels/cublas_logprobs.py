@@ -85,7 +85,13 @@ from .config import (
     CUBLAS_FWD_CHUNK_VOCAB,
     CUBLAS_NUM_WARPS,
 )
-from .linear_logprobs import addmm_fp32, logits_epilogue, mm_fp32
+from .linear_logprobs import (
+    addmm_fp32,
+    load_logits_step,
+    logits_epilogue,
+    logits_grad,
+    mm_fp32,
+)
 
 ENV_CHUNK_ROWS = "FASTRL_CUBLAS_CHUNK_ROWS"
 ENV_CHUNK_VOCAB = "FASTRL_CUBLAS_CHUNK_VOCAB"
@@ -117,16 +123,10 @@ def cublas_logprobs_fwd_kernel(
     lq = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     lzt = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for v0 in range(0, n_cols, BLOCK_V):
-        local = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = local < n_cols
-        cols = v_start + local
-        x = tl.load(
-            Z + rows[:, None] * stride_z + local[None, :],
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        z, _ = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
+        z, _, _, cols, col_mask = load_logits_step(
+            Z, Bias, rows, row_mask, v0, v_start, n_cols, stride_z, inv_temp, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_V,
+        )  # fmt: skip
         # one exponential per element: e = e^(-|z - lm|) scales the old sums when z is the
         # new max, else it is the new element's term (clamped: padded z = -inf adds 0)
         up = z > lm
@@ -213,18 +213,10 @@ def cublas_logprobs_bwd_kernel(
     lse = tl.load(Lse + rows, mask=valid, other=0.0)
     x = tl.load(Z + rows[:, None] * stride_z + local[None, :], mask=keep, other=0.0).to(tl.float32)
     z, dzdx = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
-    logp = tl.where(keep, z - lse[:, None], 0.0)
-    p = tl.where(keep, tl.exp(logp), 0.0)
-    dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    if HAS_G_LOGP:
-        g = tl.load(GLogp + rows, mask=valid, other=0.0)
-        onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-        dz += g[:, None] * (onehot - p)
-    if HAS_G_ENT:
-        ge = tl.load(GEnt + rows, mask=valid, other=0.0)
-        ent = tl.load(Ent + rows, mask=valid, other=0.0)
-        dz -= ge[:, None] * p * (logp + ent[:, None])
-    dx = tl.where(keep, dz * dzdx * inv_temp, 0.0)
+    dx = logits_grad(
+        z, dzdx, keep, cols, tgt, lse, rows, row_mask, GLogp, GEnt, Ent, inv_temp,
+        HAS_G_LOGP, HAS_G_ENT,
+    )  # fmt: skip
     tl.store(
         dZ + rows[:, None] * stride_dz + local[None, :],
         dx.to(dZ.dtype.element_ty),

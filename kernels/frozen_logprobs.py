@@ -41,23 +41,7 @@ import triton.language as tl
 
 from .config import CUBLAS_CHUNK_ROWS, FROZEN_BLOCK_N, FROZEN_BLOCK_V, FROZEN_NUM_WARPS
 from .cublas_logprobs import chunk_sizes
-from .linear_logprobs import addmm_fp32, logits_epilogue, mm_fp32
-
-
-@triton.jit
-def _chunk_logits(Z, Bias, rows, row_mask, v0, v_start, n_cols, stride_z, inv_temp, softcap,
-                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    # z (-inf on the chunk's tail), dz/dx, the local and global column ids of one step
-    local = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = local < n_cols
-    cols = v_start + local
-    x = tl.load(
-        Z + rows[:, None] * stride_z + local[None, :],
-        mask=row_mask[:, None] & col_mask[None, :],
-        other=0.0,
-    )
-    z, dzdx = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
-    return tl.where(col_mask[None, :], z, float("-inf")), dzdx, local, cols, col_mask
+from .linear_logprobs import addmm_fp32, load_logits_step, mm_fp32
 
 
 @triton.jit(do_not_specialize=["N", "v_start", "n_cols", "ignore_index"])
@@ -81,7 +65,7 @@ def frozen_logprobs_fwd_kernel(
     lq = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     lzt = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for v0 in range(0, n_cols, BLOCK_V):
-        z, _, _, cols, col_mask = _chunk_logits(
+        z, _, _, cols, col_mask = load_logits_step(
             Z, Bias, rows, row_mask, v0, v_start, n_cols, stride_z, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_V,
         )  # fmt: skip
@@ -114,7 +98,7 @@ def frozen_logprobs_fwd_kernel(
     # sweep 2: P = e^(z - m) dz/dx without the target column, and its unweighted sum
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for v0 in range(0, n_cols, BLOCK_V):
-        z, dzdx, local, cols, col_mask = _chunk_logits(
+        z, dzdx, local, cols, col_mask = load_logits_step(
             Z, Bias, rows, row_mask, v0, v_start, n_cols, stride_z, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_V,
         )  # fmt: skip

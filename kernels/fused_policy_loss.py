@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .config import FUSED_POLICY_BLOCK_N, FUSED_POLICY_BLOCK_V, FUSED_POLICY_NUM_WARPS
-from .linear_logprobs import addmm_fp32, logits_epilogue, mm_fp32
+from .linear_logprobs import addmm_fp32, load_logits_step, logits_epilogue, mm_fp32
 from .policy_loss import CLIPPED, FAMILY, KL_ESTIMATORS, token_terms
 
 # fp32 Z chunks hold at most this many bytes by default: 128 rows of a 128k vocab (62.6
@@ -80,18 +80,6 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_bytes: int) -> int:
 
 
 @triton.jit
-def _load_logits(Z, Bias, rows, row_mask, v0, V, stride_z, inv_temp, softcap,
-                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    # one [BLOCK_N, BLOCK_V] step of z, -inf on the vocab tail
-    cols = v0 + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    ptrs = Z + rows[:, None] * stride_z + cols[None, :]
-    x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    z, _ = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
-    return tl.where(col_mask[None, :], z, float("-inf")), cols
-
-
-@triton.jit
 def _row_stats_reduced(Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, softcap,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
@@ -102,7 +90,7 @@ def _row_stats_reduced(Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, soft
     a = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        z, cols = _load_logits(Z, Bias, rows, row_mask, v0, V, stride_z, inv_temp, softcap,
+        z, _, _, cols, _ = load_logits_step(Z, Bias, rows, row_mask, v0, 0, V, stride_z, inv_temp, softcap,
                                HAS_BIAS, HAS_SOFTCAP, BLOCK_V)  # fmt: skip
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -128,7 +116,7 @@ def _row_stats_lanes(Z, Bias, rows, row_mask, tgt, V, stride_z, inv_temp, softca
     a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     zt = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        z, cols = _load_logits(Z, Bias, rows, row_mask, v0, V, stride_z, inv_temp, softcap,
+        z, _, _, cols, _ = load_logits_step(Z, Bias, rows, row_mask, v0, 0, V, stride_z, inv_temp, softcap,
                                HAS_BIAS, HAS_SOFTCAP, BLOCK_V)  # fmt: skip
         m_new = tl.maximum(m, z)
         seen = m_new > float("-inf")  # a lane that has seen no column keeps zeros

@@ -112,6 +112,48 @@ def logits_epilogue(
 
 
 @triton.jit
+def logits_grad(
+    z, dzdx, keep, cols, tgt, lse, rows, row_mask, GLogp, GEnt, Ent, inv_temp,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr,
+):  # fmt: skip
+    # d loss / d raw logit of a tile: dz = g_logp (onehot - p) - g_ent p (log p + H),
+    # through softcap (dzdx) and 1/T; 0 outside `keep` (scored rows x real columns)
+    logp = tl.where(keep, z - lse[:, None], 0.0)
+    p = tl.where(keep, tl.exp(logp), 0.0)
+    dz = tl.zeros_like(z)  # z is fp32
+    if HAS_G_LOGP:
+        g = tl.load(GLogp + rows, mask=row_mask, other=0.0)
+        onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
+        dz += g[:, None] * (onehot - p)
+    if HAS_G_ENT:
+        ge = tl.load(GEnt + rows, mask=row_mask, other=0.0)
+        ent = tl.load(Ent + rows, mask=row_mask, other=0.0)
+        dz -= ge[:, None] * p * (logp + ent[:, None])
+    return tl.where(keep, dz * dzdx * inv_temp, 0.0)
+
+
+@triton.jit
+def load_logits_step(
+    Z, Bias, rows, row_mask, v0, v_start, n_cols, stride_z, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # one [rows, BLOCK_V] step, local columns [v0, v0 + BLOCK_V), of a raw fp32 logits
+    # chunk Z that holds vocab columns [v_start, v_start + n_cols) (the cuBLAS designs):
+    # z = softcap(x + bias) / T (-inf past the chunk), dz/dx, local and vocab column ids
+    # and the column mask
+    local = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = local < n_cols
+    cols = v_start + local
+    x = tl.load(
+        Z + rows[:, None] * stride_z + local[None, :],
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    z, dzdx = logits_epilogue(x, Bias, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+    return tl.where(col_mask[None, :], z, float("-inf")), dzdx, local, cols, col_mask
+
+
+@triton.jit
 def _logits_tile(
     H,
     W,
@@ -371,18 +413,10 @@ def linear_logprobs_bwd_kernel(
         BLOCK_D,
     )
     keep = valid[:, None] & col_mask[None, :]
-    logp = tl.where(keep, z - lse[:, None], 0.0)
-    p = tl.where(keep, tl.exp(logp), 0.0)
-    dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    if HAS_G_LOGP:
-        g = tl.load(GLogp + rows, mask=row_mask, other=0.0)
-        onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-        dz += g[:, None] * (onehot - p)
-    if HAS_G_ENT:
-        ge = tl.load(GEnt + rows, mask=row_mask, other=0.0)
-        ent = tl.load(Ent + rows, mask=row_mask, other=0.0)
-        dz -= ge[:, None] * p * (logp + ent[:, None])
-    dx = tl.where(keep, dz * dzdx * inv_temp, 0.0)
+    dx = logits_grad(
+        z, dzdx, keep, cols, tgt, lse, rows, row_mask, GLogp, GEnt, Ent, inv_temp,
+        HAS_G_LOGP, HAS_G_ENT,
+    )  # fmt: skip
     tl.store(
         dZ + rows[:, None] * stride_dz + local[None, :],
         dx.to(dZ.dtype.element_ty),
@@ -536,6 +570,9 @@ def linear_logprobs_bwd(
     V = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
     unused = torch.empty(1, **f32)
+    grad_logp, grad_entropy = (  # the kernel reads them as fp32 with unit stride
+        g.float().contiguous() if g is not None else None for g in (grad_logp, grad_entropy)
+    )
     dh = torch.empty_like(hidden) if need_hidden else None
     dw = torch.zeros((V, D), **f32) if need_weight else None
     db = torch.zeros(V, **f32) if need_bias else None
