@@ -413,16 +413,14 @@ def check_model_path(model: str, flag: str = "--model") -> None:
             )
 
 
-def _data_module():
-    # fastrl.trainers loads its trainers lazily: this imports no torch/transformers
-    return importlib.import_module("fastrl.trainers.data")
-
-
 def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:
     """The data file `path` loads and has the columns in `needed` (column -> what needs it,
     naming the flag that changes it), or one of the column sets in `alternatives`."""
+    # fastrl.trainers loads its trainers lazily: this imports no transformers or peft
+    from fastrl.trainers.data import check_data_file
+
     try:
-        columns = _data_module().check_data_file(path)
+        columns = check_data_file(path)
     except ValueError as e:
         raise UsageError(f"--dataset {path}: {e}") from None
     if columns is None:  # parquet or a saved dataset: checked when loaded
