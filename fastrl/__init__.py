@@ -2,25 +2,37 @@
 
 Everything here works from a model's last hidden states and its ``lm_head`` weight and
 never materialises the ``[tokens, vocab]`` logits.
+
+The names load on first use (PEP 562): `import fastrl` costs no torch import, so the
+`fastrl` command rejects a mistyped option in a fraction of a second.
 """
 
-from fastrl.advantages import group_advantages
-from fastrl.fused_policy import fused_policy_loss
-from fastrl.fused_preference import fused_preference_loss
-from fastrl.logprobs import linear_logprobs, sequence_logprobs
-from fastrl.policy import policy_loss
-from fastrl.preference import kto_loss, ld_tail_logps, preference_loss
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "fused_policy_loss",
-    "fused_preference_loss",
-    "group_advantages",
-    "kto_loss",
-    "ld_tail_logps",
-    "linear_logprobs",
-    "policy_loss",
-    "preference_loss",
-    "sequence_logprobs",
-]
+# public name -> the op package that defines it
+_EXPORTS = {
+    "fused_policy_loss": "fastrl.ops.policy",
+    "fused_preference_loss": "fastrl.ops.preference",
+    "group_advantages": "fastrl.ops.advantages",
+    "kto_loss": "fastrl.ops.preference",
+    "ld_tail_logps": "fastrl.ops.preference",
+    "linear_logprobs": "fastrl.ops.logprobs",
+    "policy_loss": "fastrl.ops.policy",
+    "preference_loss": "fastrl.ops.preference",
+    "sequence_logprobs": "fastrl.ops.logprobs",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fastrl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -97,12 +97,12 @@ def _choices(command: str) -> dict[str, tuple[str, ...]]:
     """Choices for string options the configs check only in `__post_init__`: argparse then
     rejects a typo at once and `--help` shows them (`--loss_type {grpo,...}`)."""
     if command == "grpo":
-        from fastrl.policy import LOSS_TYPES
+        from fastrl.ops.policy.loss import LOSS_TYPES
 
         return {"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
                 "importance_sampling_level": ("token", "sequence"),
                 "kl_estimator": ("k1", "k2", "k3")}  # fmt: skip
-    from fastrl.preference import LOSS_TYPES
+    from fastrl.ops.preference.loss import LOSS_TYPES
 
     return {"loss_type": LOSS_TYPES}
 
@@ -171,11 +171,11 @@ def _option_cache(command: str) -> Path:
             key.append(version(package))
         except PackageNotFoundError:
             key.append("-")
-    for name in ("cli.py", "policy.py", "preference.py", "trainers/grpo.py", "trainers/dpo.py",
-                 "trainers/model.py"):  # fmt: skip
+    # every source file of the package: the options are declared across ops and trainers
+    for path in sorted(here.rglob("*.py")):
         with contextlib.suppress(OSError):
-            stat = (here / name).stat()
-            key.append(f"{name}:{stat.st_mtime_ns}:{stat.st_size}")
+            stat = path.stat()
+            key.append(f"{path.relative_to(here)}:{stat.st_mtime_ns}:{stat.st_size}")
     digest = hashlib.sha1("|".join(key).encode()).hexdigest()[:16]
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "fastrl" / f"cli-{command}-{digest}.json"
@@ -574,7 +574,7 @@ def cmd_bench(argv: list[str]) -> None:
 def cmd_demo(argv: list[str]) -> None:
     import argparse
 
-    from fastrl.trainers.demo import run_demo
+    from fastrl.demo.run import run_demo
 
     parser = argparse.ArgumentParser(prog="fastrl demo", description=run_demo.__doc__)
     parser.add_argument("--output_dir", "--output-dir", default="runs/demo")

@@ -1,6 +1,6 @@
 """Group-relative advantages: rewards `[B, K]` (prompt-major groups of n) -> advantages `[B]`.
 
-Computes exactly what `fastrl.advantages._group_advantages_torch` computes, in the same
+Computes exactly what `fastrl.ops.advantages.group._group_advantages_torch` computes, in the same
 order of operations, for every mode: baseline mean / rloo, scale group / batch / none,
 weighted multi-reward sums (sum_then_normalize) and GDPO's normalize_then_sum, NaN
 rewards left out of every statistic, zero-variance groups giving exactly 0, no NaN out.

@@ -1,7 +1,7 @@
 """Per-token terms of the GRPO-family policy loss (token-level importance ratios), `[B, T]`.
 
 For every token, from logps, old_logps, the advantage and the mask (and ref_logps when
-there is a KL term), `policy_loss_fwd_kernel` computes what `fastrl.policy` computes
+there is a KL term), `policy_loss_fwd_kernel` computes what `fastrl.ops.policy.loss` computes
 elementwise, with the same operations in the same order:
 
 - the importance ratio r = exp(logp - old) (old = logp on-policy: r == 1 exactly);

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fastrl.cli import GRPOScriptArguments, UsageError, _reward_functions, main
-from fastrl.trainers import demo_task
+from fastrl.demo import task as demo_task
 
 
 @pytest.fixture(scope="module")

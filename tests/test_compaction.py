@@ -5,7 +5,7 @@ import fastrl.kernels.linear_logprobs as kernels
 import pytest
 import torch
 
-import fastrl.logprobs_ops as logprobs_ops
+import fastrl.ops.logprobs.custom_ops as logprobs_ops
 from fastrl import fused_policy_loss, fused_preference_loss, linear_logprobs
 from tests.conftest import DEVICE
 

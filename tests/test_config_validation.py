@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 from transformers import HfArgumentParser
 
-import fastrl.advantages
-import fastrl.policy
-import fastrl.preference
-from fastrl.trainers import dpo, grpo
-from fastrl.trainers.dpo import DPOConfig
-from fastrl.trainers.grpo import GRPOConfig
+import fastrl.ops.advantages.group
+import fastrl.ops.policy.loss
+import fastrl.ops.preference.loss
+from fastrl.trainers import dpo_config as dpo
+from fastrl.trainers import grpo_config as grpo
+from fastrl.trainers.dpo_config import DPOConfig
+from fastrl.trainers.grpo_config import GRPOConfig
 
 # batch sizes that make whole groups, so only the option under test is wrong
 GRPO_OK = dict(per_device_train_batch_size=4, num_generations=4, use_cpu=True)
@@ -134,10 +135,10 @@ def test_command_line_values_are_checked_as_typed(tmp_path):
 
 def test_choices_match_the_losses():
     # the configs keep copies of the losses' choices (trainers import the public API only)
-    assert grpo.POLICY_LOSS_TYPES == fastrl.policy.LOSS_TYPES
-    assert grpo._CLIPPED == fastrl.policy._CLIPPED
-    assert grpo._LEVELS == fastrl.policy._LEVELS
-    assert grpo._KL_ESTIMATORS == fastrl.policy._KL_ESTIMATORS
-    assert tuple(dpo._F_DIVERGENCES) == tuple(fastrl.preference.F_DIVERGENCES)
-    assert grpo._SCALES == fastrl.advantages._SCALES
-    assert grpo._AGGREGATIONS == fastrl.advantages._NORMALIZE
+    assert grpo.POLICY_LOSS_TYPES == fastrl.ops.policy.loss.LOSS_TYPES
+    assert grpo._CLIPPED == fastrl.ops.policy.loss._CLIPPED
+    assert grpo._LEVELS == fastrl.ops.policy.loss._LEVELS
+    assert grpo._KL_ESTIMATORS == fastrl.ops.policy.loss._KL_ESTIMATORS
+    assert tuple(dpo._F_DIVERGENCES) == tuple(fastrl.ops.preference.loss.F_DIVERGENCES)
+    assert grpo._SCALES == fastrl.ops.advantages.group._SCALES
+    assert grpo._AGGREGATIONS == fastrl.ops.advantages.group._NORMALIZE

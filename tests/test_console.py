@@ -10,13 +10,13 @@ pytest.importorskip("transformers")
 
 from transformers import PrinterCallback, ProgressCallback  # noqa: E402
 
+from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.trainers.console import (  # noqa: E402
     ConsoleCallback,
     format_log_line,
     silence_known_warnings,
 )
-from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
 

@@ -398,7 +398,7 @@ HEADS = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "qwen2.5-1.5
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_cublas_logprobs_bf16_real_heads(head, trainable):
     """bf16 against the fp32 PyTorch path, by the rule (baseline: naive bf16)."""
-    from fastrl.chunked_logprobs import chunked_logprobs_bwd, chunked_logprobs_fwd
+    from fastrl.ops.logprobs.chunked import chunked_logprobs_bwd, chunked_logprobs_fwd
 
     d, V = head
     N = 1027

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
-from fastrl.trainers.demo_task import (  # noqa: E402
+from fastrl.demo.task import (  # noqa: E402
     arithmetic_dataset,
     build_tiny_model,
     build_tiny_tokenizer,
@@ -244,7 +244,7 @@ def test_demo_plot_draws_held_out_accuracy_as_two_markers(tmp_path, monkeypatch)
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from fastrl.trainers.demo import _plot_rewards
+    from fastrl.demo.run import _plot_rewards
 
     real_close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to inspect it

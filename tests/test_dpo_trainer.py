@@ -27,17 +27,19 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
-from fastrl import preference  # noqa: E402
-from fastrl.trainers.data import render_prompt  # noqa: E402
-from fastrl.trainers.demo_task import (  # noqa: E402
+from fastrl.demo.task import (  # noqa: E402
     build_tiny_model,
     build_tiny_tokenizer,
     preference_pairs,
 )
-from fastrl.trainers.dpo import (  # noqa: E402
+from fastrl.ops.preference import loss as preference  # noqa: E402
+from fastrl.trainers.data import render_prompt  # noqa: E402
+from fastrl.trainers.dpo_config import (  # noqa: E402
     AVERAGED_LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
     DPOConfig,
+)
+from fastrl.trainers.dpo_trainer import (  # noqa: E402
     DPOTrainer,
     PreferenceCollator,
     evaluate_preference_accuracy,
@@ -657,8 +659,8 @@ def test_config_survives_dataclasses_replace(tmp_path):
 
 
 DDP_SCRIPT = """
-from fastrl.trainers.dpo import DPOConfig, DPOTrainer
-from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer, preference_pairs
+from fastrl.trainers import DPOConfig, DPOTrainer
+from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer, preference_pairs
 tok = build_tiny_tokenizer()
 args = DPOConfig({out!r}, per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
                  use_cpu=True, save_strategy="no", disable_tqdm=True, ddp_backend="gloo",

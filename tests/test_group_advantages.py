@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastrl import group_advantages
-from fastrl.advantages import _KERNEL
+from fastrl.ops.advantages.group import _KERNEL
 from fastrl.reference import naive_group_advantages
 
 NAN = float("nan")
@@ -243,7 +243,7 @@ def test_triton_dispatch(monkeypatch):
     r = torch.randn(8)
     # CPU tensors take the PyTorch path with impl="auto"
     calls = []
-    monkeypatch.setattr("fastrl.advantages._KERNEL", lambda *a: calls.append(a))
+    monkeypatch.setattr("fastrl.ops.advantages.group._KERNEL", lambda *a: calls.append(a))
     group_advantages(r, 4)
     assert not calls
     monkeypatch.undo()

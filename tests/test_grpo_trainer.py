@@ -20,11 +20,11 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-import fastrl.trainers.grpo as grpo_mod  # noqa: E402
+import fastrl.trainers.grpo_trainer as grpo_mod  # noqa: E402
 from fastrl import fused_policy_loss, policy_loss  # noqa: E402
+from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
-from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from fastrl.trainers.grpo import GroupRepeatSampler  # noqa: E402
+from fastrl.trainers.grpo_trainer import GroupRepeatSampler  # noqa: E402
 from fastrl.trainers.model import backbone_hidden_states  # noqa: E402
 from tests.two_ranks import assert_ranks_end_equal  # noqa: E402
 
@@ -617,7 +617,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 DDP_SCRIPT = """
 from fastrl.trainers import GRPOConfig, GRPOTrainer
-from fastrl.trainers.demo_task import arithmetic_dataset, build_tiny_model, build_tiny_tokenizer
+from fastrl.demo.task import arithmetic_dataset, build_tiny_model, build_tiny_tokenizer
 
 def letter_share(prompts, completions, **kwargs):
     return [sum(ch.isalpha() for ch in c) / (1 + len(c)) for c in completions]

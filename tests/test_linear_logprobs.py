@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastrl.chunked_logprobs as chunked
+import fastrl.ops.logprobs.chunked as chunked
 from fastrl import linear_logprobs, sequence_logprobs
 from fastrl.reference import naive_linear_logprobs
 from tests.conftest import DEVICE
@@ -369,7 +369,8 @@ def test_linear_logprobs_auto_picks_torch_on_cpu(monkeypatch):
     calls = []
     real = chunked.chunked_logprobs_fwd
     monkeypatch.setattr(
-        "fastrl.logprobs_ops.chunked_logprobs_fwd", lambda *a, **k: calls.append(1) or real(*a, **k)
+        "fastrl.ops.logprobs.custom_ops.chunked_logprobs_fwd",
+        lambda *a, **k: calls.append(1) or real(*a, **k),
     )
     hidden, weight, targets, _ = make_inputs(5, 50, 16, torch.float32)
     linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu())

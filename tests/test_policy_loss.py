@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastrl import policy_loss
-from fastrl.policy import LOSS_TYPES
+from fastrl.ops.policy.loss import LOSS_TYPES
 from fastrl.reference import naive_policy_loss
 
 B, T = 6, 9

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastrl import policy_loss
-from fastrl.policy import LOSS_TYPES, _kl, _per_token_terms
+from fastrl.ops.policy.loss import LOSS_TYPES, _kl, _per_token_terms
 from fastrl.reference import naive_policy_loss
 from tests.conftest import DEVICE, HAS_CUDA
 

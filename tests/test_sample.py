@@ -12,9 +12,9 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from fastrl import sample  # noqa: E402
+from fastrl.demo.run import _save_base, outputs_message  # noqa: E402
+from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
-from fastrl.trainers.demo import _save_base, outputs_message  # noqa: E402
-from fastrl.trainers.demo_task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers.interrupt import resume_command  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")

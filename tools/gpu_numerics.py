@@ -69,7 +69,7 @@ def current_logps_spy() -> Iterator[list]:
     call's first argument: the coefficient pass before it gets a placeholder). Internal: if
     fastrl stops calling it by that name, the captures stay empty and only the loss's own
     fp32 metrics are recorded."""
-    import fastrl.fused_policy as fp
+    import fastrl.ops.policy.fused as fp
 
     seen: list = []
     real = getattr(fp, "policy_loss", None)

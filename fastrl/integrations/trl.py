@@ -24,7 +24,7 @@ import importlib
 
 import torch
 
-from fastrl.logprobs import IMPLS, linear_logprobs
+from fastrl.ops.logprobs.linear import IMPLS, linear_logprobs
 
 _TARGET_MODULE = "trl.trainer.utils"
 _TARGET_NAME = "_ChunkedLogProbFunction"

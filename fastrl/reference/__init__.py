@@ -1,9 +1,10 @@
-"""Plain-PyTorch oracles (float64, materialised logits) that the kernels are tested against."""
+"""The plain-PyTorch oracles (float64, materialised logits) the kernels are tested
+against, gathered in one namespace; each lives in its op's folder as `naive.py`."""
 
-from fastrl.reference.advantages import naive_group_advantages
-from fastrl.reference.logprobs import naive_linear_logprobs
-from fastrl.reference.policy import naive_policy_loss
-from fastrl.reference.preference import (
+from fastrl.ops.advantages.naive import naive_group_advantages
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from fastrl.ops.policy.naive import naive_policy_loss
+from fastrl.ops.preference.naive import (
     naive_kto_loss,
     naive_ld_tail_logps,
     naive_preference_loss,

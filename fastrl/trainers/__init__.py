@@ -9,11 +9,11 @@ import importlib
 # name -> the submodule that defines it; the built-in reward functions follow TRL's
 # convention, `call_reward` is the checked call the trainers use
 _EXPORTS = {
-    "DPOConfig": "dpo",
-    "DPOTrainer": "dpo",
-    "evaluate_preference_accuracy": "dpo",
-    "GRPOConfig": "grpo",
-    "GRPOTrainer": "grpo",
+    "DPOConfig": "dpo_config",
+    "DPOTrainer": "dpo_trainer",
+    "evaluate_preference_accuracy": "dpo_trainer",
+    "GRPOConfig": "grpo_config",
+    "GRPOTrainer": "grpo_trainer",
     "call_reward": "rewards",
     "exact_match_answer": "rewards",
     "format_reward": "rewards",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastrl.integrations import causal_lm_hidden_states, lm_head
-from fastrl.logprobs import IMPLS
+from fastrl.ops.logprobs.linear import IMPLS
 
 #: `model_dtype` names the trainers' configs accept.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -9,9 +9,9 @@ summed per completion, and `preference_loss` and autograd do the rest; the backw
 
 import torch
 
-from fastrl.fused_policy import check_completion_batch
-from fastrl.logprobs import linear_logprobs
-from fastrl.preference import ld_tail_logps, preference_loss
+from fastrl.ops.logprobs.linear import linear_logprobs
+from fastrl.ops.policy.fused import check_completion_batch
+from fastrl.ops.preference.loss import ld_tail_logps, preference_loss
 
 __all__ = ["fused_preference_loss"]
 

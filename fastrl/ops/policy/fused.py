@@ -16,16 +16,16 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
-from fastrl.checks import check_target_ids, check_zero_one
-from fastrl.logprobs import (
+from fastrl.checks import check_target_ids, check_tensor, check_zero_one
+from fastrl.ops.logprobs.custom_ops import on_device
+from fastrl.ops.logprobs.linear import (
     _check_inputs,
     _resolve_impl,
     _scatter_rows,
     linear_logprobs,
     scored_rows,
 )
-from fastrl.logprobs_ops import on_device
-from fastrl.policy import _check_tensor, policy_loss
+from fastrl.ops.policy.loss import policy_loss
 
 __all__ = ["fused_policy_loss"]
 
@@ -153,7 +153,7 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
 def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) -> None:
     """Validation shared by the fused heads: `targets` and `mask` `[rows, T]`, a 0/1 mask,
     `ref_weight` only with `ref_hidden`."""
-    _check_tensor("mask", mask, floating=False)
+    check_tensor("mask", mask, floating=False)
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise ValueError(
             f"targets must be a {rows} tensor, got {getattr(targets, 'shape', targets)}"

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from fastrl.checks import check_zero_one
-from fastrl.logprobs_ops import score
+from fastrl.ops.logprobs.custom_ops import score
 
 IMPLS = ("auto", "triton", "torch")
 

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastrl.checks import check_values, check_zero_one
-from fastrl.policy import _check_choice, _check_number
+from fastrl.checks import check_choice, check_number, check_values, check_zero_one
 
 __all__ = ["kto_loss", "ld_tail_logps", "preference_loss"]
 
@@ -558,12 +557,12 @@ def preference_loss(
                 f"{list(loss_weights)!r}"
             )
         for i, w in enumerate(loss_weights):
-            _check_number(f"loss_weights[{i}]", w)
+            check_number(f"loss_weights[{i}]", w)
         weights = [float(w) for w in loss_weights]
 
-    _check_number("beta", beta, low=0.0, strict_low=types != ["orpo"])
+    check_number("beta", beta, low=0.0, strict_low=types != ["orpo"])
     beta = float(beta)
-    _check_number("label_smoothing", label_smoothing)
+    check_number("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     label_smoothing = float(label_smoothing)
@@ -578,7 +577,7 @@ def preference_loss(
             "[1 - eps, eps]; the EXO paper uses 1e-3), got 0.0"
         )
 
-    _check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
     if f_divergence_type != "reverse_kl":
         bad = [t for t in types if t not in _F_DIVERGENCE_LOSS_TYPES]
         if bad:
@@ -588,7 +587,7 @@ def preference_loss(
             )
     if f_divergence_type == "alpha_divergence":
         coef = 0.5 if f_alpha_divergence_coef is None else f_alpha_divergence_coef
-        _check_number("f_alpha_divergence_coef", coef)
+        check_number("f_alpha_divergence_coef", coef)
         coef = float(coef)
     else:
         _unused(
@@ -600,7 +599,7 @@ def preference_loss(
         coef = 0.5
     if "discopop" in types:
         tau = 0.05 if discopop_tau is None else discopop_tau
-        _check_number("discopop_tau", tau, low=0.0, strict_low=True)
+        check_number("discopop_tau", tau, low=0.0, strict_low=True)
         tau = float(tau)
     else:
         _unused(
@@ -608,8 +607,8 @@ def preference_loss(
         )
         tau = None
 
-    _check_number("rdpo_alpha", rdpo_alpha)
-    _check_number("dpop_lambda", dpop_lambda, low=0.0)
+    check_number("rdpo_alpha", rdpo_alpha)
+    check_number("dpop_lambda", dpop_lambda, low=0.0)
     if "sigmoid" not in types:
         _unused(
             "rdpo_alpha", rdpo_alpha, 0.0, f"is R-DPO's, for loss_type='sigmoid', got {loss_type!r}"
@@ -622,18 +621,18 @@ def preference_loss(
         )
 
     cpo_family = types[0] in CPO_LOSS_TYPES
-    _check_number("alpha", alpha)
+    check_number("alpha", alpha)
     if cpo_family:
         default_cpo_alpha = 0.0 if types[0] == "alphapo" else 1.0
         cpo_alpha = default_cpo_alpha if cpo_alpha is None else cpo_alpha
-        _check_number("cpo_alpha", cpo_alpha)
+        check_number("cpo_alpha", cpo_alpha)
         cpo_alpha = float(cpo_alpha)
     else:
         _unused("alpha", alpha, 0.0, f"is AlphaPO's, for the CPO loss types {CPO_LOSS_TYPES}")
         _unused("cpo_alpha", cpo_alpha, None, f"is for the CPO loss types {CPO_LOSS_TYPES}")
     if types[0] in ("simpo", "alphapo"):
         simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma
-        _check_number("simpo_gamma", simpo_gamma)
+        check_number("simpo_gamma", simpo_gamma)
         simpo_gamma = float(simpo_gamma)
     else:
         _unused("simpo_gamma", simpo_gamma, None, f"is SimPO's, got loss_type={loss_type!r}")
@@ -674,7 +673,7 @@ def preference_loss(
             raise ValueError(
                 f"ld_alpha={ld_alpha!r} (LD-DPO) is for DPO loss types, got {loss_type!r}"
             )
-        _check_number("ld_alpha", ld_alpha, low=0.0, high=1.0)
+        check_number("ld_alpha", ld_alpha, low=0.0, high=1.0)
         ld_alpha = float(ld_alpha)
         for name, x in tails.items():
             if name.startswith("ref") and not have_ref:
@@ -845,7 +844,7 @@ def kto_loss(
             ``"apo_zero_unpaired"``; out-of-range numbers.
         TypeError: non-tensor or non-floating log-probs; non-numeric hyper-parameters.
     """
-    _check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
     _check_vector("logps", logps, like="logps")
     B = logps.shape[0]
     if B == 0:
@@ -873,9 +872,9 @@ def kto_loss(
         for name, x in (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
             if x is not None:
                 raise ValueError(f"loss_type={loss_type!r} has no KL term: {name} must be None")
-    _check_number("beta", beta, low=0.0, strict_low=True)
-    _check_number("desirable_weight", desirable_weight, low=0.0)
-    _check_number("undesirable_weight", undesirable_weight, low=0.0)
+    check_number("beta", beta, low=0.0, strict_low=True)
+    check_number("desirable_weight", desirable_weight, low=0.0)
+    check_number("undesirable_weight", undesirable_weight, low=0.0)
 
     cdt = torch.float64 if logps.dtype == torch.float64 else torch.float32
     lp = logps.to(cdt)

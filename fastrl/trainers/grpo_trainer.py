@@ -58,20 +58,19 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
+from transformers import GenerationConfig, Trainer, set_seed
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
 from fastrl.integrations import lm_head
 from fastrl.trainers.console import use_console
 from fastrl.trainers.data import load_data, render_prompt, require_columns
+from fastrl.trainers.grpo_config import _IGNORE, BUFFER_NAME, GRPOConfig
 from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
-    ModelArguments,
     backbone_hidden_states,
     cap_cuda_memory,
     completion_positions,
@@ -80,7 +79,6 @@ from fastrl.trainers.model import (
     reference_adapters_off,
     refuse_sharded_parameters,
 )
-from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
 from fastrl.trainers.rewards import call_reward, reward_name
 
 __all__ = [
@@ -88,284 +86,6 @@ __all__ = [
     "GRPOTrainer",
     "GroupRepeatSampler",
 ]
-
-BUFFER_NAME = "grpo_buffer.pt"
-# The choices of fastrl.policy_loss / group_advantages (tests pin them against those
-# functions): the config checks them before any model is loaded.
-POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # have a clipped surrogate (delta)
-_LEVELS = ("token", "sequence")
-_KL_ESTIMATORS = ("k1", "k2", "k3")
-_SCALES = ("group", "batch", "none")
-_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-# the policy_loss arguments that are GRPOConfig options of the same name
-_LOSS_OPTIONS = (
-    "loss_type", "epsilon", "epsilon_high", "delta", "beta", "kl_estimator",
-    "use_bias_correction_kl", "importance_sampling_level", "max_completion_length",
-    "sapo_temperature_pos", "sapo_temperature_neg", "entropy_coef", "top_entropy_quantile",
-    "off_policy_mask_threshold",
-)  # fmt: skip
-_IGNORE = -100
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class GRPOConfig(ModelArguments, TrainingArguments):
-    r"""`TrainingArguments` for `GRPOTrainer`: TRL 1.16's GRPO options, names and defaults,
-    plus fastrl's.
-
-    Batch layout (as TRL): `per_device_train_batch_size` counts *completions*;
-    `steps_per_generation` (default `gradient_accumulation_steps`) micro-batches form one
-    generation batch of `per_device_train_batch_size * steps_per_generation` completions
-    per process, which must be a multiple of `num_generations` (whole groups per process).
-
-    Defaults that differ from `TrainingArguments` (as TRL): `learning_rate=1e-6`,
-    `logging_steps=10`, activation (gradient) checkpointing on (non-reentrant),
-    `remove_unused_columns=False` (reward functions get the other columns). `bf16`
-    defaults to True on a bf16-capable CUDA device (TRL: always), else False.
-
-    Model (fastrl):
-        lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA adapters
-            (`"all-linear"`: every linear layer of the blocks, never the lm_head).
-        load_in_4bit: 4-bit NF4 base (QLoRA; needs bitsandbytes, CUDA and a checkpoint path).
-        attn_implementation, model_dtype: for a model loaded from a path (default
-            flash_attention_2 when installed, else sdpa; bf16 on a bf16-capable GPU).
-        use_chat_template: render string prompts through the tokenizer's chat template
-            when it has one (conversational prompts always are).
-        max_memory_gb: cap this process's CUDA memory (`set_per_process_memory_fraction`)
-            so a run on a bigger card proves it fits a smaller one; warns without CUDA.
-        kernel_impl: the fused heads' implementation: "auto" (Triton on CUDA, else
-            PyTorch), "triton" or "torch".
-
-    Generation (TRL): num_generations (G), max_completion_length, temperature, top_p,
-        top_k (0: off), min_p, repetition_penalty, generation_kwargs (more
-        `GenerationConfig` fields), steps_per_generation / generation_batch_size,
-        shuffle_dataset. `max_prompt_length` (fastrl; TRL 1.16 has none): keep only the
-        last that many prompt tokens; None keeps all.
-
-    Loss (TRL, see `fastrl.policy_loss`): loss_type, epsilon, epsilon_high, delta, beta
-        (KL to the reference = the base with adapters off; 0 skips the reference
-        forward), kl_estimator (fastrl), use_bias_correction_kl, importance_sampling_level,
-        sapo_temperature_pos/neg, num_iterations, entropy_coef, top_entropy_quantile,
-        off_policy_mask_threshold. (The loss's sampler correction, `sampling_logps` for
-        vLLM-style samplers, has no use here: completions come from the policy itself
-        through `generate`, so the sampler's log-probs are the old policy's.)
-
-    Rewards (TRL): reward_weights, scale_rewards ("group" | "batch" | "none"),
-        multi_objective_aggregation.
-
-    DAPO: `mask_truncated_completions` is DAPO's overlong filtering (completions that hit
-        `max_completion_length` without EOS get no loss); `dynamic_sampling` (fastrl)
-        drops the groups without a learning signal (all advantages 0: the rewards of the
-        group do not vary), so they cost no compute and do not dilute the token
-        normaliser. The batch is not refilled: it shrinks for that step.
-    """
-
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["generation_kwargs"]
-
-    # ---- TrainingArguments defaults changed (as TRL)
-    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
-    activation_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute block activations in the backward (default on)."}
-    )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision (default: on a bf16-capable GPU)."}
-    )
-    remove_unused_columns: bool | None = field(
-        default=False, metadata={"help": "Keep every dataset column (reward functions get them)."}
-    )
-
-    # ---- data and generation (TRL)
-    use_chat_template: bool = field(
-        default=True, metadata={"help": "Render string prompts with the chat template if any."}
-    )
-    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G)."})
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Keep the last N prompt tokens (None: all)."}
-    )
-    max_completion_length: int = field(default=512, metadata={"help": "Max new tokens."})
-    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
-    generation_batch_size: int | None = field(
-        default=None, metadata={"help": "Completions per generation (all processes)."}
-    )
-    steps_per_generation: int | None = field(
-        default=None, metadata={"help": "Micro-batches per generation (default: grad. accum.)."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    min_p: float | None = field(default=None, metadata={"help": "Min-p sampling."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty."})
-    generation_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "More GenerationConfig fields."}
-    )
-
-    # ---- loss (TRL)
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient (0: no reference)."})
-    num_iterations: int = field(default=1, metadata={"help": "Updates per generation batch."})
-    epsilon: float = field(default=0.2, metadata={"help": "Lower clip."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip."})
-    delta: float | None = field(default=None, metadata={"help": "Two-sided clip cap."})
-    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO temperature."})
-    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO temperature."})
-    importance_sampling_level: str = field(default="token", metadata={"help": "token | sequence"})
-    reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per reward function (default 1)."}
-    )
-    multi_objective_aggregation: str = field(
-        default="sum_then_normalize", metadata={"help": "sum_then_normalize | normalize_then_sum"}
-    )
-    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
-    loss_type: str = field(default="dapo", metadata={"help": "fastrl.policy_loss loss_type."})
-    mask_truncated_completions: bool = field(
-        default=False, metadata={"help": "No loss on truncated completions (DAPO overlong filter)."}
-    )
-    top_entropy_quantile: float = field(default=1.0, metadata={"help": "High-entropy mask."})
-    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus."})
-    off_policy_mask_threshold: float | None = field(
-        default=None, metadata={"help": "Off-policy sequence mask."}
-    )
-    use_bias_correction_kl: bool = field(default=True, metadata={"help": "KL times the ratio."})
-    kl_estimator: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
-
-    # ---- DAPO dynamic sampling (fastrl)
-    dynamic_sampling: bool = field(
-        default=False, metadata={"help": "Drop groups whose advantages are all 0."}
-    )
-
-    def __post_init__(self):
-        self.set_engine_defaults()
-        self.scale_rewards = {True: "group", False: "none"}.get(
-            self.scale_rewards, self.scale_rewards
-        )
-        # the options alone first: no device set-up, and a typo fails in milliseconds
-        self._check_options()
-        super().__post_init__()
-        self._check_batches()
-        self._check_loss()
-
-    def _check_options(self) -> None:
-        """Every GRPO option on its own (and `kernel_impl` / `load_in_4bit` against the
-        device), each message naming the flag, the value and what is allowed."""
-        check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
-        check_choice("importance_sampling_level", self.importance_sampling_level, _LEVELS)
-        check_choice("kl_estimator", self.kl_estimator, _KL_ESTIMATORS)
-        check_choice(
-            "scale_rewards", self.scale_rewards, _SCALES, " (True means 'group', False 'none')"
-        )
-        check_choice("multi_objective_aggregation", self.multi_objective_aggregation, _AGGREGATIONS)
-        check_number("num_generations", self.num_generations, low=2, integer=True)
-        check_number("num_iterations", self.num_iterations, low=1, integer=True)
-        check_number("max_completion_length", self.max_completion_length, low=1, integer=True)
-        check_number(
-            "max_prompt_length", self.max_prompt_length, low=1, integer=True, optional=True
-        )
-        for name in ("generation_batch_size", "steps_per_generation"):
-            check_number(name, getattr(self, name), low=1, integer=True, optional=True)
-        # sampling: generate() would reject these only at the first step, after the model
-        check_number("temperature", self.temperature, low=0, low_open=True)
-        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
-        check_number("top_k", self.top_k, low=0, integer=True)
-        check_number("min_p", self.min_p, low=0, high=1, optional=True)
-        check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
-        # loss ranges (as fastrl.policy_loss checks them; beta < 0 would reward divergence)
-        check_number("beta", self.beta, low=0)
-        check_number("epsilon", self.epsilon, low=0)
-        check_number("epsilon_high", self.epsilon_high, low=0, optional=True)
-        check_number("delta", self.delta, low=0, low_open=True, optional=True)
-        if self.delta is not None and self.loss_type not in _CLIPPED:
-            raise ValueError(
-                f"--delta {self.delta} caps the ratio of the clipped surrogate, which --loss_type "
-                f"{self.loss_type!r} does not have (it applies to {', '.join(_CLIPPED)})"
-            )
-        check_number("sapo_temperature_pos", self.sapo_temperature_pos, low=0, low_open=True)
-        check_number("sapo_temperature_neg", self.sapo_temperature_neg, low=0, low_open=True)
-        check_number("entropy_coef", self.entropy_coef)
-        check_number("top_entropy_quantile", self.top_entropy_quantile, low=0, high=1)
-        check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
-        if self.reward_weights is not None:
-            for w in self.reward_weights:
-                check_number("reward_weights", w)
-        check_model_options(self)
-        self.check_model_arguments()
-        if self.auto_find_batch_size:
-            raise ValueError(
-                "--auto_find_batch_size is not supported: the generation batch must hold whole "
-                "groups of --num_generations completions; lower --per_device_train_batch_size "
-                "instead"
-            )
-
-    def _check_batches(self) -> None:
-        """The generation batch (TRL's layout): whole groups per process; and what the
-        trainer refuses (after `TrainingArguments` has parsed `generation_kwargs` and set
-        `do_eval`)."""
-        if self.eval_strategy != "no" or self.do_eval:
-            strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
-            given = f"--eval_strategy {strategy!r}" if strategy != "no" else "--do_eval"
-            raise ValueError(
-                f"{given}: GRPOTrainer has no evaluation loop; leave --eval_strategy 'no' and "
-                "evaluate with generation yourself (e.g. "
-                "fastrl.trainers.demo_task.evaluate_accuracy)"
-            )
-        stop = (self.generation_kwargs or {}).get("stop_strings")
-        if stop is not None:
-            # a completion ends at its first EOS token; strings would need decoding per step
-            raise ValueError(
-                f"--generation_kwargs stop_strings={stop!r} is not supported: a completion "
-                "ends at its first EOS token (set eos_token_id instead)"
-            )
-        global_batch = self.per_device_train_batch_size * self.world_size
-        if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            raise ValueError(
-                f"set --generation_batch_size ({self.generation_batch_size}) or "
-                f"--steps_per_generation ({self.steps_per_generation}), not both"
-            )
-        if self.generation_batch_size is not None:
-            if self.generation_batch_size % global_batch:
-                raise ValueError(
-                    f"--generation_batch_size {self.generation_batch_size} must be a multiple "
-                    f"of --per_device_train_batch_size x processes ({global_batch})"
-                )
-            self.steps_per_generation = self.generation_batch_size // global_batch
-        elif self.steps_per_generation is None:
-            self.steps_per_generation = self.gradient_accumulation_steps
-        check_number("steps_per_generation", self.steps_per_generation, low=1, integer=True)
-        self.generation_batch_size = global_batch * self.steps_per_generation
-        local = self.per_device_train_batch_size * self.steps_per_generation
-        if local % self.num_generations:
-            raise ValueError(
-                f"the generation batch of each process, --per_device_train_batch_size x "
-                f"--steps_per_generation = {self.per_device_train_batch_size} x "
-                f"{self.steps_per_generation} = {local} completions, must be a multiple of "
-                f"num_generations (--num_generations {self.num_generations}) so that every "
-                "group is whole"
-            )
-
-    def _check_loss(self) -> None:
-        """The combinations of loss options, by `fastrl.policy_loss` itself on a 1x1 batch
-        (what the trainer runs, so nothing it refuses passes here), its argument names
-        written as flags."""
-        one = torch.zeros(1, 1)
-        try:
-            policy_loss(
-                one, one, torch.zeros(1), torch.ones(1, 1, dtype=torch.long),
-                ref_logps=one, entropy=one, num_items_in_batch=1,
-                loss_type=self.loss_type, epsilon=self.epsilon,
-                epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
-                kl_estimator=self.kl_estimator, use_bias_correction_kl=self.use_bias_correction_kl,
-                importance_sampling_level=self.importance_sampling_level,
-                max_completion_length=self.max_completion_length,
-                sapo_temperature_pos=self.sapo_temperature_pos,
-                sapo_temperature_neg=self.sapo_temperature_neg,
-                entropy_coef=self.entropy_coef, top_entropy_quantile=self.top_entropy_quantile,
-                off_policy_mask_threshold=self.off_policy_mask_threshold,
-            )  # fmt: skip
-        except (TypeError, ValueError) as e:
-            raise ValueError(flag_names(str(e), _LOSS_OPTIONS)) from e
-
 
 # --------------------------------------------------------------------------- sampler
 
@@ -499,7 +219,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         if args.eval_strategy != "no" or args.do_eval:
             raise ValueError(
                 "GRPOTrainer has no evaluation loop; set eval_strategy='no' and evaluate with "
-                "generation yourself (e.g. fastrl.trainers.demo_task.evaluate_accuracy)"
+                "generation yourself (e.g. fastrl.demo.task.evaluate_accuracy)"
             )
         cap_cuda_memory(args.max_memory_gb)
 

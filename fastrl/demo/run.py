@@ -15,14 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fastrl.trainers import demo_task as task
-from fastrl.trainers.dpo import (
-    DPOConfig,
-    DPOTrainer,
-    evaluate_preference_accuracy,
-    tokenize_preference_dataset,
-)
-from fastrl.trainers.grpo import GRPOConfig, GRPOTrainer
+from fastrl.demo import task
+from fastrl.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+from fastrl.trainers.dpo_trainer import evaluate_preference_accuracy, tokenize_preference_dataset
 from fastrl.trainers.rewards import digit_match_answer, exact_match_answer
 
 # sizes of each stage: full demo and --quick (a smoke run of the whole pipeline)

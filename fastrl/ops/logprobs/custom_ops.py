@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from fastrl.checks import check_target_ids
-from fastrl.chunked_logprobs import chunked_logprobs_bwd, chunked_logprobs_fwd
+from fastrl.ops.logprobs.chunked import chunked_logprobs_bwd, chunked_logprobs_fwd
 
 
 def _triton_backend(design: str):

@@ -16,11 +16,9 @@ reductions and normalisers in `policy_loss`.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from fastrl.checks import check_zero_one
+from fastrl.checks import check_choice, check_number, check_tensor, check_zero_one
 
 __all__ = ["policy_loss"]
 
@@ -32,44 +30,6 @@ _SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequenc
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_tensor(name, x, shape=None, floating=True):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} must have the shape of logps {tuple(shape)}, got {tuple(x.shape)}"
-        )
-
-
-def _check_number(name, x, *, low=None, high=None, strict_low=False, integer=False):
-    ok_type = numbers.Integral if integer else numbers.Real
-    if isinstance(x, bool) or not isinstance(x, ok_type):
-        kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, got {x!r}")
-    x = float(x)
-    bad = x != x or x in (float("inf"), float("-inf"))
-    if low is not None:
-        bad = bad or (x <= low if strict_low else x < low)
-    if high is not None:
-        bad = bad or x > high
-    if bad:
-        rng = []
-        if low is not None:
-            rng.append(f"{'>' if strict_low else '>='} {low}")
-        if high is not None:
-            rng.append(f"<= {high}")
-        raise ValueError(
-            f"{name} must be finite{' and ' + ' and '.join(rng) if rng else ''}, got {x!r}"
-        )
-
-
-def _check_choice(name, x, choices):
-    if x not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {x!r}")
 
 
 # --------------------------------------------------------------------------- per-token part
@@ -158,9 +118,9 @@ def _use_token_kernel(impl, logps, level):
     """Whether the per-token terms run in the Triton kernel: ``impl="auto"`` on CUDA
     tensors when it covers the options, ``"triton"`` always (or a ValueError naming what
     it does not cover), ``"torch"`` never."""
-    from fastrl.logprobs import IMPLS, _triton_usable
+    from fastrl.ops.logprobs.linear import IMPLS, _triton_usable
 
-    _check_choice("impl", impl, IMPLS)
+    check_choice("impl", impl, IMPLS)
     if impl == "torch":
         return False
     uncovered = None
@@ -376,23 +336,23 @@ def policy_loss(
             non-numeric hyper-parameter.
     """
     # ---- validation: every message names the argument and the value it got.
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_choice("importance_sampling_level", importance_sampling_level, _LEVELS)
-    _check_choice("kl_estimator", kl_estimator, _KL_ESTIMATORS)
-    _check_tensor("logps", logps)
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("importance_sampling_level", importance_sampling_level, _LEVELS)
+    check_choice("kl_estimator", kl_estimator, _KL_ESTIMATORS)
+    check_tensor("logps", logps)
     if logps.dim() != 2:
         raise ValueError(f"logps must have shape [B, T], got {tuple(logps.shape)}")
     shape = tuple(logps.shape)
     B, T = shape
     if old_logps is not None:
-        _check_tensor("old_logps", old_logps, shape)
+        check_tensor("old_logps", old_logps, shape)
     if ref_logps is not None:
-        _check_tensor("ref_logps", ref_logps, shape)
+        check_tensor("ref_logps", ref_logps, shape)
     if entropy is not None:
-        _check_tensor("entropy", entropy, shape)
+        check_tensor("entropy", entropy, shape)
     if sampling_logps is not None:
-        _check_tensor("sampling_logps", sampling_logps, shape)
-    _check_tensor("advantages", advantages, floating=False)
+        check_tensor("sampling_logps", sampling_logps, shape)
+    check_tensor("advantages", advantages, floating=False)
     if advantages.is_complex() or advantages.dtype == torch.bool:
         raise TypeError(f"advantages must be a real tensor, got dtype {advantages.dtype}")
     if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
@@ -400,22 +360,22 @@ def policy_loss(
             f"advantages must have shape [B]=({B},), [B, 1] or [B, T]={shape}, "
             f"got {tuple(advantages.shape)}"
         )
-    _check_tensor("mask", mask, shape, floating=False)
+    check_tensor("mask", mask, shape, floating=False)
     if mask.is_complex():
         raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {mask.dtype}")
     check_zero_one(mask, "mask must contain only 0 and 1")
 
-    _check_number("epsilon", epsilon, low=0.0)
+    check_number("epsilon", epsilon, low=0.0)
     if epsilon_high is not None:
-        _check_number("epsilon_high", epsilon_high, low=0.0)
+        check_number("epsilon_high", epsilon_high, low=0.0)
     if delta is not None:
-        _check_number("delta", delta, low=0.0, strict_low=True)
+        check_number("delta", delta, low=0.0, strict_low=True)
         if loss_type not in _CLIPPED:
             raise ValueError(
                 f"delta={delta!r} caps the unclipped ratio of the clipped surrogate, which "
                 f"loss_type={loss_type!r} does not have (it applies to {_CLIPPED})"
             )
-    _check_number("beta", beta, low=0.0)  # a negative KL coefficient rewards divergence
+    check_number("beta", beta, low=0.0)  # a negative KL coefficient rewards divergence
     if beta != 0 and ref_logps is None:
         raise ValueError(f"beta={beta!r} needs ref_logps (the KL penalty's reference)")
     if loss_type == "dr_grpo":
@@ -425,7 +385,7 @@ def policy_loss(
                 "max_completion_length (got None)"
             )
     if max_completion_length is not None:
-        _check_number("max_completion_length", max_completion_length, low=1, integer=True)
+        check_number("max_completion_length", max_completion_length, low=1, integer=True)
     if loss_type in ("dapo", "cispo") and num_items_in_batch is None:
         raise ValueError(
             f"loss_type={loss_type!r} normalises by the active-token count of the generation "
@@ -439,16 +399,16 @@ def policy_loss(
                     f"{tuple(num_items_in_batch.shape)}"
                 )
         else:
-            _check_number("num_items_in_batch", num_items_in_batch, low=0.0)
-    _check_number("gradient_accumulation_steps", gradient_accumulation_steps, low=1, integer=True)
+            check_number("num_items_in_batch", num_items_in_batch, low=0.0)
+    check_number("gradient_accumulation_steps", gradient_accumulation_steps, low=1, integer=True)
     if steps_per_generation is None:
         steps_per_generation = gradient_accumulation_steps
-    _check_number("steps_per_generation", steps_per_generation, low=1, integer=True)
-    _check_number("num_processes", num_processes, low=1, integer=True)
-    _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, strict_low=True)
-    _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, strict_low=True)
-    _check_number("entropy_coef", entropy_coef)
-    _check_number("top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0)
+    check_number("steps_per_generation", steps_per_generation, low=1, integer=True)
+    check_number("num_processes", num_processes, low=1, integer=True)
+    check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, strict_low=True)
+    check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, strict_low=True)
+    check_number("entropy_coef", entropy_coef)
+    check_number("top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0)
     if entropy is None and entropy_coef != 0:
         raise ValueError(
             f"entropy_coef={entropy_coef!r} needs the per-token entropy (entropy=None)"
@@ -459,11 +419,11 @@ def policy_loss(
             "(entropy=None)"
         )
     if sampling_correction is not None:
-        _check_choice("sampling_correction", sampling_correction, _SAMPLING_MODES)
+        check_choice("sampling_correction", sampling_correction, _SAMPLING_MODES)
     if sampling_clip_min is not None:
-        _check_number("sampling_clip_min", sampling_clip_min)
+        check_number("sampling_clip_min", sampling_clip_min)
     if sampling_clip_max is not None:
-        _check_number("sampling_clip_max", sampling_clip_max)
+        check_number("sampling_clip_max", sampling_clip_max)
     correct = sampling_logps is not None and sampling_correction is not None
     if correct:
         both = sampling_clip_min is not None and sampling_clip_max is not None
@@ -479,7 +439,7 @@ def policy_loss(
                     "sampling_clip_max (both None)"
                 )
     if off_policy_mask_threshold is not None:
-        _check_number("off_policy_mask_threshold", off_policy_mask_threshold)
+        check_number("off_policy_mask_threshold", off_policy_mask_threshold)
     use_kernel = _use_token_kernel(impl, logps, importance_sampling_level)
     if _token_terms is not None and importance_sampling_level != "token":
         raise ValueError("_token_terms is for importance_sampling_level='token' only")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from fastrl.checks import check_values
-from fastrl.logprobs import _triton_usable
+from fastrl.ops.logprobs.linear import _triton_usable
 
 __all__ = ["group_advantages"]
 

@@ -1,0 +1,6 @@
+"""The demo (`fastrl demo`, the README's main job): a tiny arithmetic task, an SFT
+warm-up, GRPO and DPO with LoRA on a model built in code.
+
+- `task.py`: the task's data, tokenizer, model and SFT loop;
+- `run.py`: `run_demo`, the three stages, the plot and the saved models.
+"""

@@ -1,0 +1,14 @@
+"""Per-token log-probs and entropies from hidden states and an lm_head weight.
+
+- `linear.py`: `linear_logprobs`, `sequence_logprobs` (the public functions, padding
+  compaction, the autograd glue);
+- `custom_ops.py`: the `torch.library` ops over the designs (`tiles`, `cublas`, `frozen`)
+  and the PyTorch path, what `torch.compile` sees;
+- `chunked.py`: the PyTorch path (vocabulary chunks, no `[N, V]` buffer);
+- `naive.py`: the float64 oracle `naive_linear_logprobs`;
+- kernels: `fastrl.kernels.linear_logprobs` (tiles), `.cublas_logprobs`, `.frozen_logprobs`.
+"""
+
+from fastrl.ops.logprobs.linear import linear_logprobs, sequence_logprobs
+
+__all__ = ["linear_logprobs", "sequence_logprobs"]

@@ -1,0 +1,12 @@
+"""GRPO-family policy losses.
+
+- `loss.py`: `policy_loss` on per-token log-probs;
+- `fused.py`: `fused_policy_loss` from hidden states (gradients formed in the forward);
+- `naive.py`: the float64 oracle `naive_policy_loss`;
+- kernels: `fastrl.kernels.policy_loss` (per-token terms), `.fused_policy_loss`.
+"""
+
+from fastrl.ops.policy.fused import fused_policy_loss
+from fastrl.ops.policy.loss import policy_loss
+
+__all__ = ["fused_policy_loss", "policy_loss"]
