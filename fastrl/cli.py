@@ -15,8 +15,10 @@ A mistake in the options, paths or data prints one line and exits 2; `--debug` (
 """
 
 import argparse
+import ast
 import contextlib
 import copy
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -90,7 +92,18 @@ class _Parser(argparse.ArgumentParser):
     which for a few hundred `TrainingArguments` flags runs to a hundred lines."""
 
     def error(self, message: str):
-        raise UsageError(message, hint=f"see `{self.prog} --help`")
+        hint = f"see `{self.prog} --help`"
+        if message.startswith("unrecognized arguments:"):
+            flags = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a[:2] == "--"]
+            hint = _did_you_mean(flags[0] if flags else "", self._option_string_actions, hint)
+        raise UsageError(message, hint=hint)
+
+
+def _did_you_mean(flag: str, known, otherwise: str) -> str:
+    """A hint naming the option closest to the mistyped `flag` (`--num_generation`)."""
+    name = flag.lstrip("-").replace("-", "_")
+    close = difflib.get_close_matches(name, sorted(k.lstrip("-") for k in known), n=1)
+    return f"did you mean --{close[0]}?" if close else otherwise
 
 
 def _choices(command: str) -> dict[str, tuple[str, ...]]:
@@ -197,11 +210,14 @@ def _save_option_table(command: str, parser) -> None:
 
 
 def _fast_argument_check(command: str, argv: list[str]) -> None:
-    """Reject unknown options and bad choices from the cached option table, before the slow
-    imports; the full parser checks everything again (types, the config's own checks)."""
+    """Reject unknown options and bad choices before the slow imports: from the cached
+    option table where a run has left one, else from the option names the configs declare
+    in their source (read without importing them). The full parser checks everything again
+    (types, the config's own checks)."""
     try:
         table = json.loads(_option_cache(command).read_text())
     except (OSError, ValueError):
+        _check_option_names(command, argv)
         return
     parser = _Parser(prog=f"fastrl {command}", allow_abbrev=False, add_help=False)
     for entry in table:
@@ -212,6 +228,57 @@ def _fast_argument_check(command: str, argv: list[str]) -> None:
             parser.add_argument(*entry["options"], dest=entry["dest"], nargs=entry["nargs"],
                                 choices=entry["choices"])  # fmt: skip
     parser.parse_args(argv)
+
+
+def _declared_fields(path: Path, class_name: str) -> set[str]:
+    """The field names class `class_name` declares in its own body in the file `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return {s.target.id for s in node.body
+                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}  # fmt: skip
+    raise LookupError(f"no class {class_name} in {path}")
+
+
+def _option_names(command: str) -> set[str] | None:
+    """Every option `fastrl COMMAND` takes, from the sources of its dataclasses and of
+    transformers' `TrainingArguments` (a few ms, where importing them takes seconds);
+    None where a source cannot be read (the full parser then is the only check)."""
+    import dataclasses as dc
+
+    here = Path(__file__).resolve().parent
+    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
+    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments}[command]
+    spec = importlib.util.find_spec("transformers")  # finds it without importing it
+    if spec is None or spec.origin is None:
+        return None
+    sources = [(here / "trainers" / f"{command}_config.py", config),
+               (here / "trainers" / "model.py", "ModelArguments"),
+               (Path(spec.origin).parent / "training_args.py", "TrainingArguments")]  # fmt: skip
+    try:
+        names = set().union(*(_declared_fields(path, cls) for path, cls in sources))
+    except (OSError, SyntaxError, LookupError):
+        return None
+    return names | {f.name for f in dc.fields(script)} | {"config"}
+
+
+def _check_option_names(command: str, argv: list[str]) -> None:
+    names = _option_names(command)
+    if names is None:
+        return
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("--"):
+            continue
+        flag = arg[2:].split("=", 1)[0]
+        name = flag.replace("-", "_")
+        if name in names or (name.startswith("no_") and name[3:] in names):
+            continue
+        raise UsageError(
+            f"unrecognized arguments: --{flag}",
+            hint=_did_you_mean(flag, names, f"see `fastrl {command} --help`"),
+        )
 
 
 def _yaml_config(path: str) -> dict:
@@ -468,17 +535,19 @@ def _check_reward_columns(options: dict) -> dict[str, str]:
 def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
     _fast_argument_check(command, argv)
     options = _prescan(dataclass, argv)
-    if "model" in options:
-        check_model_path(str(options["model"]))
-    if "dataset" in options:
-        if command == "grpo":
-            _check_dataset(str(options["dataset"]), _check_reward_columns(options))
-        else:
-            # DPOTrainer's columns (importing it here would cost the slow imports)
-            needed = {c: "DPO pairs need prompt, chosen and rejected"
-                      for c in ("prompt", "chosen", "rejected")}  # fmt: skip
-            tokenized = ("prompt_ids", "chosen_ids", "rejected_ids")
-            _check_dataset(str(options["dataset"]), needed, alternatives=(tokenized,))
+    missing = [f"--{name}" for name in ("model", "dataset") if name not in options]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}",
+                         hint=f"see `fastrl {command} --help`")  # fmt: skip
+    check_model_path(str(options["model"]))
+    if command == "grpo":
+        _check_dataset(str(options["dataset"]), _check_reward_columns(options))
+    else:
+        # DPOTrainer's columns (importing it here would cost the slow imports)
+        needed = {c: "DPO pairs need prompt, chosen and rejected"
+                  for c in ("prompt", "chosen", "rejected")}  # fmt: skip
+        tokenized = ("prompt_ids", "chosen_ids", "rejected_ids")
+        _check_dataset(str(options["dataset"]), needed, alternatives=(tokenized,))
     return options
 
 

@@ -131,17 +131,51 @@ def test_missing_yaml_config(tmp_path):
 
 def test_prefix_of_an_option_is_rejected(tmp_path, ckpt, data):
     # the first run builds the full parser (and caches its option table), the second
-    # rejects the flag from the cache, before importing the trainers: the same message
+    # rejects from the cache, before importing the trainers: the same message
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    args = ("grpo", "--model", ckpt, "--dataset", data, "--num_generation", "4")
+    args = ("grpo", "--model", ckpt, "--dataset", data, "--loss_type", "nope")
     code, err, _, _ = fastrl(*args, env=env)
-    assert_user_error(code, err, "--num_generation 4", "fastrl grpo --help")
+    assert_user_error(code, err, "--loss_type", "invalid choice: 'nope'", "fastrl grpo --help")
     assert list((tmp_path / "cache" / "fastrl").glob("cli-grpo-*.json"))
     code, again, _, _ = fastrl(*args, env=env)
-    assert_user_error(code, again, "--num_generation 4")
     assert again == err
-    code, err, _, _ = fastrl(*args[:-2], "--loss_type", "nope", env=env)
-    assert_user_error(code, err, "--loss_type", "invalid choice: 'nope'")
+    code, err, _, _ = fastrl(*args[:-2], "--num_generation", "4", env=env)
+    assert_user_error(code, err, "--num_generation 4", "did you mean --num_generations?")
+
+
+# a subprocess that runs the command and says which heavy modules it imported
+_IMPORTS_PROBE = """
+import sys
+from fastrl import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as e:
+    print(e.code, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("command", ["grpo", "dpo"])
+def test_first_run_rejects_a_mistyped_flag_without_importing_torch(tmp_path, ckpt, data, command):
+    # no option table cached yet: the names come from the configs' and TrainingArguments'
+    # sources, read without importing them
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    flag = {"grpo": "--num_generation", "dpo": "--bta"}[command]
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, command, "--model", str(ckpt),
+         "--dataset", str(data), "--per-device-train-batch-size", "2", flag, "4"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
+    right = {"grpo": "--num_generations", "dpo": "--beta"}[command]
+    assert_user_error(2, run.stderr, f"unrecognized arguments: {flag}", f"did you mean {right}?")
+
+
+def test_missing_required_options_fail_before_the_slow_imports(tmp_path, ckpt):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    run = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, "grpo", "--model", str(ckpt)],
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
+    assert_user_error(2, run.stderr, "required: --dataset")
 
 
 def test_debug_shows_the_traceback(tmp_path, data):
