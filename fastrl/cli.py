@@ -472,12 +472,39 @@ def check_model_path(model: str, flag: str = "--model") -> None:
             f"{flag} {model}: directory {str(path.resolve())!r} does not exist",
             hint="give a local checkpoint directory or a hub id (org/name)",
         )
+    if _in_hub_cache(model):
+        return
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        if not _in_hub_cache(model):
-            raise UsageError(
-                f"{flag} {model}: no such directory, and hub model {model!r} is not in the "
-                "cache (HF_HUB_OFFLINE is set)"
-            )
+        raise UsageError(
+            f"{flag} {model}: no such directory, and hub model {model!r} is not in the "
+            "cache (HF_HUB_OFFLINE is set)"
+        )
+    _check_hub_model(model, flag)
+
+
+def _check_hub_model(model: str, flag: str) -> None:
+    """One request to the Hub for a model that is neither here nor cached: a missing repo
+    or an unreachable Hub is said at once, not after transformers' minute of retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model, timeout=10)
+    except GatedRepoError:
+        return  # it exists; from_pretrained says what access it needs
+    except RepositoryNotFoundError:
+        raise UsageError(
+            f"{flag} {model}: no such directory, and no model {model!r} on the Hub",
+            hint="a private or gated model needs `hf auth login` (or HF_TOKEN)",
+        ) from None
+    except Exception as e:  # the HTTP client's connection errors have no common base here
+        if not any(k in type(e).__name__ for k in ("Connect", "Timeout", "Network", "Transport")):
+            raise
+        raise UsageError(
+            f"{flag} {model}: no such directory, not in the Hub cache, and the Hub cannot "
+            f"be reached ({type(e).__name__}: {e})",
+            hint="give a local checkpoint directory, or download the model first",
+        ) from None
 
 
 def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:

@@ -294,3 +294,43 @@ def test_column_format_json_is_a_data_file(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps({"prompt": ["1+1=", "2+2="], "answer": ["2", "4"]}, indent=1))
     assert check_data_file(path) == ["prompt", "answer"]
+
+
+def test_hub_id_neither_here_nor_cached_is_one_request(tmp_path, data):
+    # transformers retries for about a minute before it says the Hub is unreachable; the
+    # precheck asks once: no such repo, or no network, is said at once
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    code, err, _, seconds = fastrl("grpo", "--model", "no-org/no-model", "--dataset", data,
+                                   cwd=tmp_path, env=env)  # fmt: skip
+    assert_user_error(code, err, "--model no-org/no-model", "no such directory")
+    assert "on the Hub" in err or "cannot be reached" in err
+    assert seconds < 30
+
+
+@pytest.mark.parametrize("failure", ["missing", "unreachable", "gated"])
+def test_hub_precheck_messages(monkeypatch, failure):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    class ConnectError(Exception):  # as the Hub's HTTP client names it
+        pass
+
+    response = types.SimpleNamespace(headers={}, status_code=404, request=None)
+    errors = {"missing": RepositoryNotFoundError("404", response=response),
+              "unreachable": ConnectError("Name or service not known"),
+              "gated": GatedRepoError("403", response=response)}  # fmt: skip
+
+    def model_info(self, repo_id, timeout=None):
+        raise errors[failure]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda model: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if failure == "gated":
+        cli.check_model_path("org/gated")  # exists: from_pretrained says what access it needs
+        return
+    with pytest.raises(cli.UsageError) as e:
+        cli.check_model_path("org/name")
+    expected = {"missing": "no model 'org/name' on the Hub", "unreachable": "cannot be reached"}
+    assert expected[failure] in str(e.value)
+    assert str(e.value).startswith("--model org/name")
