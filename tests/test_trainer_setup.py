@@ -11,8 +11,8 @@ from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.model import (
     completion_positions,
     default_attn_implementation,
+    last_hidden_states,
     load_model,
-    policy_hidden_states,
     reference_adapters_off,
 )
 
@@ -53,8 +53,8 @@ def test_reference_is_the_base_with_adapters_off():
             if "lora_B" in n:
                 p.normal_()  # make the adapters matter
     with reference_adapters_off(model):
-        ref = policy_hidden_states(model, ids)
-    pol = policy_hidden_states(model, ids)
+        ref = last_hidden_states(model, ids)
+    pol = last_hidden_states(model, ids)
     torch.testing.assert_close(ref, expected)
     assert (pol - expected).abs().max() > 1e-3 and pol.requires_grad and not ref.requires_grad
     with pytest.raises(ValueError, match="peft model"):
