@@ -17,8 +17,9 @@
   written as flags.
 
 A subclass sets `algorithm` (how messages name it), `memory_options` (what to lower on
-out-of-memory, first first) and `non_finite_hint`, and calls `_record_step` exactly once
-per micro-batch on every process, with or without a batch (the check is a collective).
+out-of-memory, the most effective first) and `non_finite_hint`, and calls `_record_step`
+once per micro-batch on every process, with or without a batch (the check is a
+collective).
 """
 
 from __future__ import annotations

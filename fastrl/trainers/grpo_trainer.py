@@ -150,7 +150,7 @@ def _checked_args(args: GRPOConfig | None) -> GRPOConfig:
     if args.eval_strategy != "no" or args.do_eval:  # changed after GRPOConfig checked them
         raise ValueError(
             "GRPOTrainer has no evaluation loop; set eval_strategy='no' and evaluate with "
-            "generation yourself"
+            "generation yourself (model.generate and your reward functions)"
         )
     return args
 
