@@ -278,13 +278,14 @@ class BaseTrainer(SaveOnInterrupt, Trainer):
         return ""
 
     def _out_of_memory_message(self, exc: BaseException) -> str:
+        """The advice on the first line (the command line prints that one), then `exc`."""
         a = self.args
         cap = f" (capped by --max_memory_gb {a.max_memory_gb})" if a.max_memory_gb else ""
         lower = ", ".join(f"--{name} (now {getattr(a, name)})" for name in self.memory_options)
         return (
-            f"out of memory in a {self.algorithm} step{cap}: {exc}\n"
-            f"Lower, in this order: {lower}; raise --gradient_accumulation_steps to keep the "
-            f"effective batch. Keep --activation_checkpointing on (now "
-            f"{a.activation_checkpointing}) and prefer --bf16 (now {a.bf16}); --load_in_4bit "
-            f"shrinks the base weights{self._memory_hint()}."
+            f"out of memory in a {self.algorithm} step{cap}: lower, in this order, {lower} "
+            f"(raise --gradient_accumulation_steps to keep the effective batch); keep "
+            f"--activation_checkpointing on (now {a.activation_checkpointing}) and prefer "
+            f"--bf16 (now {a.bf16}); --load_in_4bit shrinks the base "
+            f"weights{self._memory_hint()}.\n{exc}"
         )
