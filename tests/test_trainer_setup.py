@@ -11,8 +11,8 @@ from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.model import (
     completion_positions,
     default_attn_implementation,
+    last_hidden_states,
     load_model,
-    policy_hidden_states,
     reference_adapters_off,
 )
 
@@ -53,8 +53,8 @@ def test_reference_is_the_base_with_adapters_off():
             if "lora_B" in n:
                 p.normal_()  # make the adapters matter
     with reference_adapters_off(model):
-        ref = policy_hidden_states(model, ids)
-    pol = policy_hidden_states(model, ids)
+        ref = last_hidden_states(model, ids)
+    pol = last_hidden_states(model, ids)
     torch.testing.assert_close(ref, expected)
     assert (pol - expected).abs().max() > 1e-3 and pol.requires_grad and not ref.requires_grad
     with pytest.raises(ValueError, match="peft model"):
@@ -151,3 +151,21 @@ def test_render_prompt_chat_template():
     assert render_prompt(Tok(), "2+2=") == "2+2="
     with pytest.raises(ValueError, match="chat_template"):
         render_prompt(Tok(), [{"role": "user", "content": "hi"}])
+
+
+def test_metric_windows_merge_over_processes():
+    from fastrl.trainers.base import merge_metric_windows
+
+    # per process: {name: (sum, count)} of its non-NaN values over the logging window
+    rank0 = {"kl": (3.0, 2), "clip_ratio/low_min": (0.2, 2), "clip_ratio/high_max": (0.5, 1),
+             "reward": (0.0, 0)}  # fmt: skip
+    rank1 = {"kl": (1.0, 2), "clip_ratio/low_min": (0.6, 2), "clip_ratio/high_max": (0.3, 1)}
+    assert merge_metric_windows([rank0, rank1]) == {
+        "kl": 1.0,  # the mean of every value: (3 + 1) / (2 + 2)
+        "clip_ratio/low_min": 0.1,  # the min of the processes' means, 0.1 and 0.3
+        "clip_ratio/high_max": 0.5,  # the max of 0.5 and 0.3
+    }  # "reward" has no value anywhere: left out
+    # one process: every metric is its window mean
+    assert merge_metric_windows([rank0]) == {
+        "kl": 1.5, "clip_ratio/low_min": 0.1, "clip_ratio/high_max": 0.5,
+    }  # fmt: skip

@@ -17,10 +17,12 @@ accelerate / DDP; this module adds what DPO needs on top:
   `fastrl.fused_preference_loss`; the reference is the same model with its adapters off
   (per batch, or once over the dataset with ``precompute_ref_log_probs``); reference-free
   losses (CPO, SimPO, AlphaPO, ORPO) skip it;
-- the loss's metrics (``rewards/*``, ``logps/*``, ...) averaged over the logging window,
-  ``num_tokens``, ``tokens_per_second`` and, on CUDA, ``peak_memory_gib``; a NaN loss
-  stops the run with a message, an out-of-memory error says what to lower; Ctrl-C saves
-  a checkpoint of the last completed step (`resume_from_checkpoint` continues from it).
+- the loss's metrics (``rewards/*``, ``logps/*``, ...) averaged over the logging window
+  and the processes, ``num_tokens``, ``tokens_per_second`` and, on CUDA,
+  ``peak_memory_gib``; a non-finite loss stops the run with a message, an out-of-memory
+  error says what to lower; Ctrl-C saves a checkpoint of the last completed step
+  (`resume_from_checkpoint` continues from it). These, the model and tokenizer set-up
+  are `BaseTrainer`'s, shared with GRPO.
 
 `evaluate_preference_accuracy` measures how often a policy prefers the chosen completion
 of held-out pairs.
@@ -29,18 +31,15 @@ of held-out pairs.
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, set_seed
 
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs
+from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
-from fastrl.trainers.console import use_console
+from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import join_message_contents, load_data, render_prompt, require_columns
 from fastrl.trainers.dpo_config import (
     _COLUMNS,
@@ -50,15 +49,11 @@ from fastrl.trainers.dpo_config import (
     DPOConfig,
     _check_loss_options,
 )
-from fastrl.trainers.interrupt import SaveOnInterrupt
 from fastrl.trainers.model import (
     backbone_hidden_states,
-    cap_cuda_memory,
     completion_positions,
-    load_model,
-    policy_hidden_states,
+    last_hidden_states,
     reference_adapters_off,
-    refuse_sharded_parameters,
 )
 
 __all__ = [
@@ -89,10 +84,10 @@ def _tokenize_example(
     chosen,
     rejected,
     *,
-    use_chat_template: bool = True,
-    max_prompt_length: int | None = None,
-    max_completion_length: int | None = None,
-    max_length: int | None = None,
+    use_chat_template: bool,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    max_length: int | None,
 ) -> dict[str, list[int]]:
     """Token ids of one pair as TRL 1.16's DPOTrainer makes them, then truncated.
 
@@ -148,7 +143,7 @@ def tokenize_preference_dataset(
     use_chat_template: bool = True,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
-    max_length: int | None = 1024,
+    max_length: int | None = DPOConfig.max_length,
     num_proc: int | None = None,
 ):
     """A preference dataset with ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` columns.
@@ -250,7 +245,7 @@ def _scored_targets(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @torch.no_grad()
-def _sequence_logps(model, batch, *, adapters: bool, ld_alpha=None, impl="auto", autocast=None):
+def _sequence_logps(model, batch, *, adapters: bool, impl: str, ld_alpha=None, autocast=None):
     """``[2B]`` summed completion log-probs of ``model`` (adapters on or off), in eval
     mode; with ``ld_alpha``, LD-DPO's weighted sums (shared part + ld_alpha * tail, the
     values TRL stores as precomputed reference log-probs). Also returns the lengths.
@@ -262,10 +257,10 @@ def _sequence_logps(model, batch, *, adapters: bool, ld_alpha=None, impl="auto",
     try:
         with reference_adapters_off(model) if not adapters else contextlib.nullcontext():
             with autocast if autocast is not None else contextlib.nullcontext():
-                hidden = policy_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+                hidden = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
             head = lm_head(model)
             h = completion_positions(hidden, P).to(head.weight.dtype)
-            scored = torch.where(mask.bool(), targets, -100)
+            scored = torch.where(mask.bool(), targets, IGNORE_INDEX)
             logps = linear_logprobs(h, head.weight, scored, impl=impl, **head.kwargs())
     finally:
         model.train(was_training)
@@ -285,7 +280,7 @@ def _disable_dropout(model) -> None:
 # --------------------------------------------------------------------------- trainer
 
 
-class DPOTrainer(SaveOnInterrupt, Trainer):
+class DPOTrainer(BaseTrainer):
     """LoRA DPO (and the rest of `fastrl.preference_loss`'s family) on `transformers.Trainer`.
 
     Args:
@@ -309,6 +304,9 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
     # the loss is a mean over the micro-batch's pairs: let Trainer divide it by the number
     # of gradient-accumulation steps
     loss_is_scaled_for_ga = False
+    algorithm = "DPO"
+    memory_options = ("per_device_train_batch_size", "max_length", "max_completion_length")
+    non_finite_hint = "check the data for empty or degenerate pairs"
 
     def __init__(
         self,
@@ -321,76 +319,36 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
         optimizers=(None, None),
         compute_metrics=None,
     ):
-        from peft import PeftModel
-
         args = DPOConfig("fastrl-dpo") if args is None else args
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a fastrl DPOConfig, got {type(args).__name__}")
         _check_loss_options(args)
-        if args.precompute_ref_log_probs and args.reference_free:
-            raise ValueError(
-                f"precompute_ref_log_probs=True, but loss_type={args.loss_type} uses no reference"
-            )
-        if args.max_memory_gb is not None:
-            cap_cuda_memory(args.max_memory_gb)
-
-        if processing_class is None:
-            if not isinstance(model, str) and not hasattr(model, "__fspath__"):
-                raise ValueError("processing_class (the tokenizer) is required for a model object")
-            from transformers import AutoTokenizer
-
-            processing_class = AutoTokenizer.from_pretrained(
-                model, local_files_only=os.path.isdir(model)
-            )
-        pad = processing_class.pad_token_id
-        pad = processing_class.eos_token_id if pad is None else pad
-        if pad is None:
-            raise ValueError("the tokenizer needs a pad_token or an eos_token to pad batches")
-
-        set_seed(args.seed)  # the LoRA initialisation draws from the global RNG
-        model = load_model(
-            model,
-            lora=None if isinstance(model, PeftModel) else args.lora_kwargs(),
-            gradient_checkpointing=args.activation_checkpointing,
-            **args.load_model_kwargs(),
-        )
+        tokenizer = self._load_tokenizer(model, processing_class)
+        model = self._load_model(model, args)
         if args.disable_dropout:
             _disable_dropout(model)
-
-        if train_dataset is not None:
-            train_dataset = self._tokenize(train_dataset, args, processing_class)
-        if eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, args, processing_class, split="test")
-
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._window_tokens = 0
-        self._window_start: float | None = None
-        self._total_tokens = 0
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=PreferenceCollator(pad, args.pad_to_multiple_of),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
+            model,
+            args,
+            data_collator=PreferenceCollator(tokenizer.pad_token_id, args.pad_to_multiple_of),
+            train_dataset=self._tokenize(train_dataset, args, tokenizer),
+            eval_dataset=self._tokenize(eval_dataset, args, tokenizer, split="test"),
+            processing_class=tokenizer,
             compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        refuse_sharded_parameters(self)
-        self._track_rng_at_step_end()
-        use_console(self)  # compact log lines on the console
         self.loss_kwargs = args.preference_loss_kwargs()
-        if self.train_dataset is not None:
-            self.train_dataset = self._with_reference(self.train_dataset)
-        if self.eval_dataset is not None:
-            self.eval_dataset = self._with_reference(self.eval_dataset)
+        self.train_dataset = self._with_reference(self.train_dataset)
+        self.eval_dataset = self._with_reference(self.eval_dataset)
 
     # ---------------------------------------------------------------------- data
 
     @staticmethod
     def _tokenize(dataset, args, tokenizer, split="train"):
         """Token columns for a dataset (or a dict of named ones); idempotent."""
+        if dataset is None:
+            return None
         if isinstance(dataset, dict) and not _is_columns(dataset):
             return {k: DPOTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
         return tokenize_preference_dataset(
@@ -405,7 +363,7 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
 
     def _with_reference(self, dataset):
         """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
-        if not self.args.precompute_ref_log_probs:
+        if dataset is None or not self.args.precompute_ref_log_probs:
             return dataset
         if isinstance(dataset, dict):
             return {k: self.precompute_reference_logps(v) for k, v in dataset.items()}
@@ -460,31 +418,30 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
 
     # ---------------------------------------------------------------------- loss
 
-    def policy_hidden_states(self, model, batch) -> torch.Tensor:
-        """``[2B, L, d]`` last hidden states of the policy (adapters on, with grad), through
-        ``model`` as the engine wrapped it (DDP included)."""
-        return backbone_hidden_states(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            unwrapped=self.accelerator.unwrap_model(model),
-        )
+    def _reference_inputs(self, inputs) -> dict[str, torch.Tensor]:
+        """The reference arguments of `fused_preference_loss` for a collated batch: none
+        for a reference-free loss, else the precomputed columns or a forward with the
+        adapters off."""
+        if not self.uses_reference:
+            return {}
+        if all(c in inputs for c in _REF_COLUMNS):
+            rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            rc, rr = self.reference_logps(inputs)
+        ref = dict(ref_chosen_logps=rc, ref_rejected_logps=rr)
+        if self.args.ld_alpha is not None:  # the reference sums are already LD-weighted
+            ref.update(ref_chosen_tail_logps=torch.zeros_like(rc))
+            ref.update(ref_rejected_tail_logps=torch.zeros_like(rr))
+        return ref
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
         targets, mask, P = _scored_targets(inputs)
-        ref = {}
-        if self.uses_reference:
-            if all(c in inputs for c in _REF_COLUMNS):
-                rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                rc, rr = self.reference_logps(inputs)
-            ref = dict(ref_chosen_logps=rc, ref_rejected_logps=rr)
-            if self.args.ld_alpha is not None:  # the reference sums are already LD-weighted
-                ref.update(ref_chosen_tail_logps=torch.zeros_like(rc))
-                ref.update(ref_rejected_tail_logps=torch.zeros_like(rr))
-        hidden = self.policy_hidden_states(model, inputs)
-        head = lm_head(self.accelerator.unwrap_model(model))
+        ref = self._reference_inputs(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        # the policy: adapters on, with grad, through the engine's wrapper (DDP included)
+        ids, att = inputs["input_ids"], inputs["attention_mask"]
+        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
+        head = lm_head(unwrapped)
         h = completion_positions(hidden, P)
         if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
             h = h.to(head.weight.dtype)
@@ -492,73 +449,19 @@ class DPOTrainer(SaveOnInterrupt, Trainer):
             h, head.weight, targets, mask, impl=self.args.kernel_impl, **head.kwargs(), **ref,
             **self.loss_kwargs,
         )  # fmt: skip
-        if not self._record(mode, loss, metrics, inputs):
-            self._non_finite_loss(loss, metrics, inputs)
+        self._record_step(loss, metrics, inputs, train=model.training, tokens=att.sum())
         return (loss, metrics) if return_outputs else loss
 
-    def _record(self, mode, loss, metrics, inputs) -> bool:
-        """Store the metrics (averaged over processes); False if any process's loss is not
-        finite (so every process stops together)."""
-        names = list(metrics)
-        local = torch.stack([loss.detach().float()] + [metrics[k].detach().float() for k in names])
-        values = self.accelerator.gather(local).view(-1, len(names) + 1)
-        finite = bool(torch.isfinite(values[:, 0]).all())
-        for name, value in zip(names, values[:, 1:].mean(0).tolist(), strict=True):
-            self._metrics[mode][name].append(value)
-        if mode == "train":
-            tokens = int(self.accelerator.gather(inputs["attention_mask"].sum()).sum())
-            self._window_tokens += tokens
-            self._total_tokens += tokens
-        return finite
-
-    def _non_finite_loss(self, loss, metrics, inputs):
-        step = self.state.global_step
-        shown = {k: round(float(v), 4) for k, v in metrics.items()}
-        lengths = inputs["completion_mask"].sum(1).tolist()
-        raise FloatingPointError(
-            f"non-finite DPO loss at step {step} (this process: loss {float(loss.detach())}, "
-            f"metrics {shown}, completion lengths {lengths}). Training stopped: lower "
-            "learning_rate, set max_grad_norm (e.g. 1.0), check the data for empty or degenerate "
-            "pairs, and prefer bf16 over fp16."
-        )
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._window_start is None:
-            self._window_start = time.perf_counter()
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        except torch.OutOfMemoryError as e:
-            raise torch.OutOfMemoryError(
-                f"{e}\nDPO step out of memory: lower per_device_train_batch_size (raise "
-                "gradient_accumulation_steps to keep the effective batch), lower max_length / "
-                "max_completion_length, keep activation_checkpointing on, use bf16 or "
-                "load_in_4bit, or set precompute_ref_log_probs=True."
-            ) from e
+    def _memory_hint(self) -> str:
+        if self.uses_reference and not self.args.precompute_ref_log_probs:
+            return "; --precompute_ref_log_probs drops the reference forward from every step"
+        return ""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-    # ------------------------------------------------------------------- logging
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        window = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        if mode == "eval":
-            window = {f"eval_{k}": v for k, v in window.items()}
-        elif "loss" in logs:  # a training log (not the end-of-training summary)
-            now = time.perf_counter()
-            if self._window_start is not None and now > self._window_start:
-                window["tokens_per_second"] = self._window_tokens / (now - self._window_start)
-            window["num_tokens"] = self._total_tokens
-            self._window_tokens, self._window_start = 0, now
-            if torch.cuda.is_available():
-                window["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        logs.update(window)
-        super().log(logs, start_time)
-        self._metrics[mode].clear()
 
 
 def _is_columns(d: dict) -> bool:
@@ -598,7 +501,7 @@ def evaluate_preference_accuracy(
         reference_free: override the choice above.
         batch_size: pairs per forward.
         use_chat_template, max_length: tokenization options (default: the trainer's, or
-            True and 1024).
+            `tokenize_preference_dataset`'s).
     """
     if pairs_dataset is None:
         raise ValueError("evaluate_preference_accuracy needs pairs_dataset")
@@ -608,12 +511,10 @@ def evaluate_preference_accuracy(
         tokenizer = trainer.processing_class if tokenizer is None else tokenizer
         args = trainer.args
         options = dict(
-            use_chat_template=args.use_chat_template
-            if use_chat_template is None
-            else use_chat_template,
+            use_chat_template=args.use_chat_template,
             max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length,
-            max_length=args.max_length if max_length is None else max_length,
+            max_length=args.max_length,
         )
         free = args.reference_free if reference_free is None else reference_free
         average = args.reference_free and args.loss_type[0] in AVERAGED_LOSS_TYPES
@@ -622,12 +523,11 @@ def evaluate_preference_accuracy(
         model = trainer_or_model
         if tokenizer is None:
             raise ValueError("evaluate_preference_accuracy needs the tokenizer for a model")
-        options = dict(
-            use_chat_template=True if use_chat_template is None else use_chat_template,
-            max_length=1024 if max_length is None else max_length,
-        )
+        options = {}  # tokenize_preference_dataset's defaults
         free = not hasattr(model, "disable_adapter") if reference_free is None else reference_free
-        average, impl = False, "auto"
+        average, impl = False, DPOConfig.kernel_impl
+    given = dict(use_chat_template=use_chat_template, max_length=max_length)
+    options.update({k: v for k, v in given.items() if v is not None})
     data = tokenize_preference_dataset(pairs_dataset, tokenizer, **options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PreferenceCollator(pad)

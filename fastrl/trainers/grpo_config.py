@@ -235,8 +235,7 @@ class GRPOConfig(ModelArguments, TrainingArguments):
             given = f"--eval_strategy {strategy!r}" if strategy != "no" else "--do_eval"
             raise ValueError(
                 f"{given}: GRPOTrainer has no evaluation loop; leave --eval_strategy 'no' and "
-                "evaluate with generation yourself (e.g. "
-                "fastrl.demo.task.evaluate_accuracy)"
+                "evaluate with generation yourself (model.generate and your reward functions)"
             )
         stop = (self.generation_kwargs or {}).get("stop_strings")
         if stop is not None:

@@ -55,29 +55,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
-from transformers import GenerationConfig, Trainer, set_seed
+from transformers import GenerationConfig
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
+from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
-from fastrl.trainers.console import use_console
+
+# TRL's nanstd, the standard deviation group_advantages scales by: the logged one is the same
+from fastrl.ops.advantages.group import _nanstd
+from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import load_data, render_prompt, require_columns
-from fastrl.trainers.grpo_config import _IGNORE, BUFFER_NAME, GRPOConfig
-from fastrl.trainers.interrupt import SaveOnInterrupt
+from fastrl.trainers.grpo_config import BUFFER_NAME, GRPOConfig
 from fastrl.trainers.model import (
     backbone_hidden_states,
-    cap_cuda_memory,
     completion_positions,
-    load_model,
-    policy_hidden_states,
+    last_hidden_states,
     reference_adapters_off,
-    refuse_sharded_parameters,
 )
 from fastrl.trainers.rewards import call_reward, reward_name
 
@@ -137,34 +134,121 @@ def _rows(batch):
 # --------------------------------------------------------------------------- helpers
 
 
-def _nanstd(x: torch.Tensor) -> float:
-    x = x[~torch.isnan(x)]
-    return x.std().item() if x.numel() > 1 else math.nan
-
-
-def _nanmean(x: torch.Tensor) -> float:
-    x = x[~torch.isnan(x)]
-    return x.mean().item() if x.numel() else math.nan
-
-
 def _token_ids(ids) -> list[int]:
     """An EOS setting (None, one id or several) as a list of ids."""
     return [ids] if isinstance(ids, int) else list(ids or [])
-
-
-def _sum_count(values: list[float]) -> tuple[float, int]:
-    valid = [v for v in values if not math.isnan(v)]
-    return sum(valid), len(valid)
 
 
 def _is_conversational(prompt) -> bool:
     return isinstance(prompt, list)
 
 
+def _checked_args(args: GRPOConfig | None) -> GRPOConfig:
+    args = args if args is not None else GRPOConfig(output_dir="fastrl-grpo")
+    if not isinstance(args, GRPOConfig):
+        raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+    if args.eval_strategy != "no" or args.do_eval:  # changed after GRPOConfig checked them
+        raise ValueError(
+            "GRPOTrainer has no evaluation loop; set eval_strategy='no' and evaluate with "
+            "generation yourself (model.generate and your reward functions)"
+        )
+    return args
+
+
+def _prompt_dataset(train_dataset):
+    """The training prompts as a `datasets.Dataset` with a `prompt` column."""
+    if train_dataset is None:
+        raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column")
+    train_dataset = load_data(train_dataset)
+    require_columns(train_dataset, ("prompt",), "GRPOTrainer")
+    return train_dataset
+
+
+def _generation_config(args: GRPOConfig, tok, model) -> tuple[GenerationConfig, list[int]]:
+    """`model.generate`'s settings (TRL's sampling options; `generation_kwargs` override
+    the fields set here, as in TRL) and the EOS ids a completion ends at: the tokenizer's
+    and the model's, unless `generation_kwargs` replace them."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    model_eos = _token_ids(getattr(model.generation_config, "eos_token_id", None))
+    default_eos = list(dict.fromkeys(eos + model_eos))
+    gen = dict(
+        max_new_tokens=args.max_completion_length,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=default_eos or None,
+        use_cache=True,
+    )
+    config = GenerationConfig(**{**gen, **(args.generation_kwargs or {})})
+    if config.stop_strings is not None:
+        raise ValueError(
+            f"generation_kwargs stop_strings={config.stop_strings!r} is not supported: a "
+            "completion ends at its first EOS token (set eos_token_id instead)"
+        )
+    eos_token_ids = _token_ids(config.eos_token_id)
+    if not eos_token_ids:
+        raise ValueError(
+            "no EOS token id: neither the tokenizer, the model's generation_config nor "
+            "generation_kwargs has one, and a completion ends at its first EOS"
+        )
+    return config, eos_token_ids
+
+
+def _left_padded(encoded: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, P]` prompt ids, left-padded to the longest, and their attention mask."""
+    P = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), P), dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, P - len(row) :] = torch.tensor(row)
+        mask[i, P - len(row) :] = 1
+    return ids, mask
+
+
+def _completion_mask(
+    completion_ids: torch.Tensor, eos_token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, T]` mask of the completion tokens up to and including the first EOS, and
+    `[B]` whether a completion has no EOS (truncated)."""
+    T = completion_ids.shape[1]
+    eos = torch.tensor(eos_token_ids, device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos)
+    has_eos = is_eos.any(1)
+    first = torch.where(
+        has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, T, dtype=torch.long)
+    )
+    mask = (torch.arange(T, device=completion_ids.device)[None] <= first[:, None]).long()
+    return mask, ~has_eos
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """`batch` cut into `n` micro-batches, each one's completion columns trimmed to its
+    longest completion (at least one column)."""
+    rows = torch.arange(batch["prompt_ids"].shape[0], device=batch["prompt_ids"].device)
+    splits = torch.tensor_split(rows, n)
+    mask = batch["completion_mask"]
+    used = torch.stack([mask[idx].any(0) for idx in splits])  # [n, T]
+    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    widths = (used * columns).amax(1).clamp(min=1).tolist()  # one host sync for all
+    micro = []
+    for idx, width in zip(splits, widths, strict=True):
+        mb = {k: v[idx] for k, v in batch.items()}
+        for k in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+            if k in mb:
+                mb[k] = mb[k][:, :width]
+        micro.append(mb)
+    return micro
+
+
 # --------------------------------------------------------------------------- trainer
 
 
-class GRPOTrainer(SaveOnInterrupt, Trainer):
+class GRPOTrainer(BaseTrainer):
     """GRPO with LoRA, on `transformers.Trainer`, without logits.
 
     Args:
@@ -189,19 +273,24 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
     `reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
     `completions/mean_length|min_length|max_length|clipped_ratio`, `kl` (beta != 0),
     `entropy`, `clip_ratio/*`, `num_tokens` (prompt + completion tokens generated so far,
-    as TRL), `tokens_per_second` (prompt + completion tokens trained on per second of
-    wall time since the last log, generation included) and, on CUDA, `peak_memory_gib`
-    (`torch.cuda.max_memory_allocated`, since the start). Each metric is the mean over
-    the logging window and every process; one without a value (e.g. every reward None)
-    is left out.
+    as TRL), `tokens_per_second` (prompt + completion tokens trained on, by all processes,
+    per second of wall time since the last log, generation included) and, on CUDA,
+    `peak_memory_gib` (`torch.cuda.max_memory_allocated`, since the start). Each metric is
+    the mean over the logging window and every process (`clip_ratio/low_min` and
+    `clip_ratio/high_max`: the min / max over processes); one without a value (e.g. every
+    reward None) is left out.
 
     Errors: a reward function that raises is reported by `call_reward` with its name and
-    the first failing sample; a non-finite loss raises `FloatingPointError` with the
-    batch's metrics; a CUDA out-of-memory error is re-raised naming the settings to lower.
+    the first failing sample; a non-finite loss on any process stops every process with a
+    `FloatingPointError` naming the batch's metrics; a CUDA out-of-memory error is
+    re-raised naming the settings to lower.
     """
 
     # fused_policy_loss already divides by the accumulation steps (TRL's normalisers)
     loss_is_scaled_for_ga = True
+    algorithm = "GRPO"
+    memory_options = ("num_generations", "max_completion_length", "per_device_train_batch_size")
+    non_finite_hint = "check the reward functions' values"
 
     def __init__(
         self,
@@ -213,103 +302,20 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         callbacks=None,
         optimizers=(None, None),
     ):
-        args = args if args is not None else GRPOConfig(output_dir="fastrl-grpo")
-        if not isinstance(args, GRPOConfig):
-            raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
-        if args.eval_strategy != "no" or args.do_eval:
-            raise ValueError(
-                "GRPOTrainer has no evaluation loop; set eval_strategy='no' and evaluate with "
-                "generation yourself (e.g. fastrl.demo.task.evaluate_accuracy)"
-            )
-        cap_cuda_memory(args.max_memory_gb)
-
-        # ---- tokenizer
-        if processing_class is None:
-            if not isinstance(model, (str, os.PathLike)):
-                raise ValueError("processing_class (the tokenizer) is required with a model object")
-            from transformers import AutoTokenizer
-
-            processing_class = AutoTokenizer.from_pretrained(
-                model, local_files_only=os.path.isdir(model)
-            )
-        tok = processing_class
-        if tok.pad_token_id is None:
-            if tok.eos_token_id is None:
-                raise ValueError("the tokenizer needs a pad_token or an eos_token")
-            tok.pad_token = tok.eos_token
-
-        # ---- model: LoRA on every block linear, frozen lm_head, checkpointing
-        from peft import PeftModel
-
-        set_seed(args.seed)  # the LoRA initialisation draws from the global RNG (as TRL)
-        model = load_model(
-            model,
-            lora=None if isinstance(model, PeftModel) else args.lora_kwargs(),
-            gradient_checkpointing=bool(args.activation_checkpointing),
-            **args.load_model_kwargs(),
-        )
-
-        # ---- rewards
-        funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
-        if not funcs or not all(callable(f) for f in funcs):
-            raise TypeError("reward_funcs must be a callable or a non-empty list of callables")
-        self.reward_funcs = funcs
-        self.reward_func_names = [reward_name(f) for f in funcs]
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(funcs)
-        if len(weights) != len(funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} values for {len(funcs)} reward functions"
-            )
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-
-        # ---- data
-        if train_dataset is None:
-            raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column")
-        train_dataset = load_data(train_dataset)
-        require_columns(train_dataset, ("prompt",), "GRPOTrainer")
-
+        args = _checked_args(args)
+        tok = self._load_tokenizer(model, processing_class)
+        model = self._load_model(model, args)
+        funcs = self._set_reward_funcs(reward_funcs, args.reward_weights)
         super().__init__(
-            model=model,
-            args=args,
+            model,
+            args,
             data_collator=_rows,
-            train_dataset=train_dataset,
+            train_dataset=_prompt_dataset(train_dataset),
             processing_class=tok,
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        refuse_sharded_parameters(self)
-
-        # ---- generation
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        model_eos = _token_ids(getattr(self.model.generation_config, "eos_token_id", None))
-        default_eos = list(dict.fromkeys(eos + model_eos))
-        # generation_kwargs override the fields set here (as in TRL)
-        gen = dict(
-            max_new_tokens=args.max_completion_length,
-            do_sample=True,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=default_eos or None,
-            use_cache=True,
-        )
-        self.generation_config = GenerationConfig(**{**gen, **(args.generation_kwargs or {})})
-        if self.generation_config.stop_strings is not None:
-            raise ValueError(
-                f"generation_kwargs stop_strings={self.generation_config.stop_strings!r} is not "
-                "supported: a completion ends at its first EOS token (set eos_token_id instead)"
-            )
-        # generation_kwargs may replace the EOS ids: completions end where generate stopped
-        self.eos_token_ids = _token_ids(self.generation_config.eos_token_id)
-        if not self.eos_token_ids:
-            raise ValueError(
-                "no EOS token id: neither the tokenizer, the model's generation_config nor "
-                "generation_kwargs has one, and a completion ends at its first EOS"
-            )
+        self.generation_config, self.eos_token_ids = _generation_config(args, tok, self.model)
 
         # ---- the loss options, validated now by the public API itself
         self._loss_kwargs = dict(
@@ -343,12 +349,24 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
 
         generate_every = args.steps_per_generation * args.num_iterations
         self._needs_old_logps = args.gradient_accumulation_steps % generate_every != 0
-        self._metrics: dict[str, list[float]] = defaultdict(list)
         self._reset_generation_state()
-        self._track_rng_at_step_end()
-        use_console(self)  # compact log lines on the console
         if not hasattr(self, "current_gradient_accumulation_steps"):
             self.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+
+    def _set_reward_funcs(self, reward_funcs, reward_weights) -> list[Callable]:
+        """`reward_funcs` as a list, their logged names and their weights (default 1)."""
+        funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
+        if not funcs or not all(callable(f) for f in funcs):
+            raise TypeError("reward_funcs must be a callable or a non-empty list of callables")
+        weights = reward_weights if reward_weights is not None else [1.0] * len(funcs)
+        if len(weights) != len(funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(funcs)} reward functions"
+            )
+        self.reward_funcs = funcs
+        self.reward_func_names = [reward_name(f) for f in funcs]
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        return funcs
 
     # ------------------------------------------------------------------ data
 
@@ -397,13 +415,10 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         self._buffer: list[dict[str, Any]] | None = None
         self._buffer_step = 0  # the micro-step that generated the buffer
         self._step = 0  # micro-steps trained since the start of the run
-        self._metrics.clear()
-        self._tokens_since_log = 0
-        self._last_log_time = time.perf_counter()
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`; Ctrl-C (KeyboardInterrupt) saves a checkpoint of the last
-        completed optimizer step before it propagates (resume from it as from any)."""
+        """`BaseTrainer.train` from an empty generation buffer (a checkpoint's comes back
+        with its RNG state, `_load_rng_state`)."""
         self._reset_generation_state()
         return super().train(*args, **kwargs)
 
@@ -441,25 +456,9 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
     # ------------------------------------------------------------------ steps
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        except torch.OutOfMemoryError as exc:
-            raise torch.OutOfMemoryError(self._oom_message(exc)) from exc
+        loss = super().training_step(model, inputs, num_items_in_batch)
         self._step += 1
         return loss
-
-    def _oom_message(self, exc) -> str:
-        a = self.args
-        cap = f" (capped by max_memory_gb={a.max_memory_gb})" if a.max_memory_gb else ""
-        return (
-            f"out of memory in a GRPO step{cap}: {exc}\n"
-            "Lower, in this order: num_generations "
-            f"(now {a.num_generations}), max_completion_length (now {a.max_completion_length}), "
-            f"per_device_train_batch_size (now {a.per_device_train_batch_size}; raise "
-            "gradient_accumulation_steps to keep the effective batch). Keep "
-            f"activation_checkpointing on (now {a.activation_checkpointing}); "
-            "load_in_4bit=True shrinks the base weights."
-        )
 
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:
@@ -524,9 +523,9 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
                 att = torch.cat(
                     [batch["prompt_mask"][s : s + bs], batch["completion_mask"][s : s + bs]], 1
                 )
-                hidden = completion_positions(policy_hidden_states(model, ids, att), P)
+                hidden = completion_positions(last_hidden_states(model, ids, att), P)
                 mask = batch["completion_mask"][s : s + bs].bool()
-                targets = torch.where(mask, batch["completion_ids"][s : s + bs], _IGNORE)
+                targets = torch.where(mask, batch["completion_ids"][s : s + bs], IGNORE_INDEX)
                 hidden = hidden.to(head.weight.dtype)  # autocast may return another dtype
                 out.append(
                     linear_logprobs(hidden, head.weight, targets, impl=self.args.kernel_impl, **kw)
@@ -560,33 +559,16 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         args, tok, device = self.args, self.processing_class, self.accelerator.device
         G = args.num_generations
         prompts = [row["prompt"] for row in rows]
-
-        # ---- prompts, left-padded
-        encoded = self._encode_prompts(prompts)
-        P = max(len(ids) for ids in encoded)
-        B = len(encoded)
-        prompt_ids = torch.full((B, P), tok.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((B, P), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            prompt_ids[i, P - len(ids) :] = torch.tensor(ids)
-            prompt_mask[i, P - len(ids) :] = 1
+        prompt_ids, prompt_mask = _left_padded(self._encode_prompts(prompts), tok.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
         # ---- completions, masked after the first EOS (which is kept)
         completion_ids = self._generate(prompt_ids, prompt_mask)
-        T = completion_ids.shape[1]
-        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
-        has_eos = is_eos.any(1)
-        first = torch.where(
-            has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, T, dtype=torch.long)
-        )
-        completion_mask = (torch.arange(T, device=device)[None] <= first[:, None]).long()
+        completion_mask, truncated = _completion_mask(completion_ids, self.eos_token_ids)
         completion_ids = torch.where(completion_mask.bool(), completion_ids, tok.pad_token_id)
         lengths = completion_mask.sum(1)
-        truncated = ~has_eos
         if args.mask_truncated_completions:
             completion_mask = completion_mask * (~truncated).long()[:, None]
-
         ids_list = [
             c[:n].tolist() for c, n in zip(completion_ids.cpu(), lengths.tolist(), strict=True)
         ]
@@ -603,7 +585,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             rewards, G, scale=args.scale_rewards, weights=weights,
             normalize=args.multi_objective_aggregation,
         )  # fmt: skip
-        self._log_generation(rewards, weights, lengths, truncated, prompt_mask, G)
+        self._record_generation(rewards, weights, lengths, truncated, prompt_mask)
 
         batch = dict(
             prompt_ids=prompt_ids,
@@ -614,7 +596,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
         )
         if args.dynamic_sampling:
             keep = (advantages.view(-1, G) != 0).any(1).repeat_interleave(G)
-            self._metrics["dynamic_sampling/kept_fraction"].append(keep.float().mean().item())
+            self._record_metrics({"dynamic_sampling/kept_fraction": keep.float().mean()})
             batch = {k: v[keep] for k, v in batch.items()}
 
         loss_mask_sum = batch["completion_mask"].sum()
@@ -623,44 +605,33 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             batch["old_logps"] = self._completion_logps(batch, reference=False)
         if args.beta != 0:
             batch["ref_logps"] = self._completion_logps(batch, reference=True)
-
-        # ---- micro-batches, completion padding trimmed to each one's longest completion
-        micro = []
-        n = batch["prompt_ids"].shape[0]
-        for idx in torch.tensor_split(torch.arange(n, device=device), args.steps_per_generation):
-            mb = {k: v[idx] for k, v in batch.items()}
-            width = (
-                int(mb["completion_mask"].sum(0).nonzero().max().item()) + 1
-                if mb["completion_mask"].any()
-                else 1
-            )
-            for k in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
-                if k in mb:
-                    mb[k] = mb[k][:, :width]
+        micro = _micro_batches(batch, args.steps_per_generation)
+        for mb in micro:
             mb["num_items_in_batch"] = num_items
-            micro.append(mb)
         return micro
 
-    def _log_generation(self, rewards, weights, lengths, truncated, prompt_mask, G):
+    def _record_generation(self, rewards, weights, lengths, truncated, prompt_mask) -> None:
+        """The generation metrics, over every process's completions (the same values on
+        every process), and the prompt + completion tokens generated (`num_tokens`)."""
         gather = self.accelerator.gather
         rewards = gather(rewards)
+        metrics = {}
         for i, name in enumerate(self.reward_func_names):
-            self._metrics[f"rewards/{name}/mean"].append(_nanmean(rewards[:, i]))
-            self._metrics[f"rewards/{name}/std"].append(_nanstd(rewards[:, i]))
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards[:, i])
+            metrics[f"rewards/{name}/std"] = _nanstd(rewards[:, i])
         total = (rewards * weights).nansum(1)
         total[torch.isnan(rewards).all(1)] = math.nan
-        self._metrics["reward"].append(_nanmean(total))
-        self._metrics["reward_std"].append(_nanstd(total))
-        groups = total.view(-1, G)
-        flat = torch.tensor(
-            [not (_nanstd(g) > 0) for g in groups], dtype=torch.float32
-        )  # NaN std (fewer than 2 scored) counts as flat
-        self._metrics["frac_reward_zero_std"].append(flat.mean().item())
+        metrics["reward"] = torch.nanmean(total)
+        metrics["reward_std"] = _nanstd(total)
+        # a NaN std (fewer than 2 scored completions) counts as flat
+        group_std = _nanstd(total.view(-1, self.args.num_generations), dim=1)
+        metrics["frac_reward_zero_std"] = (~(group_std > 0)).float().mean()
         lengths, truncated = gather(lengths).float(), gather(truncated)
-        self._metrics["completions/mean_length"].append(lengths.mean().item())
-        self._metrics["completions/min_length"].append(lengths.min().item())
-        self._metrics["completions/max_length"].append(lengths.max().item())
-        self._metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
+        metrics["completions/mean_length"] = lengths.mean()
+        metrics["completions/min_length"] = lengths.min()
+        metrics["completions/max_length"] = lengths.max()
+        metrics["completions/clipped_ratio"] = truncated.float().mean()
+        self._record_metrics(metrics)
         tokens = int(gather(prompt_mask.sum().reshape(1)).sum() + lengths.sum())
         self.state.num_input_tokens_seen += tokens
 
@@ -675,7 +646,9 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             # rank must join the gradient all-reduce, whether or not it kept any group.
             one = inputs["prompt_ids"].new_full((1, 1), self.processing_class.pad_token_id)
             hidden = backbone_hidden_states(model, one, torch.ones_like(one), unwrapped=unwrapped)
-            return hidden.sum() * 0.0
+            loss = hidden.sum() * 0.0
+            self._record_step(loss, {}, inputs, train=model.training)  # joins the check
+            return loss
         P = inputs["prompt_ids"].shape[1]
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
@@ -700,17 +673,7 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
             **head.kwargs(self.args.temperature),
             **self._loss_kwargs,
         )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the GRPO loss is {loss.item()} at step {self.state.global_step} (micro-step "
-                f"{self._step}); training stopped. Usual causes: a learning_rate too high "
-                f"(now {self.args.learning_rate}), fp16 overflow (use bf16), NaN weights "
-                "from an earlier step. Metrics of this batch: "
-                + ", ".join(f"{k}={v.item():.4g}" for k, v in metrics.items())
-            )
-        for name, value in metrics.items():
-            self._metrics[name].append(value.item())
-        self._tokens_since_log += int(att.sum())
+        self._record_step(loss, metrics, inputs, train=training, tokens=att.sum())
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -718,27 +681,9 @@ class GRPOTrainer(SaveOnInterrupt, Trainer):
 
     # ------------------------------------------------------------------ logging
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # (sum, count) of the non-NaN values per metric, merged over the processes: the
-        # loss metrics are per rank (the generation ones are already global, so merging
-        # identical copies leaves them unchanged). Metrics without a value are left out.
-        totals = defaultdict(lambda: [0.0, 0])
-        parts = [{k: _sum_count(v) for k, v in self._metrics.items()}]
-        if self.accelerator.num_processes > 1:  # every rank calls log()
-            parts = gather_object(parts)
-        for part in parts:
-            for key, (total, count) in part.items():
-                totals[key][0] += total
-                totals[key][1] += count
-        logs.update({k: total / count for k, (total, count) in totals.items() if count})
-        self._metrics.clear()
-        now = time.perf_counter()
-        if self._tokens_since_log:
-            logs["num_tokens"] = self.state.num_input_tokens_seen
-            logs["tokens_per_second"] = self._tokens_since_log / max(
-                now - self._last_log_time, 1e-9
-            )
-            if torch.cuda.is_available():
-                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self._tokens_since_log, self._last_log_time = 0, now
-        super().log(logs, start_time)
+    def _tokens_seen(self, trained: int) -> int:
+        # counted at generation (`_record_generation`), as TRL counts them
+        return self.state.num_input_tokens_seen
+
+    def _batch_summary(self, inputs) -> str:
+        return f", micro-step {self._step}" + super()._batch_summary(inputs)

@@ -6,10 +6,11 @@
   4-bit base (QLoRA). A path loads in bf16 on a bf16-capable GPU (else fp32), with
   flash-attention 2 when installed and the weights are half precision (else SDPA); a model
   object keeps its dtype and attention unless a `dtype` is given.
-- `policy_hidden_states` runs the backbone only; `backbone_hidden_states` does the same
-  through the engine's wrapper (DDP, DeepSpeed ZeRO-1/2, accelerate's autocast) so its hooks
-  fire; `reference_adapters_off` turns the same model into the reference (the base,
-  adapters disabled): no second copy in memory.
+- `last_hidden_states` runs the backbone only, on the model as it is (adapters on, or off
+  inside `reference_adapters_off`); `backbone_hidden_states` does the same through the
+  engine's wrapper (DDP, DeepSpeed ZeRO-1/2, accelerate's autocast) so its hooks fire (the
+  call a loss makes, with gradient); `reference_adapters_off` turns the same model into the
+  reference (the base, adapters disabled): no second copy in memory.
 """
 
 import contextlib
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastrl.checks import IMPLS
 from fastrl.integrations import causal_lm_hidden_states, lm_head
-from fastrl.ops.logprobs.linear import IMPLS
+from fastrl.trainers.options import check_model_options
 
 #: `model_dtype` names the trainers' configs accept.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -37,9 +39,13 @@ class ModelArguments:
     `TrainingArguments`; each config's `__post_init__` calls `set_engine_defaults` first
     and `check_model_arguments` after its own checks."""
 
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=DEFAULT_LORA["r"], metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(
+        default=DEFAULT_LORA["lora_alpha"], metadata={"help": "LoRA alpha (scale = alpha / r)."}
+    )
+    lora_dropout: float = field(
+        default=DEFAULT_LORA["lora_dropout"], metadata={"help": "LoRA dropout."}
+    )
     # None rather than "all-linear": HfArgumentParser gives list fields no plain default
     lora_target_modules: list[str] | None = field(
         default=None,
@@ -94,12 +100,8 @@ class ModelArguments:
             self.ddp_find_unused_parameters = False
 
     def check_model_arguments(self) -> None:
-        if self.kernel_impl not in IMPLS:
-            raise ValueError(f"kernel_impl must be one of {IMPLS}, got {self.kernel_impl!r}")
-        if self.model_dtype is not None and self.model_dtype not in DTYPES:
-            raise ValueError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
-        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
-            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        """These options, with messages as flags (`fastrl.trainers.options`)."""
+        check_model_options(self)
 
     def lora_kwargs(self) -> dict:
         """`peft.LoraConfig` keyword arguments."""
@@ -230,8 +232,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def policy_hidden_states(model, input_ids, attention_mask=None) -> torch.Tensor:
-    """`[B, L, d]` last hidden states of the model with its adapters (no logits)."""
+def last_hidden_states(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """`[B, L, d]` last hidden states of `model` called directly, as it is (adapters on, or
+    off inside `reference_adapters_off`), positions counted from each row's first real
+    token; no logits. Through the engine's wrapper: `backbone_hidden_states`."""
     positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
     return causal_lm_hidden_states(
         model, input_ids, attention_mask, position_ids=positions, use_cache=False

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fastrl.ops.logprobs.linear import IMPLS
+from fastrl.checks import IMPLS
 
 __all__ = ["check_choice", "check_model_options", "check_number", "flag_names"]
 
