@@ -6,7 +6,7 @@ import torch
 
 from fastrl import fused_preference_loss
 from fastrl.reference import naive_ld_tail_logps, naive_linear_logprobs, naive_preference_loss
-from tests.conftest import DEVICE
+from tests.support import DEVICE
 
 B, T, D, V = 3, 11, 24, 257
 
