@@ -22,7 +22,7 @@ from fastrl.kernels.cublas_logprobs import (
     workspace_bytes,
 )
 
-from fastrl.reference import naive_linear_logprobs
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from tests.support import DEVICE
 from tests.support.memory import AllocationRecorder
 

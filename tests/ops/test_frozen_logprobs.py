@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastrl import linear_logprobs
-from fastrl.reference import naive_linear_logprobs
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from tests.support import DEVICE
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastrl import fused_policy_loss, linear_logprobs
-from fastrl.reference import naive_linear_logprobs, naive_policy_loss
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from fastrl.ops.policy.naive import naive_policy_loss
 from tests.support import DEVICE
 from tests.support.memory import AllocationRecorder
 

@@ -10,7 +10,7 @@ import torch
 
 import fastrl.ops.logprobs.chunked as chunked
 from fastrl import linear_logprobs, sequence_logprobs
-from fastrl.reference import naive_linear_logprobs
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from tests.support import DEVICE
 from tests.support.memory import AllocationRecorder
 
