@@ -2,13 +2,15 @@
 
 import torch
 
-# float32 throughout. Loss parity 1 runs the same float32 ops as TRL up to summation order;
-# parity 2 differs in how the log-probs are computed (full logits vs TRL's chunked head).
+# float32 throughout. On the very log-prob tensors TRL computed fastrl runs the same float32
+# ops as TRL up to summation order; its own log-probs are computed another way (full logits
+# vs TRL's chunked head).
 TOL_SAME_LOGPS = dict(rtol=1e-6, atol=1e-6)
 TOL_OWN_LOGPS = dict(rtol=1e-5, atol=1e-5)
 
 
 def _grads(loss, tensors):
+    """d loss / d each of `tensors` (zeros where it does not depend on one); the graph is kept."""
     return torch.autograd.grad(loss, tensors, retain_graph=True, materialize_grads=True)
 
 

@@ -11,6 +11,7 @@ V = 64  # vocabulary
 
 
 def _tokenizer():
+    """The word-level tokenizer of the module docstring (`V` tokens)."""
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     vocab.update({f"w{i}": i + 3 for i in range(V - 3)})
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -21,6 +22,7 @@ def _tokenizer():
 
 
 def _model():
+    """A fresh float32 `LlamaForCausalLM` (2 layers, hidden 16), the same weights each call."""
     torch.manual_seed(1234)
     cfg = transformers.LlamaConfig(
         vocab_size=V,

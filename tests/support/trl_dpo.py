@@ -21,6 +21,7 @@ MODEL_METRICS = {"entropy", "num_tokens", "logits/chosen", "logits/rejected", "m
 
 
 def _common_args(tmp, batch_size=B):
+    """The TrainingArguments options of every trainer here: CPU, float32, no saving."""
     return dict(
         output_dir=str(tmp),
         per_device_train_batch_size=batch_size,

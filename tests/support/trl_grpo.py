@@ -16,7 +16,7 @@ B, G, P, T = 8, 4, 5, 7  # completions, group size, prompt len, completion len
 GA, SPG = 2, 4  # gradient accumulation steps, steps per generation
 MAX_LEN = 11  # dr_grpo's max_completion_length
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
-
+# the loss grid: loss type x importance-sampling level x beta x delta
 GRID = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [None, 1.5]))
 
 
@@ -32,6 +32,7 @@ def _reward_funcs(k):
 
 
 def _common_args(tmp):
+    """GRPOConfig options of every trainer here: CPU, float32, `B` completions, no saving."""
     return dict(
         output_dir=str(tmp),
         per_device_train_batch_size=B,
