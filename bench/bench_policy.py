@@ -15,7 +15,7 @@ on the same inputs (hidden [B, T, d], lm_head weight [V, d], targets, mask, adva
                completion tokens on Triton devices, every position elsewhere), then the
                loss in PyTorch. That loss is `fastrl.policy_loss`, which reproduces TRL's
                GRPOTrainer._compute_loss (parity-tested against TRL itself in
-               tests/test_trl_parity_grpo.py): same formula, same PyTorch ops' cost.
+               tests/parity/test_trl_parity_grpo.py): same formula, same PyTorch ops' cost.
   liger        Liger-Kernel's LigerFusedLinearGRPOLoss (chunk_size=1, compiled=True, its
                defaults; epsilon_low/high, beta, loss_type, importance_sampling_level,
                max_completion_length, num_items_in_batch mapped from ours,

@@ -19,7 +19,7 @@ same process:
                  elsewhere), summed per completion, then the loss in PyTorch. That loss is
                  `fastrl.preference_loss`, which reproduces DPOTrainer._compute_loss (and
                  the CPO/ORPO trainers' losses; parity-tested against TRL itself in
-                 tests/test_trl_parity_dpo.py): same formula, same PyTorch ops' cost. For
+                 tests/parity/test_trl_parity_dpo.py): same formula, same PyTorch ops' cost. For
                  the reference-free types (orpo, simpo, cpo...) this is TRL's DPO head with
                  the loss swapped: TRL's experimental CPO/ORPO trainers materialise the
                  logits instead (see trl_selective).

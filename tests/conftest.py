@@ -6,15 +6,16 @@ collection time, ahead of every `import fastrl`.
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
+# before the helpers are first imported: a failing check there reports its values
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support import HAS_CUDA  # noqa: E402
+
+if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):

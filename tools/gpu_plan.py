@@ -123,8 +123,8 @@ class Bench:
 
 # The dry run times fastrl's variants (the Triton kernels, interpreted) and the eager
 # baseline: importing TRL costs ~7 s a process on a CPU, Liger's losses and CCE's CPU path
-# torch.compile for ~20 s, and the peers' own code is tested by tests/test_bench_*; `check`
-# (tests/test_gpu_check.py) makes sure the GPU run's method names still resolve.
+# torch.compile for ~20 s, and the peers' own code is tested by tests/cli/test_bench_*; `check`
+# (tests/cli/test_gpu_check.py) makes sure the GPU run's method names still resolve.
 DRY_METHODS = ("fastrl", "eager")
 
 BENCHES: dict[str, Bench] = {

@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-# before the import, so that the shared checks report values as this file's asserts do
-pytest.register_assert_rewrite("tests.bench_helpers")
-
-from bench.bench_policy import LossConfig, PolicyShape, main, parse_shapes, run_case  # noqa: E402
-from tests.bench_helpers import (  # noqa: E402
+from bench.bench_policy import LossConfig, PolicyShape, main, parse_shapes, run_case
+from tests.support.bench import (
     FAILING_METHODS,
     LOSS_MODES,
     add_failing_methods,

@@ -5,11 +5,8 @@ import json
 import pytest
 import torch
 
-# before the import, so that the shared checks report values as this file's asserts do
-pytest.register_assert_rewrite("tests.bench_helpers")
-
-from bench.bench_logprobs import Shape, main, run_case  # noqa: E402
-from tests.bench_helpers import (  # noqa: E402
+from bench.bench_logprobs import Shape, main, run_case
+from tests.support.bench import (
     FAILING_METHODS,
     add_failing_methods,
     check_failures_recorded,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 STAGES = [
     "env", "smoke", "numerics", "padding", "logprobs", "policy", "gpu_tests", "preference",

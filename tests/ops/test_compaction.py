@@ -7,7 +7,7 @@ import torch
 
 import fastrl.ops.logprobs.custom_ops as logprobs_ops
 from fastrl import fused_policy_loss, fused_preference_loss, linear_logprobs
-from tests.conftest import DEVICE
+from tests.support import DEVICE
 
 B, T, D, V = 4, 11, 40, 300
 

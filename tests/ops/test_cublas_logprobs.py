@@ -1,7 +1,7 @@
 """The cuBLAS-chunk design of linear_logprobs (kernels/cublas_logprobs.py) against the
 float64 oracle, through its launchers.
 
-Rule (as tests/test_linear_logprobs.py, after Cut Cross-Entropy): the error of an output
+Rule (as tests/ops/test_linear_logprobs.py, after Cut Cross-Entropy): the error of an output
 or gradient against the float64 oracle may not exceed the error of plain PyTorch
 computing it in the input dtype, plus a small per-dtype tolerance. Chunks smaller than N
 and V (and not dividing them) exercise the online merge across vocab chunks, the dH
@@ -21,10 +21,10 @@ from fastrl.kernels.cublas_logprobs import (
     epilogue_tile,
     workspace_bytes,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastrl.reference import naive_linear_logprobs
-from tests.conftest import DEVICE
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from tests.support import DEVICE
+from tests.support.memory import AllocationRecorder
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -336,30 +336,6 @@ def test_default_chunks_bound_memory(dtype, monkeypatch):
     assert workspace_bytes(N, V, d, dtype, backward=True) <= 64 * 2**20
     if dtype != torch.float32:
         assert workspace_bytes(N, V, d, dtype, backward=True) == 64 * 2**20
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records (shape, dtype) of every new tensor aten creates (not views of existing
-    ones), leaving out the Triton interpreter's uint8 staging of kernel arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.allocs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.startswith("set_"):
-            return out
-        flat_args = [*args, *(kwargs or {}).values()]
-        seen = {a.untyped_storage().data_ptr() for a in flat_args if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (
-                isinstance(t, torch.Tensor)
-                and t.dtype != torch.uint8
-                and t.untyped_storage().data_ptr() not in seen
-            ):
-                self.allocs.append((tuple(t.shape), t.dtype))
-        return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

@@ -1,5 +1,5 @@
 """linear_logprobs(design="frozen"): two GEMMs for a frozen head (kernels/frozen_logprobs.py)
-against the float64 oracle, with the rule of tests/test_linear_logprobs.py: error <= the
+against the float64 oracle, with the rule of tests/ops/test_linear_logprobs.py: error <= the
 error of PyTorch in the input dtype + a per-dtype tolerance."""
 
 import fastrl.kernels.cublas_logprobs as cublas
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastrl import linear_logprobs
-from fastrl.reference import naive_linear_logprobs
-from tests.conftest import DEVICE
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from tests.support import DEVICE
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 ROW_TOL = {torch.float32: 1e-4, torch.float16: 1e-2}

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from fastrl import fused_policy_loss, linear_logprobs
-from fastrl.reference import naive_linear_logprobs, naive_policy_loss
-from tests.conftest import DEVICE
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from fastrl.ops.policy.naive import naive_policy_loss
+from tests.support import DEVICE
+from tests.support.memory import AllocationRecorder
 
 B, T, D, V = 3, 13, 40, 300
 
@@ -233,8 +235,6 @@ def test_fused_policy_loss_two_pass_when_needed(kw, monkeypatch):
 def test_fused_policy_loss_single_pass_memory(monkeypatch):
     """Z chunks of 16 rows: nothing of B*T*V elements, and a frozen head gets no [V, d]."""
     import fastrl.kernels.fused_policy_loss as k
-
-    from tests.test_linear_logprobs import AllocationRecorder
 
     monkeypatch.setattr(k, "CHUNK_BYTES", 16 * V * 4)
     hidden, weight, targets, mask, adv, old, ref = make_batch(trainable=False)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fastrl import fused_preference_loss
-from fastrl.reference import naive_ld_tail_logps, naive_linear_logprobs, naive_preference_loss
-from tests.conftest import DEVICE
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from fastrl.ops.preference.naive import naive_ld_tail_logps, naive_preference_loss
+from tests.support import DEVICE
 
 B, T, D, V = 3, 11, 24, 257
 

@@ -11,7 +11,7 @@ import torch
 
 from fastrl import group_advantages
 from fastrl.ops.advantages.group import _KERNEL
-from fastrl.reference import naive_group_advantages
+from fastrl.ops.advantages.naive import naive_group_advantages
 
 NAN = float("nan")
 EPS = 1e-4

@@ -5,7 +5,7 @@ compiles each one (forward and backward, half precision and fp32, every option's
 constexpr variant) to a cubin for the H100/H200 (sm_90) and for the 24 GB RTX 4090
 (sm_89), checks its shared memory against what a block may use there, the tensor-core
 instructions of the matmul tiles and the register spills of the hot path (`ptxas -v`).
-See tests/compile_for_gpu.py.
+See tests/support/compile_for_gpu.py.
 """
 
 import json
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).with_name("compile_for_gpu.py")
+SCRIPT = pathlib.Path(__file__).parents[1] / "support" / "compile_for_gpu.py"
 KERNELS = {
     "linear_logprobs_fwd_kernel",
     "linear_logprobs_combine_kernel",

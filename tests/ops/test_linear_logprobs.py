@@ -7,12 +7,12 @@ small per-dtype tolerance.
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrl.ops.logprobs.chunked as chunked
 from fastrl import linear_logprobs, sequence_logprobs
-from fastrl.reference import naive_linear_logprobs
-from tests.conftest import DEVICE
+from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from tests.support import DEVICE
+from tests.support.memory import AllocationRecorder
 
 IMPLS = ["triton", "torch"]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -298,33 +298,6 @@ def test_linear_logprobs_gradcheck(monkeypatch):
         )
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias))
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the shape of every new tensor (not a view of an existing one) aten creates.
-
-    The Triton interpreter stages each kernel argument's storage through host byte
-    buffers (`set_` and uint8 copies): those are the interpreter's, not the kernel's.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.startswith("set_"):
-            return out
-        flat_args = [*args, *(kwargs or {}).values()]
-        seen = {a.untyped_storage().data_ptr() for a in flat_args if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (
-                isinstance(t, torch.Tensor)
-                and t.dtype != torch.uint8
-                and t.untyped_storage().data_ptr() not in seen
-            ):
-                self.shapes.append(tuple(t.shape))
-        return out
 
 
 @pytest.mark.parametrize("impl,N,V,d", [("torch", 1100, 20000, 32), ("triton", 45, 1000, 16)])

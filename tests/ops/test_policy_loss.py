@@ -10,7 +10,7 @@ import torch
 
 from fastrl import policy_loss
 from fastrl.ops.policy.loss import LOSS_TYPES
-from fastrl.reference import naive_policy_loss
+from fastrl.ops.policy.naive import naive_policy_loss
 
 B, T = 6, 9
 CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]

@@ -12,8 +12,8 @@ import torch
 
 from fastrl import policy_loss
 from fastrl.ops.policy.loss import LOSS_TYPES, _kl, _per_token_terms
-from fastrl.reference import naive_policy_loss
-from tests.conftest import DEVICE, HAS_CUDA
+from fastrl.ops.policy.naive import naive_policy_loss
+from tests.support import DEVICE, HAS_CUDA
 
 B, T = 5, 37
 CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]

@@ -17,7 +17,7 @@ from fastrl.ops.preference.loss import (
     LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
 )
-from fastrl.reference import naive_kto_loss, naive_ld_tail_logps, naive_preference_loss
+from fastrl.ops.preference.naive import naive_kto_loss, naive_ld_tail_logps, naive_preference_loss
 
 B = 7
 TOL64 = dict(rtol=1e-12, atol=1e-12)

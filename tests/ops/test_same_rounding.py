@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastrl import fused_policy_loss, linear_logprobs
-from tests.conftest import DEVICE
+from tests.support import DEVICE
 
 B, T, D, V = 3, 29, 64, 1000
 

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastrl import linear_logprobs
 from fastrl.checks import check_target_ids
-from tests.conftest import DEVICE
+from tests.support import DEVICE
 
 N, D, V = 37, 48, 300
 

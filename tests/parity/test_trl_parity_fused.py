@@ -18,14 +18,12 @@ import torch
 pytest.importorskip("trl")
 
 from fastrl import fused_policy_loss  # noqa: E402
-from tests.conftest import DEVICE  # noqa: E402
-from tests.test_trl_parity_grpo import (  # noqa: E402
+from tests.support import DEVICE  # noqa: E402
+from tests.support.compare import TOL_OWN_LOGPS, _assert_grads_close, _grads  # noqa: E402
+from tests.support.trl_grpo import (  # noqa: E402
     GRID,
-    TOL_OWN_LOGPS,
-    _assert_grads_close,
     _configure,
     _fastrl_kwargs,
-    _grads,
     _grpo_trainer,
     _inputs,
     _trl_step,

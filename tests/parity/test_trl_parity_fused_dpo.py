@@ -34,8 +34,10 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from fastrl import fused_preference_loss, linear_logprobs  # noqa: E402
-from tests.conftest import DEVICE  # noqa: E402
-from tests.test_trl_parity_dpo import (  # noqa: E402
+from tests.support import DEVICE  # noqa: E402
+from tests.support.compare import TOL_OWN_LOGPS, _assert_grads_close, _grads  # noqa: E402
+from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.trl_dpo import (  # noqa: E402
     MODEL_METRICS,
     PAIRED_DS,
     _check_metrics,
@@ -48,13 +50,6 @@ from tests.test_trl_parity_dpo import (  # noqa: E402
     _fastrl_dpo_kwargs,
     _paired_batch,
     _ref_model,
-)
-from tests.test_trl_parity_grpo import (  # noqa: E402
-    TOL_OWN_LOGPS,
-    _assert_grads_close,
-    _grads,
-    _model,
-    _tokenizer,
 )
 
 pytestmark = [

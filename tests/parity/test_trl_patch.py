@@ -17,7 +17,8 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 
 from fastrl.integrations import patch_trl  # noqa: E402
 from fastrl.integrations.trl import TRLPatch  # noqa: E402
-from tests.test_trl_parity_dpo import (  # noqa: E402
+from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.trl_dpo import (  # noqa: E402
     KTO_PROMPT_LENS,
     PAIRED_DS,
     _configure_dpo,
@@ -26,15 +27,8 @@ from tests.test_trl_parity_dpo import (  # noqa: E402
     _kto_batch,
     _ref_model,
 )
-from tests.test_trl_parity_dpo import _common_args as _dpo_args  # noqa: E402
-from tests.test_trl_parity_grpo import (  # noqa: E402
-    _common_args,
-    _configure,
-    _grpo_trainer,
-    _inputs,
-    _model,
-    _tokenizer,
-)
+from tests.support.trl_dpo import _common_args as _dpo_args  # noqa: E402
+from tests.support.trl_grpo import _common_args, _configure, _grpo_trainer, _inputs  # noqa: E402
 
 TRL_HEAD = trl_utils._ChunkedLogProbFunction
 N, D, VOCAB, CHUNK = 37, 24, 301, 128  # 301 = 2 full chunks + a 45-column tail

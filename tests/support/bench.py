@@ -1,7 +1,7 @@
 """What the smoke tests of bench/'s microbenchmarks share: a quick CPU timer, the checks of
 a method's record, of a loss benchmark's case and of a command-line run, and methods that
-fail. The test files register this module for pytest's assertion rewriting, so that a
-failing check here reports its values as one in a test file does."""
+fail. tests/conftest.py registers tests.support for pytest's assertion rewriting, so that
+a failing check here reports its values as one in a test file does."""
 
 import json
 from collections.abc import Callable, Sequence

@@ -10,10 +10,10 @@ kernel the real shapes reach is compiled with its default config, forward and ba
 Outputs are garbage (nothing runs); only the compilation is checked.
 
 Run in a fresh process with TRITON_INTERPRET unset (the kernels must be decorated as
-compiled kernels): `python tests/compile_for_gpu.py --arch 90`. Prints one JSON line per
-compiled kernel: its name and variant, shared memory bytes, the target's budget, cubin
-size, the matrix instructions its dots use (wgmma, mma or none), registers and spilled
-bytes. A kernel over the budget fails as its launch would on that GPU (OutOfResources).
+compiled kernels): `python tests/support/compile_for_gpu.py --arch 90`. Prints one JSON
+line per compiled kernel: its name and variant, shared memory bytes, the target's budget,
+cubin size, the matrix instructions its dots use (wgmma, mma or none), registers and
+spilled bytes. A kernel over the budget fails as its launch would on that GPU (OutOfResources).
 """
 
 import argparse

@@ -46,14 +46,10 @@ from fastrl.trainers.dpo_trainer import (  # noqa: E402
     tokenize_preference_dataset,
 )
 from fastrl.trainers.model import load_model  # noqa: E402
-from tests.test_trl_parity_dpo import PAIRED_DS, _configure_dpo  # noqa: E402
-from tests.test_trl_parity_grpo import (  # noqa: E402
-    TOL_OWN_LOGPS,
-    TOL_SAME_LOGPS,
-    _model,
-    _tokenizer,
-)
-from tests.two_ranks import assert_ranks_end_equal  # noqa: E402
+from tests.support.compare import TOL_OWN_LOGPS, TOL_SAME_LOGPS  # noqa: E402
+from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
+from tests.support.trl_dpo import PAIRED_DS, _configure_dpo  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),

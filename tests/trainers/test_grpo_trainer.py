@@ -26,7 +26,7 @@ from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E40
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler  # noqa: E402
 from fastrl.trainers.model import backbone_hidden_states  # noqa: E402
-from tests.two_ranks import assert_ranks_end_equal  # noqa: E402
+from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -276,7 +276,7 @@ def _fp32_policy_loss_error_bound(hidden, weight, targets, mask, advantages, old
 
 @pytest.fixture(scope="module")
 def trl_grpo(tmp_path_factory):
-    from tests.test_trl_parity_grpo import _grpo_trainer
+    from tests.support.trl_grpo import _grpo_trainer
 
     return _grpo_trainer(tmp_path_factory.mktemp("trl"))
 
@@ -287,16 +287,9 @@ def trl_grpo(tmp_path_factory):
      ("cispo", 0.0, "token")],
 )  # fmt: skip
 def test_loss_matches_fused_policy_loss_and_trl(tmp_path, trl_grpo, loss_type, beta, level):
-    from tests.test_trl_parity_grpo import (
-        GA,
-        MAX_LEN,
-        SPG,
-        TOL_OWN_LOGPS,
-        _assert_grads_close,
-        _configure,
-        _model,
-        _tokenizer,
-    )  # fmt: skip
+    from tests.support.compare import TOL_OWN_LOGPS, _assert_grads_close
+    from tests.support.models import _model, _tokenizer
+    from tests.support.trl_grpo import GA, MAX_LEN, SPG, _configure
 
     def length_reward(prompts, completions, **kwargs):
         return [float(len(c.split()) % 5) for c in completions]
