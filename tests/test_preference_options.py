@@ -61,6 +61,7 @@ VALUES = {
     "beta": [
         (dict(beta=0.0), ValueError, r"beta must be finite and > 0.0, got 0.0"),
         (dict(beta=True), TypeError, r"beta must be a number"),
+        (dict(beta=None), TypeError, r"beta must be a number, got None"),  # None: no default
         (dict(loss_type="orpo", beta=-0.1), ValueError, r"beta must be finite and >= 0.0"),
     ],
     "label_smoothing": [
@@ -82,7 +83,10 @@ VALUES = {
     "alpha": [(dict(loss_type="cpo", alpha="a"), TypeError, r"alpha must be a number")],
     "cpo_alpha": [(dict(loss_type="cpo", cpo_alpha=math.nan), ValueError, r"cpo_alpha must be finite")],  # noqa: E501
     "simpo_gamma": [(dict(loss_type="simpo", simpo_gamma=[1]), TypeError, r"simpo_gamma must be a number")],  # noqa: E501
-    "use_weighting": [(dict(use_weighting=1), TypeError, r"use_weighting must be a bool, got 1")],
+    "use_weighting": [
+        (dict(use_weighting=1), TypeError, r"use_weighting must be a bool, got 1"),
+        (dict(use_weighting=None), TypeError, r"use_weighting must be a bool, got None"),
+    ],
     "ld_alpha": [(dict(ld_alpha=1.5), ValueError, r"ld_alpha must be finite and >= 0.0 and <= 1.0, got 1.5")],  # noqa: E501
 }  # fmt: skip
 VALUE_CASES = [(name, *case) for name, cases in VALUES.items() for case in cases]

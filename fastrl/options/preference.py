@@ -296,7 +296,7 @@ class PreferenceLossOptions:
 
     def check_values(self, number: NumberCheck = check_bounds, choice: ChoiceCheck = check_choice):
         """Each option on its own: `loss_type`, `loss_weights`, then `RULES`' types and
-        bounds (``None`` passes: it stands for the option's default)."""
+        bounds (``None`` passes where it is the default: it stands for a value there)."""
         types = self._check_loss_type()
         weights = self.loss_weights
         if weights is not None:
@@ -311,7 +311,7 @@ class PreferenceLossOptions:
                 number(f"loss_weights[{i}]", w)
         for name in RULES:
             value, rule = getattr(self, name), self._rule(name)
-            if value is None:
+            if value is None and _DEFAULTS[name] is None:
                 continue
             if rule.flag and not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -375,8 +375,8 @@ class PreferenceLossOptions:
         inside = [t in rule.loss_types for t in self.loss_type]
         return all(inside) if rule.every else any(inside)
 
-    @classmethod
-    def applied_default(cls, name: str, loss_type: str | None = None) -> float | None:
+    @staticmethod
+    def applied_default(name: str, loss_type: str | None = None) -> float | None:
         """What ``None`` stands for in option `name` where it applies (for `loss_type`)."""
         rule = RULES[name]
         return rule.by_loss_type.get(loss_type, {}).get("default", rule.default)
@@ -426,16 +426,16 @@ class PreferenceLossOptions:
         cpo_nll = first in CPO_LOSS_TYPES and self.value("cpo_alpha") != 0
         return "sft" in self.loss_type or first == "orpo" or cpo_nll
 
+    @property
+    def loss_type_repr(self) -> str:
+        """`loss_type` as the messages show it: a single type as a string."""
+        return repr(self.loss_type[0] if len(self.loss_type) == 1 else self.loss_type)
+
     def _rule(self, name: str) -> Rule:
         """`RULES[name]` with its entry for the first loss type asked for applied."""
         rule = RULES[name]
         override = rule.by_loss_type.get(self.loss_type[0])
         return dataclasses.replace(rule, **override) if override else rule
-
-    @property
-    def loss_type_repr(self) -> str:
-        """`loss_type` as the messages show it: a single type as a string."""
-        return repr(self.loss_type[0] if len(self.loss_type) == 1 else self.loss_type)
 
     def _context(self) -> dict[str, object]:
         """The options by name for the messages."""

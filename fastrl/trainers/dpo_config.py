@@ -51,8 +51,11 @@ class DPOConfig(ModelArguments, TrainingArguments):
       (``cpo``, ``cpo_hinge``, ``cpo_ipo``, ``simpo``, ``alphapo``, ``orpo``) with their
       options (``cpo_alpha``, ``simpo_gamma``, ``alpha``), and fastrl's ``rdpo_alpha``
       (R-DPO) and ``dpop_lambda`` (DPOP); ``label_smoothing`` on ``sigmoid`` is cDPO (TRL
-      1.16 ignores it there). Everything is passed to `fastrl.preference_loss`, whose
-      docstring defines each option;
+      1.16 ignores it there). The loss options are
+      `fastrl.options.preference.PreferenceLossOptions` (which defines each, with its
+      default and where it applies), passed to `fastrl.preference_loss`; a loss option set
+      where it has no effect is refused at construction, but ``f_alpha_divergence_coef``
+      and ``discopop_tau``, which TRL sets for every loss type and reads where they apply;
     - ``max_prompt_length`` (keeps the end of the prompt) and ``max_completion_length``
       (keeps the start of each completion) besides ``max_length`` (prompt + completion,
       keeps the start; rows whose prompt alone fills it are dropped, as TRL drops them);
