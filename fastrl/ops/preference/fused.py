@@ -3,7 +3,7 @@
 A preference loss depends on whole-sequence log-probs, so the per-token gradient is only
 known once every token of a pair is scored: per-token log-probs come from
 `linear_logprobs` (no [2B, T, V] logits, a frozen head costs no [V, d] gradient), are
-summed per completion, and the loss of `preference_loss` and autograd do the rest; the backward is
+summed per completion, and `preference_loss` and autograd do the rest; the backward is
 `linear_logprobs`' (recompute, then dH).
 """
 
@@ -30,6 +30,7 @@ _COMPUTED = (
     "chosen_tail_logps",
     "rejected_tail_logps",
 )
+_REF_TAILS = ("ref_chosen_tail_logps", "ref_rejected_tail_logps")  # from ref_hidden
 
 
 def fused_preference_loss(
@@ -84,8 +85,9 @@ def fused_preference_loss(
     """
     options = PreferenceLossOptions.from_mapping(kwargs)
     inputs = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+    computed = _COMPUTED + (_REF_TAILS if ref_hidden is not None else ())
     for name in inputs:
-        if name in _COMPUTED:
+        if name in computed:
             raise ValueError(f"fused_preference_loss computes {name} itself; do not pass it")
         if name not in _INPUTS:
             raise TypeError(f"fused_preference_loss() got an unexpected keyword argument {name!r}")
@@ -102,9 +104,12 @@ def fused_preference_loss(
     ld = options.ld_alpha is not None
     scored = torch.where(mask.bool(), targets, IGNORE_INDEX)
     logit_kw = dict(
-        bias=bias, temperature=temperature, softcap=softcap, ignore_index=IGNORE_INDEX,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=IGNORE_INDEX,
         compact=compact,
-    )  # fmt: skip
+    )
     lengths = mask.sum(1)
     inputs.update(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
 
