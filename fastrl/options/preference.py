@@ -29,6 +29,7 @@ __all__ = [
     "LOSS_TYPES",
     "OPTION_NAMES",
     "REFERENCE_FREE_LOSS_TYPES",
+    "REQUIRED",
     "RULES",
     "KTOLossOptions",
     "PreferenceLossOptions",
@@ -113,15 +114,15 @@ class Rule:
     why: str = ""
 
 
-ANY_NUMBER: Mapping[str, float | bool] = {}
-POSITIVE = dict(low=0.0, low_open=True)
-NON_NEGATIVE = dict(low=0.0)
+_ANY_NUMBER: Mapping[str, float | bool] = {}
+_POSITIVE = dict(low=0.0, low_open=True)
+_NON_NEGATIVE = dict(low=0.0)
 
 #: Every option but `loss_type` and `loss_weights` (checked on their own first), in the
 #: order `validate` checks them.
 RULES: dict[str, Rule] = {
     # ORPO's lambda may be 0 (the NLL alone); every other beta divides or scales a margin
-    "beta": Rule(POSITIVE, by_loss_type={"orpo": dict(bounds=NON_NEGATIVE)}),
+    "beta": Rule(_POSITIVE, by_loss_type={"orpo": dict(bounds=_NON_NEGATIVE)}),
     "label_smoothing": Rule(
         dict(low=0.0, high=0.5, high_open=True),
         loss_types=LABEL_SMOOTHED_LOSS_TYPES,
@@ -134,39 +135,39 @@ RULES: dict[str, Rule] = {
         why="applies to loss types {types} only, got loss_type {bad!r}",
     ),
     "f_alpha_divergence_coef": Rule(
-        ANY_NUMBER,
+        _ANY_NUMBER,
         when=("f_divergence_type", "alpha_divergence"),
         default=0.5,
         why="is for f_divergence_type='alpha_divergence', got {f_divergence_type!r}",
     ),
     "discopop_tau": Rule(
-        POSITIVE,
+        _POSITIVE,
         loss_types=("discopop",),
         default=0.05,
         why="is for loss_type='discopop', got loss_type={loss_type}",
     ),
     "rdpo_alpha": Rule(
-        ANY_NUMBER,
+        _ANY_NUMBER,
         loss_types=("sigmoid",),
         why="is R-DPO's, for loss_type='sigmoid', got loss_type={loss_type}",
     ),
     "dpop_lambda": Rule(
-        NON_NEGATIVE,
+        _NON_NEGATIVE,
         loss_types=("sigmoid",),
         why="is DPOP's, for loss_type='sigmoid', got loss_type={loss_type}",
     ),
     "alpha": Rule(
-        ANY_NUMBER, loss_types=CPO_LOSS_TYPES, why="is AlphaPO's, for the CPO loss types {types}"
+        _ANY_NUMBER, loss_types=CPO_LOSS_TYPES, why="is AlphaPO's, for the CPO loss types {types}"
     ),
     "cpo_alpha": Rule(
-        ANY_NUMBER,
+        _ANY_NUMBER,
         loss_types=CPO_LOSS_TYPES,
         default=1.0,  # TRL's CPOConfig
         by_loss_type={"alphapo": dict(default=0.0)},  # TRL's alphapo: simpo without NLL
         why="is for the CPO loss types {types}",
     ),
     "simpo_gamma": Rule(
-        ANY_NUMBER,
+        _ANY_NUMBER,
         loss_types=("simpo", "alphapo"),
         default=0.5,
         why="is SimPO's target margin, for {types}, got loss_type={loss_type}",
