@@ -6,31 +6,29 @@ from __future__ import annotations
 
 __all__ = ["DPOConfig"]
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
 from transformers import TrainingArguments
 
-from fastrl import preference_loss
+from fastrl.options.preference import (
+    AVERAGED_LOSS_TYPES,  # noqa: F401 (dpo_trainer reads it here)
+    F_DIVERGENCES,
+    OPTION_NAMES,
+    REFERENCE_FREE_LOSS_TYPES,
+    PreferenceLossOptions,
+)
 from fastrl.trainers.model import (
     ModelArguments,
 )
 from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
 
-# The loss types of `fastrl.preference_loss` that use no reference model, and those that
-# compare length-averaged log-probs (tests pin these against fastrl.ops.preference.loss).
-REFERENCE_FREE_LOSS_TYPES = ("cpo", "cpo_hinge", "cpo_ipo", "simpo", "alphapo", "orpo")
-AVERAGED_LOSS_TYPES = ("cpo_ipo", "simpo", "alphapo", "orpo")
 _COLUMNS = ("prompt", "chosen", "rejected")
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# the preference_loss arguments that are DPOConfig options of the same name
-_LOSS_OPTIONS = (
-    "loss_type", "beta", "loss_weights", "label_smoothing", "f_divergence_type",
-    "f_alpha_divergence_coef", "discopop_tau", "ld_alpha", "use_weighting", "rdpo_alpha",
-    "dpop_lambda", "cpo_alpha", "simpo_gamma", "alpha",
-)  # fmt: skip
+_LOSS = PreferenceLossOptions()  # the loss options' defaults, declared there
+# TRL's DPOConfig gives these a value for every loss type and reads it only where the option
+# applies: the config carries what the loss's None stands for there, and passes it there only
+_SET_FOR_EVERY_LOSS_TYPE = ("f_alpha_divergence_coef", "discopop_tau")
 
 
 # ------------------------------------------------------------------------------ config
@@ -53,8 +51,11 @@ class DPOConfig(ModelArguments, TrainingArguments):
       (``cpo``, ``cpo_hinge``, ``cpo_ipo``, ``simpo``, ``alphapo``, ``orpo``) with their
       options (``cpo_alpha``, ``simpo_gamma``, ``alpha``), and fastrl's ``rdpo_alpha``
       (R-DPO) and ``dpop_lambda`` (DPOP); ``label_smoothing`` on ``sigmoid`` is cDPO (TRL
-      1.16 ignores it there). Everything is passed to `fastrl.preference_loss`, whose
-      docstring defines each option;
+      1.16 ignores it there). The loss options are
+      `fastrl.options.preference.PreferenceLossOptions` (which defines each, with its
+      default and where it applies), passed to `fastrl.preference_loss`; a loss option set
+      where it has no effect is refused at construction, but ``f_alpha_divergence_coef``
+      and ``discopop_tau``, which TRL sets for every loss type and reads where they apply;
     - ``max_prompt_length`` (keeps the end of the prompt) and ``max_completion_length``
       (keeps the start of each completion) besides ``max_length`` (prompt + completion,
       keeps the start; rows whose prompt alone fills it are dropped, as TRL drops them);
@@ -119,44 +120,57 @@ class DPOConfig(ModelArguments, TrainingArguments):
         metadata={"help": "Batch size of the precomputation; default: the per-device batch size."},
     )
 
-    # ---- loss (fastrl.preference_loss options)
+    # ---- loss (fastrl.preference_loss options: PreferenceLossOptions documents each)
     loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
+        default_factory=lambda: list(_LOSS.loss_type),
         metadata={"help": "Loss type, or a list of DPO loss types combined with loss_weights."},
     )
     loss_weights: list[float] | None = field(
-        default=None, metadata={"help": "Weights of a loss_type list (default all 1)."}
+        default=_LOSS.loss_weights,
+        metadata={"help": "Weights of a loss_type list (default all 1)."},
     )
-    beta: float = field(default=0.1, metadata={"help": "DPO's beta (IPO's tau, ORPO's lambda)."})
+    beta: float = field(
+        default=_LOSS.beta, metadata={"help": "DPO's beta (IPO's tau, ORPO's lambda)."}
+    )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "Label smoothing / flip probability in [0, 0.5)."}
+        default=_LOSS.label_smoothing,
+        metadata={"help": "Label smoothing / flip probability in [0, 0.5)."},
     )
     f_divergence_type: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "f-DPO divergence.",
-            "choices": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
-        },
+        default=_LOSS.f_divergence_type,
+        metadata={"help": "f-DPO divergence.", "choices": list(F_DIVERGENCES)},
     )
     f_alpha_divergence_coef: float = field(
-        default=0.5, metadata={"help": "alpha of f_divergence_type='alpha_divergence'."}
+        default=PreferenceLossOptions.applied_default("f_alpha_divergence_coef"),
+        metadata={"help": "alpha of f_divergence_type='alpha_divergence'."},
     )
-    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP's temperature."})
+    discopop_tau: float = field(
+        default=PreferenceLossOptions.applied_default("discopop_tau"),
+        metadata={"help": "DiscoPOP's temperature."},
+    )
     ld_alpha: float | None = field(
-        default=None, metadata={"help": "LD-DPO's weight of the verbose tail, in [0, 1]."}
+        default=_LOSS.ld_alpha,
+        metadata={"help": "LD-DPO's weight of the verbose tail, in [0, 1]."},
     )
     use_weighting: bool = field(
-        default=False, metadata={"help": "WPO weighting of each pair's loss (DPO loss types)."}
+        default=_LOSS.use_weighting,
+        metadata={"help": "WPO weighting of each pair's loss (DPO loss types)."},
     )
-    rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty (sigmoid)."})
-    dpop_lambda: float = field(default=0.0, metadata={"help": "DPOP positive penalty (sigmoid)."})
+    rdpo_alpha: float = field(
+        default=_LOSS.rdpo_alpha, metadata={"help": "R-DPO length penalty (sigmoid)."}
+    )
+    dpop_lambda: float = field(
+        default=_LOSS.dpop_lambda, metadata={"help": "DPOP positive penalty (sigmoid)."}
+    )
     cpo_alpha: float | None = field(
-        default=None, metadata={"help": "NLL weight of the CPO family (default 1; alphapo 0)."}
+        default=_LOSS.cpo_alpha,
+        metadata={"help": "NLL weight of the CPO family (default 1; alphapo 0)."},
     )
     simpo_gamma: float | None = field(
-        default=None, metadata={"help": "SimPO / AlphaPO target margin (default 0.5)."}
+        default=_LOSS.simpo_gamma,
+        metadata={"help": "SimPO / AlphaPO target margin (default 0.5)."},
     )
-    alpha: float = field(default=0.0, metadata={"help": "AlphaPO's alpha (CPO family)."})
+    alpha: float = field(default=_LOSS.alpha, metadata={"help": "AlphaPO's alpha (CPO family)."})
 
     def __post_init__(self):
         self.set_engine_defaults()
@@ -167,40 +181,22 @@ class DPOConfig(ModelArguments, TrainingArguments):
         # the options alone first: no device set-up, and a typo fails in milliseconds
         self._check_options()
         super().__post_init__()
-        _check_loss_options(self)
 
     def _check_options(self) -> None:
-        """Every DPO option on its own (and `kernel_impl` / `load_in_4bit` against the
-        device), each message naming the flag, the value and what is allowed; the
-        combinations are `preference_loss`'s to check (`_check_loss_options`)."""
-        if not self.loss_type:
-            raise ValueError("--loss_type needs at least one loss type, got none")
+        """Every DPO option (and `kernel_impl` / `load_in_4bit` against the device), each
+        message naming the flag, the value and what is allowed; the loss options by
+        `PreferenceLossOptions` (`_check_loss_options`)."""
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             check_number(name, getattr(self, name), low=1, integer=True, optional=True)
         for name in ("precompute_ref_batch_size", "dataset_num_proc", "pad_to_multiple_of"):
             check_number(name, getattr(self, name), low=1, integer=True, optional=True)
-        # ORPO's lambda may be 0 (the NLL alone); every other beta divides or scales a margin
-        orpo_only = self.loss_type == ["orpo"]
-        check_number("beta", self.beta, low=0, low_open=not orpo_only)
-        check_number("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
-        check_choice("f_divergence_type", self.f_divergence_type, _F_DIVERGENCES)
-        check_number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
-        check_number("discopop_tau", self.discopop_tau, low=0, low_open=True)
-        check_number("ld_alpha", self.ld_alpha, low=0, high=1, optional=True)
-        check_number("rdpo_alpha", self.rdpo_alpha)
-        check_number("dpop_lambda", self.dpop_lambda, low=0)
-        for name in ("cpo_alpha", "simpo_gamma"):
-            check_number(name, getattr(self, name), optional=True)
-        check_number("alpha", self.alpha)
-        if self.loss_weights is not None:
-            if len(self.loss_weights) != len(self.loss_type):
-                raise ValueError(
-                    f"--loss_weights {' '.join(map(str, self.loss_weights))} must hold one "
-                    f"weight per --loss_type ({' '.join(self.loss_type)}): "
-                    f"{len(self.loss_type)}, got {len(self.loss_weights)}"
-                )
-            for w in self.loss_weights:
-                check_number("loss_weights", w)
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(  # as the two flags are typed
+                f"--loss_weights {' '.join(map(str, self.loss_weights))} must hold one "
+                f"weight per --loss_type ({' '.join(self.loss_type)}): "
+                f"{len(self.loss_type)}, got {len(self.loss_weights)}"
+            )
+        _check_loss_options(self)
         if self.precompute_ref_log_probs and self.reference_free:
             raise ValueError(
                 f"--precompute_ref_log_probs is set, but --loss_type {' '.join(self.loss_type)} "
@@ -214,50 +210,34 @@ class DPOConfig(ModelArguments, TrainingArguments):
         """Whether the loss uses no reference model (CPO, SimPO, AlphaPO, ORPO)."""
         return any(t in REFERENCE_FREE_LOSS_TYPES for t in self.loss_type)
 
+    def preference_loss_options(self) -> PreferenceLossOptions:
+        """The options `DPOTrainer` passes to `fastrl.preference_loss`: this config's, but
+        ``f_alpha_divergence_coef`` / ``discopop_tau`` only where they apply (as TRL reads
+        them)."""
+        options = PreferenceLossOptions.from_mapping(vars(self))
+        unused = {n: None for n in _SET_FOR_EVERY_LOSS_TYPE if not options.applies(n)}
+        return replace(options, **unused)
+
     def preference_loss_kwargs(self) -> dict:
-        """The `fastrl.preference_loss` options this configuration selects."""
-        types = self.loss_type
-        kw = dict(
-            loss_type=types[0] if len(types) == 1 else list(types),
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            ld_alpha=self.ld_alpha,
-            rdpo_alpha=self.rdpo_alpha,
-            dpop_lambda=self.dpop_lambda,
-            cpo_alpha=self.cpo_alpha,
-            simpo_gamma=self.simpo_gamma,
-            alpha=self.alpha,
-            use_weighting=self.use_weighting,
-        )
-        if self.loss_weights is not None:
-            kw["loss_weights"] = list(self.loss_weights)
-        # options with a TRL default that preference_loss refuses where they have no effect
-        if self.f_divergence_type == "alpha_divergence":
-            kw["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
-        if "discopop" in types:
-            kw["discopop_tau"] = self.discopop_tau
-        return kw
+        """`preference_loss_options` as keyword arguments (those at their defaults left out)."""
+        return self.preference_loss_options().kwargs()
+
+    def _check_number(self, name: str, value, **bounds) -> None:
+        """`check_number` as a flag, ``or None`` allowed where this config's default is."""
+        f = self.__dataclass_fields__.get(name)
+        check_number(name, value, optional=f is not None and f.default is None, **bounds)
 
 
 def _check_loss_options(args: DPOConfig) -> None:
-    """Surface a bad loss configuration at construction instead of at the first step:
-    `preference_loss` itself on one dummy pair (so nothing the trainer's loss refuses
-    passes), its argument names, the options of the same name, written as flags."""
-    one, zero = torch.ones(1), torch.zeros(1)
-    kw = args.preference_loss_kwargs()
-    extra = dict(chosen_lengths=one, rejected_lengths=one)
-    ref = () if args.reference_free else (zero, zero)
-    if args.use_weighting:
-        extra.update(chosen_aligned_logps=zero, rejected_aligned_logps=zero)
-    if args.ld_alpha is not None:
-        extra.update(chosen_tail_logps=zero, rejected_tail_logps=zero)
-        if ref:
-            extra.update(ref_chosen_tail_logps=zero, ref_rejected_tail_logps=zero)
+    """The loss options, by `PreferenceLossOptions`, named as flags: each value as set (the
+    TRL-style ones too), then what applies to which loss type as the trainer passes them.
+    `DPOTrainer` checks again: its config may have changed since construction."""
     try:
-        preference_loss(-one, -one, *ref, **extra, **kw)
+        as_set = PreferenceLossOptions.from_mapping(vars(args))
+        as_set.check_values(number=args._check_number, choice=check_choice)
+        args.preference_loss_options().check_combinations()
     except (TypeError, ValueError) as e:
-        raise ValueError(flag_names(str(e), _LOSS_OPTIONS)) from e
+        raise ValueError(flag_names(str(e), OPTION_NAMES)) from e
 
 
 # ---------------------------------------------------------------------------- the data

@@ -123,3 +123,22 @@ def test_fused_preference_loss_bad_input(change, match):
         kw["loss_type"] = change["loss_type"]
     with pytest.raises(ValueError, match=match):
         fused_preference_loss(hidden, weight, targets, mask, **kw)
+
+
+def test_fused_preference_loss_refuses_before_the_log_prob_pass(monkeypatch):
+    import fastrl.ops.preference.fused as fused
+
+    hidden, weight, targets, mask, ref_hidden = make_pairs()
+    monkeypatch.setattr(fused, "linear_logprobs", lambda *a, **k: pytest.fail("log-probs ran"))
+    kw = dict(ref_hidden=ref_hidden, impl="torch")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'betta'"):
+        fused_preference_loss(hidden, weight, targets, mask, betta=0.1, **kw)
+    with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect"):
+        fused_preference_loss(
+            hidden, weight, targets, mask, loss_type="ipo", label_smoothing=0.1, **kw
+        )
+    with pytest.raises(ValueError, match="computes ref_chosen_tail_logps itself"):
+        zero = torch.zeros(B, device=DEVICE)
+        fused_preference_loss(
+            hidden, weight, targets, mask, ld_alpha=0.5, ref_chosen_tail_logps=zero, **kw
+        )

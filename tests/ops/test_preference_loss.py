@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastrl import kto_loss, ld_tail_logps, preference_loss
-from fastrl.ops.preference.loss import (
+from fastrl.options.preference import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
     F_DIVERGENCES,

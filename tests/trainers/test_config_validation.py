@@ -9,6 +9,7 @@ from transformers import HfArgumentParser
 import fastrl.ops.advantages.group
 import fastrl.ops.policy.loss
 import fastrl.ops.preference.loss
+from fastrl.options import preference as opts
 from fastrl.trainers import dpo_config as dpo
 from fastrl.trainers import grpo_config as grpo
 from fastrl.trainers.dpo_config import DPOConfig
@@ -105,6 +106,24 @@ def test_dpo_config_refuses(tmp_path, kw, match):
         DPOConfig(str(tmp_path), use_cpu=True, **kw)
 
 
+def test_dpo_config_reads_the_preference_options(tmp_path):
+    # no copies: the loss options' choices and defaults are PreferenceLossOptions'
+    choices = DPOConfig.__dataclass_fields__["f_divergence_type"].metadata["choices"]
+    assert choices == list(opts.F_DIVERGENCES)
+    assert dpo.REFERENCE_FREE_LOSS_TYPES is opts.REFERENCE_FREE_LOSS_TYPES
+    assert fastrl.ops.preference.loss.F_DIVERGENCES is opts.F_DIVERGENCES
+    args = DPOConfig(str(tmp_path), use_cpu=True)
+    assert args.preference_loss_options() == opts.PreferenceLossOptions()
+    assert args.preference_loss_kwargs() == {}
+    # TRL's two options set for every loss type: passed where they apply only
+    assert args.f_alpha_divergence_coef == 0.5 and args.discopop_tau == 0.05
+    args = DPOConfig(str(tmp_path), f_divergence_type="alpha_divergence", use_cpu=True)
+    assert args.preference_loss_options().f_alpha_divergence_coef == 0.5
+    args = DPOConfig(str(tmp_path), loss_type="discopop", discopop_tau=0.2, use_cpu=True)
+    assert args.preference_loss_kwargs() == dict(loss_type="discopop", discopop_tau=0.2)
+    assert DPOConfig(str(tmp_path), discopop_tau=0.2, use_cpu=True).preference_loss_kwargs() == {}
+
+
 @pytest.mark.parametrize("config", [GRPOConfig, DPOConfig])
 def test_triton_needs_cuda_or_the_interpreter(tmp_path, monkeypatch, config):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -139,6 +158,5 @@ def test_choices_match_the_losses():
     assert grpo._CLIPPED == fastrl.ops.policy.loss._CLIPPED
     assert grpo._LEVELS == fastrl.ops.policy.loss._LEVELS
     assert grpo._KL_ESTIMATORS == fastrl.ops.policy.loss._KL_ESTIMATORS
-    assert tuple(dpo._F_DIVERGENCES) == tuple(fastrl.ops.preference.loss.F_DIVERGENCES)
     assert grpo._SCALES == fastrl.ops.advantages.group._SCALES
     assert grpo._AGGREGATIONS == fastrl.ops.advantages.group._NORMALIZE

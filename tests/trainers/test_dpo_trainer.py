@@ -171,7 +171,7 @@ def pair_trainers(tmp_path_factory):
 
 def test_loss_type_constants_match_fastrl():
     assert REFERENCE_FREE_LOSS_TYPES == preference.REFERENCE_FREE_LOSS_TYPES
-    assert AVERAGED_LOSS_TYPES == preference._AVERAGED
+    assert AVERAGED_LOSS_TYPES == preference.AVERAGED_LOSS_TYPES
 
 
 def test_config_defaults_and_refusals(tmp_path):

@@ -7,15 +7,21 @@ summed per completion, and `preference_loss` and autograd do the rest; the backw
 `linear_logprobs`' (recompute, then dH).
 """
 
+from dataclasses import fields
+
 import torch
 
+from fastrl.checks import IGNORE_INDEX
 from fastrl.ops.logprobs.linear import linear_logprobs
 from fastrl.ops.policy.fused import check_completion_batch
-from fastrl.ops.preference.loss import ld_tail_logps, preference_loss
+from fastrl.ops.preference.inputs import PreferenceInputs
+from fastrl.ops.preference.ld import ld_tail_logps
+from fastrl.ops.preference.loss import compute_preference_loss
+from fastrl.options.preference import OPTION_NAMES, PreferenceLossOptions
 
 __all__ = ["fused_preference_loss"]
 
-_IGNORE = -100
+_INPUTS = tuple(f.name for f in fields(PreferenceInputs))
 _COMPUTED = (
     "chosen_logps",
     "rejected_logps",
@@ -24,6 +30,7 @@ _COMPUTED = (
     "chosen_tail_logps",
     "rejected_tail_logps",
 )
+_REF_TAILS = ("ref_chosen_tail_logps", "ref_rejected_tail_logps")  # from ref_hidden
 
 
 def fused_preference_loss(
@@ -65,18 +72,26 @@ def fused_preference_loss(
             `linear_logprobs`.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
         compact: score only the positions where ``mask`` is 1 (see `linear_logprobs`).
-        **kwargs: every other option of `preference_loss` (``loss_type``, ``beta``,
-            ``label_smoothing``, ``ld_alpha``, ``simpo_gamma``, ``use_weighting``, ...).
-            The sequence log-probs, the lengths, LD-DPO's tails and, with
-            ``use_weighting`` (WPO), the aligned log-probs ``sum (log p - log sum_v
-            p_v^2)`` are computed here (the last from the same pass, unless passed).
+        **kwargs: the options of `preference_loss` (`PreferenceLossOptions`: ``loss_type``,
+            ``beta``, ``label_smoothing``, ``ld_alpha``, ``use_weighting``, ...), validated
+            before any log-prob is computed, and its other inputs (``nll``, precomputed
+            reference tails or aligned log-probs). The sequence log-probs, the lengths,
+            LD-DPO's tails and, with ``use_weighting`` (WPO), the aligned log-probs ``sum
+            (log p - log sum_v p_v^2)`` are computed here (the last from the same pass,
+            unless passed).
 
     Returns:
         ``(loss, metrics)`` as `preference_loss`.
     """
-    for name in _COMPUTED:
-        if name in kwargs:
+    options = PreferenceLossOptions.from_mapping(kwargs)
+    inputs = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+    computed = _COMPUTED + (_REF_TAILS if ref_hidden is not None else ())
+    for name in inputs:
+        if name in computed:
             raise ValueError(f"fused_preference_loss computes {name} itself; do not pass it")
+        if name not in _INPUTS:
+            raise TypeError(f"fused_preference_loss() got an unexpected keyword argument {name!r}")
+    options.validate()  # before the log-prob pass: a bad option costs no matmul
     check_completion_batch(targets, mask, ref_weight, ref_hidden, rows="[2B, T]")
     if targets.shape[0] % 2:
         raise ValueError(
@@ -86,12 +101,17 @@ def fused_preference_loss(
         raise ValueError("pass ref_chosen_logps/ref_rejected_logps or ref_hidden, not both")
 
     B = targets.shape[0] // 2
-    scored = torch.where(mask.bool(), targets, _IGNORE)
+    ld = options.ld_alpha is not None
+    scored = torch.where(mask.bool(), targets, IGNORE_INDEX)
     logit_kw = dict(
-        bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE, compact=compact
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=IGNORE_INDEX,
+        compact=compact,
     )
     lengths = mask.sum(1)
-    seq_kw = dict(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+    inputs.update(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
 
     if ref_hidden is not None:
         with torch.no_grad():
@@ -101,22 +121,21 @@ def fused_preference_loss(
             )  # fmt: skip
             ref_seq = ref_tok.sum(1)
             ref_chosen_logps, ref_rejected_logps = ref_seq[:B], ref_seq[B:]
-            if kwargs.get("ld_alpha") is not None:
+            if ld:
                 c, r = ld_tail_logps(ref_tok, mask)
-                seq_kw.update(ref_chosen_tail_logps=c, ref_rejected_tail_logps=r)
+                inputs.update(ref_chosen_tail_logps=c, ref_rejected_tail_logps=r)
 
-    wpo = kwargs.get("use_weighting") and "chosen_aligned_logps" not in kwargs
+    wpo = options.use_weighting and "chosen_aligned_logps" not in inputs
     logps = linear_logprobs(
         hidden, weight, scored, impl=impl, return_log_sum_sq_probs=wpo, **logit_kw
     )
     if wpo:  # WPO's weights carry no gradient; both terms are 0 off the mask
         logps, log_sum_sq = logps
         aligned = (logps.detach() - log_sum_sq).sum(1)
-        kwargs.update(chosen_aligned_logps=aligned[:B], rejected_aligned_logps=aligned[B:])
+        inputs.update(chosen_aligned_logps=aligned[:B], rejected_aligned_logps=aligned[B:])
     seq = logps.sum(1)
-    if kwargs.get("ld_alpha") is not None:
+    if ld:
         c, r = ld_tail_logps(logps, mask)
-        seq_kw.update(chosen_tail_logps=c, rejected_tail_logps=r)
-    return preference_loss(
-        seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **seq_kw, **kwargs
-    )
+        inputs.update(chosen_tail_logps=c, rejected_tail_logps=r)
+    pairs = PreferenceInputs(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **inputs)
+    return compute_preference_loss(pairs, options)

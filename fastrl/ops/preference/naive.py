@@ -9,7 +9,9 @@ import math
 
 import torch
 
-_AVERAGED = ("cpo_ipo", "simpo", "alphapo", "orpo")
+from fastrl.options.preference import AVERAGED_LOSS_TYPES, KTOLossOptions, PreferenceLossOptions
+
+_KTO = KTOLossOptions()  # the defaults, declared there
 
 
 def _logsigmoid(x):
@@ -65,38 +67,23 @@ def naive_preference_loss(
     ref_chosen_logps=None,
     ref_rejected_logps=None,
     *,
-    loss_type="sigmoid",
-    beta=0.1,
-    loss_weights=None,
-    label_smoothing=0.0,
-    f_divergence_type="reverse_kl",
-    f_alpha_divergence_coef=None,
-    discopop_tau=None,
     chosen_lengths=None,
     rejected_lengths=None,
     nll=None,
-    ld_alpha=None,
     chosen_tail_logps=None,
     rejected_tail_logps=None,
     ref_chosen_tail_logps=None,
     ref_rejected_tail_logps=None,
-    use_weighting=False,
     chosen_aligned_logps=None,
     rejected_aligned_logps=None,
-    rdpo_alpha=0.0,
-    dpop_lambda=0.0,
-    cpo_alpha=None,
-    simpo_gamma=None,
-    alpha=0.0,
+    **options,
 ):
-    """Same contract as `fastrl.preference_loss` (no validation); float64 loss and metrics."""
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    """Same contract as `fastrl.preference_loss` (no validation); float64 loss and metrics.
+
+    `options`: those of `PreferenceLossOptions`, with its defaults (and what None stands
+    for where an option applies)."""
+    o = PreferenceLossOptions(**options).resolved()
     B = chosen_logps.shape[0]
-    eps = label_smoothing
-    coef = 0.5 if f_alpha_divergence_coef is None else f_alpha_divergence_coef
-    tau = 0.05 if discopop_tau is None else discopop_tau
-    gamma = 0.5 if simpo_gamma is None else simpo_gamma
 
     def d(x):
         return None if x is None else x.double()
@@ -105,7 +92,6 @@ def naive_preference_loss(
         return None if x is None else x.detach().double()
 
     pc, pr = d(chosen_logps), d(rejected_logps)
-    refc, refr = const(ref_chosen_logps), const(ref_rejected_logps)
     nc = None if chosen_lengths is None else [float(n) for n in chosen_lengths]
     nr = None if rejected_lengths is None else [float(n) for n in rejected_lengths]
 
@@ -114,89 +100,99 @@ def naive_preference_loss(
             return nll.double().reshape(())
         return -sum(pc[i] for i in range(B)) / max(sum(nc), 1.0)
 
-    # ---- reference-free: CPO family and ORPO
-    if types[0] in ("cpo", "cpo_hinge", "cpo_ipo", "simpo", "alphapo", "orpo"):
-        kind = types[0]
-        c = [pc[i] / max(nc[i], 1.0) if kind in _AVERAGED else pc[i] for i in range(B)]
-        r = [pr[i] / max(nr[i], 1.0) if kind in _AVERAGED else pr[i] for i in range(B)]
-        metrics = {}
-        if kind == "orpo":
-            per_pair, log_odds_all, ratios = [], [], []
-            for i in range(B):
-                # odds(y) = p / (1 - p) with p = exp(mean token log-prob)
-                log_odds_c = c[i] - torch.log(1 - torch.exp(c[i]))
-                log_odds_r = r[i] - torch.log(1 - torch.exp(r[i]))
-                log_odds = log_odds_c - log_odds_r
-                ratio = _logsigmoid(log_odds)
-                per_pair.append(beta * ratio)
-                log_odds_all.append(log_odds.detach())
-                ratios.append(ratio.detach())
-            sft = nll_term()
-            loss = sft - _mean(per_pair)
-            metrics["nll_loss"] = sft.detach()
-            metrics["log_odds_ratio"] = _mean(ratios)
-            metrics["log_odds_chosen"] = _mean(log_odds_all)
-            rew_c = [beta * x.detach() for x in c]
-            rew_r = [beta * x.detach() for x in r]
-        else:
-            w = 0.0 if kind == "alphapo" else 1.0
-            w = w if cpo_alpha is None else cpo_alpha
-            per_pair, rew_c, rew_r = [], [], []
-            for i in range(B):
-                if alpha != 0:  # AlphaPO: r(y) = (1 - p^-alpha) / alpha
-                    uc = (1 - torch.exp(c[i]) ** (-alpha)) / alpha
-                    ur = (1 - torch.exp(r[i]) ** (-alpha)) / alpha
-                else:
-                    uc, ur = c[i], r[i]
-                h = uc - ur
-                if kind in ("simpo", "alphapo"):
-                    h = h - gamma / beta
-                if kind in ("cpo", "simpo", "alphapo"):
-                    loss_i = -(1 - eps) * _logsigmoid(beta * h) - eps * _logsigmoid(-beta * h)
-                elif kind == "cpo_hinge":
-                    loss_i = torch.clamp(1 - beta * h, min=0)
-                else:
-                    loss_i = (h - 1 / (2 * beta)) ** 2
-                per_pair.append(loss_i)
-                rew_c.append(beta * uc.detach())
-                rew_r.append(beta * ur.detach())
-            sft = nll_term() if w != 0 else torch.zeros((), dtype=torch.float64)
-            loss = _mean(per_pair) + w * sft
-            metrics["nll_loss"] = sft.detach()
-        metrics.update(_rewards(rew_c, rew_r, c, r))
-        return loss, _as64(metrics)
-
-    # ---- DPO family
-    if ld_alpha is not None:  # shared + ld_alpha * verbose tail
-        tc, tr = d(chosen_tail_logps), d(rejected_tail_logps)
-        c = [pc[i] - tc[i] + ld_alpha * tc[i] for i in range(B)]
-        r = [pr[i] - tr[i] + ld_alpha * tr[i] for i in range(B)]
-        if refc is not None:
-            trc, trr = const(ref_chosen_tail_logps), const(ref_rejected_tail_logps)
-            rc = [refc[i] - trc[i] + ld_alpha * trc[i] for i in range(B)]
-            rr = [refr[i] - trr[i] + ld_alpha * trr[i] for i in range(B)]
-    else:
-        c, r = [pc[i] for i in range(B)], [pr[i] for i in range(B)]
-        if refc is not None:
-            rc, rr = [refc[i] for i in range(B)], [refr[i] for i in range(B)]
-    have_ref = refc is not None
-
+    if o.reference_free:
+        return _naive_reference_free(o, pc, pr, nc, nr, nll_term)
+    refs = (const(ref_chosen_logps), const(ref_rejected_logps))
+    tails = (d(chosen_tail_logps), d(rejected_tail_logps))
+    ref_tails = (const(ref_chosen_tail_logps), const(ref_rejected_tail_logps))
     wpo = [1.0] * B
-    if use_weighting:
+    if o.use_weighting:
         for i in range(B):
             # exp of the mean aligned log-prob per token, chosen times rejected
             mean_c = float(chosen_aligned_logps[i]) / max(nc[i], 1.0)
             mean_r = float(rejected_aligned_logps[i]) / max(nr[i], 1.0)
             wpo[i] = math.exp(mean_c) * math.exp(mean_r)
+    return _naive_dpo(o, pc, pr, refs, tails, ref_tails, nc, nr, wpo, nll_term)
+
+
+def _naive_reference_free(o, pc, pr, nc, nr, nll_term):
+    """The CPO family and ORPO, pair by pair."""
+    B, kind, beta, eps = len(pc), o.loss_type[0], o.beta, o.label_smoothing
+    c = [pc[i] / max(nc[i], 1.0) if kind in AVERAGED_LOSS_TYPES else pc[i] for i in range(B)]
+    r = [pr[i] / max(nr[i], 1.0) if kind in AVERAGED_LOSS_TYPES else pr[i] for i in range(B)]
+    metrics = {}
+    if kind == "orpo":
+        per_pair, log_odds_all, ratios = [], [], []
+        for i in range(B):
+            # odds(y) = p / (1 - p) with p = exp(mean token log-prob)
+            log_odds_c = c[i] - torch.log(1 - torch.exp(c[i]))
+            log_odds_r = r[i] - torch.log(1 - torch.exp(r[i]))
+            log_odds = log_odds_c - log_odds_r
+            ratio = _logsigmoid(log_odds)
+            per_pair.append(beta * ratio)
+            log_odds_all.append(log_odds.detach())
+            ratios.append(ratio.detach())
+        sft = nll_term()
+        loss = sft - _mean(per_pair)
+        metrics["nll_loss"] = sft.detach()
+        metrics["log_odds_ratio"] = _mean(ratios)
+        metrics["log_odds_chosen"] = _mean(log_odds_all)
+        rew_c = [beta * x.detach() for x in c]
+        rew_r = [beta * x.detach() for x in r]
+    else:
+        per_pair, rew_c, rew_r = [], [], []
+        for i in range(B):
+            if o.alpha != 0:  # AlphaPO: r(y) = (1 - p^-alpha) / alpha
+                uc = (1 - torch.exp(c[i]) ** (-o.alpha)) / o.alpha
+                ur = (1 - torch.exp(r[i]) ** (-o.alpha)) / o.alpha
+            else:
+                uc, ur = c[i], r[i]
+            h = uc - ur
+            if kind in ("simpo", "alphapo"):
+                h = h - o.simpo_gamma / beta
+            if kind in ("cpo", "simpo", "alphapo"):
+                loss_i = -(1 - eps) * _logsigmoid(beta * h) - eps * _logsigmoid(-beta * h)
+            elif kind == "cpo_hinge":
+                loss_i = torch.clamp(1 - beta * h, min=0)
+            else:
+                loss_i = (h - 1 / (2 * beta)) ** 2
+            per_pair.append(loss_i)
+            rew_c.append(beta * uc.detach())
+            rew_r.append(beta * ur.detach())
+        w = o.cpo_alpha
+        sft = nll_term() if w != 0 else torch.zeros((), dtype=torch.float64)
+        loss = _mean(per_pair) + w * sft
+        metrics["nll_loss"] = sft.detach()
+    metrics.update(_rewards(rew_c, rew_r, c, r))
+    return loss, _as64(metrics)
+
+
+def _naive_dpo(o, pc, pr, refs, tails, ref_tails, nc, nr, wpo, nll_term):
+    """The DPO loss types, pair by pair, summed with their weights."""
+    B, beta, eps = len(pc), o.beta, o.label_smoothing
+    refc, refr = refs
+    have_ref = refc is not None
+    if o.ld_alpha is not None:  # shared + ld_alpha * verbose tail
+        a, (tc, tr) = o.ld_alpha, tails
+        c = [pc[i] - tc[i] + a * tc[i] for i in range(B)]
+        r = [pr[i] - tr[i] + a * tr[i] for i in range(B)]
+        if have_ref:
+            trc, trr = ref_tails
+            rc = [refc[i] - trc[i] + a * trc[i] for i in range(B)]
+            rr = [refr[i] - trr[i] + a * trr[i] for i in range(B)]
+    else:
+        c, r = [pc[i] for i in range(B)], [pr[i] for i in range(B)]
+        if have_ref:
+            rc, rr = [refc[i] for i in range(B)], [refr[i] for i in range(B)]
 
     lc = [c[i] - rc[i] for i in range(B)] if have_ref else None  # log pi/pi_ref, chosen
     lr = [r[i] - rr[i] for i in range(B)] if have_ref else None
     if have_ref:
-        sc = [_score(x, f_divergence_type, coef) for x in lc]
-        sr = [_score(x, f_divergence_type, coef) for x in lr]
+        sc = [_score(x, o.f_divergence_type, o.f_alpha_divergence_coef) for x in lc]
+        sr = [_score(x, o.f_divergence_type, o.f_alpha_divergence_coef) for x in lr]
 
     loss = torch.zeros((), dtype=torch.float64)
-    for kind, weight in zip(types, weights, strict=True):
+    for kind, weight in zip(o.loss_type, o.loss_weights, strict=True):
         per_pair = []
         if kind in ("aot", "aot_unpaired"):
             # pair the k-th smallest with the k-th smallest
@@ -214,10 +210,10 @@ def naive_preference_loss(
                 z = beta * (sc[i] - sr[i])
             if kind == "sigmoid":
                 margin = sc[i] - sr[i]
-                margin = margin - dpop_lambda * torch.clamp(rc[i] - c[i], min=0)
+                margin = margin - o.dpop_lambda * torch.clamp(rc[i] - c[i], min=0)
                 z = beta * margin
-                if rdpo_alpha != 0:
-                    z = z - rdpo_alpha * (nc[i] - nr[i])
+                if o.rdpo_alpha != 0:
+                    z = z - o.rdpo_alpha * (nc[i] - nr[i])
                 loss_i = -(1 - eps) * _logsigmoid(z) - eps * _logsigmoid(-z)
             elif kind == "hinge":
                 loss_i = torch.clamp(1 - z, min=0)
@@ -247,7 +243,7 @@ def naive_preference_loss(
             elif kind == "apo_down":
                 loss_i = _sigmoid(beta * lc[i]) + (1 - _sigmoid(beta * (lc[i] - lr[i])))
             elif kind == "discopop":
-                mix = _sigmoid(z / tau)
+                mix = _sigmoid(z / o.discopop_tau)
                 loss_i = (1 - mix) * -_logsigmoid(z) + mix * torch.exp(-z)
             else:  # sft
                 loss_i = nll_term()
@@ -286,10 +282,10 @@ def naive_kto_loss(
     *,
     kl_logps=None,
     ref_kl_logps=None,
-    loss_type="kto",
-    beta=0.1,
-    desirable_weight=1.0,
-    undesirable_weight=1.0,
+    loss_type=_KTO.loss_type,
+    beta=_KTO.beta,
+    desirable_weight=_KTO.desirable_weight,
+    undesirable_weight=_KTO.undesirable_weight,
 ):
     """Same contract as `fastrl.kto_loss` (no validation); float64 loss and metrics."""
     B = logps.shape[0]
