@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from fastrl.options.policy import DEFAULTS as _D  # the options' defaults, as the loss's
+
 
 def _kl(lp, ref, estimator):
     d = ref - lp  # log(pi_ref / pi)
@@ -25,29 +27,29 @@ def naive_policy_loss(
     mask,
     *,
     ref_logps=None,
-    loss_type="dapo",
-    epsilon=0.2,
-    epsilon_high=None,
-    delta=None,
-    beta=0.0,
-    kl_estimator="k3",
-    use_bias_correction_kl=True,
-    importance_sampling_level="token",
-    max_completion_length=None,
+    loss_type=_D.loss_type,
+    epsilon=_D.epsilon,
+    epsilon_high=_D.epsilon_high,
+    delta=_D.delta,
+    beta=_D.beta,
+    kl_estimator=_D.kl_estimator,
+    use_bias_correction_kl=_D.use_bias_correction_kl,
+    importance_sampling_level=_D.importance_sampling_level,
+    max_completion_length=_D.max_completion_length,
     num_items_in_batch=None,
-    gradient_accumulation_steps=1,
-    steps_per_generation=None,
-    num_processes=1,
-    sapo_temperature_pos=1.0,
-    sapo_temperature_neg=1.05,
+    gradient_accumulation_steps=_D.gradient_accumulation_steps,
+    steps_per_generation=_D.steps_per_generation,
+    num_processes=_D.num_processes,
+    sapo_temperature_pos=_D.sapo_temperature_pos,
+    sapo_temperature_neg=_D.sapo_temperature_neg,
     entropy=None,
-    entropy_coef=0.0,
-    top_entropy_quantile=1.0,
+    entropy_coef=_D.entropy_coef,
+    top_entropy_quantile=_D.top_entropy_quantile,
     sampling_logps=None,
-    sampling_correction="sequence_mask",
-    sampling_clip_min=None,
-    sampling_clip_max=3.0,
-    off_policy_mask_threshold=None,
+    sampling_correction=_D.sampling_correction,
+    sampling_clip_min=_D.sampling_clip_min,
+    sampling_clip_max=_D.sampling_clip_max,
+    off_policy_mask_threshold=_D.off_policy_mask_threshold,
 ):
     """Same contract as `fastrl.policy_loss` (no validation); float64 loss and metrics."""
     B, T = logps.shape
