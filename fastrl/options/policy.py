@@ -320,7 +320,7 @@ class PolicyLossOptions:
         for rule in NEEDS:
             value = getattr(self, rule.option)
             default = getattr(type(self), rule.option)  # the field's default
-            if value in rule.when if rule.when is not None else value != default:
+            if (value in rule.when) if rule.when is not None else (value != default):
                 yield rule
 
 
