@@ -19,6 +19,7 @@ from fastrl.options.policy import TOKEN_COUNT_LOSS_TYPES, PolicyLossOptions
 
 #: the loss types that average the per-sequence token means (the others sum tokens first)
 _SEQUENCE_MEAN = ("grpo", "sapo")
+NumItems = int | float | torch.Tensor  # policy_loss' num_items_in_batch
 
 
 class TokenFactors(NamedTuple):
@@ -34,13 +35,11 @@ class TokenFactors(NamedTuple):
 def sampling_ratio(
     opts: PolicyLossOptions, old: torch.Tensor, sampling: torch.Tensor, m: torch.Tensor
 ) -> torch.Tensor:
-    """Importance weight pi_old / pi_sampler (TRL's vLLM correction), without gradient.
-    old, sampling, m: ``[B, T]``, masked positions zeroed; ``[B, 1]`` for sequence modes."""
-    mode, clip_min, clip_max = (
-        opts.sampling_correction,
-        opts.sampling_clip_min,
-        opts.sampling_clip_max,
-    )
+    """Importance weight pi_old / pi_sampler (TRL's vLLM correction) from constants old,
+    sampling, m ``[B, T]`` (masked positions zeroed): ``[B, T]``, ``[B, 1]`` for the
+    sequence modes."""
+    mode = opts.sampling_correction
+    clip_min, clip_max = opts.sampling_clip_min, opts.sampling_clip_max
     diff = torch.nan_to_num((old - sampling) * m, nan=0.0)  # unscored tokens: no correction
     if mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
@@ -54,6 +53,8 @@ def sampling_ratio(
 
 @torch.no_grad()
 def token_factors(opts: PolicyLossOptions, x: LossInputs) -> TokenFactors:
+    """The factors the options ask for (the off-policy mask reads the current log-probs,
+    as a constant)."""
     off_policy = None
     if opts.off_policy_mask_threshold is not None:
         src = x.sampling if x.sampling is not None else x.old
@@ -85,7 +86,7 @@ def apply_factors(per_token: torch.Tensor, factors: TokenFactors) -> torch.Tenso
 
 
 def _token_sum_divisor(
-    opts: PolicyLossOptions, m: torch.Tensor, num_items_in_batch
+    opts: PolicyLossOptions, m: torch.Tensor, num_items_in_batch: NumItems | None
 ) -> torch.Tensor | int:
     """What ``bnpo``, ``dr_grpo``, ``dapo`` and ``cispo`` divide the token sum by."""
     if opts.loss_type == "bnpo":
@@ -99,7 +100,10 @@ def _token_sum_divisor(
 
 
 def aggregate(
-    opts: PolicyLossOptions, per_token: torch.Tensor, m: torch.Tensor, num_items_in_batch
+    opts: PolicyLossOptions,
+    per_token: torch.Tensor,
+    m: torch.Tensor,
+    num_items_in_batch: NumItems | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's normaliser of `opts.loss_type` over ``per_token * m`` (``[B, T]``, or ``[B, 1]``
     terms broadcast): ``(loss, the value TRL logs as policy_loss)``, the latter before the
@@ -131,7 +135,7 @@ def token_coefficients(
     opts: PolicyLossOptions,
     m: torch.Tensor,
     sampling: torch.Tensor | None,
-    num_items_in_batch,
+    num_items_in_batch: NumItems | None,
     *,
     has_kl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
