@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .config import FUSED_POLICY_BLOCK_N, FUSED_POLICY_BLOCK_V, FUSED_POLICY_NUM_WARPS
 from .linear_logprobs import addmm_fp32, load_logits_step, logits_epilogue, mm_fp32
-from .policy_loss import CLIPPED, FAMILY, KL_ESTIMATORS, token_terms
+from .policy_loss import TokenTermParams, token_terms
 
 # fp32 Z chunks hold at most this many bytes by default: 128 rows of a 128k vocab (62.6
 # MiB at V=128256). FASTRL_FUSED_CHUNK_MB (or chunk_bytes=) trades memory for GEMMs of
@@ -229,18 +229,11 @@ def fused_policy_loss_fwd(
     w_pt: torch.Tensor,
     w_kl: torch.Tensor | None,
     w_ent: torch.Tensor | None,
+    params: TokenTermParams,
     *,
     temperature: float,
     softcap: float | None,
     ignore_index: int,
-    loss_type: str,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None,
-    kl_estimator: str,
-    kl_times_ratio: bool,
-    sapo_temperature_pos: float,
-    sapo_temperature_neg: float,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -250,9 +243,9 @@ def fused_policy_loss_fwd(
     """hidden [N, d], weight [V, d] (same dtype), targets [N] int64 (ignore_index where
     not scored); per-token fp32 [N]: old_logps (None: on-policy), advantages, ref_logps
     (None: no KL), and the loss's coefficients w_pt, w_kl, w_ent (dL/d per-token loss
-    term, KL and entropy). grad_scale: a 0-d fp32 device tensor the gradients are
-    multiplied by (default 1); chunk_bytes: the fp32 logits chunk (default
-    FASTRL_FUSED_CHUNK_MB, else CHUNK_BYTES).
+    term, KL and entropy); params: the loss options. grad_scale: a 0-d fp32 device
+    tensor the gradients are multiplied by (default 1); chunk_bytes: the fp32 logits
+    chunk (default FASTRL_FUSED_CHUNK_MB, else CHUNK_BYTES).
 
     Returns logp [N] fp32, entropy [N] fp32, and grad_scale x the gradients (d_hidden in
     hidden's dtype, d_weight and d_bias fp32) or None where not needed.
@@ -273,7 +266,8 @@ def fused_policy_loss_fwd(
     half = hidden.element_size() == 2
     dzbuf = zbuf.view(hidden.dtype) if half else zbuf
     unused = logp
-    family = FAMILY[loss_type]
+    loss_args = params.runtime_args()
+    loss_constexprs = params.constexprs(has_ref=ref_logps is not None)
     w32 = None if hidden.device.type == "cuda" else weight.to(zdt)  # CPU: no fp32-out GEMM
 
     for n0 in range(0, N, rows_per_chunk):
@@ -289,13 +283,9 @@ def fused_policy_loss_fwd(
             w_pt[rows], w_kl[rows] if w_kl is not None else unused,
             w_ent[rows] if w_ent is not None else unused, logp[rows], ent[rows],
             n, V, z.stride(0), dz.stride(0), 1.0 / temperature, softcap or 1.0, ignore_index,
-            1.0 - epsilon_low, 1.0 + epsilon_high, delta if delta is not None else 0.0,
-            epsilon_high, sapo_temperature_pos, sapo_temperature_neg,
+            *loss_args, **loss_constexprs,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            HAS_OLD=old_logps is not None, FAMILY=family,
-            HAS_DELTA=delta is not None and family == CLIPPED,
-            KL_EST=KL_ESTIMATORS[kl_estimator] if ref_logps is not None else 0,
-            KL_TIMES_RATIO=kl_times_ratio, HAS_WKL=w_kl is not None,
+            HAS_OLD=old_logps is not None, HAS_WKL=w_kl is not None,
             HAS_WENT=w_ent is not None, HALF_DZ=half, LANE_STATS=lane_stats(),
             BLOCK_N=FUSED_POLICY_BLOCK_N,
             BLOCK_V=FUSED_POLICY_BLOCK_V, num_warps=FUSED_POLICY_NUM_WARPS,

@@ -41,6 +41,8 @@ ref_logps (and keep them alive for it): 5 reads instead of 2, against 1-2 extra 
 writes in the forward. The forward skips the derivatives when no gradient is needed.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -60,6 +62,44 @@ FAMILY = {
     "sapo": SAPO,
 }
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
+
+
+class TokenTermParams(NamedTuple):
+    """The loss options `token_terms` reads, as plain values (the caller resolves the
+    defaults: ``epsilon_high`` is a number here). Shared by this launcher and the fused
+    head's."""
+
+    loss_type: str
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    kl_estimator: str
+    kl_times_ratio: bool
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+
+    def runtime_args(self) -> tuple[float, ...]:
+        """`token_terms`' runtime arguments: clip_low, clip_high, delta, cispo_cap, tau_pos,
+        tau_neg (Python floats, fp32 kernel arguments: a new schedule does not recompile)."""
+        delta = 0.0 if self.delta is None else self.delta
+        return (
+            1.0 - self.epsilon_low,
+            1.0 + self.epsilon_high,
+            delta,
+            self.epsilon_high,
+            self.sapo_temperature_pos,
+            self.sapo_temperature_neg,
+        )
+
+    def constexprs(self, has_ref: bool) -> dict[str, int | bool]:
+        """`token_terms`' constexpr arguments (KL_EST 0: no reference log-probs)."""
+        family = FAMILY[self.loss_type]
+        return dict(
+            FAMILY=family,
+            HAS_DELTA=self.delta is not None and family == CLIPPED,
+            KL_EST=KL_ESTIMATORS[self.kl_estimator] if has_ref else 0,
+            KL_TIMES_RATIO=self.kl_times_ratio,
+        )
 
 
 @triton.jit
@@ -277,20 +317,14 @@ def policy_loss_fwd(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     ref_logps: torch.Tensor | None,
+    params: TokenTermParams,
     *,
-    loss_type: str,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None,
-    kl_estimator: str,
-    kl_times_ratio: bool,
-    sapo_temperature_pos: float,
-    sapo_temperature_neg: float,
     need_grad: bool,
     need_kl_grad: bool,
 ):
     """Launch the forward. logps, old_logps, ref_logps [B, T] float (fp32/fp16/bf16, any
-    strides); advantages [B], [B, 1] or [B, T] real; mask [B, T] bool or 0/1 numbers.
+    strides); advantages [B], [B, 1] or [B, T] real; mask [B, T] bool or 0/1 numbers;
+    params: the loss options.
 
     Returns fp32 contiguous [B, T] tensors (per_token_loss, per_token_kl or None, ratio,
     d_pt or None, d_kl or None): the per-token loss term, the per-token KL (with
@@ -332,18 +366,10 @@ def policy_loss_fwd(
         *_strides2d(advantages, B, T),
         *_strides2d(mask, B, T),
         *(_strides2d(ref_logps, B, T) if ref_logps is not None else (0, 0)),
-        1.0 - epsilon_low,
-        1.0 + epsilon_high,
-        delta if delta is not None else 0.0,
-        epsilon_high,
-        sapo_temperature_pos,
-        sapo_temperature_neg,
-        FAMILY=FAMILY[loss_type],
+        *params.runtime_args(),
+        **params.constexprs(has_ref=ref_logps is not None),
         HAS_OLD=old_logps is not None,
         ADV_PER_TOKEN=adv_per_token,
-        HAS_DELTA=delta is not None and FAMILY[loss_type] == CLIPPED,
-        KL_EST=KL_ESTIMATORS[kl_estimator] if ref_logps is not None else 0,
-        KL_TIMES_RATIO=kl_times_ratio,
         NEED_GRAD=need_grad,
         NEED_KL_GRAD=need_kl_grad,
         BLOCK_T=POLICY_LOSS_BLOCK_T,

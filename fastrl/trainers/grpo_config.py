@@ -7,33 +7,24 @@ from __future__ import annotations
 __all__ = ["GRPOConfig"]
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 from transformers import TrainingArguments
 
-from fastrl import policy_loss
+from fastrl.checks import IGNORE_INDEX
+from fastrl.options.policy import PER_STEP, PolicyLossOptions
 from fastrl.trainers.model import (
     ModelArguments,
 )
 from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
 
 BUFFER_NAME = "grpo_buffer.pt"
-# The choices of fastrl.policy_loss / group_advantages (tests pin them against those
-# functions): the config checks them before any model is loaded.
-POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # have a clipped surrogate (delta)
-_LEVELS = ("token", "sequence")
-_KL_ESTIMATORS = ("k1", "k2", "k3")
+# The choices of group_advantages (tests pin them against it): the config checks them
+# before any model is loaded.
 _SCALES = ("group", "batch", "none")
 _AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-# the policy_loss arguments that are GRPOConfig options of the same name
-_LOSS_OPTIONS = (
-    "loss_type", "epsilon", "epsilon_high", "delta", "beta", "kl_estimator",
-    "use_bias_correction_kl", "importance_sampling_level", "max_completion_length",
-    "sapo_temperature_pos", "sapo_temperature_neg", "entropy_coef", "top_entropy_quantile",
-    "off_policy_mask_threshold",
-)  # fmt: skip
-_IGNORE = -100
+_LOSS = PolicyLossOptions()  # the loss options' defaults, which are TRL's GRPOConfig's
+_IGNORE = IGNORE_INDEX  # (grpo_trainer imports it from here)
 
 
 # --------------------------------------------------------------------------- config
@@ -114,6 +105,7 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Keep the last N prompt tokens (None: all)."}
     )
+    # a generation option too, as in TRL (512 there; the loss has no default length)
     max_completion_length: int = field(default=512, metadata={"help": "Max new tokens."})
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
     generation_batch_size: int | None = field(
@@ -132,14 +124,20 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     )
 
     # ---- loss (TRL)
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient (0: no reference)."})
+    beta: float = field(default=_LOSS.beta, metadata={"help": "KL coefficient (0: no reference)."})
     num_iterations: int = field(default=1, metadata={"help": "Updates per generation batch."})
-    epsilon: float = field(default=0.2, metadata={"help": "Lower clip."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip."})
-    delta: float | None = field(default=None, metadata={"help": "Two-sided clip cap."})
-    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO temperature."})
-    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO temperature."})
-    importance_sampling_level: str = field(default="token", metadata={"help": "token | sequence"})
+    epsilon: float = field(default=_LOSS.epsilon, metadata={"help": "Lower clip."})
+    epsilon_high: float | None = field(default=_LOSS.epsilon_high, metadata={"help": "Upper clip."})
+    delta: float | None = field(default=_LOSS.delta, metadata={"help": "Two-sided clip cap."})
+    sapo_temperature_neg: float = field(
+        default=_LOSS.sapo_temperature_neg, metadata={"help": "SAPO temperature."}
+    )
+    sapo_temperature_pos: float = field(
+        default=_LOSS.sapo_temperature_pos, metadata={"help": "SAPO temperature."}
+    )
+    importance_sampling_level: str = field(
+        default=_LOSS.importance_sampling_level, metadata={"help": "token | sequence"}
+    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function (default 1)."}
     )
@@ -147,17 +145,23 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         default="sum_then_normalize", metadata={"help": "sum_then_normalize | normalize_then_sum"}
     )
     scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
-    loss_type: str = field(default="dapo", metadata={"help": "fastrl.policy_loss loss_type."})
+    loss_type: str = field(
+        default=_LOSS.loss_type, metadata={"help": "fastrl.policy_loss loss_type."}
+    )
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "No loss on truncated completions (DAPO overlong filter)."}
     )
-    top_entropy_quantile: float = field(default=1.0, metadata={"help": "High-entropy mask."})
-    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus."})
-    off_policy_mask_threshold: float | None = field(
-        default=None, metadata={"help": "Off-policy sequence mask."}
+    top_entropy_quantile: float = field(
+        default=_LOSS.top_entropy_quantile, metadata={"help": "High-entropy mask."}
     )
-    use_bias_correction_kl: bool = field(default=True, metadata={"help": "KL times the ratio."})
-    kl_estimator: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
+    entropy_coef: float = field(default=_LOSS.entropy_coef, metadata={"help": "Entropy bonus."})
+    off_policy_mask_threshold: float | None = field(
+        default=_LOSS.off_policy_mask_threshold, metadata={"help": "Off-policy sequence mask."}
+    )
+    use_bias_correction_kl: bool = field(
+        default=_LOSS.use_bias_correction_kl, metadata={"help": "KL times the ratio."}
+    )
+    kl_estimator: str = field(default=_LOSS.kl_estimator, metadata={"help": "k1 | k2 | k3"})
 
     # ---- DAPO dynamic sampling (fastrl)
     dynamic_sampling: bool = field(
@@ -173,14 +177,23 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         self._check_options()
         super().__post_init__()
         self._check_batches()
-        self._check_loss()
+
+    def policy_loss_kwargs(self) -> dict[str, Any]:
+        """The loss options the trainer passes to `fastrl.fused_policy_loss` on every step
+        (it adds the per-step ones, `fastrl.options.policy.PER_STEP`), validated by
+        `PolicyLossOptions.validate` with every message naming flags (``--beta``)."""
+        kwargs = {name: getattr(self, name) for name in _LOSS_SETTINGS}
+        try:
+            PolicyLossOptions(**kwargs).validate(
+                check_number=check_number, check_choice=check_choice, setting=_flag_setting
+            )
+        except ValueError as e:
+            raise ValueError(flag_names(str(e), _LOSS_SETTINGS)) from e
+        return kwargs
 
     def _check_options(self) -> None:
-        """Every GRPO option on its own (and `kernel_impl` / `load_in_4bit` against the
-        device), each message naming the flag, the value and what is allowed."""
-        check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
-        check_choice("importance_sampling_level", self.importance_sampling_level, _LEVELS)
-        check_choice("kl_estimator", self.kl_estimator, _KL_ESTIMATORS)
+        """Every GRPO option (and `kernel_impl` / `load_in_4bit` against the device), each
+        message naming the flag, the value and what is allowed."""
         check_choice(
             "scale_rewards", self.scale_rewards, _SCALES, " (True means 'group', False 'none')"
         )
@@ -199,21 +212,7 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         check_number("top_k", self.top_k, low=0, integer=True)
         check_number("min_p", self.min_p, low=0, high=1, optional=True)
         check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
-        # loss ranges (as fastrl.policy_loss checks them; beta < 0 would reward divergence)
-        check_number("beta", self.beta, low=0)
-        check_number("epsilon", self.epsilon, low=0)
-        check_number("epsilon_high", self.epsilon_high, low=0, optional=True)
-        check_number("delta", self.delta, low=0, low_open=True, optional=True)
-        if self.delta is not None and self.loss_type not in _CLIPPED:
-            raise ValueError(
-                f"--delta {self.delta} caps the ratio of the clipped surrogate, which --loss_type "
-                f"{self.loss_type!r} does not have (it applies to {', '.join(_CLIPPED)})"
-            )
-        check_number("sapo_temperature_pos", self.sapo_temperature_pos, low=0, low_open=True)
-        check_number("sapo_temperature_neg", self.sapo_temperature_neg, low=0, low_open=True)
-        check_number("entropy_coef", self.entropy_coef)
-        check_number("top_entropy_quantile", self.top_entropy_quantile, low=0, high=1)
-        check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
+        self.policy_loss_kwargs()  # the loss options and their combinations
         if self.reward_weights is not None:
             for w in self.reward_weights:
                 check_number("reward_weights", w)
@@ -271,24 +270,14 @@ class GRPOConfig(ModelArguments, TrainingArguments):
                 "group is whole"
             )
 
-    def _check_loss(self) -> None:
-        """The combinations of loss options, by `fastrl.policy_loss` itself on a 1x1 batch
-        (what the trainer runs, so nothing it refuses passes here), its argument names
-        written as flags."""
-        one = torch.zeros(1, 1)
-        try:
-            policy_loss(
-                one, one, torch.zeros(1), torch.ones(1, 1, dtype=torch.long),
-                ref_logps=one, entropy=one, num_items_in_batch=1,
-                loss_type=self.loss_type, epsilon=self.epsilon,
-                epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
-                kl_estimator=self.kl_estimator, use_bias_correction_kl=self.use_bias_correction_kl,
-                importance_sampling_level=self.importance_sampling_level,
-                max_completion_length=self.max_completion_length,
-                sapo_temperature_pos=self.sapo_temperature_pos,
-                sapo_temperature_neg=self.sapo_temperature_neg,
-                entropy_coef=self.entropy_coef, top_entropy_quantile=self.top_entropy_quantile,
-                off_policy_mask_threshold=self.off_policy_mask_threshold,
-            )  # fmt: skip
-        except (TypeError, ValueError) as e:
-            raise ValueError(flag_names(str(e), _LOSS_OPTIONS)) from e
+
+def _flag_setting(name: str, value: Any) -> str:
+    return f"--{name} {value!r}"
+
+
+# the loss options that are settings of GRPOConfig (TRL's names)
+_LOSS_SETTINGS = tuple(
+    name
+    for name in PolicyLossOptions.names()
+    if name not in PER_STEP and name in GRPOConfig.__dataclass_fields__
+)

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from fastrl import fused_policy_loss, group_advantages, linear_logprobs, policy_loss
+from fastrl import fused_policy_loss, group_advantages, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
 
@@ -317,28 +317,8 @@ class GRPOTrainer(BaseTrainer):
         )
         self.generation_config, self.eos_token_ids = _generation_config(args, tok, self.model)
 
-        # ---- the loss options, validated now by the public API itself
-        self._loss_kwargs = dict(
-            loss_type=args.loss_type,
-            epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high,
-            delta=args.delta,
-            beta=args.beta,
-            kl_estimator=args.kl_estimator,
-            use_bias_correction_kl=args.use_bias_correction_kl,
-            importance_sampling_level=args.importance_sampling_level,
-            max_completion_length=args.max_completion_length,
-            sapo_temperature_pos=args.sapo_temperature_pos,
-            sapo_temperature_neg=args.sapo_temperature_neg,
-            entropy_coef=args.entropy_coef,
-            top_entropy_quantile=args.top_entropy_quantile,
-            off_policy_mask_threshold=args.off_policy_mask_threshold,
-        )
-        one = torch.zeros(1, 1)
-        policy_loss(
-            one, one, torch.zeros(1), torch.ones(1, 1, dtype=torch.long),
-            ref_logps=one, entropy=one, num_items_in_batch=1, **self._loss_kwargs,
-        )  # fmt: skip
+        # ---- the loss options, validated (again: args may have changed since __post_init__)
+        self._loss_kwargs = args.policy_loss_kwargs()
         group_advantages(
             torch.zeros(args.num_generations, len(funcs)),
             args.num_generations,

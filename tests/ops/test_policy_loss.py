@@ -396,3 +396,33 @@ def test_cuda_matches_cpu(loss_type):
     gpu, _, gpu_grads = _run(policy_loss, {k: v.cuda() for k, v in x.items()}, **kw)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu_grads[0].cpu(), cpu_grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_token_coefficients_are_the_aggregation_gradient(loss_type):
+    # the fused head's single pass forms its gradient from these coefficients: the
+    # derivative of the aggregation and the entropy bonus, written next to them
+    from fastrl.ops.policy.aggregate import aggregate, entropy_bonus, token_coefficients
+    from fastrl.options.policy import PolicyLossOptions
+
+    m = _inputs(15)["mask"].double()
+    n_items = BASE["num_items_in_batch"]
+    settings = {k: v for k, v in BASE.items() if k != "num_items_in_batch"}
+    opts = PolicyLossOptions(
+        loss_type=loss_type, beta=0.04, entropy_coef=0.02, num_processes=2, **settings
+    )
+    g = torch.Generator().manual_seed(15)
+    sampling = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    pt, kl, ent = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
+    pt, kl, ent = (t.requires_grad_() for t in (pt, kl, ent))
+    loss, _ = aggregate(opts, pt * sampling + opts.beta * kl, m, n_items)
+    loss = loss - opts.entropy_coef * entropy_bonus(opts, ent, m, None)
+    want = torch.autograd.grad(loss, (pt, kl, ent))
+    got = token_coefficients(opts, m, sampling, n_items, has_kl=True)
+    for got_w, want_w in zip(got, want, strict=True):
+        torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-15)
+    # the terms the loss does not have get no coefficient
+    plain = PolicyLossOptions(loss_type=loss_type, num_processes=2, **settings)
+    w_pt, w_kl, w_ent = token_coefficients(plain, m, None, n_items, has_kl=True)
+    assert w_kl is None and w_ent is None
+    torch.testing.assert_close(w_pt * sampling, got[0])

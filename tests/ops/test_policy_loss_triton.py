@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fastrl import policy_loss
-from fastrl.ops.policy.loss import LOSS_TYPES, _kl, _per_token_terms
 from fastrl.ops.policy.naive import naive_policy_loss
+from fastrl.ops.policy.terms import kl_estimate, per_token_terms
+from fastrl.options.policy import LOSS_TYPES, PolicyLossOptions
 from tests.support import DEVICE, HAS_CUDA
 
 B, T = 5, 37
@@ -158,8 +159,8 @@ def test_options_on_top_of_the_kernel_match_oracle(loss_type, options):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_per_token_outputs_match_the_torch_terms(loss_type):
     # the launcher itself, on strided views, a float mask and broadcast advantages,
-    # against `_per_token_terms` / `_kl` at every position (masked ones included)
-    from fastrl.kernels.policy_loss import policy_loss_bwd, policy_loss_fwd
+    # against `per_token_terms` / `kl_estimate` at every position (masked ones included)
+    from fastrl.kernels.policy_loss import TokenTermParams, policy_loss_bwd, policy_loss_fwd
 
     x = _inputs(7, "B")
     wide = lambda v: torch.cat([v, torch.randn_like(v[:, :3])], 1)[:, :T]  # row stride T+3
@@ -167,39 +168,36 @@ def test_per_token_outputs_match_the_torch_terms(loss_type):
     keep = x["mask"].bool()
     adv = x["advantages"][:, None].expand(B, T)  # token stride 0
     delta = 1.5 if loss_type in CLIPPED else None
+    opts = PolicyLossOptions(
+        loss_type=loss_type,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        delta=delta,
+        kl_estimator="k3",
+        use_bias_correction_kl=True,
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
+    )
     pt, kl, ratio, d_pt, d_kl = policy_loss_fwd(
         lp,
         old,
         adv,
         x["mask"].float(),
         ref,
-        loss_type=loss_type,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        delta=delta,
-        kl_estimator="k3",
-        kl_times_ratio=True,
-        sapo_temperature_pos=1.0,
-        sapo_temperature_neg=1.05,
+        TokenTermParams(**opts.kernel_params()),
         need_grad=True,
         need_kl_grad=True,
     )
     clean = lambda v: torch.where(keep, v, 0.0)
     lp_t = clean(lp).requires_grad_()
-    want_pt, coef_1, want_ratio = _per_token_terms(
+    want_pt, coef_1, want_ratio = per_token_terms(
         lp_t,
         clean(old),
         clean(adv),  # a [B, T] advantage (even a broadcast one) is zeroed where masked
         keep.float(),
-        loss_type=loss_type,
-        level="token",
-        eps_low=0.2,
-        eps_high=0.28,
-        delta=delta,
-        sapo_pos=1.0,
-        sapo_neg=1.05,
+        opts,  # token-level ratios (the default importance_sampling_level)
     )
-    want_kl = _kl(lp_t, clean(ref), "k3") * coef_1
+    want_kl = kl_estimate(lp_t, clean(ref), "k3") * coef_1
     for got, want in ((pt, want_pt), (ratio, want_ratio), (kl, want_kl)):
         torch.testing.assert_close(got, want.detach(), **TOL)
     # d_pt, d_kl are the local derivatives; the backward combines them with any strides

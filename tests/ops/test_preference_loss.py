@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastrl import kto_loss, ld_tail_logps, preference_loss
+from fastrl.ops.preference.naive import naive_kto_loss, naive_ld_tail_logps, naive_preference_loss
 from fastrl.options.preference import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
@@ -17,7 +18,6 @@ from fastrl.options.preference import (
     LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
 )
-from fastrl.ops.preference.naive import naive_kto_loss, naive_ld_tail_logps, naive_preference_loss
 
 B = 7
 TOL64 = dict(rtol=1e-12, atol=1e-12)

@@ -9,6 +9,7 @@ from transformers import HfArgumentParser
 import fastrl.ops.advantages.group
 import fastrl.ops.policy.loss
 import fastrl.ops.preference.loss
+import fastrl.options.policy as policy_options
 from fastrl.options import preference as opts
 from fastrl.trainers import dpo_config as dpo
 from fastrl.trainers import grpo_config as grpo
@@ -152,11 +153,32 @@ def test_command_line_values_are_checked_as_typed(tmp_path):
         HfArgumentParser(DPOConfig).parse_args_into_dataclasses([*argv[:3], "--beta", "-1"])
 
 
+def test_grpo_loss_options_have_one_home(tmp_path):
+    # the policy loss's choices and defaults live in fastrl.options.policy, which the loss
+    # and GRPOConfig both read (no copies): the config's loss settings are its fields
+    # but the per-step ones (the trainer passes those) and the sampler correction (no use:
+    # completions come from the policy itself), with the options' defaults but TRL's
+    # max_completion_length (a generation option too)
+    assert fastrl.ops.policy.loss.LOSS_TYPES is policy_options.LOSS_TYPES
+    assert not hasattr(grpo, "POLICY_LOSS_TYPES") and not hasattr(grpo, "_CLIPPED")
+    kwargs = GRPOConfig(str(tmp_path), **GRPO_OK).policy_loss_kwargs()
+    sampler = {"sampling_correction", "sampling_clip_min", "sampling_clip_max"}
+    names = policy_options.PolicyLossOptions.names()
+    assert set(kwargs) == set(names) - set(policy_options.PER_STEP) - sampler
+    defaults = policy_options.PolicyLossOptions()
+    for name, value in kwargs.items():
+        if name != "max_completion_length":
+            assert value == getattr(defaults, name), name
+    assert kwargs["max_completion_length"] == 512
+    # the config checks its options again when the trainer asks for them
+    args = GRPOConfig(str(tmp_path), **GRPO_OK)
+    args.loss_type = "cispo"
+    args.delta = 2.0
+    with pytest.raises(ValueError, match=r"--delta 2.0 .*--loss_type 'cispo' does not have"):
+        args.policy_loss_kwargs()
+
+
 def test_choices_match_the_losses():
     # the configs keep copies of the losses' choices (trainers import the public API only)
-    assert grpo.POLICY_LOSS_TYPES == fastrl.ops.policy.loss.LOSS_TYPES
-    assert grpo._CLIPPED == fastrl.ops.policy.loss._CLIPPED
-    assert grpo._LEVELS == fastrl.ops.policy.loss._LEVELS
-    assert grpo._KL_ESTIMATORS == fastrl.ops.policy.loss._KL_ESTIMATORS
     assert grpo._SCALES == fastrl.ops.advantages.group._SCALES
     assert grpo._AGGREGATIONS == fastrl.ops.advantages.group._NORMALIZE

@@ -3,8 +3,8 @@
 Two ways to run it, both without [B, T, V] logits:
 
 - single pass (Triton, token-level losses): the loss is linear in its per-token terms
-  (loss term, KL, entropy) with coefficients that do not depend on the log-probs, so
-  they are read once with autograd from `policy_loss` itself, and
+  (loss term, KL, entropy) with coefficients that do not depend on the log-probs
+  (`token_coefficients`, next to the aggregation they differentiate), and
   kernels/fused_policy_loss.py forms the hidden-state gradient in the forward: two
   N x V x d GEMMs for a frozen head instead of three. The backward only scales it.
 - two passes (everything else: sequence-level ratios, the off-policy and entropy masks,
@@ -16,7 +16,7 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
-from fastrl.checks import check_target_ids, check_tensor, check_zero_one
+from fastrl.checks import IGNORE_INDEX, check_target_ids, check_tensor, check_zero_one
 from fastrl.ops.logprobs.custom_ops import on_device
 from fastrl.ops.logprobs.linear import (
     _check_inputs,
@@ -25,11 +25,12 @@ from fastrl.ops.logprobs.linear import (
     linear_logprobs,
     scored_rows,
 )
+from fastrl.ops.policy.aggregate import sampling_ratio, token_coefficients
+from fastrl.ops.policy.inputs import check_tensors, masked
 from fastrl.ops.policy.loss import policy_loss
+from fastrl.options.policy import PolicyLossOptions
 
 __all__ = ["fused_policy_loss"]
-
-_IGNORE = -100
 
 
 class _LossWithGrads(torch.autograd.Function):
@@ -63,76 +64,71 @@ def _fp16_grad_scale(*coefficients: torch.Tensor | None) -> torch.Tensor:
     return torch.where(m > 0, torch.exp2(-exponent), torch.ones_like(m))
 
 
-def _single_pass_ok(impl, kwargs, old_logps, hidden, weight, bias) -> bool:
+def _single_pass_ok(impl, opts, old_logps, sampling_logps, hidden, weight, bias) -> bool:
+    """Whether the loss is linear in its per-token terms with coefficients that do not
+    depend on the log-probs (and a gradient is wanted, from the Triton path)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     return (
         impl == "triton"
         and needs_grad
-        and kwargs.get("importance_sampling_level", "token") == "token"
-        and kwargs.get("off_policy_mask_threshold") is None
-        and kwargs.get("top_entropy_quantile", 1.0) == 1.0
+        and opts.importance_sampling_level == "token"
+        and opts.off_policy_mask_threshold is None
+        and opts.top_entropy_quantile == 1
         # on-policy with a sampler correction weighs tokens by the current log-probs
-        and not (old_logps is None and kwargs.get("sampling_logps") is not None)
+        and not (old_logps is None and sampling_logps is not None)
     )
 
 
-def _coefficients(B, T, device, old_logps, advantages, mask, ref_logps, kwargs):
+def _coefficients(opts, mask, old_logps, ref_logps, sampling_logps, num_items_in_batch):
     """dL/d(per-token loss term), dL/d(KL), dL/d(entropy): [B, T] fp32 each (or None)."""
-    leaf = lambda: torch.zeros(B, T, device=device, requires_grad=True)
-    pt = leaf()
-    kl = leaf() if ref_logps is not None else None
-    ent = leaf()
-    placeholder = torch.zeros(B, T, device=device) if old_logps is None else old_logps.detach()
-    with torch.enable_grad():
-        loss, _ = policy_loss(
-            placeholder, old_logps, advantages, mask, ref_logps=ref_logps, entropy=ent,
-            _token_terms=(pt, kl, torch.ones(B, T, device=device)), impl="torch", **kwargs,
-        )  # fmt: skip
-        leaves = [t for t in (pt, kl, ent) if t is not None]
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    w_pt, w_kl, w_ent = grads if kl is not None else (grads[0], None, grads[1])
-    return w_pt, w_kl, w_ent
+    keep = mask.bool()
+    m = keep.float()
+    sampling = None
+    if sampling_logps is not None and opts.sampling_correction is not None:
+        old, samp = (masked(x.detach(), keep, torch.float32) for x in (old_logps, sampling_logps))
+        sampling = sampling_ratio(opts, old, samp, m)
+    return token_coefficients(opts, m, sampling, num_items_in_batch, has_kl=ref_logps is not None)
 
 
 def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,
-                 temperature, softcap, compact, kwargs):  # fmt: skip
+                 temperature, softcap, compact, opts, loss_kwargs):  # fmt: skip
     from fastrl.kernels.fused_policy_loss import fused_policy_loss_fwd
+    from fastrl.kernels.policy_loss import TokenTermParams
 
     B, T, d = hidden.shape
-    check_target_ids(scored, weight.shape[0], _IGNORE)
+    check_target_ids(scored, weight.shape[0], IGNORE_INDEX)
+    sampling_logps = loss_kwargs["sampling_logps"]
+    num_items_in_batch = loss_kwargs["num_items_in_batch"]
+    check_tensors(
+        (B, T), old_logps=old_logps, advantages=advantages, mask=mask, ref_logps=ref_logps,
+        entropy=None, sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch,
+    )  # fmt: skip
+    opts.check_inputs(
+        num_items_in_batch=num_items_in_batch is not None,
+        ref_logps=ref_logps is not None,
+        entropy=True,
+    )
     w_pt, w_kl, w_ent = _coefficients(
-        B, T, hidden.device, old_logps, advantages, mask, ref_logps, kwargs
+        opts, mask, old_logps, ref_logps, sampling_logps, num_items_in_batch
     )
     flat = lambda x: None if x is None else x.detach().reshape(-1).float().contiguous()
     adv = advantages.detach().float()
     adv = (adv.reshape(B, 1) if adv.dim() == 1 or adv.shape[-1] == 1 else adv).expand(B, T)
-    loss_type = kwargs.get("loss_type", "dapo")
-    epsilon = kwargs.get("epsilon", 0.2)
-    epsilon_high = kwargs.get("epsilon_high")
-    if epsilon_high is None:
-        epsilon_high = epsilon
-    w_ent = w_ent if kwargs.get("entropy_coef", 0.0) != 0 else None
     with torch.no_grad(), on_device(hidden.device):
         scale = None
         if hidden.dtype == torch.float16 and hidden.numel():
             scale = _fp16_grad_scale(w_pt * adv, w_kl, w_ent)
         h, t = hidden.reshape(-1, d), scored.reshape(-1)
         per_token = [flat(x) for x in (old_logps, adv, ref_logps, w_pt, w_kl, w_ent)]
-        rows = scored_rows(t, _IGNORE) if compact else None
+        rows = scored_rows(t, IGNORE_INDEX) if compact else None
         if rows is not None:  # the valid rows only: padding costs no GEMM work
             h, t = h.index_select(0, rows), t[rows]
             per_token = [None if x is None else x[rows] for x in per_token]
         logp, ent, dh, dw, db = fused_policy_loss_fwd(
-            h, weight, bias, t, *per_token,
-            temperature=temperature, softcap=softcap, ignore_index=_IGNORE,
-            loss_type=loss_type, epsilon_low=float(epsilon), epsilon_high=float(epsilon_high),
-            delta=None if kwargs.get("delta") is None else float(kwargs["delta"]),
-            kl_estimator=kwargs.get("kl_estimator", "k3"),
-            kl_times_ratio=bool(kwargs.get("use_bias_correction_kl", True)),
-            sapo_temperature_pos=float(kwargs.get("sapo_temperature_pos", 1.0)),
-            sapo_temperature_neg=float(kwargs.get("sapo_temperature_neg", 1.05)),
+            h, weight, bias, t, *per_token, TokenTermParams(**opts.kernel_params()),
+            temperature=temperature, softcap=softcap, ignore_index=IGNORE_INDEX,
             need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
             need_bias=bias is not None and bias.requires_grad, grad_scale=scale,
         )  # fmt: skip
@@ -142,7 +138,7 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
             )
         loss, metrics = policy_loss(
             logp.view(B, T), old_logps, advantages, mask, ref_logps=ref_logps,
-            entropy=ent.view(B, T), **kwargs,
+            entropy=ent.view(B, T), **loss_kwargs,
         )  # fmt: skip
     grads = (None if dh is None else dh.view(B, T, d), dw, db)
     if scale is None:
@@ -178,12 +174,14 @@ def fused_policy_loss(
     ref_logps: torch.Tensor | None = None,
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     impl: str = "auto",
     compact: bool = True,
-    **kwargs,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`policy_loss` straight from the policy's last hidden states and lm_head weight.
 
@@ -205,25 +203,29 @@ def fused_policy_loss(
         ref_hidden: ``[B, T, d]`` reference-model hidden states instead of
             ``ref_logps``: their log-probs are computed with the same kernel under
             ``no_grad`` (with ``ref_weight``, default ``weight``).
+        num_items_in_batch, sampling_logps: as in `policy_loss`.
         bias, temperature, softcap: the lm_head bias and logit transforms, as in
             `linear_logprobs` (TRL scores completions at the sampling temperature).
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
         compact: score only the positions where ``mask`` is 1 (see `linear_logprobs`).
-        **kwargs: every other option of `policy_loss` (``loss_type``, ``epsilon``,
-            ``beta``, ``importance_sampling_level``, ``entropy_coef``, ...).
+        **options: the hyper-parameters of `policy_loss` (``loss_type``, ``epsilon``,
+            ``beta``, ``importance_sampling_level``, ``entropy_coef``, ...: the fields of
+            `fastrl.options.policy.PolicyLossOptions`).
 
     Returns:
         ``(loss, metrics)`` as `policy_loss`; ``metrics`` always includes ``entropy``.
     """
-    for name in ("logps", "entropy", "_token_terms"):
-        if name in kwargs:
+    for name in ("logps", "entropy"):
+        if name in options:
             raise ValueError(f"fused_policy_loss computes {name} itself; do not pass {name}=")
+    opts = PolicyLossOptions(**options)
+    opts.validate()
     check_completion_batch(targets, mask, ref_weight, ref_hidden, rows="[B, T]")
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("pass ref_logps or ref_hidden, not both")
 
-    scored = torch.where(mask.bool(), targets, _IGNORE)
-    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=_IGNORE)
+    scored = torch.where(mask.bool(), targets, IGNORE_INDEX)
+    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=IGNORE_INDEX)
     if ref_hidden is not None:
         with torch.no_grad():
             ref_logps = linear_logprobs(
@@ -231,19 +233,23 @@ def fused_policy_loss(
                 compact=compact, **logit_kw,
             )  # fmt: skip
 
-    _check_inputs(hidden, weight, scored, bias, temperature, softcap, _IGNORE)
+    _check_inputs(hidden, weight, scored, bias, temperature, softcap, IGNORE_INDEX)
     if not isinstance(compact, bool):
         raise TypeError(f"compact must be a bool, got {compact!r}")
+    # what policy_loss takes besides the tensors it is given below
+    loss_kwargs = dict(num_items_in_batch=num_items_in_batch, sampling_logps=sampling_logps)
+    loss_kwargs.update(options)
     if hidden.dim() == 3 and _single_pass_ok(
-        _resolve_impl(impl, hidden.device), kwargs, old_logps, hidden, weight, bias
+        _resolve_impl(impl, hidden.device), opts, old_logps, sampling_logps, hidden, weight, bias
     ):
         return _single_pass(
             hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,
-            float(temperature), None if softcap is None else float(softcap), compact, kwargs,
+            float(temperature), None if softcap is None else float(softcap), compact, opts,
+            loss_kwargs,
         )  # fmt: skip
     logps, entropy = linear_logprobs(
         hidden, weight, scored, return_entropy=True, impl=impl, compact=compact, **logit_kw
     )
     return policy_loss(
-        logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **kwargs
+        logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **loss_kwargs
     )

@@ -8,6 +8,11 @@ import math
 
 import torch
 
+from fastrl.options.policy import DEFAULTS as _D  # the options' defaults, as the loss's
+
+# the loss types with PPO's clipped surrogate (the oracle's own list: it defines the loss)
+_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
 
 def _kl(lp, ref, estimator):
     d = ref - lp  # log(pi_ref / pi)
@@ -18,6 +23,129 @@ def _kl(lp, ref, estimator):
     return -d
 
 
+def _token_loss(loss_type, w, a, lp, eps_low, eps_high, delta, tau_pos, tau_neg):
+    """One token's loss term for ratio `w`, advantage `a`, log-prob `lp`; and the ratio the
+    clip metrics compare."""
+    if loss_type in _CLIPPED:
+        clipped_w = torch.clamp(w, 1 - eps_low, 1 + eps_high)
+        r = w if delta is None else torch.clamp(w, max=delta)
+        return -torch.minimum(r * a, clipped_w * a), r
+    if loss_type == "cispo":
+        return -torch.clamp(w, max=eps_high).detach() * a * lp, w
+    tau = tau_pos if a > 0 else tau_neg  # sapo
+    return -torch.sigmoid(tau * (w - 1)) * 4 / tau * a, w
+
+
+def _high_entropy(ent, keep, toks, quantile):
+    """Keep tokens at or above the (1 - quantile) quantile of the masked entropies."""
+    B, T = ent.shape
+    vals = [ent[b, t].item() for b in range(B) for t in toks[b]]
+    thr = torch.quantile(torch.tensor(vals, dtype=torch.float64), 1 - quantile)
+    return [[keep[b][t] and ent[b, t].item() >= thr for t in range(T)] for b in range(B)]
+
+
+def _sampler_weights(old, samp, keep, mode, clip_min, clip_max):
+    """Sampler importance weights pi_old / pi_sampler, per token."""
+    B, T = old.shape
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    is_w = [[1.0] * T for _ in range(B)]
+    for b in range(B):
+        d = []
+        for t in range(T):
+            x = (old[b, t] - samp[b, t]).item() if keep[b][t] else 0.0
+            d.append(0.0 if math.isnan(x) else x)
+        ws = [math.exp(sum(d))] * T if mode.startswith("sequence") else [math.exp(x) for x in d]
+        for t in range(T):
+            w = ws[t]
+            if mode.endswith("truncate"):
+                w = min(max(w, lo), hi)
+            elif w < lo or w > hi:
+                w = 0.0
+            is_w[b][t] = w
+    return is_w
+
+
+def _normalise(loss_type, rows, B, GA, spg, max_completion_length, num_items, num_processes):
+    """TRL's normalisers over `rows` (per sequence, the losses of its masked tokens):
+    (loss, the logged policy_loss)."""
+    zero = torch.zeros((), dtype=torch.float64)
+    total = sum((sum(r, zero) for r in rows), zero)
+    if loss_type in ("dapo", "cispo"):
+        normalizer = max(float(num_items), 1.0) / num_processes * GA / spg
+        loss = total / normalizer
+        return loss, loss.detach()
+    if loss_type in ("grpo", "sapo"):
+        loss = sum((sum(r, zero) / max(len(r), 1) for r in rows), zero) / B
+    elif loss_type == "bnpo":
+        loss = total / max(sum(len(r) for r in rows), 1)
+    elif loss_type == "dr_grpo":
+        loss = total / (B * max_completion_length)
+    else:  # luspo
+        loss = total / B
+    return loss / GA, loss.detach()
+
+
+def _clip_metrics(loss_type, clip_ratios, A, toks, per_seq, eps_low, eps_high):
+    """The fraction of tokens (sequences, per_seq) the clip acts on, as TRL logs it."""
+    B, T = len(clip_ratios), len(clip_ratios[0])
+    if loss_type == "cispo":
+        names = {"high": lambda r, a: r > eps_high and a > 0}
+    else:
+        names = {
+            "low": lambda r, a: r < 1 - eps_low and a < 0,
+            "high": lambda r, a: r > 1 + eps_high and a > 0,
+            "region": lambda r, a: (r < 1 - eps_low and a < 0) or (r > 1 + eps_high and a > 0),
+        }
+    metrics = {}
+    for name, pred in names.items():
+        flags = [
+            [float(pred(clip_ratios[b][t].item(), A(b, t).item())) for t in range(T)]
+            for b in range(B)
+        ]
+        if per_seq:
+            seq_vals = [flags[b][0] for b in range(B)]
+            mean = sum(seq_vals) / B
+        else:
+            seq_vals = [
+                sum(flags[b][t] for t in toks[b]) / len(toks[b]) if toks[b] else math.nan
+                for b in range(B)
+            ]
+            vals = [flags[b][t] for b in range(B) for t in toks[b]]
+            mean = sum(vals) / max(len(vals), 1)
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = mean
+            continue
+        metrics[f"clip_ratio/{name}_mean"] = mean
+        finite = [v for v in seq_vals if not math.isnan(v)]
+        if name == "low":
+            metrics["clip_ratio/low_min"] = min(finite) if finite else math.nan
+        if name == "high":
+            metrics["clip_ratio/high_max"] = max(finite) if finite else math.nan
+    return metrics
+
+
+def _sampling_metrics(old, samp, toks, is_w, mode):
+    B = len(toks)
+    diffs = [
+        abs((old[b, t] - samp[b, t]).item())
+        for b in range(B)
+        for t in toks[b]
+        if not math.isnan(samp[b, t].item())
+    ]
+    if mode.startswith("sequence"):
+        ws = [is_w[b][0] for b in range(B)]
+    else:
+        ws = [is_w[b][t] for b in range(B) for t in toks[b]]
+    return {
+        "sampling/sampling_logp_difference/mean": sum(diffs) / len(diffs) if diffs else 0.0,
+        "sampling/sampling_logp_difference/max": max(diffs) if diffs else 0.0,
+        "sampling/importance_sampling_ratio/min": min(ws) if ws else 0.0,
+        "sampling/importance_sampling_ratio/mean": sum(ws) / len(ws) if ws else 0.0,
+        "sampling/importance_sampling_ratio/max": max(ws) if ws else 0.0,
+    }
+
+
 def naive_policy_loss(
     logps,
     old_logps,
@@ -25,31 +153,35 @@ def naive_policy_loss(
     mask,
     *,
     ref_logps=None,
-    loss_type="dapo",
-    epsilon=0.2,
-    epsilon_high=None,
-    delta=None,
-    beta=0.0,
-    kl_estimator="k3",
-    use_bias_correction_kl=True,
-    importance_sampling_level="token",
-    max_completion_length=None,
+    loss_type=_D.loss_type,
+    epsilon=_D.epsilon,
+    epsilon_high=_D.epsilon_high,
+    delta=_D.delta,
+    beta=_D.beta,
+    kl_estimator=_D.kl_estimator,
+    use_bias_correction_kl=_D.use_bias_correction_kl,
+    importance_sampling_level=_D.importance_sampling_level,
+    max_completion_length=_D.max_completion_length,
     num_items_in_batch=None,
-    gradient_accumulation_steps=1,
-    steps_per_generation=None,
-    num_processes=1,
-    sapo_temperature_pos=1.0,
-    sapo_temperature_neg=1.05,
+    gradient_accumulation_steps=_D.gradient_accumulation_steps,
+    steps_per_generation=_D.steps_per_generation,
+    num_processes=_D.num_processes,
+    sapo_temperature_pos=_D.sapo_temperature_pos,
+    sapo_temperature_neg=_D.sapo_temperature_neg,
     entropy=None,
-    entropy_coef=0.0,
-    top_entropy_quantile=1.0,
+    entropy_coef=_D.entropy_coef,
+    top_entropy_quantile=_D.top_entropy_quantile,
     sampling_logps=None,
-    sampling_correction="sequence_mask",
-    sampling_clip_min=None,
-    sampling_clip_max=3.0,
-    off_policy_mask_threshold=None,
+    sampling_correction=_D.sampling_correction,
+    sampling_clip_min=_D.sampling_clip_min,
+    sampling_clip_max=_D.sampling_clip_max,
+    off_policy_mask_threshold=_D.off_policy_mask_threshold,
 ):
-    """Same contract as `fastrl.policy_loss` (no validation); float64 loss and metrics."""
+    """Same contract as `fastrl.policy_loss` (no validation); float64 loss and metrics.
+
+    One loop over sequences and tokens, on purpose: the loss reads top to bottom as TRL
+    defines it (the steps around it, the normalisers and metrics, are functions above).
+    """
     B, T = logps.shape
     lp = logps.double()
     old = lp.detach() if old_logps is None else old_logps.detach().double()
@@ -71,41 +203,17 @@ def naive_policy_loss(
     def A(b, t):
         return adv[b, 0] if per_seq_adv else adv[b, t]
 
-    # High-entropy token mask: keep tokens at or above the (1 - q) quantile.
     high_entropy = None
     if top_entropy_quantile < 1.0:
-        vals = [ent[b, t].item() for b in range(B) for t in toks[b]]
-        thr = torch.quantile(torch.tensor(vals, dtype=torch.float64), 1 - top_entropy_quantile)
-        high_entropy = [
-            [keep[b][t] and ent[b, t].item() >= thr for t in range(T)] for b in range(B)
-        ]
-
-    # Sampler importance weights pi_old / pi_sampler.
+        high_entropy = _high_entropy(ent, keep, toks, top_entropy_quantile)
     is_w = None
     if correct:
-        is_w = [[1.0] * T for _ in range(B)]
-        for b in range(B):
-            d = []
-            for t in range(T):
-                x = (old[b, t] - samp[b, t]).item() if keep[b][t] else 0.0
-                d.append(0.0 if math.isnan(x) else x)
-            ws = (
-                [math.exp(sum(d))] * T
-                if sampling_correction.startswith("sequence")
-                else [math.exp(x) for x in d]
-            )
-            for t in range(T):
-                w = ws[t]
-                lo = -math.inf if sampling_clip_min is None else sampling_clip_min
-                hi = math.inf if sampling_clip_max is None else sampling_clip_max
-                if sampling_correction.endswith("truncate"):
-                    w = min(max(w, lo), hi)
-                elif w < lo or w > hi:
-                    w = 0.0
-                is_w[b][t] = w
+        is_w = _sampler_weights(
+            old, samp, keep, sampling_correction, sampling_clip_min, sampling_clip_max
+        )
 
     rows = []  # per sequence: list of per-token losses over its masked tokens
-    kls, ratios, clip_ratios = [], [], []
+    kls, clip_ratios = [], []
     for b in range(B):
         n = len(toks[b])
         if seq_level:
@@ -117,22 +225,15 @@ def naive_policy_loss(
             src = samp if samp is not None else old
             d = [(src[b, t] - lp[b, t]).item() for t in toks[b]]
             mean_kl = sum(0.0 if math.isnan(x) else x for x in d) / max(n, 1)
-        row, row_kl, row_r, row_rc = [], [], [], []
+        row, row_kl, row_rc = [], [], []
         for t in range(T):
             w = seq_w if seq_level else torch.exp(lp[b, t] - old[b, t])
             a = A(b, t)
-            if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-                clipped_w = torch.clamp(w, 1 - eps_low, 1 + eps_high)
-                r = w if delta is None else torch.clamp(w, max=delta)
-                loss_t = -torch.minimum(r * a, clipped_w * a)
-                row_rc.append(r)
-            elif loss_type == "cispo":
-                loss_t = -torch.clamp(w, max=eps_high).detach() * a * lp[b, t]
-                row_rc.append(w)
-            else:  # sapo
-                tau = sapo_temperature_pos if a > 0 else sapo_temperature_neg
-                loss_t = -torch.sigmoid(tau * (w - 1)) * 4 / tau * a
-                row_rc.append(w)
+            loss_t, r = _token_loss(
+                loss_type, w, a, lp[b, t], eps_low, eps_high, delta,
+                sapo_temperature_pos, sapo_temperature_neg,
+            )  # fmt: skip
+            row_rc.append(r)
             if off_policy_mask_threshold is not None:
                 opsm = 1.0 if (a >= 0 or mean_kl <= off_policy_mask_threshold) else 0.0
                 loss_t = loss_t * opsm
@@ -150,35 +251,14 @@ def naive_policy_loss(
             if keep[b][t]:
                 row.append(loss_t)
                 row_kl.append(kl_t)
-            row_r.append(w)
         rows.append(row)
         kls.append(row_kl)
-        ratios.append(row_r)
         clip_ratios.append(row_rc)
 
+    loss, policy = _normalise(
+        loss_type, rows, B, GA, spg, max_completion_length, num_items_in_batch, num_processes
+    )
     zero = torch.zeros((), dtype=torch.float64)
-    n_tokens = sum(len(r) for r in rows)
-    if loss_type in ("grpo", "sapo"):
-        loss = sum((sum(r, zero) / max(len(r), 1) for r in rows), zero) / B
-        policy = loss.detach()
-        loss = loss / GA
-    elif loss_type == "bnpo":
-        loss = sum((sum(r, zero) for r in rows), zero) / max(n_tokens, 1)
-        policy = loss.detach()
-        loss = loss / GA
-    elif loss_type == "dr_grpo":
-        loss = sum((sum(r, zero) for r in rows), zero) / (B * max_completion_length)
-        policy = loss.detach()
-        loss = loss / GA
-    elif loss_type == "luspo":
-        loss = sum((sum(r, zero) for r in rows), zero) / B
-        policy = loss.detach()
-        loss = loss / GA
-    else:  # dapo, cispo
-        normalizer = max(float(num_items_in_batch), 1.0) / num_processes * GA / spg
-        loss = sum((sum(r, zero) for r in rows), zero) / normalizer
-        policy = loss.detach()
-
     if entropy_coef != 0:
         sel = [
             (b, t) for b in range(B) for t in toks[b] if high_entropy is None or high_entropy[b][t]
@@ -187,65 +267,16 @@ def naive_policy_loss(
         loss = loss - entropy_coef * bonus
 
     metrics = {"policy_loss": policy}
-
-    def token_mean(values):  # mean over the masked tokens
-        vals = [values[b][t] for b in range(B) for t in toks[b]]
-        return sum(vals) / max(len(vals), 1)
-
+    n_tokens = sum(len(r) for r in rows)
     if ref is not None:
         metrics["kl"] = sum((k.detach() for r in kls for k in r), zero) / max(n_tokens, 1)
     if ent is not None:
-        metrics["entropy"] = token_mean([[ent[b, t].item() for t in range(T)] for b in range(B)])
-    per_seq = seq_level and per_seq_adv  # one clip decision per sequence
-    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo"):
-        if loss_type == "cispo":
-            names = {"high": lambda r, a: r > eps_high and a > 0}
-        else:
-            names = {
-                "low": lambda r, a: r < 1 - eps_low and a < 0,
-                "high": lambda r, a: r > 1 + eps_high and a > 0,
-                "region": lambda r, a: (r < 1 - eps_low and a < 0) or (r > 1 + eps_high and a > 0),
-            }
-        for name, pred in names.items():
-            flags = [
-                [float(pred(clip_ratios[b][t].item(), A(b, t).item())) for t in range(T)]
-                for b in range(B)
-            ]
-            if per_seq:
-                seq_vals = [flags[b][0] for b in range(B)]
-                mean = sum(seq_vals) / B
-            else:
-                seq_vals = [
-                    sum(flags[b][t] for t in toks[b]) / len(toks[b]) if toks[b] else math.nan
-                    for b in range(B)
-                ]
-                mean = token_mean(flags)
-            if loss_type == "cispo":
-                metrics["cispo_clip_ratio"] = mean
-                continue
-            metrics[f"clip_ratio/{name}_mean"] = mean
-            finite = [v for v in seq_vals if not math.isnan(v)]
-            if name == "low":
-                metrics["clip_ratio/low_min"] = min(finite) if finite else math.nan
-            if name == "high":
-                metrics["clip_ratio/high_max"] = max(finite) if finite else math.nan
+        vals = [ent[b, t].item() for b in range(B) for t in toks[b]]
+        metrics["entropy"] = sum(vals) / max(len(vals), 1)
+    if loss_type in _CLIPPED + ("cispo",):
+        per_seq = seq_level and per_seq_adv  # one clip decision per sequence
+        metrics.update(_clip_metrics(loss_type, clip_ratios, A, toks, per_seq, eps_low, eps_high))
     if correct:
-        diffs = [
-            abs((old[b, t] - samp[b, t]).item())
-            for b in range(B)
-            for t in toks[b]
-            if not math.isnan(samp[b, t].item())
-        ]
-        metrics["sampling/sampling_logp_difference/mean"] = (
-            sum(diffs) / len(diffs) if diffs else 0.0
-        )
-        metrics["sampling/sampling_logp_difference/max"] = max(diffs) if diffs else 0.0
-        if sampling_correction.startswith("sequence"):
-            ws = [is_w[b][0] for b in range(B)]
-        else:
-            ws = [is_w[b][t] for b in range(B) for t in toks[b]]
-        metrics["sampling/importance_sampling_ratio/min"] = min(ws) if ws else 0.0
-        metrics["sampling/importance_sampling_ratio/mean"] = sum(ws) / len(ws) if ws else 0.0
-        metrics["sampling/importance_sampling_ratio/max"] = max(ws) if ws else 0.0
+        metrics.update(_sampling_metrics(old, samp, toks, is_w, sampling_correction))
     metrics = {k: torch.as_tensor(v, dtype=torch.float64).detach() for k, v in metrics.items()}
     return loss, metrics
