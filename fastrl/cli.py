@@ -110,12 +110,12 @@ def _choices(command: str) -> dict[str, tuple[str, ...]]:
     """Choices for string options the configs check only in `__post_init__`: argparse then
     rejects a typo at once and `--help` shows them (`--loss_type {grpo,...}`)."""
     if command == "grpo":
-        from fastrl.ops.policy.loss import LOSS_TYPES
+        from fastrl.options import advantages, policy
 
-        return {"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
-                "importance_sampling_level": ("token", "sequence"),
-                "kl_estimator": ("k1", "k2", "k3")}  # fmt: skip
-    from fastrl.ops.preference.loss import LOSS_TYPES
+        return {"loss_type": policy.LOSS_TYPES, "scale_rewards": advantages.SCALES,
+                "importance_sampling_level": policy.LEVELS,
+                "kl_estimator": policy.KL_ESTIMATORS}  # fmt: skip
+    from fastrl.options.preference import LOSS_TYPES
 
     return {"loss_type": LOSS_TYPES}
 
@@ -528,22 +528,134 @@ def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:
             )
 
 
-def _prescan(dataclass, argv: list[str]) -> dict:
-    """The script options (model, dataset, rewards) from the command line and `--config`,
-    read without transformers, so a wrong path or file fails before the slow imports."""
-    import dataclasses as dc
+def _loss_options(command: str):
+    """The options dataclass of `command`'s loss (torch-free)."""
+    if command == "grpo":
+        from fastrl.options.policy import PolicyLossOptions
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+        return PolicyLossOptions
+    from fastrl.options.preference import PreferenceLossOptions
+
+    return PreferenceLossOptions
+
+
+def _prescan(command: str, dataclass, argv: list[str]) -> dict:
+    """The script options (model, dataset, rewards) and the loss options from the command
+    line and `--config`, read without transformers, so a wrong path, file or value fails
+    before the slow imports. Values from the command line are strings here."""
+    import dataclasses as dc
+    import typing
+
+    parser = _Parser(prog=f"fastrl {command}", allow_abbrev=False, add_help=False)
     for f in dc.fields(dataclass):
         parser.add_argument(f"--{f.name}", nargs="+" if f.name == "reward" else None,
                             action="extend" if f.name == "reward" else "store")  # fmt: skip
     parser.add_argument("--output_dir", "--output-dir")
     parser.add_argument("--max_memory_gb", "--max-memory-gb")
+    known = {f.name for f in dc.fields(dataclass)} | {"output_dir", "max_memory_gb"}
+    for name, hint in typing.get_type_hints(_loss_options(command)).items():
+        if name in known:
+            continue
+        flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+        kind = _kind(hint)
+        nargs = {"list": "+", "bool": "?"}.get(kind)
+        parser.add_argument(*sorted(flags), dest=name, nargs=nargs,
+                            const="true" if kind == "bool" else None)  # fmt: skip
     given, _ = parser.parse_known_args(argv)
     path = _config_path(argv)
     options = _yaml_config(path) if path is not None else {}
     options.update({k: v for k, v in vars(given).items() if v is not None})
     return options
+
+
+def _base_type(hint):
+    """`hint` without its `| None`."""
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _kind(hint) -> str:
+    """'list', 'bool', 'int', 'float' or 'str': how a flag of type `hint` parses."""
+    import typing
+
+    base = _base_type(hint)
+    if typing.get_origin(base) in (list, tuple):
+        return "list"
+    return {bool: "bool", int: "int", float: "float"}.get(base, "str")
+
+
+def _typed(value, hint):
+    """`value` as `HfArgumentParser` would parse it for a field of type `hint` (a YAML value
+    is typed already); ValueError where it would not parse (the full parser says so)."""
+    import typing
+
+    if not isinstance(value, (str, list)):
+        return value
+    kind = _kind(hint)
+    if kind == "list":
+        element = (typing.get_args(_base_type(hint)) or (str,))[0]
+        return [_typed(v, element) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):
+        raise ValueError(value)
+    if kind == "bool":
+        truth = {"true": True, "t": True, "yes": True, "y": True, "1": True,
+                 "false": False, "f": False, "no": False, "n": False, "0": False}  # fmt: skip
+        if value.lower() not in truth:
+            raise ValueError(value)
+        return truth[value.lower()]
+    return {"int": int, "float": float}.get(kind, str)(value)
+
+
+def _literal_defaults(command: str) -> dict:
+    """The defaults the config class of `command` writes as literals in its source
+    (`max_completion_length: int = 512`); the others come from the options dataclasses,
+    so the options' own defaults stand for them."""
+    here = Path(__file__).resolve().parent
+    path = here / "trainers" / f"{command}_config.py"
+    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == config)
+    defaults = {}
+    for stmt in cls.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        value = stmt.value
+        if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
+            value = next((k.value for k in value.keywords if k.arg == "default"), None)
+        if value is None:
+            continue
+        with contextlib.suppress(ValueError, SyntaxError):
+            defaults[stmt.target.id] = ast.literal_eval(value)
+    return defaults
+
+
+def _check_loss_values(command: str, options: dict) -> None:
+    """The loss options' values and combinations, checked as the config checks them (the
+    same functions, the same messages) before the slow imports."""
+    import typing
+
+    from fastrl.trainers import options as checks
+
+    hints = typing.get_type_hints(_loss_options(command))
+    try:
+        given = {k: _typed(v, hints[k]) for k, v in options.items() if k in hints}
+    except (ValueError, TypeError):
+        return  # a value that does not parse: the full parser names it
+    defaults = _literal_defaults(command)
+    values = {**defaults, **given}
+    if command == "grpo":
+        checks.check_policy_loss_options(values)
+    else:
+        if isinstance(values.get("loss_type"), str):
+            values["loss_type"] = [values["loss_type"]]
+        # None allowed where the config's default is None: a literal there, else the
+        # options' own default (the config reads its non-literal defaults from them)
+        unset = _loss_options(command)()
+        optional = {name for name in hints if defaults.get(name, getattr(unset, name)) is None}
+        checks.check_preference_loss_options(values, optional)
 
 
 def _check_reward_columns(options: dict) -> dict[str, str]:
@@ -560,8 +672,9 @@ def _check_reward_columns(options: dict) -> dict[str, str]:
 
 
 def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
+    options = _prescan(command, dataclass, argv)
+    _check_loss_values(command, options)  # first: one message, cached option table or not
     _fast_argument_check(command, argv)
-    options = _prescan(dataclass, argv)
     missing = [f"--{name}" for name in ("model", "dataset") if name not in options]
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}",

@@ -6,29 +6,30 @@ from __future__ import annotations
 
 __all__ = ["DPOConfig"]
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
 from fastrl.options.preference import (
     AVERAGED_LOSS_TYPES,  # noqa: F401 (dpo_trainer reads it here)
     F_DIVERGENCES,
-    OPTION_NAMES,
     REFERENCE_FREE_LOSS_TYPES,
     PreferenceLossOptions,
 )
 from fastrl.trainers.model import (
     ModelArguments,
 )
-from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
+from fastrl.trainers.options import (
+    check_model_options,
+    check_number,
+    check_preference_loss_options,
+    preference_loss_options,
+)
 
 _COLUMNS = ("prompt", "chosen", "rejected")
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 _LOSS = PreferenceLossOptions()  # the loss options' defaults, declared there
-# TRL's DPOConfig gives these a value for every loss type and reads it only where the option
-# applies: the config carries what the loss's None stands for there, and passes it there only
-_SET_FOR_EVERY_LOSS_TYPE = ("f_alpha_divergence_coef", "discopop_tau")
 
 
 # ------------------------------------------------------------------------------ config
@@ -211,33 +212,20 @@ class DPOConfig(ModelArguments, TrainingArguments):
         return any(t in REFERENCE_FREE_LOSS_TYPES for t in self.loss_type)
 
     def preference_loss_options(self) -> PreferenceLossOptions:
-        """The options `DPOTrainer` passes to `fastrl.preference_loss`: this config's, but
-        ``f_alpha_divergence_coef`` / ``discopop_tau`` only where they apply (as TRL reads
-        them)."""
-        options = PreferenceLossOptions.from_mapping(vars(self))
-        unused = {n: None for n in _SET_FOR_EVERY_LOSS_TYPE if not options.applies(n)}
-        return replace(options, **unused)
+        """The options `DPOTrainer` passes to `fastrl.preference_loss` (`preference_loss_options`
+        in `fastrl.trainers.options`)."""
+        return preference_loss_options(vars(self))
 
     def preference_loss_kwargs(self) -> dict:
         """`preference_loss_options` as keyword arguments (those at their defaults left out)."""
         return self.preference_loss_options().kwargs()
 
-    def _check_number(self, name: str, value, **bounds) -> None:
-        """`check_number` as a flag, ``or None`` allowed where this config's default is."""
-        f = self.__dataclass_fields__.get(name)
-        check_number(name, value, optional=f is not None and f.default is None, **bounds)
-
 
 def _check_loss_options(args: DPOConfig) -> None:
-    """The loss options, by `PreferenceLossOptions`, named as flags: each value as set (the
-    TRL-style ones too), then what applies to which loss type as the trainer passes them.
-    `DPOTrainer` checks again: its config may have changed since construction."""
-    try:
-        as_set = PreferenceLossOptions.from_mapping(vars(args))
-        as_set.check_values(number=args._check_number, choice=check_choice)
-        args.preference_loss_options().check_combinations()
-    except (TypeError, ValueError) as e:
-        raise ValueError(flag_names(str(e), OPTION_NAMES)) from e
+    """The loss options named as flags (`check_preference_loss_options`). `DPOTrainer`
+    checks again: its config may have changed since construction."""
+    optional = {f.name for f in fields(args) if f.default is None}
+    check_preference_loss_options(vars(args), optional)
 
 
 # ---------------------------------------------------------------------------- the data

@@ -12,11 +12,16 @@ from typing import Any
 from transformers import TrainingArguments
 
 from fastrl.checks import IGNORE_INDEX
-from fastrl.options.policy import PER_STEP, PolicyLossOptions
+from fastrl.options.policy import PolicyLossOptions
 from fastrl.trainers.model import (
     ModelArguments,
 )
-from fastrl.trainers.options import check_choice, check_model_options, check_number, flag_names
+from fastrl.trainers.options import (
+    check_choice,
+    check_model_options,
+    check_number,
+    check_policy_loss_options,
+)
 
 BUFFER_NAME = "grpo_buffer.pt"
 # The choices of group_advantages (tests pin them against it): the config checks them
@@ -180,16 +185,9 @@ class GRPOConfig(ModelArguments, TrainingArguments):
 
     def policy_loss_kwargs(self) -> dict[str, Any]:
         """The loss options the trainer passes to `fastrl.fused_policy_loss` on every step
-        (it adds the per-step ones, `fastrl.options.policy.PER_STEP`), validated by
-        `PolicyLossOptions.validate` with every message naming flags (``--beta``)."""
-        kwargs = {name: getattr(self, name) for name in _LOSS_SETTINGS}
-        try:
-            PolicyLossOptions(**kwargs).validate(
-                check_number=check_number, check_choice=check_choice, setting=_flag_setting
-            )
-        except ValueError as e:
-            raise ValueError(flag_names(str(e), _LOSS_SETTINGS)) from e
-        return kwargs
+        (it adds the per-step ones, `fastrl.options.policy.PER_STEP`), validated with every
+        message naming flags (``--beta``): `check_policy_loss_options`."""
+        return check_policy_loss_options(vars(self))
 
     def _check_options(self) -> None:
         """Every GRPO option (and `kernel_impl` / `load_in_4bit` against the device), each
@@ -269,15 +267,3 @@ class GRPOConfig(ModelArguments, TrainingArguments):
                 f"num_generations (--num_generations {self.num_generations}) so that every "
                 "group is whole"
             )
-
-
-def _flag_setting(name: str, value: Any) -> str:
-    return f"--{name} {value!r}"
-
-
-# the loss options that are settings of GRPOConfig (TRL's names)
-_LOSS_SETTINGS = tuple(
-    name
-    for name in PolicyLossOptions.names()
-    if name not in PER_STEP and name in GRPOConfig.__dataclass_fields__
-)

@@ -10,13 +10,23 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Iterable
-
-import torch
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import replace
+from typing import Any
 
 from fastrl.checks import IMPLS
+from fastrl.options.policy import PER_STEP, PolicyLossOptions
+from fastrl.options.preference import OPTION_NAMES, PreferenceLossOptions
 
-__all__ = ["check_choice", "check_model_options", "check_number", "flag_names"]
+__all__ = [
+    "check_choice",
+    "check_model_options",
+    "check_number",
+    "check_policy_loss_options",
+    "check_preference_loss_options",
+    "flag_names",
+    "preference_loss_options",
+]
 
 
 def _show(value) -> str:
@@ -80,6 +90,8 @@ def check_model_options(args) -> None:
     `kernel_impl='triton'` cannot run on CPU tensors unless Triton's interpreter is on,
     and `load_in_4bit` needs bitsandbytes' CUDA kernels; both would otherwise fail only
     after the model is loaded."""
+    import torch
+
     from fastrl.trainers.model import DTYPES
 
     check_choice("kernel_impl", args.kernel_impl, IMPLS)
@@ -104,3 +116,57 @@ def check_model_options(args) -> None:
     check_number("lora_r", args.lora_r, low=1, integer=True)
     check_number("lora_alpha", args.lora_alpha, low=0, low_open=True)
     check_number("lora_dropout", args.lora_dropout, low=0, high=1, high_open=True)
+
+
+# ------------------------------------------------------------- the loss options as flags
+# Torch-free, like the options dataclasses: the command line runs these on its values
+# before it imports anything heavy, the configs on their fields.
+
+_POLICY_SETTINGS = tuple(n for n in PolicyLossOptions.names() if n not in PER_STEP)
+#: TRL's DPOConfig gives these a value for every loss type and reads it only where the
+#: option applies: the config carries what the loss's None stands for there, and passes
+#: it there only
+SET_FOR_EVERY_LOSS_TYPE = ("f_alpha_divergence_coef", "discopop_tau")
+
+
+def _flag_setting(name: str, value: Any) -> str:
+    return f"--{name} {value!r}"
+
+
+def check_policy_loss_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy-loss settings among `values` (a `GRPOConfig`'s fields, or the command
+    line's values, by name), checked by `PolicyLossOptions.validate` with every message
+    naming flags (``--beta``); returned as `fused_policy_loss` keyword arguments (the
+    per-step ones, `PER_STEP`, are the trainer's to add)."""
+    kwargs = {name: values[name] for name in _POLICY_SETTINGS if name in values}
+    try:
+        PolicyLossOptions(**kwargs).validate(
+            check_number=check_number, check_choice=check_choice, setting=_flag_setting
+        )
+    except ValueError as e:
+        raise ValueError(flag_names(str(e), _POLICY_SETTINGS)) from e
+    return kwargs
+
+
+def preference_loss_options(values: Mapping[str, Any]) -> PreferenceLossOptions:
+    """The options `DPOTrainer` passes to `fastrl.preference_loss` from `values` (a
+    `DPOConfig`'s fields, or the command line's): ``f_alpha_divergence_coef`` /
+    ``discopop_tau`` only where they apply (as TRL reads them)."""
+    options = PreferenceLossOptions.from_mapping(values)
+    unused = {n: None for n in SET_FOR_EVERY_LOSS_TYPE if not options.applies(n)}
+    return replace(options, **unused)
+
+
+def check_preference_loss_options(values: Mapping[str, Any], optional: Container[str]) -> None:
+    """The preference-loss options among `values`, by `PreferenceLossOptions`, named as
+    flags: each value as set (None allowed for the names in `optional`, whose config
+    default is None), then what applies to which loss type as the trainer passes them."""
+
+    def number(name: str, value, **bounds) -> None:
+        check_number(name, value, optional=name in optional, **bounds)
+
+    try:
+        PreferenceLossOptions.from_mapping(values).check_values(number=number, choice=check_choice)
+        preference_loss_options(values).check_combinations()
+    except (TypeError, ValueError) as e:
+        raise ValueError(flag_names(str(e), OPTION_NAMES)) from e

@@ -3,6 +3,7 @@ exit code 2, no traceback, and quickly (before any model or data is loaded)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,17 +131,23 @@ def test_missing_yaml_config(tmp_path):
 
 
 def test_prefix_of_an_option_is_rejected(tmp_path, ckpt, data):
-    # the first run builds the full parser (and caches its option table), the second
-    # rejects from the cache, before importing the trainers: the same message
+    # `--help` builds the full parser and caches its option table; later runs reject a
+    # flag from the cache, before importing the trainers; without a cache, from the
+    # configs' sources: either way the option it is closest to is named
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    args = ("grpo", "--model", ckpt, "--dataset", data, "--loss_type", "nope")
-    code, err, _, _ = fastrl(*args, env=env)
-    assert_user_error(code, err, "--loss_type", "invalid choice: 'nope'", "fastrl grpo --help")
+    code, _, out, _ = fastrl("grpo", "--help", env=env)
+    assert code == 0 and "--num_generations" in out
     assert list((tmp_path / "cache" / "fastrl").glob("cli-grpo-*.json"))
-    code, again, _, _ = fastrl(*args, env=env)
-    assert again == err
-    code, err, _, _ = fastrl(*args[:-2], "--num_generation", "4", env=env)
+    args = ("grpo", "--model", ckpt, "--dataset", data, "--num_generation", "4")
+    code, err, _, _ = fastrl(*args, env=env)
     assert_user_error(code, err, "--num_generation 4", "did you mean --num_generations?")
+    code, err, _, _ = fastrl(*args, env={"XDG_CACHE_HOME": str(tmp_path / "none")})
+    assert_user_error(code, err, "--num_generation", "did you mean --num_generations?")
+    # a bad choice: the same message with the table cached or not
+    args = (*args[:-2], "--loss_type", "nope")
+    code, cached, _, _ = fastrl(*args, env=env)
+    assert_user_error(code, cached, "--loss_type", "'nope'", "'dapo'")
+    assert fastrl(*args, env={"XDG_CACHE_HOME": str(tmp_path / "none")})[1] == cached
 
 
 # a subprocess that runs the command and says which heavy modules it imported
@@ -218,9 +225,9 @@ def run_main(capsys, *argv):
 @pytest.mark.parametrize(
     ("flag", "value", "named"),
     [
-        ("--loss_type", "nope", "invalid choice: 'nope'"),
+        ("--loss_type", "nope", "got 'nope'"),  # the loss options' own check, flag-named
         ("--scale_rewards", "grou", "invalid choice: 'grou'"),
-        ("--importance_sampling_level", "seq", "invalid choice: 'seq'"),
+        ("--importance_sampling_level", "seq", "got 'seq'"),
         ("--num_generations", "four", "invalid int value: 'four'"),
         ("--beta", "-1", "beta"),  # the config's own check: a ValueError is a user error
     ],
@@ -334,3 +341,70 @@ def test_hub_precheck_messages(monkeypatch, failure):
     expected = {"missing": "no model 'org/name' on the Hub", "unreachable": "cannot be reached"}
     assert expected[failure] in str(e.value)
     assert str(e.value).startswith("--model org/name")
+
+
+_VALUE_CASES = [
+    ("grpo", []),
+    ("grpo", ["--beta", "-1"]),
+    ("grpo", ["--beta", "0.04", "--kl_estimator", "k2", "--use_bias_correction_kl", "false"]),
+    ("grpo", ["--loss_type", "dr_grpo"]),  # the config's max_completion_length (512) serves
+    ("grpo", ["--loss_type", "dr_grpo", "--max_completion_length", "0"]),
+    ("grpo", ["--loss_type", "cispo", "--delta", "1.5"]),
+    ("grpo", ["--loss_type", "cispo", "--epsilon_high", "5"]),
+    ("grpo", ["--epsilon", "-0.1"]),
+    ("grpo", ["--sapo_temperature_neg", "0", "--loss_type", "sapo"]),
+    ("grpo", ["--top_entropy_quantile", "1.5"]),
+    ("grpo", ["--importance_sampling_level", "sequence", "--delta", "2"]),
+    ("dpo", []),
+    ("dpo", ["--beta", "-1"]),
+    ("dpo", ["--loss_type", "sigmoid", "ipo", "--loss_weights", "1", "0.5"]),
+    ("dpo", ["--loss_type", "ipo", "--label_smoothing", "0.1"]),
+    ("dpo", ["--loss_type", "robust", "--label_smoothing", "0.6"]),
+    ("dpo", ["--loss_type", "discopop", "--discopop_tau", "0"]),
+    ("dpo", ["--loss_type", "simpo", "--simpo_gamma", "0.5", "--cpo_alpha", "0"]),
+    ("dpo", ["--loss_type", "exo_pair"]),
+    ("dpo", ["--f_divergence_type", "alpha_divergence", "--f_alpha_divergence_coef", "0.3"]),
+    ("dpo", ["--ld_alpha", "1.5"]),
+    ("dpo", ["--use_weighting", "--loss_type", "aot"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"), _VALUE_CASES, ids=[f"{c}:{' '.join(e) or '-'}" for c, e in _VALUE_CASES]
+)
+def test_value_prechecks_say_what_the_config_says(tmp_path, ckpt, data, command, extra):
+    # before the slow imports the command line checks the loss options with the config's
+    # own functions: it must refuse exactly what the config refuses, with its message
+    from fastrl.trainers import DPOConfig, GRPOConfig
+
+    script = {"grpo": cli.GRPOScriptArguments, "dpo": cli.DPOScriptArguments}[command]
+    config = {"grpo": GRPOConfig, "dpo": DPOConfig}[command]
+    argv = ["--model", str(ckpt), "--dataset", str(data), "--use_cpu", "true",
+            "--output_dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    try:
+        cli._check_loss_values(command, cli._prescan(command, script, argv))
+        early = None
+    except ValueError as e:
+        early = str(e)
+    try:
+        cli._parse((script, config), argv, command)
+        full = None
+    except ValueError as e:
+        full = str(e)
+    # both accept, or both refuse naming the same flag first (the config may check a
+    # setting it requires, such as max_completion_length, before the loss's own check)
+    assert (early is None) == (full is None), (early, full)
+    if early is not None:
+        first_flag = re.compile(r"--\w+")
+        assert first_flag.search(early)[0] == first_flag.search(full)[0], (early, full)
+
+
+def test_a_bad_value_fails_without_importing_torch(tmp_path, ckpt, data):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, "grpo", "--model", str(ckpt), "--dataset",
+         str(data), "--loss_type", "cispo", "--delta", "1.5"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
+    assert_user_error(2, run.stderr, "--delta 1.5", "--loss_type 'cispo'")
