@@ -683,11 +683,10 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
     if command == "grpo":
         _check_dataset(str(options["dataset"]), _check_reward_columns(options))
     else:
-        # DPOTrainer's columns (importing it here would cost the slow imports)
-        needed = {c: "DPO pairs need prompt, chosen and rejected"
-                  for c in ("prompt", "chosen", "rejected")}  # fmt: skip
-        tokenized = ("prompt_ids", "chosen_ids", "rejected_ids")
-        _check_dataset(str(options["dataset"]), needed, alternatives=(tokenized,))
+        from fastrl.trainers.data import PREFERENCE_COLUMNS, PREFERENCE_TOKEN_COLUMNS
+
+        needed = {c: "DPO pairs need prompt, chosen and rejected" for c in PREFERENCE_COLUMNS}
+        _check_dataset(str(options["dataset"]), needed, alternatives=(PREFERENCE_TOKEN_COLUMNS,))
     return options
 
 

@@ -17,6 +17,7 @@ import torch
 
 from fastrl.demo import task
 from fastrl.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.dpo_trainer import evaluate_preference_accuracy, tokenize_preference_dataset
 from fastrl.trainers.rewards import digit_match_answer, exact_match_answer
 
@@ -70,7 +71,8 @@ def _save_base(model, tokenizer, path: Path) -> str:
     find it; returns the absolute path, which the model then carries as its name so that
     peft writes it into the adapter's `adapter_config.json`."""
     path = path.resolve()
-    model.save_pretrained(path)
+    with no_progress_bars():  # a tiny model: the bar would only clutter the demo's log
+        model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     model.name_or_path = model.config.name_or_path = str(path)
     return str(path)

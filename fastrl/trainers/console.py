@@ -7,6 +7,7 @@ The full metrics still go to `Trainer.log`'s other consumers (`report_to`,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -136,6 +137,26 @@ def silence_known_warnings() -> None:
         message=r".*'pin_memory' argument is set as true but no accelerator is found",
         category=UserWarning,
     )
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Hide the progress bars of transformers (weights written) and datasets (a filter)
+    for a step that takes a blink and would only clutter the console; they come back
+    after, as they were."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            hf_logging.enable_progress_bar()
+        if shown[1]:
+            datasets.enable_progress_bars()
 
 
 def use_console(trainer) -> None:

@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: the columns of preference pairs (TRL's), of pairs tokenized already, and of precomputed
+#: reference log-probs; the command line checks a data file against them
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+PREFERENCE_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REFERENCE_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def check_data_file(path: str | os.PathLike) -> list[str] | None:

@@ -26,9 +26,6 @@ from fastrl.trainers.options import (
     preference_loss_options,
 )
 
-_COLUMNS = ("prompt", "chosen", "rejected")
-_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 _LOSS = PreferenceLossOptions()  # the loss options' defaults, declared there
 
 

@@ -40,11 +40,17 @@ from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
 from fastrl.trainers.base import BaseTrainer
-from fastrl.trainers.data import join_message_contents, load_data, render_prompt, require_columns
+from fastrl.trainers.console import no_progress_bars
+from fastrl.trainers.data import (
+    PREFERENCE_COLUMNS,
+    PREFERENCE_TOKEN_COLUMNS,
+    REFERENCE_LOGPS_COLUMNS,
+    join_message_contents,
+    load_data,
+    render_prompt,
+    require_columns,
+)
 from fastrl.trainers.dpo_config import (
-    _COLUMNS,
-    _REF_COLUMNS,
-    _TOKEN_COLUMNS,
     AVERAGED_LOSS_TYPES,
     DPOConfig,
     _check_loss_options,
@@ -154,9 +160,9 @@ def tokenize_preference_dataset(
     completion token would be left), with a warning; the other columns are kept.
     """
     dataset = load_data(dataset)
-    if all(c in dataset.column_names for c in _TOKEN_COLUMNS):
+    if all(c in dataset.column_names for c in PREFERENCE_TOKEN_COLUMNS):
         return dataset
-    require_columns(dataset, _COLUMNS, "DPO")
+    require_columns(dataset, PREFERENCE_COLUMNS, "DPO")
     options = dict(
         use_chat_template=use_chat_template,
         max_prompt_length=max_prompt_length,
@@ -177,7 +183,10 @@ def tokenize_preference_dataset(
     dataset = dataset.map(tokenize, num_proc=num_proc, desc="Tokenizing preference pairs")
     if max_length is not None:
         n = len(dataset)
-        dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc)
+        with no_progress_bars():
+            dataset = dataset.filter(
+                lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc
+            )
         if len(dataset) < n:
             warnings.warn(
                 f"dropped {n - len(dataset)} of {n} preference pairs whose prompt alone fills "
@@ -229,7 +238,7 @@ class PreferenceCollator:
             attention_mask=attention_mask,
             completion_mask=attention_mask[:, P:].clone(),
         )
-        for name in _REF_COLUMNS:
+        for name in REFERENCE_LOGPS_COLUMNS:
             if name in examples[0]:
                 batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)
         return batch
@@ -401,7 +410,7 @@ class DPOTrainer(BaseTrainer):
     def precompute_reference_logps(self, dataset):
         """``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, computed
         once with the adapters off (every process computes the whole dataset)."""
-        if all(c in dataset.column_names for c in _REF_COLUMNS):
+        if all(c in dataset.column_names for c in REFERENCE_LOGPS_COLUMNS):
             return dataset
         from torch.utils.data import DataLoader
 
@@ -424,7 +433,7 @@ class DPOTrainer(BaseTrainer):
         adapters off."""
         if not self.uses_reference:
             return {}
-        if all(c in inputs for c in _REF_COLUMNS):
+        if all(c in inputs for c in REFERENCE_LOGPS_COLUMNS):
             rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             rc, rr = self.reference_logps(inputs)
