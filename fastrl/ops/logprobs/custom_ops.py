@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from fastrl.checks import check_target_ids, compute_dtype
 from fastrl.ops.logprobs.chunked import chunked_logprobs_bwd, chunked_logprobs_fwd
@@ -19,10 +20,10 @@ from fastrl.ops.logprobs.params import SCHEMA, LogprobsParams
 _HEAD = "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets"
 
 
-def _custom_op(name: str, tensors: str, returns: str, extra: str = "") -> Callable:
+def _custom_op(name: str, tensors: str, returns: str, keywords: str = "") -> Callable:
     """torch.library.custom_op "fastrl::`name`" with the schema
-    (`tensors`, *, <LogprobsParams>`extra`) -> `returns`."""
-    schema = f"({tensors}, *, {SCHEMA}{extra}) -> {returns}"
+    (`tensors`, *, <the LogprobsParams fields>, `keywords`) -> `returns`."""
+    schema = f"({tensors}, *, {', '.join(filter(None, (SCHEMA, keywords)))}) -> {returns}"
     return torch.library.custom_op(f"fastrl::{name}", mutates_args=(), schema=schema)
 
 
@@ -54,7 +55,9 @@ def _flags(targets: torch.Tensor, want: bool) -> torch.Tensor:
 
 
 @_custom_op("linear_logprobs_fwd", _HEAD, "(Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _fwd_op(hidden, weight, bias, targets, **params):
+def _fwd_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, **params
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> logp [N], entropy [N] | [0], lse [N], is_top1 [N] bool | [0], log_sum_sq [N] | [0]"""
     p = LogprobsParams(**params)
     check_target_ids(targets, weight.shape[0], p.ignore_index)
@@ -82,10 +85,13 @@ def _(hidden, weight, bias, targets, **params):
     "linear_logprobs_bwd",
     f"{_HEAD}, Tensor lse, Tensor? entropy, Tensor? grad_logp, Tensor? grad_entropy",
     "(Tensor, Tensor, Tensor)",
-    ", bool need_hidden, bool need_weight, bool need_bias",
+    "bool need_hidden, bool need_weight, bool need_bias",
 )
-def _bwd_op(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *,
-            need_hidden, need_weight, need_bias, **params):  # fmt: skip
+def _bwd_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+    entropy: Tensor | None, grad_logp: Tensor | None, grad_entropy: Tensor | None, *,
+    need_hidden: bool, need_weight: bool, need_bias: bool, **params,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """-> d_hidden, d_weight, d_bias in their inputs' dtypes ([0] where not needed)"""
     p = LogprobsParams(**params)
     bwd = chunked_logprobs_bwd if p.backend == "torch" else _triton_backend(p.backend)[1]
@@ -132,7 +138,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # The frozen-head two-GEMM design (kernels/frozen_logprobs.py): its forward returns what
 # its backward needs in place of the logsumexp, and the backward is a gather + combine.
 @_custom_op("linear_logprobs_frozen_fwd", _HEAD, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _frozen_fwd_op(hidden, weight, bias, targets, **params):
+def _frozen_fwd_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, **params
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> logp [N], lse [N], is_top1 [N] | [0], log_sum_sq [N] | [0], o [N, d], ct [N]"""
     from fastrl.kernels.frozen_logprobs import frozen_logprobs_fwd
 
@@ -161,7 +169,9 @@ def _(hidden, weight, bias, targets, **params):
     "Tensor weight, Tensor targets, Tensor o, Tensor ct, Tensor grad_logp",
     "Tensor",
 )
-def _frozen_bwd_op(weight, targets, o, ct, grad_logp, **params):
+def _frozen_bwd_op(
+    weight: Tensor, targets: Tensor, o: Tensor, ct: Tensor, grad_logp: Tensor, **params
+) -> Tensor:
     """-> d_hidden [N, d] in o's dtype"""
     from fastrl.kernels.frozen_logprobs import frozen_logprobs_bwd
 
