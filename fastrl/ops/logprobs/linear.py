@@ -15,8 +15,11 @@ from fastrl.checks import (
     check_tensor,
     check_zero_one,
 )
-from fastrl.checks import IMPLS as IMPLS  # noqa: F401 (fastrl.trainers imports it from here)
-from fastrl.checks import triton_usable as _triton_usable  # noqa: F401 (and fastrl.ops.policy)
+
+# still imported from here by fastrl.trainers (IMPLS) and fastrl.ops.policy (both), until
+# they import fastrl.checks
+from fastrl.checks import IMPLS as IMPLS  # noqa: F401
+from fastrl.checks import triton_usable as _triton_usable  # noqa: F401
 from fastrl.ops.logprobs.custom_ops import frozen_applies, score
 from fastrl.ops.logprobs.params import LogprobsParams
 
@@ -40,7 +43,8 @@ def resolve_design(design: str | None, device: torch.device) -> str:
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
-    """ "triton" or "torch" for `impl` on tensors of `device` ("auto": Triton on CUDA)."""
+    """The path, "triton" or "torch", of `impl` on tensors of `device` ("auto": Triton on
+    CUDA)."""
     check_impl(impl, device=device)
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
