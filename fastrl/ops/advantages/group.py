@@ -136,7 +136,16 @@ def _group_advantages_torch(
     return torch.nan_to_num(adv.view(B), nan=0.0)
 
 
-def _check_options(rewards, group_size, baseline, scale, eps, normalize, impl) -> None:
+def _check_options(
+    rewards: torch.Tensor,
+    group_size: int,
+    baseline: str,
+    scale: str,
+    eps: float,
+    normalize: str,
+    impl: str,
+) -> None:
+    """The arguments of `group_advantages` but `weights` (checked once cast)."""
     check_tensor("rewards", rewards, floating=False)
     if rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must have shape [B] or [B, K], got {tuple(rewards.shape)}")
