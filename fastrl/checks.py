@@ -1,12 +1,14 @@
 """Validation in one place: tensors, masks, target ids, choices, numbers, `impl`.
 
 Every check raises a ValueError or TypeError that names the argument and the value it got.
-This module imports no torch at import time: the options dataclasses (`fastrl.options`),
-which the command line validates before it loads torch, use its scalar checks.
+This module imports no torch at import time: the options dataclasses of
+`fastrl.trainers`, which the command line validates before it loads torch, use its scalar
+checks. The tensor checks import torch when they run.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Callable, Iterable
@@ -25,62 +27,117 @@ IMPLS = ("auto", "triton", "torch")
 
 
 def check_choice(name: str, x, choices: Iterable) -> None:
+    """`x` one of `choices` (ValueError)."""
     choices = tuple(choices)
     if x not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {x!r}")
 
 
-def check_impl(impl: str, name: str = "impl") -> None:
-    check_choice(name, impl, IMPLS)
+def check_bool(name: str, x) -> None:
+    """`x` True or False (TypeError: an int or a string is not taken for a flag)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
-def check_number(name: str, x, *, low=None, high=None, strict_low=False, integer=False) -> None:
+def check_number(
+    name: str,
+    x,
+    *,
+    low=None,
+    high=None,
+    strict_low=False,
+    integer=False,
+    optional=False,
+    type_error: type[Exception] = TypeError,
+) -> None:
     """`x` a finite real (an int with `integer`) with `low <= x` (`<` with `strict_low`) and
-    `x <= high`: TypeError for a wrong type, ValueError for a wrong value."""
+    `x <= high`; None passes when `optional`. A wrong type raises `type_error` (ValueError
+    where callers report ValueErrors as user errors), a wrong value ValueError."""
+    if x is None and optional:
+        return
     ok_type = numbers.Integral if integer else numbers.Real
     if isinstance(x, bool) or not isinstance(x, ok_type):
         kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, got {x!r}")
-    x = float(x)
-    bad = x != x or x in (float("inf"), float("-inf"))
+        raise type_error(f"{name} must be {kind}{' or None' if optional else ''}, got {x!r}")
+    value = float(x)
+    bad = not math.isfinite(value)
     if low is not None:
-        bad = bad or (x <= low if strict_low else x < low)
+        bad = bad or (value <= low if strict_low else value < low)
     if high is not None:
-        bad = bad or x > high
+        bad = bad or value > high
     if bad:
-        rng = []
-        if low is not None:
-            rng.append(f"{'>' if strict_low else '>='} {low}")
-        if high is not None:
-            rng.append(f"<= {high}")
+        rng = [] if low is None else [f"{'>' if strict_low else '>='} {low}"]
+        rng += [] if high is None else [f"<= {high}"]
+        what = " and ".join(["finite", *rng]) + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {what}, got {x!r}")
+
+
+def check_impl(impl: str, name: str = "impl", *, device: torch.device | None = None) -> None:
+    """`impl` one of IMPLS; with `device`, "triton" must be able to run there (CUDA, or any
+    device under Triton's interpreter, TRITON_INTERPRET=1)."""
+    check_choice(name, impl, IMPLS)
+    if impl == "triton" and device is not None and not triton_usable(device):
         raise ValueError(
-            f"{name} must be finite{' and ' + ' and '.join(rng) if rng else ''}, got {x!r}"
+            f"{name}='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
         )
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of `device` (read per call: tests and
+    users switch the interpreter on and off)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------- tensors
 
 
-def check_tensor(name: str, x, shape=None, floating: bool = True, like: str = "logps") -> None:
-    """`x` a tensor (floating-point unless `floating=False`) of `shape`, the shape of the
-    argument `like`, where a shape is given."""
+def check_tensor(
+    name: str,
+    x,
+    shape=None,
+    floating: bool = True,
+    like: str = "logps",
+    *,
+    integer: bool = False,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """`x` a real tensor: floating-point (any real dtype with `floating=False`, integer
+    ids, not bool, with `integer`), of `dtype` and of `shape` where given: the dtype or
+    shape of the argument named `like`."""
     import torch
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if floating and not x.is_floating_point():
+    if x.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+    if integer and (x.is_floating_point() or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    if floating and not integer and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} dtype {x.dtype} differs from {like} dtype {dtype}; cast one")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(
             f"{name} must have the shape of {like} {tuple(shape)}, got {tuple(x.shape)}"
         )
 
 
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """The tensors given by name (None skipped) are on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors must be on one device, got {devices}")
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the losses compute in: float64 for float64 inputs, else float32."""
+    """The dtype the losses and the PyTorch paths compute in: float64 for float64 inputs,
+    else float32."""
     import torch
 
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- tensor values
 
 
 def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> None:
@@ -102,13 +159,16 @@ def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> 
         torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
 
 
-def check_zero_one(x: torch.Tensor, message: str) -> None:
-    """A mask or label tensor that is not bool holds only 0 and 1 (ValueError(message),
-    naming the first other value where the check is eager)."""
+def check_zero_one(x: torch.Tensor, message: str | None = None, *, name: str = "mask") -> None:
+    """A mask or label tensor that is not bool holds only 0 and 1: ValueError with
+    `message`, by default "`name` must be boolean or hold only 0 and 1", and the first
+    other value where the check is eager."""
     import torch
 
     if x.dtype == torch.bool:
         return
+    if message is None:
+        message = f"{name} must be boolean or hold only 0 and 1"
     bad = (x != 0) & (x != 1)
     check_values(bad, message, lambda: f"{message}, got value {x[bad][0].item()!r}")
 

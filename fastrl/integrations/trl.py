@@ -24,7 +24,8 @@ import importlib
 
 import torch
 
-from fastrl.ops.logprobs.linear import IMPLS, linear_logprobs
+from fastrl import linear_logprobs
+from fastrl.checks import check_impl
 
 _TARGET_MODULE = "trl.trainer.utils"
 _TARGET_NAME = "_ChunkedLogProbFunction"
@@ -143,8 +144,7 @@ def patch_trl(impl: str = "auto") -> TRLPatch:
         The `TRLPatch`; `calls` / `fallback_calls` count the head calls fastrl served and
         those it passed to TRL (outputs fastrl does not compute).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     utils = _trl_utils()
     current = getattr(utils, _TARGET_NAME)
     original = current.original if isinstance(current, TRLPatch) else current

@@ -7,6 +7,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastrl import linear_logprobs
 from fastrl.checks import check_target_ids
+from fastrl.ops.logprobs import custom_ops
+from fastrl.ops.logprobs.params import LogprobsParams
 from tests.support import DEVICE
 
 N, D, V = 37, 48, 300
@@ -54,6 +56,19 @@ def test_linear_logprobs_fake_tensors(impl):
         ]
         out[0].sum().backward()
         assert hidden.grad.shape == hidden.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "tiles", "cublas", "frozen"])
+def test_custom_ops_pass_opcheck(backend):
+    """Schema, fake implementation and autograd registration of each op agree (what
+    torch.compile and AOTAutograd rely on), with its LogprobsParams as keyword arguments."""
+    hidden, weight = torch.randn(7, D, requires_grad=True), torch.randn(50, D)
+    targets = torch.tensor([3, -100, 0, 49, 7, -100, 11])
+    bias = None if backend == "frozen" else torch.randn(50, requires_grad=True)
+    params = LogprobsParams(1.3, None, -100, backend != "frozen", True, True, backend)
+    op = custom_ops._frozen_fwd_op if backend == "frozen" else custom_ops._fwd_op
+    torch.library.opcheck(op, (hidden, weight, bias, targets), params.op_kwargs())
 
 
 def test_value_checks_do_not_read_values_off_the_cpu():

@@ -13,7 +13,8 @@ with the conventions of TRL 1.16 (`GRPOTrainer._generate_and_score_completions` 
 
 The work is split so that a CUDA kernel can take over the whole computation
 (`_group_advantages_torch` is the reference path; `_KERNEL`, the Triton launcher of
-kernels/group_advantages.py, runs on CUDA tensors with ``impl="auto"``).
+kernels/group_advantages.py, runs on CUDA tensors with ``impl="auto"`` for groups that fit
+in one of its tiles).
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from collections.abc import Sequence
 
 import torch
 
-from fastrl.checks import check_values
-from fastrl.ops.logprobs.linear import _triton_usable
+from fastrl.checks import (
+    check_choice,
+    check_impl,
+    check_number,
+    check_tensor,
+    check_values,
+    compute_dtype,
+)
 
 __all__ = ["group_advantages"]
 
 _BASELINES = ("mean", "rloo")
 _SCALES = ("group", "batch", "none")
 _NORMALIZE = ("sum_then_normalize", "normalize_then_sum")
-_IMPLS = ("auto", "torch", "triton")
 
 
 def _group_advantages_triton(rewards, weights, group_size, baseline, scale, eps, normalize):
@@ -43,9 +49,13 @@ def _group_advantages_triton(rewards, weights, group_size, baseline, scale, eps,
 
 # The Triton launcher, with the signature of `_group_advantages_torch` (None without triton).
 _KERNEL = _group_advantages_triton if importlib.util.find_spec("triton") is not None else None
-# A group lives in one tile of the kernel (kernels/group_advantages.py: MAX_GROUP_SIZE);
-# larger groups take the PyTorch path with impl="auto".
-_KERNEL_MAX_GROUP_SIZE = 4096
+
+
+def _kernel_max_group_size() -> int:
+    # a group lives in one tile of the kernel; read where the kernel is about to run
+    from fastrl.kernels.group_advantages import MAX_GROUP_SIZE
+
+    return MAX_GROUP_SIZE
 
 
 def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
@@ -126,6 +136,57 @@ def _group_advantages_torch(
     return torch.nan_to_num(adv.view(B), nan=0.0)
 
 
+def _check_options(
+    rewards: torch.Tensor,
+    group_size: int,
+    baseline: str,
+    scale: str,
+    eps: float,
+    normalize: str,
+    impl: str,
+) -> None:
+    """The arguments of `group_advantages` but `weights` (checked once cast)."""
+    check_tensor("rewards", rewards, floating=False)
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must have shape [B] or [B, K], got {tuple(rewards.shape)}")
+    # a non-int is a ValueError here (not check_number's TypeError), as it has always been
+    check_number("group_size", group_size, low=1, integer=True, type_error=ValueError)
+    B = rewards.shape[0]
+    if B % group_size != 0:
+        raise ValueError(
+            f"rewards has B={B} rows, not a multiple of group_size={group_size}: the batch "
+            "must hold whole groups of completions, laid out prompt-major"
+        )
+    check_choice("baseline", baseline, _BASELINES)
+    check_choice("scale", scale, _SCALES)
+    check_choice("normalize", normalize, _NORMALIZE)
+    check_impl(impl, device=rewards.device)
+    check_number("eps", eps, low=0.0)
+    if normalize == "normalize_then_sum" and (baseline != "mean" or scale != "group"):
+        raise ValueError(
+            "normalize='normalize_then_sum' standardises each objective within its group and "
+            "the weighted sum over the batch (TRL's recipe); it needs baseline='mean' and "
+            f"scale='group', got baseline={baseline!r}, scale={scale!r}"
+        )
+
+
+def _use_kernel(impl: str, rewards: torch.Tensor, group_size: int) -> bool:
+    """Whether the Triton kernel runs: always with impl="triton" (a ValueError where it
+    cannot), with "auto" on CUDA tensors when triton is installed and a group fits in one
+    of its tiles."""
+    if impl == "torch" or (impl == "auto" and not (rewards.is_cuda and _KERNEL is not None)):
+        return False
+    if _KERNEL is None:
+        raise ValueError("impl='triton': no Triton kernel for group_advantages is available")
+    limit = _kernel_max_group_size()
+    if impl == "triton" and group_size > limit:
+        raise ValueError(
+            f"impl='triton' supports group_size <= {limit} (a group is one tile of the "
+            f"kernel), got group_size={group_size}; use impl='torch' or 'auto'"
+        )
+    return group_size <= limit
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
@@ -179,41 +240,12 @@ def group_advantages(
         ValueError: ``B`` not a multiple of ``group_size``, unknown ``baseline``,
             ``scale``, ``normalize`` or ``impl``, bad ``weights`` or ``eps``;
             ``impl="triton"`` on CPU tensors without TRITON_INTERPRET=1, or with a
-            ``group_size`` above the kernel's limit (4096).
+            ``group_size`` above the kernel's (kernels/group_advantages.py
+            ``MAX_GROUP_SIZE``).
         TypeError: ``rewards`` not a tensor, or complex.
     """
-    if not isinstance(rewards, torch.Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if rewards.is_complex():
-        raise TypeError(f"rewards must be real, got dtype {rewards.dtype}")
-    if rewards.dim() not in (1, 2):
-        raise ValueError(f"rewards must have shape [B] or [B, K], got {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    B = rewards.shape[0]
-    if B % group_size != 0:
-        raise ValueError(
-            f"rewards has B={B} rows, not a multiple of group_size={group_size}: the batch "
-            "must hold whole groups of completions, laid out prompt-major"
-        )
-    if baseline not in _BASELINES:
-        raise ValueError(f"baseline must be one of {_BASELINES}, got {baseline!r}")
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if normalize == "normalize_then_sum" and (baseline != "mean" or scale != "group"):
-        raise ValueError(
-            "normalize='normalize_then_sum' standardises each objective within its group and "
-            "the weighted sum over the batch (TRL's recipe); it needs baseline='mean' and "
-            f"scale='group', got baseline={baseline!r}, scale={scale!r}"
-        )
-
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    _check_options(rewards, group_size, baseline, scale, eps, normalize, impl)
+    dtype = compute_dtype(rewards)
     r = rewards.detach().to(dtype)
     r2 = r.unsqueeze(1) if r.dim() == 1 else r
     K = r2.shape[1]
@@ -227,23 +259,7 @@ def group_advantages(
             )
         msg = "weights must be finite"
         check_values(~torch.isfinite(w), msg, lambda: f"{msg}, got {w.tolist()}")
-    if B == 0:
+    if r2.shape[0] == 0:
         return r2.new_zeros(0)
-
-    if impl == "triton":
-        if _KERNEL is None:
-            raise ValueError("impl='triton': no Triton kernel for group_advantages is available")
-        if not _triton_usable(r2.device):
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {r2.device}"
-            )
-        if group_size > _KERNEL_MAX_GROUP_SIZE:
-            raise ValueError(
-                f"impl='triton' supports group_size <= {_KERNEL_MAX_GROUP_SIZE} (a group is one "
-                f"tile of the kernel), got group_size={group_size}; use impl='torch' or 'auto'"
-            )
-    use_kernel = _KERNEL is not None and (
-        impl == "triton" or (impl == "auto" and r2.is_cuda and group_size <= _KERNEL_MAX_GROUP_SIZE)
-    )
-    fn = _KERNEL if use_kernel else _group_advantages_torch
+    fn = _KERNEL if _use_kernel(impl, r2, group_size) else _group_advantages_torch
     return fn(r2.contiguous(), w, group_size, baseline, scale, float(eps), normalize)

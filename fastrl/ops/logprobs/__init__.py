@@ -1,9 +1,10 @@
 """Per-token log-probs and entropies from hidden states and an lm_head weight.
 
 - `linear.py`: `linear_logprobs`, `sequence_logprobs` (the public functions, padding
-  compaction, the autograd glue);
+  compaction, the choice of backend);
 - `custom_ops.py`: the `torch.library` ops over the designs (`tiles`, `cublas`, `frozen`)
   and the PyTorch path, what `torch.compile` sees;
+- `params.py`: `LogprobsParams`, the non-tensor arguments those ops take;
 - `chunked.py`: the PyTorch path (vocabulary chunks, no `[N, V]` buffer);
 - `naive.py`: the float64 oracle `naive_linear_logprobs`;
 - kernels: `fastrl.kernels.linear_logprobs` (tiles), `.cublas_logprobs`, `.frozen_logprobs`.

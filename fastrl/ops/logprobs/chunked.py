@@ -7,12 +7,10 @@ the float64 oracle. Statistics are kept in float32 (float64 for float64 inputs).
 
 import torch
 
+from fastrl.checks import compute_dtype
+
 CHUNK_TOKENS = 512
 CHUNK_VOCAB = 8192
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logits(h, weight, bias, v0, v1, inv_temp, softcap):
@@ -36,7 +34,7 @@ def chunked_logprobs_fwd(
     fills `top1` ([N] bool, if given) with whether each target has the largest logit and
     `log_sum_sq` ([N], if given) with log sum_v p_v^2 (0 where ignored)."""
     N, V = hidden.shape[0], weight.shape[0]
-    dt = _compute_dtype(hidden.dtype)
+    dt = compute_dtype(hidden)
     logp = torch.zeros(N, dtype=dt, device=hidden.device)
     lse = torch.zeros(N, dtype=dt, device=hidden.device)
     ent = torch.zeros(N, dtype=dt, device=hidden.device) if return_entropy else None
@@ -91,7 +89,7 @@ def chunked_logprobs_bwd(
 ):
     """Recompute each block, dz = g_logp (onehot - p) - g_ent p (log p + H), and contract."""
     N, V = hidden.shape[0], weight.shape[0]
-    dt = _compute_dtype(hidden.dtype)
+    dt = compute_dtype(hidden)
     dh = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_hidden else None
     dw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_weight else None
     db = torch.zeros(V, dtype=dt, device=weight.device) if need_bias else None

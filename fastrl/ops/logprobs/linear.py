@@ -1,16 +1,27 @@
 """Per-token log-probs and entropies straight from hidden states and an lm_head weight."""
 
-import math
 import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from fastrl.checks import check_zero_one
-from fastrl.ops.logprobs.custom_ops import score
+from fastrl.checks import (
+    IGNORE_INDEX,
+    check_bool,
+    check_choice,
+    check_impl,
+    check_number,
+    check_same_device,
+    check_tensor,
+    check_zero_one,
+)
 
-IMPLS = ("auto", "triton", "torch")
-
+# still imported from here by fastrl.trainers (IMPLS) and fastrl.ops.policy (both), until
+# they import fastrl.checks
+from fastrl.checks import IMPLS as IMPLS  # noqa: F401
+from fastrl.checks import triton_usable as _triton_usable  # noqa: F401
+from fastrl.ops.logprobs.custom_ops import frozen_applies, score
+from fastrl.ops.logprobs.params import LogprobsParams
 
 DESIGNS = ("tiles", "cublas", "frozen")
 
@@ -22,48 +33,30 @@ def resolve_design(design: str | None, device: torch.device) -> str:
     kernels/cublas_logprobs.py) and "tiles" under the interpreter (its test suite).
     "frozen" (opt-in) is two GEMMs instead of three for a frozen head without entropy
     (kernels/frozen_logprobs.py; it holds an [N, d] tensor from forward to backward),
-    and "cublas" where that does not apply."""
+    and "cublas" where that does not apply (see `frozen_applies`)."""
     if design is None:
         design = os.environ.get("FASTRL_LOGPROBS_DESIGN")
     if design is None:
         design = "cublas" if device.type == "cuda" else "tiles"
-    if design not in DESIGNS:
-        raise ValueError(
-            f"design (or FASTRL_LOGPROBS_DESIGN) must be one of {DESIGNS}, got {design!r}"
-        )
+    check_choice("design (or FASTRL_LOGPROBS_DESIGN)", design, DESIGNS)
     return design
 
 
-def _triton_usable(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    """The path, "triton" or "torch", of `impl` on tensors of `device` ("auto": Triton on
+    CUDA)."""
+    check_impl(impl, device=device)
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and not _triton_usable(device):
-        raise ValueError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
-        )
     return impl
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one"
-        )
+def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index) -> None:
+    """The arguments of `linear_logprobs` (also those of the fused heads, which score
+    through it)."""
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight, dtype=hidden.dtype, like="hidden")
+    check_tensor("targets", targets, integer=True)
     if hidden.dim() < 1 or weight.dim() != 2:
         raise ValueError(
             f"expected hidden [..., d] and weight [V, d], got hidden {tuple(hidden.shape)} "
@@ -80,28 +73,15 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_in
             f"{tuple(hidden.shape[:-1])}"
         )
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating-point tensor, got {bias!r:.80}")
+        check_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"bias shape {tuple(bias.shape)} must be ({weight.shape[0]},), one per vocab row"
             )
-    tensors = {"hidden": hidden, "weight": weight, "targets": targets}
-    if bias is not None:
-        tensors["bias"] = bias
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors must be on one device, got {devices}")
-    if not (
-        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if softcap is not None and not (
-        isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0
-    ):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_number("temperature", temperature, low=0.0, strict_low=True)
+    check_number("softcap", softcap, low=0.0, strict_low=True, optional=True)
+    check_number("ignore_index", ignore_index, integer=True)
 
 
 def linear_logprobs(
@@ -112,7 +92,7 @@ def linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     return_is_top1: bool = False,
     return_log_sum_sq_probs: bool = False,
@@ -156,25 +136,29 @@ def linear_logprobs(
         (`is_top1` bool `[...]`, the others as `logps`).
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
-    if not isinstance(compact, bool):
-        raise TypeError(f"compact must be a bool, got {compact!r}")
-    impl = _resolve_impl(impl, hidden.device)
-    backend = "torch" if impl == "torch" else resolve_design(design, hidden.device)
+    check_bool("compact", compact)
+    backend = _resolve_impl(impl, hidden.device)
+    if backend == "triton":
+        backend = resolve_design(design, hidden.device)
+        if backend == "frozen" and not frozen_applies(hidden, weight, bias, return_entropy):
+            backend = "cublas"
+    params = LogprobsParams(
+        temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+        ignore_index=int(ignore_index), return_entropy=return_entropy,
+        return_is_top1=return_is_top1, return_log_sum_sq=return_log_sum_sq_probs,
+        backend=backend,
+    )  # fmt: skip
     lead = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    if softcap is not None:
-        softcap = float(softcap)
-    args = (float(temperature), softcap, ignore_index, return_entropy, return_is_top1,
-            return_log_sum_sq_probs, backend)  # fmt: skip
     rows = scored_rows(t1, ignore_index) if compact else None
     if rows is None:
-        outputs = score(h2, w, bias, t1, *args)
+        outputs = score(h2, w, bias, t1, params)
     else:  # score the valid rows only; the others are 0 (False) with no gradient
-        outputs = score(h2.index_select(0, rows), w, bias, t1[rows], *args)
+        outputs = score(h2.index_select(0, rows), w, bias, t1[rows], params)
         wanted = (True, return_entropy, True, return_is_top1, return_log_sum_sq_probs)
         outputs = [_scatter_rows(t, rows, t1.shape[0]) if want else t
                    for t, want in zip(outputs, wanted, strict=True)]  # fmt: skip
@@ -225,15 +209,13 @@ def sequence_logprobs(
     Returns:
         `[B]` tensor of `logps.dtype`.
     """
-    if not isinstance(logps, torch.Tensor) or not logps.is_floating_point():
-        raise TypeError(f"logps must be a floating-point tensor, got {logps!r:.80}")
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    check_tensor("logps", logps)
+    check_tensor("mask", mask, floating=False)
     if logps.dim() != 2 or mask.shape != logps.shape:
         raise ValueError(
             f"logps and mask must both be [B, T], got {tuple(logps.shape)} and {tuple(mask.shape)}"
         )
-    check_zero_one(mask, "mask must be boolean or hold only 0 and 1")
+    check_zero_one(mask)
     m = mask.to(logps.dtype)
     total = (logps * m).sum(-1)
     return total / m.sum(-1).clamp(min=1) if average else total

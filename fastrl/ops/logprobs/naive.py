@@ -2,6 +2,8 @@
 
 import torch
 
+from fastrl.checks import IGNORE_INDEX
+
 
 def naive_linear_logprobs(
     hidden: torch.Tensor,
@@ -11,7 +13,7 @@ def naive_linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     return_is_top1: bool = False,
     return_log_sum_sq_probs: bool = False,
