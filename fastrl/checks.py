@@ -159,16 +159,15 @@ def check_values(bad: torch.Tensor, summary: str, detail: Callable[[], str]) -> 
         torch._assert_async(~bad.any(), f"{summary} (FASTRL_SYNC_CHECKS=1 names the value)")
 
 
-def check_zero_one(x: torch.Tensor, message: str | None = None, *, name: str = "mask") -> None:
-    """A mask or label tensor that is not bool holds only 0 and 1: ValueError with
-    `message`, by default "`name` must be boolean or hold only 0 and 1", and the first
-    other value where the check is eager."""
+def check_zero_one(x: torch.Tensor, name: str = "mask") -> None:
+    """A mask or label tensor `name` that is not bool holds only 0 and 1: ValueError
+    "`name` must be boolean or hold only 0 and 1", with the first other value where the
+    check is eager."""
     import torch
 
     if x.dtype == torch.bool:
         return
-    if message is None:
-        message = f"{name} must be boolean or hold only 0 and 1"
+    message = f"{name} must be boolean or hold only 0 and 1"
     bad = (x != 0) & (x != 1)
     check_values(bad, message, lambda: f"{message}, got value {x[bad][0].item()!r}")
 

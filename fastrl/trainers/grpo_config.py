@@ -11,7 +11,6 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from fastrl.checks import IGNORE_INDEX
 from fastrl.options.policy import PolicyLossOptions
 from fastrl.trainers.model import (
     ModelArguments,
@@ -29,7 +28,6 @@ BUFFER_NAME = "grpo_buffer.pt"
 _SCALES = ("group", "batch", "none")
 _AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _LOSS = PolicyLossOptions()  # the loss options' defaults, which are TRL's GRPOConfig's
-_IGNORE = IGNORE_INDEX  # (grpo_trainer imports it from here)
 
 
 # --------------------------------------------------------------------------- config

@@ -158,9 +158,11 @@ def test_check_zero_one():
     ):
         check_zero_one(torch.tensor([0, 2, 1]))
     with pytest.raises(ValueError, match="labels must be boolean .* got value 0.5"):
-        check_zero_one(torch.tensor([0.5]), name="labels")
-    with pytest.raises(ValueError, match="^labels must contain only 0 and 1, got value -1$"):
-        check_zero_one(torch.tensor([-1]), "labels must contain only 0 and 1")
+        check_zero_one(torch.tensor([0.5]), "labels")
+    with pytest.raises(
+        ValueError, match="^labels must be boolean or hold only 0 and 1, got value -1$"
+    ):
+        check_zero_one(torch.tensor([-1]), "labels")
 
 
 def test_check_target_ids():

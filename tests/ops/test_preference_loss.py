@@ -531,7 +531,9 @@ def test_kto_bad_input():
         kto_loss(lp, lp, lab)
     with pytest.raises(ValueError, match="has no KL term: kl_logps must be None"):
         kto_loss(lp, lp, lab, loss_type="apo_zero_unpaired", **kl)
-    with pytest.raises(ValueError, match="labels must contain only 0 and 1, got value 2"):
+    with pytest.raises(
+        ValueError, match="labels must be boolean or hold only 0 and 1, got value 2"
+    ):
         kto_loss(lp, lp, torch.tensor([1, 2, 0, 0]), **kl)
     with pytest.raises(ValueError, match=r"labels must have shape \[B\]=\(4,\)"):
         kto_loss(lp, lp, lab[:3], **kl)

@@ -15,11 +15,6 @@ from fastrl.checks import (
     check_tensor,
     check_zero_one,
 )
-
-# still imported from here by fastrl.trainers (IMPLS) and fastrl.ops.policy (both), until
-# they import fastrl.checks
-from fastrl.checks import IMPLS as IMPLS  # noqa: F401
-from fastrl.checks import triton_usable as _triton_usable  # noqa: F401
 from fastrl.ops.logprobs.custom_ops import frozen_applies, score
 from fastrl.ops.logprobs.params import LogprobsParams
 

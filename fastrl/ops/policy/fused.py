@@ -160,7 +160,7 @@ def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) 
         )
     if ref_weight is not None and ref_hidden is None:
         raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    check_zero_one(mask, "mask must be boolean or hold only 0 and 1")
+    check_zero_one(mask)
 
 
 def fused_policy_loss(

@@ -51,7 +51,7 @@ def check_tensors(
     check_tensor("mask", mask, shape, floating=False)
     if mask.is_complex():
         raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {mask.dtype}")
-    check_zero_one(mask, "mask must contain only 0 and 1")
+    check_zero_one(mask)
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(

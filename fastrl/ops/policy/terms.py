@@ -110,8 +110,6 @@ def use_token_kernel(impl: str, logps: torch.Tensor, opts: PolicyLossOptions) ->
     """Whether the per-token terms run in the Triton kernel: ``impl="auto"`` on CUDA
     tensors when it covers the options, ``"triton"`` always (or a ValueError naming what
     it does not cover), ``"torch"`` never."""
-    from fastrl.ops.logprobs.linear import _triton_usable
-
     check_impl(impl)
     if impl == "torch":
         return False
@@ -127,10 +125,7 @@ def use_token_kernel(impl: str, logps: torch.Tensor, opts: PolicyLossOptions) ->
         return logps.is_cuda and uncovered is None
     if uncovered is not None:
         raise ValueError(f"impl='triton' does not cover {uncovered}; use impl='auto' or 'torch'")
-    if not _triton_usable(logps.device):
-        raise ValueError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {logps.device}"
-        )
+    check_impl(impl, device=logps.device)
     return True
 
 

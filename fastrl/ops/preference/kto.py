@@ -77,7 +77,7 @@ def kto_loss(
         raise ValueError(f"labels must have shape [B]=({B},) like logps, got {tuple(labels.shape)}")
     if labels.is_complex():
         raise TypeError(f"labels must be a bool or 0/1 tensor, got dtype {labels.dtype}")
-    check_zero_one(labels, "labels must contain only 0 and 1")
+    check_zero_one(labels, "labels")
     if loss_type == "kto":
         for name, x in (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
             if x is None:

@@ -43,7 +43,7 @@ def ld_tail_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
             f"logps must have an even number of rows [chosen; rejected], got {logps.shape[0]}"
         )
     keep = mask.bool() if mask.dtype != torch.bool else mask
-    check_zero_one(mask, "mask must contain only 0 and 1")
+    check_zero_one(mask)
     pos = keep.long().cumsum(1)  # 1-based position among the completion tokens
     lens = keep.sum(1)
     shared = torch.minimum(*lens.chunk(2)).repeat(2)
