@@ -65,10 +65,9 @@ def targets_for(h: torch.Tensor, w: torch.Tensor, random_targets: torch.Tensor) 
 
 @contextmanager
 def current_logps_spy() -> Iterator[list]:
-    """Catch the current log-probs that fused_policy_loss hands to `policy_loss` (its last
-    call's first argument: the coefficient pass before it gets a placeholder). Internal: if
-    fastrl stops calling it by that name, the captures stay empty and only the loss's own
-    fp32 metrics are recorded."""
+    """Catch the current log-probs that fused_policy_loss hands to `policy_loss` (its
+    first argument). Internal: if fastrl stops calling it by that name, the captures stay
+    empty and only the loss's own fp32 metrics are recorded."""
     import fastrl.ops.policy.fused as fp
 
     seen: list = []
@@ -78,8 +77,7 @@ def current_logps_spy() -> Iterator[list]:
         return
 
     def spy(logps, *args, **kwargs):
-        if kwargs.get("_token_terms") is None:
-            seen.append(logps.detach())
+        seen.append(logps.detach())
         return real(logps, *args, **kwargs)
 
     fp.policy_loss = spy

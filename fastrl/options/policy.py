@@ -261,8 +261,8 @@ class PolicyLossOptions:
     def validate(
         self,
         *,
-        check_number: Callable[..., None] = _check_number,
-        check_choice: Callable[[str, Any, tuple], None] = check_choice,
+        number: Callable[..., None] = _check_number,
+        choice: Callable[[str, Any, tuple], None] = check_choice,
         setting: Callable[[str, Any], str] = _python_setting,
     ) -> None:
         """Raise on a bad option or combination, naming the options and values involved:
@@ -270,8 +270,8 @@ class PolicyLossOptions:
         `ORDERED`.
 
         The messages name options as the Python API does (``beta=0.1``). A caller that names
-        them otherwise (command-line flags) passes its own ``check_number(name, value, *,
-        low, high, low_open, integer, optional)``, ``check_choice(name, value, choices)``
+        them otherwise (command-line flags) passes its own ``number(name, value, *, low,
+        high, low_open, integer, optional)``, ``choice(name, value, choices)``
         and ``setting(name, value) -> str`` (how a message shows an option with its value).
 
         Raises:
@@ -284,9 +284,9 @@ class PolicyLossOptions:
             value = getattr(self, f.name)
             if "choices" in f.metadata:
                 if not (value is None and f.metadata["optional"]):
-                    check_choice(f.name, value, f.metadata["choices"])
+                    choice(f.name, value, f.metadata["choices"])
             elif "number" in f.metadata:
-                check_number(f.name, value, **f.metadata["number"])
+                number(f.name, value, **f.metadata["number"])
         show = lambda name: setting(name, getattr(self, name))
         for rule in self._active_needs():
             if rule.needs[0] not in INPUTS and all(getattr(self, n) is None for n in rule.needs):

@@ -20,7 +20,6 @@ from fastrl.trainers.model import (
     ModelArguments,
 )
 from fastrl.trainers.options import (
-    check_model_options,
     check_number,
     check_preference_loss_options,
     preference_loss_options,
@@ -200,7 +199,6 @@ class DPOConfig(ModelArguments, TrainingArguments):
                 f"--precompute_ref_log_probs is set, but --loss_type {' '.join(self.loss_type)} "
                 "uses no reference model"
             )
-        check_model_options(self)
         self.check_model_arguments()
 
     @property

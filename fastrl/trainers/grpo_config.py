@@ -11,13 +11,13 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from fastrl.options.advantages import AGGREGATIONS, SCALES
 from fastrl.options.policy import PolicyLossOptions
 from fastrl.trainers.model import (
     ModelArguments,
 )
 from fastrl.trainers.options import (
     check_choice,
-    check_model_options,
     check_number,
     check_policy_loss_options,
 )
@@ -25,8 +25,6 @@ from fastrl.trainers.options import (
 BUFFER_NAME = "grpo_buffer.pt"
 # The choices of group_advantages (tests pin them against it): the config checks them
 # before any model is loaded.
-_SCALES = ("group", "batch", "none")
-_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _LOSS = PolicyLossOptions()  # the loss options' defaults, which are TRL's GRPOConfig's
 
 
@@ -191,9 +189,9 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         """Every GRPO option (and `kernel_impl` / `load_in_4bit` against the device), each
         message naming the flag, the value and what is allowed."""
         check_choice(
-            "scale_rewards", self.scale_rewards, _SCALES, " (True means 'group', False 'none')"
+            "scale_rewards", self.scale_rewards, SCALES, " (True means 'group', False 'none')"
         )
-        check_choice("multi_objective_aggregation", self.multi_objective_aggregation, _AGGREGATIONS)
+        check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         check_number("num_generations", self.num_generations, low=2, integer=True)
         check_number("num_iterations", self.num_iterations, low=1, integer=True)
         check_number("max_completion_length", self.max_completion_length, low=1, integer=True)
@@ -212,7 +210,6 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         if self.reward_weights is not None:
             for w in self.reward_weights:
                 check_number("reward_weights", w)
-        check_model_options(self)
         self.check_model_arguments()
         if self.auto_find_batch_size:
             raise ValueError(

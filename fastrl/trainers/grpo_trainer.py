@@ -66,7 +66,7 @@ from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
 
 # TRL's nanstd, the standard deviation group_advantages scales by: the logged one is the same
-from fastrl.ops.advantages.group import _nanstd
+from fastrl.ops.advantages.group import nanstd
 from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import load_data, render_prompt, require_columns
 from fastrl.trainers.grpo_config import BUFFER_NAME, GRPOConfig
@@ -598,13 +598,13 @@ class GRPOTrainer(BaseTrainer):
         metrics = {}
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards[:, i])
-            metrics[f"rewards/{name}/std"] = _nanstd(rewards[:, i])
+            metrics[f"rewards/{name}/std"] = nanstd(rewards[:, i])
         total = (rewards * weights).nansum(1)
         total[torch.isnan(rewards).all(1)] = math.nan
         metrics["reward"] = torch.nanmean(total)
-        metrics["reward_std"] = _nanstd(total)
+        metrics["reward_std"] = nanstd(total)
         # a NaN std (fewer than 2 scored completions) counts as flat
-        group_std = _nanstd(total.view(-1, self.args.num_generations), dim=1)
+        group_std = nanstd(total.view(-1, self.args.num_generations), dim=1)
         metrics["frac_reward_zero_std"] = (~(group_std > 0)).float().mean()
         lengths, truncated = gather(lengths).float(), gather(truncated)
         metrics["completions/mean_length"] = lengths.mean()

@@ -141,7 +141,7 @@ def check_policy_loss_options(values: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = {name: values[name] for name in _POLICY_SETTINGS if name in values}
     try:
         PolicyLossOptions(**kwargs).validate(
-            check_number=check_number, check_choice=check_choice, setting=_flag_setting
+            number=check_number, choice=check_choice, setting=_flag_setting
         )
     except ValueError as e:
         raise ValueError(flag_names(str(e), _POLICY_SETTINGS)) from e

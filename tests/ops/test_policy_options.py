@@ -195,9 +195,9 @@ def test_messages_in_another_spelling():
 
     flag = lambda name, value: f"--{name} {value!r}"
     with pytest.raises(ValueError, match=r"^--loss_type of \('grpo'"):
-        PolicyLossOptions(loss_type="ppo").validate(check_choice=choice)
+        PolicyLossOptions(loss_type="ppo").validate(choice=choice)
     with pytest.raises(ValueError, match=r"^--epsilon \{'low': 0.0\}"):
-        PolicyLossOptions().validate(check_number=number)
+        PolicyLossOptions().validate(number=number)
     with pytest.raises(ValueError, match=r"^--delta 2.0 caps .*--loss_type 'sapo' does not"):
         PolicyLossOptions(loss_type="sapo", delta=2.0).validate(setting=flag)
 

@@ -178,7 +178,9 @@ def test_grpo_loss_options_have_one_home(tmp_path):
         args.policy_loss_kwargs()
 
 
-def test_choices_match_the_losses():
-    # the configs keep copies of the losses' choices (trainers import the public API only)
-    assert grpo._SCALES == fastrl.ops.advantages.group._SCALES
-    assert grpo._AGGREGATIONS == fastrl.ops.advantages.group._NORMALIZE
+def test_advantage_choices_are_the_ops():
+    # one declaration (fastrl.options.advantages) for the op, the config and the CLI
+    from fastrl.options import advantages
+
+    assert grpo.SCALES is advantages.SCALES is fastrl.ops.advantages.group.SCALES
+    assert grpo.AGGREGATIONS is advantages.AGGREGATIONS

@@ -32,12 +32,9 @@ from fastrl.checks import (
     check_values,
     compute_dtype,
 )
+from fastrl.options.advantages import AGGREGATIONS, BASELINES, SCALES
 
 __all__ = ["group_advantages"]
-
-_BASELINES = ("mean", "rloo")
-_SCALES = ("group", "batch", "none")
-_NORMALIZE = ("sum_then_normalize", "normalize_then_sum")
 
 
 def _group_advantages_triton(rewards, weights, group_size, baseline, scale, eps, normalize):
@@ -58,7 +55,7 @@ def _kernel_max_group_size() -> int:
     return MAX_GROUP_SIZE
 
 
-def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """Bessel-corrected standard deviation ignoring NaNs; NaN where fewer than 2 values."""
     if dim is None:
         x, dim = x.reshape(-1), 0
@@ -97,14 +94,14 @@ def _group_advantages_torch(
         # standardise the sum over the whole batch.
         g = rewards.view(G, n, K)
         if n > 1:
-            z = (g - torch.nanmean(g, dim=1, keepdim=True)) / (_nanstd(g, 1, keepdim=True) + eps)
+            z = (g - torch.nanmean(g, dim=1, keepdim=True)) / (nanstd(g, 1, keepdim=True) + eps)
         else:
             z = torch.zeros_like(g)
         z = torch.where(_constant(g, 1), 0.0, z)  # NaN entries of g stay NaN below
         z = torch.where(torch.isnan(g), float("nan"), z).view(B, K)
         s = torch.nansum(z * weights, dim=1)
         s = torch.where(unscorable, float("nan"), s)
-        std = _nanstd(s) if B > 1 else torch.zeros((), dtype=s.dtype, device=s.device)
+        std = nanstd(s) if B > 1 else torch.zeros((), dtype=s.dtype, device=s.device)
         adv = (s - torch.nanmean(s)) / (std + eps)
         # A group with no variance in any objective carries no signal.
         flat = _constant(g, 1).all(dim=2)  # [G, 1]
@@ -124,13 +121,13 @@ def _group_advantages_torch(
         adv = torch.zeros_like(g)
 
     if scale == "group":
-        adv = adv / (_nanstd(g, 1, keepdim=True) + eps)
+        adv = adv / (nanstd(g, 1, keepdim=True) + eps)
     elif scale == "batch":
         if baseline == "mean":  # GRPOTrainer(scale_rewards="batch"): std of the rewards
-            std = _nanstd(s) if B > 1 else torch.zeros((), dtype=s.dtype, device=s.device)
+            std = nanstd(s) if B > 1 else torch.zeros((), dtype=s.dtype, device=s.device)
             adv = adv / (std + eps)
         else:  # RLOOTrainer(normalize_advantages=True): standardise the advantages
-            std = _nanstd(adv) if B > 1 else torch.zeros((), dtype=s.dtype, device=s.device)
+            std = nanstd(adv) if B > 1 else torch.zeros((), dtype=s.dtype, device=s.device)
             adv = (adv - torch.nanmean(adv)) / (std + eps)
     adv = torch.where(_constant(g, 1), 0.0, adv)
     return torch.nan_to_num(adv.view(B), nan=0.0)
@@ -157,9 +154,9 @@ def _check_options(
             f"rewards has B={B} rows, not a multiple of group_size={group_size}: the batch "
             "must hold whole groups of completions, laid out prompt-major"
         )
-    check_choice("baseline", baseline, _BASELINES)
-    check_choice("scale", scale, _SCALES)
-    check_choice("normalize", normalize, _NORMALIZE)
+    check_choice("baseline", baseline, BASELINES)
+    check_choice("scale", scale, SCALES)
+    check_choice("normalize", normalize, AGGREGATIONS)
     check_impl(impl, device=rewards.device)
     check_number("eps", eps, low=0.0)
     if normalize == "normalize_then_sum" and (baseline != "mean" or scale != "group"):
