@@ -45,10 +45,10 @@ FIELD_CHECKS = {
     "beta": (float("nan"), r"beta must be finite and >= 0.0, got nan", ValueError),
     "kl_estimator": ("k4", r"kl_estimator must be one of \('k1', 'k2', 'k3'\), got 'k4'", ValueError),  # noqa: E501
     "importance_sampling_level": ("seq", r"importance_sampling_level must be one of .*got 'seq'", ValueError),  # noqa: E501
-    "max_completion_length": (0, r"max_completion_length must be finite and >= 1, got 0.0", ValueError),  # noqa: E501
+    "max_completion_length": (0, r"max_completion_length must be finite and >= 1, got 0", ValueError),  # noqa: E501
     "gradient_accumulation_steps": (2.0, r"gradient_accumulation_steps must be an int, got 2.0", TypeError),  # noqa: E501
-    "steps_per_generation": (0, r"steps_per_generation must be finite and >= 1, got 0.0", ValueError),  # noqa: E501
-    "num_processes": (0, r"num_processes must be finite and >= 1, got 0.0", ValueError),
+    "steps_per_generation": (0, r"steps_per_generation must be finite and >= 1, got 0", ValueError),  # noqa: E501
+    "num_processes": (0, r"num_processes must be finite and >= 1, got 0", ValueError),
     "sapo_temperature_pos": (0.0, r"sapo_temperature_pos must be finite and > 0.0", ValueError),
     "sapo_temperature_neg": (-1.0, r"sapo_temperature_neg must be finite and > 0.0", ValueError),
     "entropy_coef": (float("inf"), r"entropy_coef must be finite, got inf", ValueError),
