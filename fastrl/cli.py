@@ -553,8 +553,9 @@ def _prescan(command: str, dataclass, argv: list[str]) -> dict:
     parser.add_argument("--output_dir", "--output-dir")
     parser.add_argument("--max_memory_gb", "--max-memory-gb")
     known = {f.name for f in dc.fields(dataclass)} | {"output_dir", "max_memory_gb"}
+    declared = _option_names(command) or set()  # the loss options the config has as flags
     for name, hint in typing.get_type_hints(_loss_options(command)).items():
-        if name in known:
+        if name in known or name not in declared:
             continue
         flags = {f"--{name}", f"--{name.replace('_', '-')}"}
         kind = _kind(hint)

@@ -7,3 +7,9 @@ BASELINES = ("mean", "rloo")
 SCALES = ("group", "batch", "none")
 #: how several reward functions combine (TRL's `multi_objective_aggregation`)
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+# the defaults of `group_advantages` (and of its oracle and GRPOConfig): TRL's
+BASELINE = "mean"
+SCALE = "group"
+AGGREGATION = "sum_then_normalize"
+EPS = 1e-4

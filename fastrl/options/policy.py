@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
-from fastrl.checks import check_choice, check_number
+from fastrl.checks import check_bool, check_choice, check_number
 
 __all__ = [
     "APPLIES_TO",
@@ -31,6 +31,7 @@ __all__ = [
     "ORDERED",
     "PER_STEP",
     "SAMPLING_CORRECTIONS",
+    "SEQUENCE_MEAN_LOSS_TYPES",
     "TOKEN_COUNT_LOSS_TYPES",
     "AppliesTo",
     "Needs",
@@ -44,6 +45,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 #: the loss types normalised by the active-token count of the generation batch
 TOKEN_COUNT_LOSS_TYPES = ("dapo", "cispo")
+#: loss types whose loss is the mean over sequences of each sequence's token mean
+SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")
 LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 #: TRL's ``vllm_importance_sampling_mode``s
@@ -56,6 +59,10 @@ INPUTS = ("num_items_in_batch", "ref_logps", "entropy")
 
 def _choice(default: Any, choices: tuple, *, optional: bool = False) -> Any:
     return field(default=default, metadata={"choices": choices, "optional": optional})
+
+
+def _flag(default: bool) -> Any:
+    return field(default=default, metadata={"flag": True})
 
 
 def _number(default: Any, **limits: Any) -> Any:
@@ -202,7 +209,7 @@ class PolicyLossOptions:
     delta: float | None = _number(None, low=0.0, low_open=True, optional=True)
     beta: float = _number(0.0, low=0.0)
     kl_estimator: str = _choice("k3", KL_ESTIMATORS)
-    use_bias_correction_kl: bool = True
+    use_bias_correction_kl: bool = _flag(True)
     importance_sampling_level: str = _choice("token", LEVELS)
     max_completion_length: int | None = _number(None, low=1, integer=True, optional=True)
     gradient_accumulation_steps: int = _number(1, low=1, integer=True)
@@ -287,6 +294,8 @@ class PolicyLossOptions:
                     choice(f.name, value, f.metadata["choices"])
             elif "number" in f.metadata:
                 number(f.name, value, **f.metadata["number"])
+            elif f.metadata.get("flag"):
+                check_bool(f.name, value)
         show = lambda name: setting(name, getattr(self, name))
         for rule in self._active_needs():
             if rule.needs[0] not in INPUTS and all(getattr(self, n) is None for n in rule.needs):

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from fastrl.options.preference import (
-    AVERAGED_LOSS_TYPES,  # noqa: F401 (dpo_trainer reads it here)
     F_DIVERGENCES,
-    REFERENCE_FREE_LOSS_TYPES,
     PreferenceLossOptions,
 )
 from fastrl.trainers.model import (
@@ -204,7 +202,7 @@ class DPOConfig(ModelArguments, TrainingArguments):
     @property
     def reference_free(self) -> bool:
         """Whether the loss uses no reference model (CPO, SimPO, AlphaPO, ORPO)."""
-        return any(t in REFERENCE_FREE_LOSS_TYPES for t in self.loss_type)
+        return self.preference_loss_options().reference_free
 
     def preference_loss_options(self) -> PreferenceLossOptions:
         """The options `DPOTrainer` passes to `fastrl.preference_loss` (`preference_loss_options`

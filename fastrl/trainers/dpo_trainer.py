@@ -51,7 +51,6 @@ from fastrl.trainers.data import (
     require_columns,
 )
 from fastrl.trainers.dpo_config import (
-    AVERAGED_LOSS_TYPES,
     DPOConfig,
     _check_loss_options,
 )
@@ -526,7 +525,7 @@ def evaluate_preference_accuracy(
             max_length=args.max_length,
         )
         free = args.reference_free if reference_free is None else reference_free
-        average = args.reference_free and args.loss_type[0] in AVERAGED_LOSS_TYPES
+        average = args.preference_loss_options().averaged
         impl = args.kernel_impl
     else:
         model = trainer_or_model

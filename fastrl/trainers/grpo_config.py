@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from fastrl.options import advantages
 from fastrl.options.advantages import AGGREGATIONS, SCALES
 from fastrl.options.policy import PolicyLossOptions
 from fastrl.trainers.model import (
@@ -143,9 +144,10 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         default=None, metadata={"help": "One weight per reward function (default 1)."}
     )
     multi_objective_aggregation: str = field(
-        default="sum_then_normalize", metadata={"help": "sum_then_normalize | normalize_then_sum"}
+        default=advantages.AGGREGATION,
+        metadata={"help": "sum_then_normalize | normalize_then_sum"},
     )
-    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
+    scale_rewards: str = field(default=advantages.SCALE, metadata={"help": "group | batch | none"})
     loss_type: str = field(
         default=_LOSS.loss_type, metadata={"help": "fastrl.policy_loss loss_type."}
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastrl.checks import IMPLS
 from fastrl.options.policy import PER_STEP, PolicyLossOptions
-from fastrl.options.preference import OPTION_NAMES, PreferenceLossOptions
+from fastrl.options.preference import OPTION_NAMES, RULES, PreferenceLossOptions
 
 __all__ = [
     "check_choice",
@@ -143,7 +143,7 @@ def check_policy_loss_options(values: Mapping[str, Any]) -> dict[str, Any]:
         PolicyLossOptions(**kwargs).validate(
             number=check_number, choice=check_choice, setting=_flag_setting
         )
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # a wrong type is a user's mistake here too
         raise ValueError(flag_names(str(e), _POLICY_SETTINGS)) from e
     return kwargs
 
@@ -165,6 +165,10 @@ def check_preference_loss_options(values: Mapping[str, Any], optional: Container
     def number(name: str, value, **bounds) -> None:
         check_number(name, value, optional=name in optional, **bounds)
 
+    for name in OPTION_NAMES:  # the options take None for "what it stands for"; a config
+        rule = RULES.get(name)  # whose default is a number does not
+        if name in values and values[name] is None and name not in optional and rule:
+            check_number(name, None, **(rule.bounds or {}))
     try:
         PreferenceLossOptions.from_mapping(values).check_values(number=number, choice=check_choice)
         preference_loss_options(values).check_combinations()

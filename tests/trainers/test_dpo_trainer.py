@@ -33,12 +33,13 @@ from fastrl.demo.task import (  # noqa: E402
     preference_pairs,
 )
 from fastrl.ops.preference import loss as preference  # noqa: E402
-from fastrl.trainers.data import render_prompt  # noqa: E402
-from fastrl.trainers.dpo_config import (  # noqa: E402
+from fastrl.options.preference import (  # noqa: E402
     AVERAGED_LOSS_TYPES,
+    LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
-    DPOConfig,
 )
+from fastrl.trainers.data import render_prompt  # noqa: E402
+from fastrl.trainers.dpo_config import DPOConfig  # noqa: E402
 from fastrl.trainers.dpo_trainer import (  # noqa: E402
     DPOTrainer,
     PreferenceCollator,
@@ -169,9 +170,15 @@ def pair_trainers(tmp_path_factory):
 # ------------------------------------------------------------------------ config, data
 
 
-def test_loss_type_constants_match_fastrl():
-    assert REFERENCE_FREE_LOSS_TYPES == preference.REFERENCE_FREE_LOSS_TYPES
-    assert AVERAGED_LOSS_TYPES == preference.AVERAGED_LOSS_TYPES
+def test_config_reads_the_loss_taxonomy(tmp_path):
+    # what needs a reference model and what averages log-probs is the options' to say
+    for loss_type in LOSS_TYPES:
+        smoothing = 1e-3 if loss_type == "exo_pair" else 0.0  # exo_pair needs one
+        args = DPOConfig(
+            str(tmp_path), loss_type=loss_type, label_smoothing=smoothing, use_cpu=True
+        )
+        assert args.reference_free == (loss_type in REFERENCE_FREE_LOSS_TYPES)
+        assert args.preference_loss_options().averaged == (loss_type in AVERAGED_LOSS_TYPES)
 
 
 def test_config_defaults_and_refusals(tmp_path):

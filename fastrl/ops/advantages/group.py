@@ -32,6 +32,7 @@ from fastrl.checks import (
     check_values,
     compute_dtype,
 )
+from fastrl.options import advantages as defaults
 from fastrl.options.advantages import AGGREGATIONS, BASELINES, SCALES
 
 __all__ = ["group_advantages"]
@@ -188,11 +189,11 @@ def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
     *,
-    baseline: str = "mean",
-    scale: str = "group",
-    eps: float = 1e-4,
+    baseline: str = defaults.BASELINE,
+    scale: str = defaults.SCALE,
+    eps: float = defaults.EPS,
     weights: torch.Tensor | Sequence[float] | None = None,
-    normalize: str = "sum_then_normalize",
+    normalize: str = defaults.AGGREGATION,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Group-relative advantages of a generation batch, with TRL's conventions.

@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from fastrl.options import advantages as defaults
+
 
 def _mean(xs):
     return sum(xs) / len(xs)
@@ -21,11 +23,11 @@ def naive_group_advantages(
     rewards: torch.Tensor,
     group_size: int,
     *,
-    baseline: str = "mean",
-    scale: str = "group",
-    eps: float = 1e-4,
+    baseline: str = defaults.BASELINE,
+    scale: str = defaults.SCALE,
+    eps: float = defaults.EPS,
     weights=None,
-    normalize: str = "sum_then_normalize",
+    normalize: str = defaults.AGGREGATION,
 ) -> torch.Tensor:
     """Same contract as `fastrl.group_advantages`; returns float64 ``[B]``.
 

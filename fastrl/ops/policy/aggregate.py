@@ -15,10 +15,12 @@ from typing import NamedTuple
 import torch
 
 from fastrl.ops.policy.inputs import LossInputs
-from fastrl.options.policy import TOKEN_COUNT_LOSS_TYPES, PolicyLossOptions
+from fastrl.options.policy import (
+    SEQUENCE_MEAN_LOSS_TYPES,
+    TOKEN_COUNT_LOSS_TYPES,
+    PolicyLossOptions,
+)
 
-#: the loss types that average the per-sequence token means (the others sum tokens first)
-_SEQUENCE_MEAN = ("grpo", "sapo")
 NumItems = int | float | torch.Tensor  # policy_loss' num_items_in_batch
 
 
@@ -108,7 +110,7 @@ def aggregate(
     """TRL's normaliser of `opts.loss_type` over ``per_token * m`` (``[B, T]``, or ``[B, 1]``
     terms broadcast): ``(loss, the value TRL logs as policy_loss)``, the latter before the
     ``/ gradient_accumulation_steps`` of the loss types that divide by it."""
-    if opts.loss_type in _SEQUENCE_MEAN:
+    if opts.loss_type in SEQUENCE_MEAN_LOSS_TYPES:
         loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
     elif opts.loss_type == "luspo":
         loss = (per_token * m).sum(-1).mean()
@@ -144,7 +146,7 @@ def token_coefficients(
     high-entropy masks (which depend on the log-probs): `aggregate` of
     ``loss * sampling + beta * kl`` minus ``entropy_coef *`` `entropy_bonus`."""
     B = m.shape[0]
-    if opts.loss_type in _SEQUENCE_MEAN:
+    if opts.loss_type in SEQUENCE_MEAN_LOSS_TYPES:
         w = m / m.sum(-1, keepdim=True).clamp(min=1.0) / B
     elif opts.loss_type == "luspo":
         w = m / B

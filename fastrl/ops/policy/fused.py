@@ -218,6 +218,9 @@ def fused_policy_loss(
     for name in ("logps", "entropy"):
         if name in options:
             raise ValueError(f"fused_policy_loss computes {name} itself; do not pass {name}=")
+    unknown = sorted(set(options) - set(PolicyLossOptions.names()))
+    if unknown:
+        raise TypeError(f"fused_policy_loss() got unexpected keyword arguments {unknown}")
     opts = PolicyLossOptions(**options)
     opts.validate()
     check_completion_batch(targets, mask, ref_weight, ref_hidden, rows="[B, T]")
