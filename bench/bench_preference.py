@@ -150,7 +150,7 @@ class LossConfig:
 
     @property
     def uses_reference(self) -> bool:
-        from fastrl.ops.preference.loss import REFERENCE_FREE_LOSS_TYPES
+        from fastrl.options.preference import REFERENCE_FREE_LOSS_TYPES
 
         return self.loss_type not in REFERENCE_FREE_LOSS_TYPES
 
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = resolve_run_args(p, args, CLI)
     betas = parse_betas(p, args.beta)
-    from fastrl.ops.preference.loss import LOSS_TYPES
+    from fastrl.options.preference import LOSS_TYPES
 
     loss_types = csv_list(args.loss_type)
     for lt in loss_types:

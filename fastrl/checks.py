@@ -186,3 +186,29 @@ def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> No
 
     summary = f"targets holds ids outside [0, {vocab}) that are not ignore_index ({ignore_index})"
     check_values(bad, summary, detail)
+
+
+def check_completion_batch(
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_weight: torch.Tensor | None,
+    ref_hidden: torch.Tensor | None,
+    *,
+    rows: str,
+) -> None:
+    """Validation shared by the fused heads: `targets` and `mask` `[rows, T]`, a 0/1 mask,
+    `ref_weight` only with `ref_hidden`."""
+    import torch
+
+    check_tensor("mask", mask, floating=False)
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(
+            f"targets must be a {rows} tensor, got {getattr(targets, 'shape', targets)}"
+        )
+    if mask.shape != targets.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
+        )
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
+    check_zero_one(mask)

@@ -79,19 +79,6 @@ def _save_base(model, tokenizer, path: Path) -> str:
 
 
 @contextmanager
-def _quiet_datasets():
-    """No `datasets` progress bars: for the held-out set, after the training set's."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def run_demo(
     output_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, threads: int = 1
 ) -> dict:
@@ -161,7 +148,7 @@ def run_demo(
     dpo = DPOTrainer(model=policy, args=dpo_args, train_dataset=pairs, processing_class=tokenizer)
     # implicit-reward accuracy (TRL's rewards/accuracies) on held-out pairs: 0.5 at the
     # start, when the fresh adapter equals the reference
-    with _quiet_datasets():  # tokenized once, as the trainer tokenizes, without more bars
+    with no_progress_bars():  # tokenized once, as the trainer tokenizes, without more bars
         held_out = tokenize_preference_dataset(
             held_out, tokenizer, use_chat_template=dpo_args.use_chat_template,
             max_prompt_length=dpo_args.max_prompt_length,

@@ -180,7 +180,7 @@ class DPOConfig(ModelArguments, TrainingArguments):
     def _check_options(self) -> None:
         """Every DPO option (and `kernel_impl` / `load_in_4bit` against the device), each
         message naming the flag, the value and what is allowed; the loss options by
-        `PreferenceLossOptions` (`_check_loss_options`)."""
+        `PreferenceLossOptions` (`check_loss_options`)."""
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             check_number(name, getattr(self, name), low=1, integer=True, optional=True)
         for name in ("precompute_ref_batch_size", "dataset_num_proc", "pad_to_multiple_of"):
@@ -191,7 +191,7 @@ class DPOConfig(ModelArguments, TrainingArguments):
                 f"weight per --loss_type ({' '.join(self.loss_type)}): "
                 f"{len(self.loss_type)}, got {len(self.loss_weights)}"
             )
-        _check_loss_options(self)
+        self.check_loss_options()
         if self.precompute_ref_log_probs and self.reference_free:
             raise ValueError(
                 f"--precompute_ref_log_probs is set, but --loss_type {' '.join(self.loss_type)} "
@@ -204,6 +204,12 @@ class DPOConfig(ModelArguments, TrainingArguments):
         """Whether the loss uses no reference model (CPO, SimPO, AlphaPO, ORPO)."""
         return self.preference_loss_options().reference_free
 
+    def check_loss_options(self) -> None:
+        """The loss options named as flags (`check_preference_loss_options`). `DPOTrainer`
+        checks again: its config may have changed since construction."""
+        optional = {f.name for f in fields(self) if f.default is None}
+        check_preference_loss_options(vars(self), optional)
+
     def preference_loss_options(self) -> PreferenceLossOptions:
         """The options `DPOTrainer` passes to `fastrl.preference_loss` (`preference_loss_options`
         in `fastrl.trainers.options`)."""
@@ -212,13 +218,3 @@ class DPOConfig(ModelArguments, TrainingArguments):
     def preference_loss_kwargs(self) -> dict:
         """`preference_loss_options` as keyword arguments (those at their defaults left out)."""
         return self.preference_loss_options().kwargs()
-
-
-def _check_loss_options(args: DPOConfig) -> None:
-    """The loss options named as flags (`check_preference_loss_options`). `DPOTrainer`
-    checks again: its config may have changed since construction."""
-    optional = {f.name for f in fields(args) if f.default is None}
-    check_preference_loss_options(vars(args), optional)
-
-
-# ---------------------------------------------------------------------------- the data

@@ -52,7 +52,6 @@ from fastrl.trainers.data import (
 )
 from fastrl.trainers.dpo_config import (
     DPOConfig,
-    _check_loss_options,
 )
 from fastrl.trainers.model import (
     backbone_hidden_states,
@@ -62,7 +61,6 @@ from fastrl.trainers.model import (
 )
 
 __all__ = [
-    "DPOConfig",
     "DPOTrainer",
     "PreferenceCollator",
     "evaluate_preference_accuracy",
@@ -330,7 +328,7 @@ class DPOTrainer(BaseTrainer):
         args = DPOConfig("fastrl-dpo") if args is None else args
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a fastrl DPOConfig, got {type(args).__name__}")
-        _check_loss_options(args)
+        args.check_loss_options()
         tokenizer = self._load_tokenizer(model, processing_class)
         model = self._load_model(model, args)
         if args.disable_dropout:

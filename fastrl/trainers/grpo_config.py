@@ -23,7 +23,6 @@ from fastrl.trainers.options import (
     check_policy_loss_options,
 )
 
-BUFFER_NAME = "grpo_buffer.pt"
 # The choices of group_advantages (tests pin them against it): the config checks them
 # before any model is loaded.
 _LOSS = PolicyLossOptions()  # the loss options' defaults, which are TRL's GRPOConfig's

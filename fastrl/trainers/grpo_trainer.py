@@ -69,7 +69,7 @@ from fastrl.integrations import lm_head
 from fastrl.ops.advantages.group import nanstd
 from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import load_data, render_prompt, require_columns
-from fastrl.trainers.grpo_config import BUFFER_NAME, GRPOConfig
+from fastrl.trainers.grpo_config import GRPOConfig
 from fastrl.trainers.model import (
     backbone_hidden_states,
     completion_positions,
@@ -78,8 +78,10 @@ from fastrl.trainers.model import (
 )
 from fastrl.trainers.rewards import call_reward, reward_name
 
+#: the generation buffer and micro-step counter saved next to the RNG state (per process)
+BUFFER_NAME = "grpo_buffer.pt"
+
 __all__ = [
-    "GRPOConfig",
     "GRPOTrainer",
     "GroupRepeatSampler",
 ]

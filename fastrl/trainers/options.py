@@ -8,13 +8,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
-import os
 import re
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from fastrl.checks import IMPLS
+from fastrl.checks import IMPLS, triton_usable
 from fastrl.options.policy import PER_STEP, PolicyLossOptions
 from fastrl.options.preference import OPTION_NAMES, RULES, PreferenceLossOptions
 
@@ -103,7 +102,7 @@ def check_model_options(args) -> None:
                 "--kernel_impl 'triton' needs the triton package, which is not installed; "
                 "use --kernel_impl auto or torch"
             )
-        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_usable(torch.device("cuda" if cuda else "cpu")):
             raise ValueError(
                 f"--kernel_impl 'triton' needs a CUDA device ({where}); use --kernel_impl auto "
                 "or torch, or set TRITON_INTERPRET=1 to run the kernels on CPU (slow)"

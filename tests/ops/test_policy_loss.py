@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastrl import policy_loss
-from fastrl.ops.policy.loss import LOSS_TYPES
 from fastrl.ops.policy.naive import naive_policy_loss
+from fastrl.options.policy import LOSS_TYPES
 
 B, T = 6, 9
 CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]

@@ -42,7 +42,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from fastrl import kto_loss, ld_tail_logps, preference_loss, sequence_logprobs  # noqa: E402
-from fastrl.ops.preference.loss import DPO_LOSS_TYPES  # noqa: E402
+from fastrl.options.preference import DPO_LOSS_TYPES  # noqa: E402
 from tests.support.compare import (  # noqa: E402
     TOL_OWN_LOGPS,
     TOL_SAME_LOGPS,

@@ -37,7 +37,7 @@ def resolve_design(design: str | None, device: torch.device) -> str:
     return design
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device) -> str:
     """The path, "triton" or "torch", of `impl` on tensors of `device` ("auto": Triton on
     CUDA)."""
     check_impl(impl, device=device)
@@ -46,7 +46,7 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index) -> None:
+def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index) -> None:
     """The arguments of `linear_logprobs` (also those of the fused heads, which score
     through it)."""
     check_tensor("hidden", hidden)
@@ -130,9 +130,9 @@ def linear_logprobs(
         `(logps, entropy, is_top1, log_sum_sq_probs)` of the requested ones, in that order
         (`is_top1` bool `[...]`, the others as `logps`).
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     check_bool("compact", compact)
-    backend = _resolve_impl(impl, hidden.device)
+    backend = resolve_impl(impl, hidden.device)
     if backend == "triton":
         backend = resolve_design(design, hidden.device)
         if backend == "frozen" and not frozen_applies(hidden, weight, bias, return_entropy):
@@ -155,7 +155,7 @@ def linear_logprobs(
     else:  # score the valid rows only; the others are 0 (False) with no gradient
         outputs = score(h2.index_select(0, rows), w, bias, t1[rows], params)
         wanted = (True, return_entropy, True, return_is_top1, return_log_sum_sq_probs)
-        outputs = [_scatter_rows(t, rows, t1.shape[0]) if want else t
+        outputs = [scatter_rows(t, rows, t1.shape[0]) if want else t
                    for t, want in zip(outputs, wanted, strict=True)]  # fmt: skip
     logp, ent, _, top1, sq = outputs
     out = [logp]
@@ -187,7 +187,7 @@ def scored_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
     return None if rows.shape[0] == targets.shape[0] else rows
 
 
-def _scatter_rows(t: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+def scatter_rows(t: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     return t.new_zeros((n, *t.shape[1:])).index_copy(0, rows, t)
 
 

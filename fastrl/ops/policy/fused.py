@@ -16,13 +16,17 @@ Both give the value and metrics of `policy_loss` on the same log-probs.
 
 import torch
 
-from fastrl.checks import IGNORE_INDEX, check_target_ids, check_tensor, check_zero_one
+from fastrl.checks import (
+    IGNORE_INDEX,
+    check_completion_batch,
+    check_target_ids,
+)
 from fastrl.ops.logprobs.custom_ops import on_device
 from fastrl.ops.logprobs.linear import (
-    _check_inputs,
-    _resolve_impl,
-    _scatter_rows,
+    check_logit_inputs,
     linear_logprobs,
+    resolve_impl,
+    scatter_rows,
     scored_rows,
 )
 from fastrl.ops.policy.aggregate import sampling_ratio, token_coefficients
@@ -134,7 +138,7 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
         )  # fmt: skip
         if rows is not None:
             logp, ent, dh = (
-                x if x is None else _scatter_rows(x, rows, B * T) for x in (logp, ent, dh)
+                x if x is None else scatter_rows(x, rows, B * T) for x in (logp, ent, dh)
             )
         loss, metrics = policy_loss(
             logp.view(B, T), old_logps, advantages, mask, ref_logps=ref_logps,
@@ -144,23 +148,6 @@ def _single_pass(hidden, weight, bias, scored, mask, advantages, old_logps, ref_
     if scale is None:
         scale = torch.ones((), device=hidden.device)
     return _LossWithGrads.apply(loss, grads, scale, hidden, weight, bias), metrics
-
-
-def check_completion_batch(targets, mask, ref_weight, ref_hidden, *, rows: str) -> None:
-    """Validation shared by the fused heads: `targets` and `mask` `[rows, T]`, a 0/1 mask,
-    `ref_weight` only with `ref_hidden`."""
-    check_tensor("mask", mask, floating=False)
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(
-            f"targets must be a {rows} tensor, got {getattr(targets, 'shape', targets)}"
-        )
-    if mask.shape != targets.shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal targets shape {tuple(targets.shape)}"
-        )
-    if ref_weight is not None and ref_hidden is None:
-        raise ValueError("ref_weight is only used with ref_hidden; got ref_hidden=None")
-    check_zero_one(mask)
 
 
 def fused_policy_loss(
@@ -236,14 +223,14 @@ def fused_policy_loss(
                 compact=compact, **logit_kw,
             )  # fmt: skip
 
-    _check_inputs(hidden, weight, scored, bias, temperature, softcap, IGNORE_INDEX)
+    check_logit_inputs(hidden, weight, scored, bias, temperature, softcap, IGNORE_INDEX)
     if not isinstance(compact, bool):
         raise TypeError(f"compact must be a bool, got {compact!r}")
     # what policy_loss takes besides the tensors it is given below
     loss_kwargs = dict(num_items_in_batch=num_items_in_batch, sampling_logps=sampling_logps)
     loss_kwargs.update(options)
     if hidden.dim() == 3 and _single_pass_ok(
-        _resolve_impl(impl, hidden.device), opts, old_logps, sampling_logps, hidden, weight, bias
+        resolve_impl(impl, hidden.device), opts, old_logps, sampling_logps, hidden, weight, bias
     ):
         return _single_pass(
             hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,

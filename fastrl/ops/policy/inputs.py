@@ -41,7 +41,7 @@ def check_tensors(
         if x is not None:
             check_tensor(name, x, shape)
     check_tensor("advantages", advantages, floating=False)
-    if advantages.is_complex() or advantages.dtype == torch.bool:
+    if advantages.dtype == torch.bool:  # (check_tensor refuses complex dtypes)
         raise TypeError(f"advantages must be a real tensor, got dtype {advantages.dtype}")
     if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
         raise ValueError(
@@ -49,8 +49,6 @@ def check_tensors(
             f"got {tuple(advantages.shape)}"
         )
     check_tensor("mask", mask, shape, floating=False)
-    if mask.is_complex():
-        raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {mask.dtype}")
     check_zero_one(mask)
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:

@@ -24,9 +24,9 @@ from fastrl.ops.policy.aggregate import aggregate, apply_factors, entropy_bonus,
 from fastrl.ops.policy.inputs import LossInputs, check_tensors
 from fastrl.ops.policy.metrics import policy_metrics
 from fastrl.ops.policy.terms import token_terms, use_token_kernel
-from fastrl.options.policy import DEFAULTS, LOSS_TYPES, PolicyLossOptions
+from fastrl.options.policy import DEFAULTS, PolicyLossOptions
 
-__all__ = ["LOSS_TYPES", "policy_loss"]
+__all__ = ["policy_loss"]
 
 _D = DEFAULTS  # every option's default is PolicyLossOptions'
 

@@ -11,9 +11,8 @@ from dataclasses import fields
 
 import torch
 
-from fastrl.checks import IGNORE_INDEX
+from fastrl.checks import IGNORE_INDEX, check_completion_batch
 from fastrl.ops.logprobs.linear import linear_logprobs
-from fastrl.ops.policy.fused import check_completion_batch
 from fastrl.ops.preference.inputs import PreferenceInputs
 from fastrl.ops.preference.ld import ld_tail_logps
 from fastrl.ops.preference.loss import compute_preference_loss

@@ -21,7 +21,7 @@ def check_vector(name: str, x, B: int | None = None, *, floating=True, like="cho
     """A 1-D tensor (``[B]``, the shape of `like`, when `B` is given); floating, or real
     (integer allowed)."""
     check_tensor(name, x, floating=floating)
-    if not floating and (x.is_complex() or x.dtype == torch.bool):
+    if not floating and x.dtype == torch.bool:  # (check_tensor refuses complex dtypes)
         raise TypeError(f"{name} must be a real (integer or float) tensor, got dtype {x.dtype}")
     if x.dim() != 1:
         raise ValueError(f"{name} must have shape [B], got {tuple(x.shape)}")

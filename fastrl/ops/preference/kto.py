@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrl.checks import check_zero_one, compute_dtype
+from fastrl.checks import check_tensor, check_zero_one, compute_dtype
 from fastrl.ops.preference.inputs import check_vector
 from fastrl.options.preference import KTOLossOptions
 
@@ -71,12 +71,9 @@ def kto_loss(
     if B == 0:
         raise ValueError("logps must hold at least one completion, got shape (0,)")
     check_vector("ref_logps", ref_logps, B, like="logps")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    check_tensor("labels", labels, floating=False)
     if labels.dim() != 1 or labels.shape[0] != B:
         raise ValueError(f"labels must have shape [B]=({B},) like logps, got {tuple(labels.shape)}")
-    if labels.is_complex():
-        raise TypeError(f"labels must be a bool or 0/1 tensor, got dtype {labels.dtype}")
     check_zero_one(labels, "labels")
     if loss_type == "kto":
         for name, x in (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):

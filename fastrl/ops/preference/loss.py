@@ -37,20 +37,10 @@ from fastrl.ops.preference.kto import kto_loss
 from fastrl.ops.preference.ld import ld_tail_logps, ld_weighted
 from fastrl.ops.preference.orpo import orpo_loss
 from fastrl.options.preference import (
-    AVERAGED_LOSS_TYPES,
-    CPO_LOSS_TYPES,
-    DPO_LOSS_TYPES,
-    F_DIVERGENCES,
-    KTO_LOSS_TYPES,
-    LOSS_TYPES,
-    REFERENCE_FREE_LOSS_TYPES,
     PreferenceLossOptions,
 )
 
 __all__ = ["compute_preference_loss", "kto_loss", "ld_tail_logps", "preference_loss"]
-# the taxonomies, for the code that reads them here (their home is fastrl.options)
-__all__ += ["AVERAGED_LOSS_TYPES", "CPO_LOSS_TYPES", "DPO_LOSS_TYPES", "F_DIVERGENCES"]
-__all__ += ["KTO_LOSS_TYPES", "LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES"]
 
 _D = PreferenceLossOptions()  # the defaults, declared there
 
