@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastrl {command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)  # fmt: skip
-        if out_of_memory and "lower" not in str(e).splitlines()[0]:  # the trainers' say what
+        if out_of_memory and not getattr(e, "fastrl_advice", False):  # the trainers' say what
             print("hint: lower --per_device_train_batch_size or --max_completion_length",
                   file=sys.stderr)  # fmt: skip
         raise SystemExit(1) from None

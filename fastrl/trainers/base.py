@@ -271,7 +271,9 @@ class BaseTrainer(SaveOnInterrupt, Trainer):
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except torch.OutOfMemoryError as exc:
-            raise torch.OutOfMemoryError(self._out_of_memory_message(exc)) from exc
+            advised = torch.OutOfMemoryError(self._out_of_memory_message(exc))
+            advised.fastrl_advice = True  # the command line adds no hint of its own
+            raise advised from exc
 
     def _memory_hint(self) -> str:
         """A trainer's own way out of an out-of-memory error, after the shared ones."""

@@ -193,6 +193,14 @@ class GRPOConfig(ModelArguments, TrainingArguments):
             "scale_rewards", self.scale_rewards, SCALES, " (True means 'group', False 'none')"
         )
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
+        if (
+            self.multi_objective_aggregation == "normalize_then_sum"
+            and self.scale_rewards != "group"
+        ):
+            raise ValueError(  # group_advantages' rule, in flags
+                "--multi_objective_aggregation 'normalize_then_sum' standardises each reward "
+                f"within its group: it needs --scale_rewards group, got {self.scale_rewards!r}"
+            )
         check_number("num_generations", self.num_generations, low=2, integer=True)
         check_number("num_iterations", self.num_iterations, low=1, integer=True)
         check_number("max_completion_length", self.max_completion_length, low=1, integer=True)

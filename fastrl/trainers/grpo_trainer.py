@@ -307,7 +307,7 @@ class GRPOTrainer(BaseTrainer):
         args = _checked_args(args)
         tok = self._load_tokenizer(model, processing_class)
         model = self._load_model(model, args)
-        funcs = self._set_reward_funcs(reward_funcs, args.reward_weights)
+        self._set_reward_funcs(reward_funcs, args.reward_weights)
         super().__init__(
             model,
             args,
@@ -321,13 +321,6 @@ class GRPOTrainer(BaseTrainer):
 
         # ---- the loss options, validated (again: args may have changed since __post_init__)
         self._loss_kwargs = args.policy_loss_kwargs()
-        group_advantages(
-            torch.zeros(args.num_generations, len(funcs)),
-            args.num_generations,
-            scale=args.scale_rewards,
-            weights=self.reward_weights,
-            normalize=args.multi_objective_aggregation,
-        )
 
         generate_every = args.steps_per_generation * args.num_iterations
         self._needs_old_logps = args.gradient_accumulation_steps % generate_every != 0

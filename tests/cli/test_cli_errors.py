@@ -408,3 +408,21 @@ def test_a_bad_value_fails_without_importing_torch(tmp_path, ckpt, data):
     )  # fmt: skip
     assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
     assert_user_error(2, run.stderr, "--delta 1.5", "--loss_type 'cispo'")
+
+
+@pytest.mark.parametrize("advised", [True, False])
+def test_out_of_memory_is_one_message_with_one_piece_of_advice(monkeypatch, capsys, advised):
+    import torch
+
+    def command(argv):
+        cli._Running.active = True
+        error = torch.OutOfMemoryError("out of memory in a GRPO step: lower, in this order, ...")
+        if advised:  # as the trainers raise it: their first line says what to lower
+            error.fastrl_advice = True
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "grpo", command)
+    code, err = run_main(capsys, "grpo")
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("fastrl grpo: error: out of memory in a GRPO step")
+    assert ("hint:" in err) is not advised

@@ -26,6 +26,7 @@ GRPO_BAD = [
     (dict(importance_sampling_level="seq"), r"--importance_sampling_level .*'token', 'sequence'; got 'seq'"),  # noqa: E501
     (dict(kl_estimator="k4"), r"--kl_estimator must be one of 'k1', 'k2', 'k3'; got 'k4'"),
     (dict(multi_objective_aggregation="mean"), r"--multi_objective_aggregation .*got 'mean'"),
+    (dict(multi_objective_aggregation="normalize_then_sum", scale_rewards="batch"), r"'normalize_then_sum' .* needs --scale_rewards group, got 'batch'"),  # noqa: E501
     (dict(kernel_impl="cuda"), r"--kernel_impl must be one of 'auto', 'triton', 'torch'; got 'cuda'"),  # noqa: E501
     (dict(model_dtype="fp8"), r"--model_dtype must be one of .*'float32'; got 'fp8'"),
     (dict(beta=-0.1), r"--beta must be >= 0, got -0.1"),
