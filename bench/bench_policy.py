@@ -79,6 +79,8 @@ from bench.common import (
     trl_fused_head,
 )
 from bench.common import error_reason as _reason
+from fastrl.options.policy import DEFAULTS as POLICY
+from fastrl.options.policy import LOSS_TYPES, TOKEN_COUNT_LOSS_TYPES
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -135,11 +137,11 @@ def matmul_count(mode: str, trainable: bool) -> int:
 
 @dataclass(frozen=True)
 class LossConfig:
-    loss_type: str = "dapo"
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    importance_sampling_level: str = "token"
+    loss_type: str = POLICY.loss_type
+    beta: float = POLICY.beta
+    epsilon: float = POLICY.epsilon
+    epsilon_high: float | None = POLICY.epsilon_high
+    importance_sampling_level: str = POLICY.importance_sampling_level
 
     @property
     def label(self) -> str:
@@ -158,7 +160,7 @@ def loss_kwargs(cfg: LossConfig, inputs: dict) -> dict:
     )
     if cfg.loss_type == "dr_grpo":
         kw["max_completion_length"] = inputs["targets"].shape[1]
-    if cfg.loss_type in ("dapo", "cispo"):
+    if cfg.loss_type in TOKEN_COUNT_LOSS_TYPES:
         kw["num_items_in_batch"] = inputs["num_items"]
     return kw
 
@@ -589,13 +591,13 @@ CLI = BenchCLI(
 def _add_loss_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss-type",
-        default="dapo",
-        help="comma list of grpo,bnpo,dr_grpo,dapo,cispo,sapo,luspo (default dapo, TRL's)",
+        default=POLICY.loss_type,
+        help=f"comma list of {','.join(LOSS_TYPES)} (default {POLICY.loss_type}, TRL's)",
     )
     p.add_argument(
-        "--beta", default="0.0", help="comma list of KL coefficients (default 0.0, TRL's)"
+        "--beta", default=str(POLICY.beta), help="comma list of KL coefficients (default TRL's)"
     )
-    p.add_argument("--epsilon", type=float, default=0.2)
+    p.add_argument("--epsilon", type=float, default=POLICY.epsilon)
     p.add_argument("--epsilon-high", type=float, default=None)
     p.add_argument(
         "--level",

@@ -94,6 +94,9 @@ from bench.common import (
     time_ms,
     trl_fused_head,
 )
+from fastrl.options.preference import PreferenceLossOptions
+
+PREFERENCE = PreferenceLossOptions()  # the loss's defaults
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -141,8 +144,8 @@ MODES = ("fwd", "fwdbwd")
 
 @dataclass(frozen=True)
 class LossConfig:
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
+    loss_type: str = PREFERENCE.loss_type[0]
+    beta: float = PREFERENCE.beta
 
     @property
     def label(self) -> str:

@@ -65,6 +65,9 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss on per-token log-probs, as TRL 1.16's ``GRPOTrainer``.
 
+    (Long for its documentation only: the body validates the options once and hands the
+    work to `inputs`, `terms`, `aggregate` and `metrics` in this package.)
+
     Shapes: ``B`` completions, ``T`` completion tokens (right-padded). Every per-token
     input is ``[B, T]``; positions where ``mask`` is 0 never contribute (their values may
     be anything finite or not). The math runs in float32 (float64 for float64 ``logps``);
