@@ -43,7 +43,7 @@ LINEAR_LOGPROBS_BWD = [
 # fp32 inputs: the same tiles with half the BLOCK_D. With BLOCK_D 64 their staged operand
 # tiles took 128 KB of shared memory, over the 99 KB a block gets on sm_86/sm_89 (the 24 GB
 # RTX 3090/4090); now 64 KB. The half-precision defaults take 96 KB on sm_90, 64 KB there.
-# tests/compile_for_gpu.py checks every default against each target's budget.
+# tests/support/compile_for_gpu.py checks every default against each target's budget.
 LINEAR_LOGPROBS_FWD_FP32 = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 3)]
 LINEAR_LOGPROBS_BWD_FP32 = [_cfg(128, 128, 32, 8, 3, GROUP_N=8), _cfg(64, 128, 32, 4, 3, GROUP_N=8)]
 

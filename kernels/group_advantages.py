@@ -13,7 +13,7 @@ each column is a strided [BLOCK_G, BLOCK_N] load) and folds them into the per-co
 value s: the weighted sum of the rewards, or for GDPO the weighted sum of every column
 standardised within its group. The group statistics are row reductions of the tile:
 count of scored completions, sum, mean, Bessel-corrected std (two passes over registers,
-mean first, then squared deviations, as `_nanstd`), and min == max for "no variance".
+mean first, then squared deviations, as `nanstd`), and min == max for "no variance".
 A whole group lives in one tile, so group_size is capped at MAX_GROUP_SIZE (GRPO groups
 are 2-64 completions); `group_advantages` falls back to PyTorch beyond it.
 
@@ -61,7 +61,7 @@ def _group_stats(x, valid):
     cnt = tl.sum(valid.to(tl.int32), axis=1)
     tot = tl.sum(tl.where(valid, x, 0.0), axis=1)
     # the denominators are clamped only where the result is replaced by NaN anyway
-    # (no 0/0 in the interpreter's numpy); otherwise as `_nanstd`: ssd / c * c / (c - 1)
+    # (no 0/0 in the interpreter's numpy); otherwise as `nanstd`: ssd / c * c / (c - 1)
     c = tl.maximum(cnt, 1).to(x.dtype)
     mean = tl.where(cnt > 0, tot / c, float("nan"))
     dev = tl.where(valid, x - mean[:, None], 0.0)

@@ -29,6 +29,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import gather_object
@@ -36,7 +37,15 @@ from transformers import Trainer, set_seed
 
 from fastrl.trainers.console import use_console
 from fastrl.trainers.interrupt import SaveOnInterrupt
-from fastrl.trainers.model import cap_cuda_memory, load_model, refuse_sharded_parameters
+from fastrl.trainers.model import (
+    ModelArguments,
+    cap_cuda_memory,
+    load_model,
+    refuse_sharded_parameters,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["BaseTrainer", "merge_metric_windows"]
 
@@ -123,7 +132,10 @@ class BaseTrainer(SaveOnInterrupt, Trainer):
     # ------------------------------------------------------------------ set-up
 
     @staticmethod
-    def _load_tokenizer(model, processing_class):
+    def _load_tokenizer(
+        model: str | os.PathLike | torch.nn.Module,
+        processing_class: PreTrainedTokenizerBase | None,
+    ) -> PreTrainedTokenizerBase:
         """`processing_class`, or the tokenizer of a model path; its pad token is its EOS
         where it has none (as TRL's trainers set it)."""
         tokenizer = processing_class
@@ -140,7 +152,9 @@ class BaseTrainer(SaveOnInterrupt, Trainer):
         return tokenizer
 
     @staticmethod
-    def _load_model(model, args):
+    def _load_model(
+        model: str | os.PathLike | torch.nn.Module, args: ModelArguments
+    ) -> torch.nn.Module:
         """`load_model` with the configuration's LoRA and loading options (a peft model
         keeps its adapters), after capping CUDA memory and seeding the global RNG, which
         the LoRA initialisation draws from (as TRL)."""
@@ -207,7 +221,13 @@ class BaseTrainer(SaveOnInterrupt, Trainer):
         mask = inputs.get("completion_mask") if inputs is not None else None
         return "" if mask is None else f", completion lengths {mask.sum(1).tolist()}"
 
-    def _non_finite_loss_message(self, loss, metrics, inputs, bad_processes: int) -> str:
+    def _non_finite_loss_message(
+        self,
+        loss: float,
+        metrics: Mapping[str, float],
+        inputs: Mapping[str, torch.Tensor] | None,
+        bad_processes: int,
+    ) -> str:
         a = self.args
         shown = {k: round(v, 4) for k, v in metrics.items()}
         n = self.accelerator.num_processes
@@ -265,7 +285,12 @@ class BaseTrainer(SaveOnInterrupt, Trainer):
         self._reset_log_window()
         return super().train(*args, **kwargs)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
         if self._window_start is None:
             self._window_start = time.perf_counter()
         try:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from fastrl.cli import GRPOScriptArguments, UsageError, _reward_functions, main
-from fastrl.demo import task as demo_task
+from fastrl.demo import task
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    tok = demo_task.build_tiny_tokenizer()
-    demo_task.build_tiny_model(tok, size="test").save_pretrained(path)
+    tok = task.build_tiny_tokenizer()
+    task.build_tiny_model(tok, size="test").save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -40,7 +40,7 @@ def _adapted_modules(adapter_dir) -> set:
 
 
 def test_cli_grpo(checkpoint, tmp_path):
-    data = _jsonl(tmp_path / "train.jsonl", demo_task.arithmetic_dataset(16, 0))
+    data = _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(16, 0))
     out = tmp_path / "grpo"
     main(["grpo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
           "--reward", "exact_match", "--reward", "digit_match", "--reward", "format",
@@ -54,7 +54,7 @@ def test_cli_grpo(checkpoint, tmp_path):
 
 
 def test_cli_dpo_from_yaml(checkpoint, tmp_path):
-    data = _jsonl(tmp_path / "pairs.jsonl", demo_task.preference_pairs(16, 0))
+    data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(16, 0))
     out = tmp_path / "dpo"
     (tmp_path / "dpo.yaml").write_text(
         f"model: {checkpoint}\ndataset: {data}\nbeta: 0.2\nloss_type: ipo\n"
@@ -72,7 +72,7 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
-    data = _jsonl(tmp_path / "pairs.jsonl", demo_task.preference_pairs(4, 0))
+    data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(4, 0))
     (tmp_path / "bad.yaml").write_text(f"model: {checkpoint}\ndataset: {data}\nnot_an_option: 1\n")
     with pytest.raises(SystemExit) as e:
         main(["dpo", "--config", str(tmp_path / "bad.yaml")])
@@ -172,7 +172,7 @@ def test_cli_grpo_reward_from_cwd_through_the_console_script(checkpoint, tmp_pat
     (tmp_path / "myrew.py").write_text(
         "def myrew(completions, **kwargs):\n    return [0.5 for _ in completions]\n"
     )
-    _jsonl(tmp_path / "train.jsonl", demo_task.arithmetic_dataset(16, 0))
+    _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(16, 0))
     argv = [str(script), "grpo", "--model", str(checkpoint), "--dataset", "train.jsonl",
             "--output_dir", "out", "--reward", "myrew:myrew", "--per_device_train_batch_size",
             "8", "--num_generations", "4", "--max_completion_length", "8", *COMMON]  # fmt: skip

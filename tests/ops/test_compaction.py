@@ -5,7 +5,7 @@ import fastrl.kernels.linear_logprobs as kernels
 import pytest
 import torch
 
-import fastrl.ops.logprobs.custom_ops as logprobs_ops
+import fastrl.ops.logprobs.custom_ops as custom_ops
 from fastrl import fused_policy_loss, fused_preference_loss, linear_logprobs
 from tests.support import DEVICE
 
@@ -65,7 +65,7 @@ def test_linear_logprobs_compact(impl, padding, monkeypatch):
     if impl == "triton":
         rows = spy_rows(monkeypatch, kernels, "linear_logprobs_fwd")
     else:
-        rows = spy_rows(monkeypatch, logprobs_ops, "chunked_logprobs_fwd")
+        rows = spy_rows(monkeypatch, custom_ops, "chunked_logprobs_fwd")
 
     def run(compact):
         logp, ent, top1, sq = linear_logprobs(

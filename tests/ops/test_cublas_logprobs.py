@@ -24,6 +24,7 @@ from fastrl.kernels.cublas_logprobs import (
 
 from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from tests.support import DEVICE
+from tests.support.logprobs import linear_inputs, top1_inputs
 from tests.support.memory import AllocationRecorder
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -37,12 +38,9 @@ OUTPUTS = ("logp", "entropy", "log_sum_sq")
 GRADS = ("hidden", "weight", "bias")
 
 
-def make_inputs(N, V, d, dtype, *, bias=True, ignore=(3, 10), scale=3.0):
-    hidden = torch.randn(N, d, device=DEVICE).to(dtype)
-    weight = (torch.randn(V, d, device=DEVICE) / d**0.5 * scale).to(dtype)
-    targets = torch.randint(0, V, (N,), device=DEVICE)
-    targets[[i for i in ignore if i < N]] = -100
-    b = torch.randn(V, device=DEVICE).to(dtype) if bias else None
+def make_inputs(N, V, d, dtype, *, bias=True, **kw):
+    """`linear_inputs` with a bias by default, without grad, in the launchers' order."""
+    hidden, weight, targets, b = linear_inputs(N, V, d, dtype, bias=bias, requires_grad=False, **kw)
     return hidden, weight, b, targets
 
 
@@ -221,21 +219,6 @@ def test_cublas_logprobs_strided_hidden(nan_empty):
     check(wide[:, 7:103], weight, bias, targets, chunk_rows=16, chunk_vocab=384)
 
 
-def _top1_inputs(N, V, d, *, softcap):
-    """Every other target its row's argmax, row 0's argmax the vocab tail's last column,
-    and no near-tie at the top."""
-    torch.manual_seed(7)
-    hidden, weight, bias, targets = make_inputs(N, V, d, torch.float32)
-    weight[V - 1] = 5 * hidden[0] / hidden[0].norm()
-    x = hidden.double() @ weight.double().T + bias.double()
-    z = softcap * torch.tanh(x / softcap) if softcap else x
-    top2 = z.topk(2, dim=-1)
-    assert (top2.values[:, 0] - top2.values[:, 1]).min() > 1e-4
-    assert top2.indices[0, 0] == V - 1
-    even = (torch.arange(N, device=DEVICE) % 2 == 0) & (targets != -100)
-    return hidden, weight, bias, torch.where(even, top2.indices[:, 0], targets)
-
-
 @pytest.mark.parametrize(
     "chunks", [(None, None), (16, 384), (8, 100)], ids=["1", "16x384", "8x100"]
 )
@@ -243,7 +226,9 @@ def _top1_inputs(N, V, d, *, softcap):
 def test_cublas_logprobs_top1(chunks, softcap, nan_empty):
     """is_top1 exactly as the oracle, with the max often in another vocab chunk than the
     target (row 0's max sits in the last chunk's tail)."""
-    hidden, weight, bias, targets = _top1_inputs(37, 1000, 96, softcap=softcap)
+    hidden, weight, targets, bias = top1_inputs(
+        37, 1000, 96, bias=True, softcap=softcap, requires_grad=False
+    )
     top1 = torch.empty(37, dtype=torch.bool, device=DEVICE)
     rows, cols = chunks
     cublas_logprobs_fwd(

@@ -12,6 +12,7 @@ import fastrl.ops.logprobs.chunked as chunked
 from fastrl import linear_logprobs, sequence_logprobs
 from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from tests.support import DEVICE
+from tests.support.logprobs import linear_inputs, top1_inputs
 from tests.support.memory import AllocationRecorder
 
 IMPLS = ["triton", "torch"]
@@ -19,17 +20,6 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # (N, V, d): odd N, V neither a power of two nor a multiple of any block, odd d
 SHAPES = {"N37-V1000-d96": (37, 1000, 96), "N5-V77-d40": (5, 77, 40), "N64-V515-d33": (64, 515, 33)}
-
-
-def make_inputs(N, V, d, dtype, *, bias=False, weight_grad=True, lead=None, ignore=(3, 10)):
-    hidden = torch.randn(N, d, device=DEVICE).to(dtype)
-    weight = (torch.randn(V, d, device=DEVICE) / d**0.5 * 3).to(dtype)
-    targets = torch.randint(0, V, (N,), device=DEVICE)
-    targets[[i for i in ignore if i < N]] = -100
-    if lead is not None:
-        hidden, targets = hidden.view(*lead, d), targets.view(*lead)
-    b = torch.randn(V, device=DEVICE).to(dtype).requires_grad_() if bias else None
-    return hidden.requires_grad_(), weight.requires_grad_(weight_grad), targets, b
 
 
 def run(fn, hidden, weight, targets, bias, g_logp, g_ent, **kw):
@@ -81,7 +71,7 @@ def check_against_oracle(impl, hidden, weight, targets, bias, **kw):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs(impl, shape, dtype, nan_empty):
-    check_against_oracle(impl, *make_inputs(*shape, dtype, bias=True))
+    check_against_oracle(impl, *linear_inputs(*shape, dtype, bias=True))
 
 
 @pytest.mark.parametrize(
@@ -91,20 +81,20 @@ def test_linear_logprobs(impl, shape, dtype, nan_empty):
 )
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_temperature_softcap(impl, temperature, softcap, nan_empty):
-    inputs = make_inputs(37, 1000, 96, torch.float32, bias=True)
+    inputs = linear_inputs(37, 1000, 96, torch.float32, bias=True)
     check_against_oracle(impl, *inputs, temperature=temperature, softcap=softcap)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_leading_dims(impl, nan_empty):
-    hidden, weight, targets, _ = make_inputs(21, 300, 48, torch.float32, lead=(3, 7))
+    hidden, weight, targets, _ = linear_inputs(21, 300, 48, torch.float32, lead=(3, 7))
     got = check_against_oracle(impl, hidden, weight, targets, None)
     assert got["logp"].shape == (3, 7) and got["hidden"].shape == (3, 7, 48)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_ignore_index(impl, nan_empty):
-    hidden, weight, targets, _ = make_inputs(37, 1000, 96, torch.float32, ignore=range(0, 37, 3))
+    hidden, weight, targets, _ = linear_inputs(37, 1000, 96, torch.float32, ignore=range(0, 37, 3))
     hidden.detach_().requires_grad_()
     got = check_against_oracle(impl, hidden, weight, targets, None, ignore_index=-100)
     ignored = targets == -100
@@ -119,7 +109,7 @@ def test_linear_logprobs_ignore_index(impl, nan_empty):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_all_ignored(impl, nan_empty):
-    hidden, weight, targets, bias = make_inputs(19, 300, 40, torch.float32, bias=True)
+    hidden, weight, targets, bias = linear_inputs(19, 300, 40, torch.float32, bias=True)
     targets[:] = -100
     logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, impl=impl)
     (logp.sum() + ent.sum()).backward()
@@ -130,7 +120,7 @@ def test_linear_logprobs_all_ignored(impl, nan_empty):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_empty(impl):
-    hidden, weight, targets, _ = make_inputs(0, 50, 8, torch.float32, lead=(0, 3))
+    hidden, weight, targets, _ = linear_inputs(0, 50, 8, torch.float32, lead=(0, 3))
     logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, impl=impl)
     (logp.sum() + ent.sum()).backward()
     assert logp.shape == ent.shape == (0, 3) and hidden.grad.shape == (0, 3, 8)
@@ -140,7 +130,7 @@ def test_linear_logprobs_empty(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_single_output_grads(impl):
     """Gradient through logp only, and through entropy only (the other gets no grad)."""
-    hidden, weight, targets, _ = make_inputs(13, 200, 24, torch.float32)
+    hidden, weight, targets, _ = linear_inputs(13, 200, 24, torch.float32)
     for which in (0, 1):
         outs = linear_logprobs(hidden, weight, targets, return_entropy=True, impl=impl)
         refs = naive_linear_logprobs(hidden, weight, targets, return_entropy=True)
@@ -153,7 +143,7 @@ def test_linear_logprobs_triton_vocab_splits(nan_empty):
     """The split-vocab forward (several programs per row, merged by the combine kernel)."""
     from fastrl.kernels.linear_logprobs import linear_logprobs_fwd
 
-    hidden, weight, targets, bias = make_inputs(37, 1000, 96, torch.float32, bias=True)
+    hidden, weight, targets, bias = linear_inputs(37, 1000, 96, torch.float32, bias=True)
     ref_logp, ref_ent = naive_linear_logprobs(
         hidden, weight, targets, bias=bias, softcap=3.0, return_entropy=True
     )
@@ -173,27 +163,11 @@ def test_linear_logprobs_triton_vocab_splits(nan_empty):
         torch.testing.assert_close(ent.double(), ref_ent.detach(), atol=1e-5, rtol=0)
 
 
-def _top1_inputs(N, V, d, *, bias, softcap):
-    """make_inputs with every other target set to its row's argmax (so both answers occur),
-    the vocab tail's last column among them, and no near-tie at the top."""
-    torch.manual_seed(7)
-    hidden, weight, targets, b = make_inputs(N, V, d, torch.float32, bias=bias)
-    with torch.no_grad():
-        weight[V - 1] = 5 * hidden[0] / hidden[0].norm()  # row 0's best: the last column
-        x = hidden.double() @ weight.double().T + (b.double() if bias else 0)
-        z = softcap * torch.tanh(x / softcap) if softcap else x
-    top2 = z.topk(2, dim=-1)
-    assert (top2.values[:, 0] - top2.values[:, 1]).min() > 1e-4  # float error cannot flip it
-    assert top2.indices[0, 0] == V - 1
-    even = (torch.arange(N) % 2 == 0) & (targets != -100)
-    return hidden, weight, torch.where(even, top2.indices[:, 0], targets), b
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_linear_logprobs_is_top1(impl, shape, nan_empty):
     N, V, d = shape
-    hidden, weight, targets, bias = _top1_inputs(N, V, d, bias=True, softcap=4.0)
+    hidden, weight, targets, bias = top1_inputs(N, V, d, bias=True, softcap=4.0)
     kw = dict(bias=bias, softcap=4.0, temperature=0.7, return_entropy=True)
     logp, ent, top1 = linear_logprobs(hidden, weight, targets, return_is_top1=True, impl=impl, **kw)
     ref_logp, ref_ent, ref_top1 = naive_linear_logprobs(
@@ -215,7 +189,7 @@ def test_linear_logprobs_triton_vocab_splits_is_top1(nan_empty):
     """is_top1 merged across vocab splits: the max may sit in another split than the target."""
     from fastrl.kernels.linear_logprobs import linear_logprobs_fwd
 
-    hidden, weight, targets, bias = _top1_inputs(37, 1000, 96, bias=False, softcap=None)
+    hidden, weight, targets, bias = top1_inputs(37, 1000, 96, bias=False, softcap=None)
     ref = naive_linear_logprobs(hidden, weight, targets, return_is_top1=True)[1]
     for splits in (1, 2, 3, 4):
         top1 = torch.empty(37, dtype=torch.bool)
@@ -230,7 +204,7 @@ def test_linear_logprobs_triton_vocab_splits_is_top1(nan_empty):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_linear_logprobs_log_sum_sq_probs(impl, shape, dtype, nan_empty):
-    hidden, weight, targets, bias = make_inputs(*shape, dtype, bias=True)
+    hidden, weight, targets, bias = linear_inputs(*shape, dtype, bias=True)
     kw = dict(bias=bias, softcap=3.0, temperature=0.6)
     logp, sq = linear_logprobs(
         hidden, weight, targets, return_log_sum_sq_probs=True, impl=impl, **kw
@@ -256,7 +230,7 @@ def test_linear_logprobs_log_sum_sq_probs(impl, shape, dtype, nan_empty):
 def test_linear_logprobs_triton_vocab_splits_log_sum_sq(nan_empty):
     from fastrl.kernels.linear_logprobs import linear_logprobs_fwd
 
-    hidden, weight, targets, _ = make_inputs(37, 1000, 96, torch.float32)
+    hidden, weight, targets, _ = linear_inputs(37, 1000, 96, torch.float32)
     truth = naive_linear_logprobs(hidden, weight, targets, return_log_sum_sq_probs=True)[1]
     for splits in (1, 2, 3, 4):
         sq = torch.empty(37)
@@ -275,7 +249,7 @@ def test_linear_logprobs_triton_bwd_blocks(monkeypatch, nan_empty):
     monkeypatch.setattr(k, "BWD_CHUNK_ROWS", 16)
     monkeypatch.setattr(k, "BWD_CHUNK_VOCAB", 128)
     for dtype in (torch.float16, torch.float32):
-        check_against_oracle("triton", *make_inputs(37, 300, 96, dtype, bias=True))
+        check_against_oracle("triton", *linear_inputs(37, 300, 96, dtype, bias=True))
 
 
 def test_linear_logprobs_torch_chunks(monkeypatch):
@@ -283,14 +257,17 @@ def test_linear_logprobs_torch_chunks(monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_TOKENS", 8)
     monkeypatch.setattr(chunked, "CHUNK_VOCAB", 96)
     check_against_oracle(
-        "torch", *make_inputs(37, 1000, 40, torch.float32, bias=True), temperature=0.8, softcap=3.0
+        "torch",
+        *linear_inputs(37, 1000, 40, torch.float32, bias=True),
+        temperature=0.8,
+        softcap=3.0,
     )
 
 
 def test_linear_logprobs_gradcheck(monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_TOKENS", 4)
     monkeypatch.setattr(chunked, "CHUNK_VOCAB", 16)
-    hidden, weight, targets, bias = make_inputs(9, 50, 7, torch.float64, bias=True, ignore=(2,))
+    hidden, weight, targets, bias = linear_inputs(9, 50, 7, torch.float64, bias=True, ignore=(2,))
 
     def f(h, w, b):
         return linear_logprobs(
@@ -309,7 +286,7 @@ def test_linear_logprobs_never_allocates_logits(impl, N, V, d, monkeypatch):
 
     monkeypatch.setattr(k, "BWD_CHUNK_ROWS", 16)
     monkeypatch.setattr(k, "BWD_CHUNK_VOCAB", 256)
-    hidden, weight, targets, _ = make_inputs(N, V, d, torch.float32)
+    hidden, weight, targets, _ = linear_inputs(N, V, d, torch.float32)
     with AllocationRecorder() as rec:
         logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, impl=impl)
         (logp.sum() + ent.sum()).backward()
@@ -322,7 +299,7 @@ def test_linear_logprobs_never_allocates_logits(impl, N, V, d, monkeypatch):
 def test_linear_logprobs_frozen_weight(impl):
     """A frozen lm_head gets no gradient and no [V, d] buffer is ever allocated."""
     N, V, d = 37, 1000, 96
-    hidden, weight, targets, _ = make_inputs(N, V, d, torch.float32, weight_grad=False)
+    hidden, weight, targets, _ = linear_inputs(N, V, d, torch.float32, weight_grad=False)
     with AllocationRecorder() as rec:
         linear_logprobs(hidden, weight, targets, impl=impl).sum().backward()
     assert weight.grad is None and hidden.grad is not None
@@ -331,7 +308,7 @@ def test_linear_logprobs_frozen_weight(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_noncontiguous_and_int32(impl):
-    hidden, weight, targets, _ = make_inputs(20, 300, 48, torch.float32)
+    hidden, weight, targets, _ = linear_inputs(20, 300, 48, torch.float32)
     h_t = hidden.detach().t().contiguous().t()  # same values, column-major
     ref = naive_linear_logprobs(hidden, weight, targets)
     got = linear_logprobs(h_t, weight, targets.to(torch.int32), impl=impl)
@@ -345,7 +322,7 @@ def test_linear_logprobs_auto_picks_torch_on_cpu(monkeypatch):
         "fastrl.ops.logprobs.custom_ops.chunked_logprobs_fwd",
         lambda *a, **k: calls.append(1) or real(*a, **k),
     )
-    hidden, weight, targets, _ = make_inputs(5, 50, 16, torch.float32)
+    hidden, weight, targets, _ = linear_inputs(5, 50, 16, torch.float32)
     linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu())
     assert calls == [1]
 
@@ -422,7 +399,7 @@ HEADS = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "qwen2.5-1.5
 def test_linear_logprobs_bf16_real_heads(head, trainable):
     d, V = head
     N = 1027
-    hidden, weight, targets, _ = make_inputs(
+    hidden, weight, targets, _ = linear_inputs(
         N, V, d, torch.bfloat16, weight_grad=trainable, ignore=range(0, N, 97)
     )
     g_logp, g_ent = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)

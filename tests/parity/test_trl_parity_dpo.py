@@ -49,7 +49,7 @@ from tests.support.compare import (  # noqa: E402
     _assert_grads_close,
     _grads,
 )
-from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.support.trl_dpo import (  # noqa: E402
     CPO_NAMES,
     MODEL_METRICS,
@@ -88,11 +88,11 @@ def dpo(tmp_path_factory):
     # which the WPO cases need (the trainer reads use_weighting itself at call time).
     args = trl.DPOConfig(**_common_args(tmp_path_factory.mktemp("dpo")), use_weighting=True)
     trainer = trl.DPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         ref_model=_ref_model(),
         args=args,
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer
@@ -105,11 +105,11 @@ def kto(tmp_path_factory):
         dict(prompt=["w1", "w2 w3"], completion=[" w4", " w5 w6"], label=[True, False])
     )
     trainer = trl.KTOTrainer(
-        model=_model(),
+        model=tiny_model(),
         ref_model=_ref_model(),
         args=args,
         train_dataset=ds,
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer
@@ -119,10 +119,10 @@ def kto(tmp_path_factory):
 def cpo(tmp_path_factory):
     args = CPOConfig(**_common_args(tmp_path_factory.mktemp("cpo"), 4), max_length=32)
     trainer = CPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         args=args,
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer
@@ -132,10 +132,10 @@ def cpo(tmp_path_factory):
 def orpo(tmp_path_factory):
     args = ORPOConfig(**_common_args(tmp_path_factory.mktemp("orpo"), 4), max_length=32)
     trainer = ORPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         args=args,
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer
@@ -383,11 +383,11 @@ def test_dpo_refuses_what_trl_refuses(tmp_path, config, trl_error, match):
         with pytest.raises(trl_error, match=match):
             args = trl.DPOConfig(**_common_args(tmp_path), **config)
             trl.DPOTrainer(
-                model=_model(),
+                model=tiny_model(),
                 ref_model=_ref_model(),
                 args=args,
                 train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-                processing_class=_tokenizer(),
+                processing_class=tiny_tokenizer(),
             )
     finally:
         for shared, copy in saved:

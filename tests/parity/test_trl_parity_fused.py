@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("trl")
 
 from fastrl import fused_policy_loss  # noqa: E402
-from tests.support import DEVICE  # noqa: E402
+from tests.support import DEVICE, to_device  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS, _assert_grads_close, _grads  # noqa: E402
 from tests.support.trl_grpo import (  # noqa: E402
     GRID,
@@ -70,14 +70,10 @@ def _hidden(model, inputs):
     return out.last_hidden_state[:, :-1][:, -inputs["completion_ids"].shape[1] :]
 
 
-def _to_device(x):
-    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
-
-
 def _fused(trainer, inputs, impl, **overrides):
     """fastrl's loss from the hidden states and lm_head, on DEVICE (differentiable)."""
     model = trainer.model
-    kw = {k: _to_device(v) for k, v in _fastrl_kwargs(trainer, inputs).items()}
+    kw = {k: to_device(v) for k, v in _fastrl_kwargs(trainer, inputs).items()}
     kw.update(overrides)
     loss, metrics = fused_policy_loss(
         _hidden(model, inputs).to(DEVICE),
@@ -85,7 +81,7 @@ def _fused(trainer, inputs, impl, **overrides):
         inputs["completion_ids"].to(DEVICE),
         inputs["completion_mask"].to(DEVICE),
         inputs["advantages"].to(DEVICE),
-        old_logps=_to_device(inputs.get("old_per_token_logps")),
+        old_logps=to_device(inputs.get("old_per_token_logps")),
         temperature=trainer.temperature,
         impl=impl,
         **kw,

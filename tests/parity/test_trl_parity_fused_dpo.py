@@ -34,9 +34,9 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from fastrl import fused_preference_loss, linear_logprobs  # noqa: E402
-from tests.support import DEVICE  # noqa: E402
+from tests.support import DEVICE, to_device  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS, _assert_grads_close, _grads  # noqa: E402
-from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.support.trl_dpo import (  # noqa: E402
     MODEL_METRICS,
     PAIRED_DS,
@@ -69,11 +69,11 @@ def dpo(tmp_path_factory):
     # which TRL's WPO reads (the trainer reads use_weighting itself at call time)
     args = trl.DPOConfig(**_common_args(tmp_path_factory.mktemp("fused_dpo")), use_weighting=True)
     trainer = trl.DPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         ref_model=_ref_model(),
         args=args,
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     # an untied head: its gradient and the embedding's are compared separately
     assert trainer.model.lm_head.weight is not trainer.model.get_input_embeddings().weight
@@ -84,10 +84,10 @@ def dpo(tmp_path_factory):
 def cpo(tmp_path_factory):
     args = CPOConfig(**_common_args(tmp_path_factory.mktemp("fused_cpo"), 4), max_length=32)
     return CPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         args=args,
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
 
 
@@ -95,10 +95,10 @@ def cpo(tmp_path_factory):
 def orpo(tmp_path_factory):
     args = ORPOConfig(**_common_args(tmp_path_factory.mktemp("fused_orpo"), 4), max_length=32)
     return ORPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         args=args,
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
 
 
@@ -111,10 +111,6 @@ def _hidden(model, input_ids, attention_mask):
     last position."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state[:, :-1]
-
-
-def _to_device(x):
-    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
 
 
 def _check(trainer, loss, metrics, trl_loss, trl_metrics):
@@ -169,7 +165,7 @@ def _dpo_fused(trainer, batch, impl, pass_aligned=False):
         ids[:, 1:].to(DEVICE),
         batch["completion_mask"][:, 1:].to(DEVICE),
         impl=impl,
-        **{k: _to_device(v) for k, v in kw.items()},
+        **{k: to_device(v) for k, v in kw.items()},
     )
     return loss.cpu(), {k: v.cpu() for k, v in metrics.items()}
 

@@ -26,7 +26,7 @@ datasets = pytest.importorskip("datasets")
 
 from fastrl import group_advantages, policy_loss  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS, TOL_SAME_LOGPS, _assert_grads_close, _grads  # noqa: E402
-from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.support.trl_grpo import (  # noqa: E402
     GA,
     GRID,
@@ -64,11 +64,11 @@ def rloo(tmp_path_factory):
     args = trl.RLOOConfig(**_common_args(tmp_path_factory.mktemp("rloo")), beta=0.0)
     ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 2})
     trainer = trl.RLOOTrainer(
-        model=_model(),
+        model=tiny_model(),
         reward_funcs=_reward_funcs(3),
         args=args,
         train_dataset=ds,
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer

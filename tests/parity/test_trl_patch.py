@@ -17,7 +17,7 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 
 from fastrl.integrations import patch_trl  # noqa: E402
 from fastrl.integrations.trl import TRLPatch  # noqa: E402
-from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.support.trl_dpo import (  # noqa: E402
     KTO_PROMPT_LENS,
     PAIRED_DS,
@@ -214,11 +214,11 @@ def dpo(request, tmp_path_factory):
     log_sum_sq_probs."""
     args = _dpo_args(tmp_path_factory.mktemp("dpo"))
     trainer = trl.DPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         ref_model=_ref_model(),
         args=trl.DPOConfig(**args, use_weighting=request.param),
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer
@@ -257,12 +257,12 @@ def test_patch_trl_dpo_loss_matches_trl(dpo, precompute):
 def test_patch_trl_kto_loss_matches_trl(tmp_path):
     """KTOTrainer asks its head for the mean logit too (its logits/* metrics)."""
     trainer = trl.KTOTrainer(
-        model=_model(), ref_model=_ref_model(),
+        model=tiny_model(), ref_model=_ref_model(),
         args=trl.KTOConfig(**_dpo_args(tmp_path)),
         train_dataset=datasets.Dataset.from_dict(
             dict(prompt=["w1", "w2 w3"], completion=[" w4", " w5 w6"], label=[True, False])
         ),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )  # fmt: skip
     _configure_kto(trainer, precompute=False)  # the reference model's pass goes through it too
     labels = [i % 2 == 0 for i in range(len(KTO_PROMPT_LENS))]
@@ -279,10 +279,10 @@ def test_patch_trl_kto_loss_matches_trl(tmp_path):
 def test_patch_trl_sft_loss_matches_trl(tmp_path):
     """SFTTrainer's loss is the mean token NLL; it logs token accuracy (is_top1)."""
     trainer = trl.SFTTrainer(
-        model=_model(),
+        model=tiny_model(),
         args=trl.SFTConfig(**_dpo_args(tmp_path)),
         train_dataset=datasets.Dataset.from_dict(dict(text=["w1 w2 w3 w4", "w5 w6 w7"] * 2)),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -301,13 +301,14 @@ def test_patch_trl_sft_loss_matches_trl(tmp_path):
 def test_patch_trl_grpo_trainer_trains(tmp_path):
     """A real `trl.GRPOTrainer.train()` (generation, reference pass, optimizer) under the
     patch: the head calls go to fastrl and the run logs finite losses."""
-    _model().save_pretrained(tmp_path / "model")  # beta > 0: TRL loads its reference from a path
+    # beta > 0: TRL loads its reference from a path
+    tiny_model().save_pretrained(tmp_path / "model")
     trainer = trl.GRPOTrainer(
         model=str(tmp_path / "model"),
         reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
         args=trl.GRPOConfig(**_common_args(tmp_path), beta=0.04, max_steps=2, logging_steps=1),
         train_dataset=datasets.Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5"] * 4}),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     with patch_trl() as patch:
         trainer.train()

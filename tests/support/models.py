@@ -10,7 +10,7 @@ tokenizers = pytest.importorskip("tokenizers")
 V = 64  # vocabulary
 
 
-def _tokenizer():
+def tiny_tokenizer():
     """The word-level tokenizer of the module docstring (`V` tokens)."""
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     vocab.update({f"w{i}": i + 3 for i in range(V - 3)})
@@ -21,7 +21,7 @@ def _tokenizer():
     )
 
 
-def _model():
+def tiny_model():
     """A fresh float32 `LlamaForCausalLM` (2 layers, hidden 16), the same weights each call."""
     torch.manual_seed(1234)
     cfg = transformers.LlamaConfig(

@@ -35,7 +35,7 @@ def assert_ranks_end_equal(script: str, tmp_path: pathlib.Path) -> None:
     """`script` (it may use `{out}`, a fresh output directory) trains `trainer` with
     `ddp_backend="gloo"`; run it on two processes and check their LoRA weights."""
     root = str(pathlib.Path(__file__).resolve().parents[2])
-    path = tmp_path / "two_ranks.py"
+    path = tmp_path / "ranks.py"
     body = script.format(out=str(tmp_path / "out"))
     path.write_text(_HEADER.format(root=root) + body + _CHECK)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

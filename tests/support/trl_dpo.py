@@ -7,7 +7,7 @@ import torch
 
 from fastrl import sequence_logprobs
 from tests.support.compare import TOL_SAME_LOGPS
-from tests.support.models import V, _model
+from tests.support.models import V, tiny_model
 
 # Six pairs: prompt, chosen and rejected lengths in tokens (before the EOS-free ids below).
 # Unequal within each pair both ways (LD-DPO's tail is on either side), one pair of equal
@@ -37,7 +37,7 @@ def _common_args(tmp, batch_size=B):
 
 def _ref_model():
     """The tiny Llama with perturbed weights: a reference that differs from the policy."""
-    model = _model()
+    model = tiny_model()
     g = torch.Generator().manual_seed(99)
     with torch.no_grad():
         for p in model.parameters():

@@ -10,7 +10,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from tests.support.models import V, _model, _tokenizer  # noqa: E402
+from tests.support.models import V, tiny_model, tiny_tokenizer  # noqa: E402
 
 B, G, P, T = 8, 4, 5, 7  # completions, group size, prompt len, completion len
 GA, SPG = 2, 4  # gradient accumulation steps, steps per generation
@@ -53,11 +53,11 @@ def _grpo_trainer(tmp, **config):
     args = trl.GRPOConfig(**_common_args(tmp), **config)
     ds = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 2})
     trainer = trl.GRPOTrainer(
-        model=_model(),
+        model=tiny_model(),
         reward_funcs=_reward_funcs(3),
         args=args,
         train_dataset=ds,
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.model.train()
     return trainer

@@ -48,7 +48,7 @@ from fastrl.trainers.dpo_trainer import (  # noqa: E402
 )
 from fastrl.trainers.model import load_model  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS, TOL_SAME_LOGPS  # noqa: E402
-from tests.support.models import _model, _tokenizer  # noqa: E402
+from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
 from tests.support.trl_dpo import PAIRED_DS, _configure_dpo  # noqa: E402
 
@@ -80,7 +80,7 @@ def _args(tmp, **kw):
 
 def _lora_model(seed=5):
     """The parity tests' tiny Llama with LoRA adapters that matter (B != 0)."""
-    model = load_model(_model(), lora=LORA, gradient_checkpointing=False)
+    model = load_model(tiny_model(), lora=LORA, gradient_checkpointing=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -132,7 +132,7 @@ def _pair_trainers(tmp, **config):
     lora = _lora_model()
     ours = DPOTrainer(
         copy.deepcopy(lora), _args(tmp / "ours", **config), train_dataset=ds,
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )  # fmt: skip
     trl_args = trl.DPOConfig(
         output_dir=str(tmp / "trl"),
@@ -146,10 +146,10 @@ def _pair_trainers(tmp, **config):
         **config,
     )
     theirs = trl.DPOTrainer(
-        _model(),
+        tiny_model(),
         args=trl_args,
         train_dataset=ds,
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
         peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **LORA),
     )
     mine = _lora_params(lora)
@@ -195,7 +195,7 @@ def test_config_defaults_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="use_weighting=True .*'aot'"):  # at construction
         DPOTrainer(_lora_model(), _args(tmp_path, use_weighting=True, loss_type="aot"),
                    train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
-                   processing_class=_tokenizer())  # fmt: skip
+                   processing_class=tiny_tokenizer())  # fmt: skip
     from transformers import HfArgumentParser
 
     (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
@@ -219,12 +219,14 @@ def test_config_defaults_and_refusals(tmp_path):
     assert parsed.beta == 0.3 and parsed.max_completion_length == 7
     # a bad loss configuration fails at construction, naming the option
     with pytest.raises(ValueError, match="label_smoothing"):
-        DPOTrainer(_model(), _args(tmp_path, loss_type="exo_pair"), processing_class=_tokenizer())
+        DPOTrainer(
+            tiny_model(), _args(tmp_path, loss_type="exo_pair"), processing_class=tiny_tokenizer()
+        )
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
         DPOTrainer(
-            _model(),
+            tiny_model(),
             _args(tmp_path, loss_type="simpo", precompute_ref_log_probs=True),
-            processing_class=_tokenizer(),
+            processing_class=tiny_tokenizer(),
         )
 
 
@@ -445,7 +447,10 @@ def test_precomputed_reference_equals_per_batch(tmp_path):
     for ld_alpha in (None, 0.5):
         kw = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=3, ld_alpha=ld_alpha)
         pre = DPOTrainer(
-            _lora_model(), _args(tmp_path, **kw), train_dataset=ds, processing_class=_tokenizer()
+            _lora_model(),
+            _args(tmp_path, **kw),
+            train_dataset=ds,
+            processing_class=tiny_tokenizer(),
         )
         stored = torch.tensor(
             [pre.train_dataset["ref_chosen_logps"], pre.train_dataset["ref_rejected_logps"]]
@@ -480,7 +485,7 @@ def test_training_step_changes_only_lora_and_saves_the_adapter(tmp_path):
         save_steps=2,
         activation_checkpointing=True,
     )
-    trainer = DPOTrainer(_model(), args, train_dataset=ds, processing_class=_tokenizer())
+    trainer = DPOTrainer(tiny_model(), args, train_dataset=ds, processing_class=tiny_tokenizer())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -558,7 +563,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
             optim="sgd",
             learning_rate=0.1,
         )
-        trainer = DPOTrainer(_lora_model(), args, train_dataset=ds, processing_class=_tokenizer())
+        trainer = DPOTrainer(
+            _lora_model(), args, train_dataset=ds, processing_class=tiny_tokenizer()
+        )
         trainer.train()
         weights.append({n: p.detach().clone() for n, p in _lora_params(trainer.model).items()})
     start = _lora_params(_lora_model())
@@ -594,7 +601,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
     trainer = DPOTrainer(
-        model, _args(tmp_path, max_steps=1), train_dataset=ds, processing_class=_tokenizer()
+        model, _args(tmp_path, max_steps=1), train_dataset=ds, processing_class=tiny_tokenizer()
     )
     with pytest.raises(
         FloatingPointError,
@@ -606,7 +613,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 def test_oom_names_the_settings_to_lower(tmp_path):
     trainer = DPOTrainer(
         _lora_model(), _args(tmp_path, max_steps=1),
-        train_dataset=datasets.Dataset.from_dict(PAIRED_DS), processing_class=_tokenizer(),
+        train_dataset=datasets.Dataset.from_dict(PAIRED_DS), processing_class=tiny_tokenizer(),
     )  # fmt: skip
 
     def oom(*args, **kwargs):

@@ -288,13 +288,13 @@ def trl_grpo(tmp_path_factory):
 )  # fmt: skip
 def test_loss_matches_fused_policy_loss_and_trl(tmp_path, trl_grpo, loss_type, beta, level):
     from tests.support.compare import TOL_OWN_LOGPS, _assert_grads_close
-    from tests.support.models import _model, _tokenizer
+    from tests.support.models import tiny_model, tiny_tokenizer
     from tests.support.trl_grpo import GA, MAX_LEN, SPG, _configure
 
     def length_reward(prompts, completions, **kwargs):
         return [float(len(c.split()) % 5) for c in completions]
 
-    tok = _tokenizer()
+    tok = tiny_tokenizer()
     args = _args(
         tmp_path,
         gradient_accumulation_steps=GA,
@@ -309,7 +309,7 @@ def test_loss_matches_fused_policy_loss_and_trl(tmp_path, trl_grpo, loss_type, b
     prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
     torch.manual_seed(0)
     trainer = GRPOTrainer(
-        _model(), length_reward, args=args, train_dataset=[{"prompt": p} for p in prompts],
+        tiny_model(), length_reward, args=args, train_dataset=[{"prompt": p} for p in prompts],
         processing_class=tok,
     )  # fmt: skip
     model = trainer.model

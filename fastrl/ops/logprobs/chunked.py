@@ -27,9 +27,17 @@ def _logits(h, weight, bias, v0, v1, inv_temp, softcap):
 
 
 def chunked_logprobs_fwd(
-    hidden, weight, bias, targets, temperature, softcap, ignore_index, return_entropy,
-    top1=None, log_sum_sq=None,
-):  # fmt: skip
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    return_entropy: bool,
+    top1: torch.Tensor | None = None,
+    log_sum_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """hidden [N, d], weight [V, d], targets [N] int64 -> logp [N], entropy [N] | None, lse [N];
     fills `top1` ([N] bool, if given) with whether each target has the largest logit and
     `log_sum_sq` ([N], if given) with log sum_v p_v^2 (0 where ignored)."""
@@ -72,21 +80,21 @@ def chunked_logprobs_fwd(
 
 
 def chunked_logprobs_bwd(
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    entropy,
-    grad_logp,
-    grad_entropy,
-    temperature,
-    softcap,
-    ignore_index,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Recompute each block, dz = g_logp (onehot - p) - g_ent p (log p + H), and contract."""
     N, V = hidden.shape[0], weight.shape[0]
     dt = compute_dtype(hidden)

@@ -62,22 +62,22 @@ def _score(logratio, f_divergence_type, coef):
 
 
 def naive_preference_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps=None,
-    ref_rejected_logps=None,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
     *,
-    chosen_lengths=None,
-    rejected_lengths=None,
-    nll=None,
-    chosen_tail_logps=None,
-    rejected_tail_logps=None,
-    ref_chosen_tail_logps=None,
-    ref_rejected_tail_logps=None,
-    chosen_aligned_logps=None,
-    rejected_aligned_logps=None,
-    **options,
-):
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    nll: torch.Tensor | None = None,
+    chosen_tail_logps: torch.Tensor | None = None,
+    rejected_tail_logps: torch.Tensor | None = None,
+    ref_chosen_tail_logps: torch.Tensor | None = None,
+    ref_rejected_tail_logps: torch.Tensor | None = None,
+    chosen_aligned_logps: torch.Tensor | None = None,
+    rejected_aligned_logps: torch.Tensor | None = None,
+    **options: object,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same contract as `fastrl.preference_loss` (no validation); float64 loss and metrics.
 
     `options`: those of `PreferenceLossOptions`, with its defaults (and what None stands
