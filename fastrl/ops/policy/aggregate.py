@@ -5,7 +5,7 @@ The loss is linear in its per-token terms (loss term, KL, entropy) with coeffici
 do not depend on the log-probs once the factors are fixed: `token_coefficients` gives them,
 for the fused head that forms the gradient in its forward (fastrl/ops/policy/fused.py). It
 is the derivative of `aggregate` and `entropy_bonus`, written next to them: the two change
-together (tests/test_policy_loss.py pins them against autograd).
+together (tests/ops/test_policy_loss.py pins them against autograd).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ TRL's ``GRPOTrainer._compute_loss`` computes for the same inputs: loss types ``g
 a KL penalty to a reference policy, the vLLM/sampler importance-sampling correction, the
 off-policy sequence mask, high-entropy token masking and the entropy bonus, and TRL's
 gradient-accumulation scaling. Loss and gradients agree with TRL's to float rounding
-(tests/test_trl_parity_grpo.py runs TRL's own trainer).
+(tests/parity/test_trl_parity_grpo.py runs TRL's own trainer).
 
 The steps, one module each: the options (`fastrl.options.policy`, validated once), the
 tensors (`inputs.py`), the elementwise terms (`terms.py`: PyTorch, or for token-level

@@ -13,7 +13,7 @@ completion pairs, the loss that TRL 1.16 computes for the same numbers:
 plus what TRL lacks: conservative DPO (``label_smoothing`` on ``sigmoid``), R-DPO's length
 penalty (``rdpo_alpha``) and DPOP's positive penalty (``dpop_lambda``). `kto_loss` (`kto`)
 is KTO on unpaired data. Loss, gradients and metrics agree with TRL's own trainers to float
-rounding (tests/test_trl_parity_dpo.py runs them).
+rounding (tests/parity/test_trl_parity_dpo.py runs them).
 
 The options are `fastrl.options.preference.PreferenceLossOptions`, validated there once;
 this module checks the tensors against them, forms what the families share (compute
