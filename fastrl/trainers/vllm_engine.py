@@ -358,7 +358,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def start_engine(trainer, model_path: str | None) -> VLLMEngine:
     """`trainer`'s engine (`GRPOTrainer` with ``use_vllm``): its base checkpoint (`model_path`,
     or a model object's base weights saved once into a temporary folder), the LoRA rank,
-    dtype (``vllm_dtype="auto"``: the policy's), context, memory budget, seed (default
+    dtype (``vllm_dtype="auto"``: the policy's), context, memory budget (a fraction of
+    ``max_memory_gb`` when that caps the process), seed (default
     ``seed + process_index``) and, under DDP, one engine per rank (``external_launcher``,
     as TRL's colocate mode)."""
     args = trainer.args
@@ -384,12 +385,18 @@ def start_engine(trainer, model_path: str | None) -> VLLMEngine:
         os.environ.setdefault("RANK", str(args.process_index))
         os.environ.setdefault("LOCAL_RANK", str(args.local_process_index))
         os.environ.setdefault("WORLD_SIZE", str(args.world_size))
+    utilization = args.vllm_gpu_memory_utilization
+    if args.max_memory_gb is not None and torch.cuda.is_available():
+        # a fraction of the capped memory: vLLM sizes itself from the whole device, which
+        # the cap (the caching allocator's, which vLLM's tensors go through too) forbids
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        utilization *= min(1.0, args.max_memory_gb * 2**30 / total)
     return VLLMEngine(
         model=model_path,
         max_lora_rank=int(config.r),
         max_model_len=int(max_len),
         dtype=dtype,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        gpu_memory_utilization=utilization,
         kv_cache_memory_bytes=args.vllm_kv_cache_memory_bytes,
         enable_sleep_mode=args.vllm_enable_sleep_mode,
         seed=args.vllm_seed if args.vllm_seed is not None else args.seed + args.process_index,

@@ -10,12 +10,12 @@ V = 64
 KV_CACHE_BYTES = 64 * 2**20
 
 
-def tiny_qwen2(seed: int = 0):
+def tiny_qwen2(seed: int = 0, vocab_size: int = V):
     """A fresh float32 untied `Qwen2ForCausalLM` (2 layers, hidden 64, head_dim 32)."""
     import transformers
 
     cfg = transformers.Qwen2Config(
-        vocab_size=V,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
