@@ -95,9 +95,18 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         (KL to the reference = the base with adapters off; 0 skips the reference
         forward), kl_estimator (fastrl), use_bias_correction_kl, importance_sampling_level,
         sapo_temperature_pos/neg, num_iterations, entropy_coef, top_entropy_quantile,
-        off_policy_mask_threshold. (The loss's sampler correction, `sampling_logps` for
-        vLLM-style samplers, has no use here: completions come from the policy itself
-        through `generate`, so the sampler's log-probs are the old policy's.)
+        off_policy_mask_threshold. The loss's sampler correction (`sampling_logps`) is
+        used with `use_vllm` only: `generate` samples from the policy itself.
+
+    vLLM (TRL's names and defaults; `fastrl.trainers.vllm_engine`): use_vllm, vllm_mode
+        ("colocate"; "server" is refused), vllm_gpu_memory_utilization (0.3; a share of
+        `max_memory_gb` when set), vllm_max_model_length, vllm_enable_sleep_mode (CUDA),
+        vllm_tensor_parallel_size (1 only), vllm_model_impl,
+        vllm_importance_sampling_correction (True), vllm_importance_sampling_mode
+        ("sequence_mask"), vllm_importance_sampling_clip_min / _max (None / 3.0): the loss's
+        `sampling_correction` / `sampling_clip_min` / `sampling_clip_max`. fastrl's:
+        vllm_dtype ("auto": the policy's), vllm_seed (default `seed`), vllm_enforce_eager,
+        vllm_kv_cache_memory_bytes (a fixed KV cache size; the CPU backend's budget).
 
     Rewards (TRL): reward_weights, scale_rewards ("group" | "batch" | "none"),
         multi_objective_aggregation.

@@ -267,16 +267,22 @@ class GRPOTrainer(BaseTrainer):
         callbacks, optimizers: as `transformers.Trainer`.
 
     Per step: generation with `model.generate` (KV cache, adapters on, no grad, left
-    padding), completion masks up to and including the first EOS, rewards through
-    `call_reward`, `group_advantages`, old log-probs (when the policy can change before
-    the batch is used) and reference log-probs (adapters off; only when `beta != 0`)
+    padding) or, with `use_vllm`, on a colocated vLLM engine (`vllm_engine`: started at
+    the first generation, the adapter synced after every optimizer step that precedes a
+    generation, the sampler's log-probs kept for the loss's importance-sampling
+    correction; `close_vllm` shuts it down, Ctrl-C too), completion masks up to and
+    including the first EOS, rewards through `call_reward`, `group_advantages`, old
+    log-probs (when the policy can change before the batch is used, or for the vLLM
+    correction) and reference log-probs (adapters off; only when `beta != 0`)
     through `linear_logprobs`, then `fused_policy_loss` on the completion hidden states
     and the frozen lm_head weight. Logs (every `logging_steps`, through `Trainer.log`):
     `reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
     `completions/mean_length|min_length|max_length|clipped_ratio`, `kl` (beta != 0),
     `entropy`, `clip_ratio/*`, `num_tokens` (prompt + completion tokens generated so far,
     as TRL), `tokens_per_second` (prompt + completion tokens trained on, by all processes,
-    per second of wall time since the last log, generation included) and, on CUDA,
+    per second of wall time since the last log, generation included), with vLLM
+    `vllm/sync_seconds`, `vllm/generate_seconds` and the `sampling/*` correction
+    metrics, and, on CUDA,
     `peak_memory_gib` (`torch.cuda.max_memory_allocated`, since the start). Each metric is
     the mean over the logging window and every process (`clip_ratio/low_min` and
     `clip_ratio/high_max`: the min / max over processes); one without a value (e.g. every
@@ -553,6 +559,7 @@ class GRPOTrainer(BaseTrainer):
         rows = [ids[m].tolist() for ids, m in pairs]
         seeds = self._vllm_seeds(len(rows))
         ids, logps = engine.generate(rows, self._vllm_sampling, seeds=seeds)
+        self._record_metrics({"vllm/generate_seconds": engine.timings["generate_s"]})
         engine.sleep()  # the loss runs next: its memory back to training (sleep mode only)
         T = max(1, max(len(c) for c in ids))
         pad = self.processing_class.pad_token_id

@@ -131,9 +131,13 @@ def _import_vllm():
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
+    """An engine start that failed for memory: CUDA OOM, or vLLM's refusals ("No available
+    memory for the cache blocks", "... KV cache is needed, which is larger than the
+    available KV cache memory", "Free memory on device ... is less than desired GPU
+    memory utilization", "Cannot auto-fit max_model_len: not enough GPU memory")."""
     text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or any(
-        s in text for s in ("out of memory", "kv cache", "cache blocks", "memory utilization")
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, (ValueError, RuntimeError)) and ("memory" in text or "kv cache" in text)
     )
 
 
@@ -213,11 +217,12 @@ class VLLMEngine:
         except Exception as e:
             self.close()
             if _is_out_of_memory(e):
-                budget = (
-                    f"--vllm_kv_cache_memory_bytes (now {self.kv_cache_memory_bytes})"
-                    if self.kv_cache_memory_bytes is not None
-                    else f"--vllm_gpu_memory_utilization (now {self.gpu_memory_utilization})"
-                )
+                budget = f"--vllm_gpu_memory_utilization (now {self.gpu_memory_utilization})"
+                if self.kv_cache_memory_bytes is not None:  # it replaces the fraction
+                    budget = (
+                        f"--vllm_kv_cache_memory_bytes (now {self.kv_cache_memory_bytes}, "
+                        f"which replaces {budget})"
+                    )
                 message = (
                     f"the vLLM engine did not fit at start: raise {budget} or lower "
                     f"--vllm_max_model_length (now {self.max_model_len}, the longest prompt + "

@@ -136,4 +136,5 @@ def test_an_engine_too_small_names_the_options(tmp_path, peft_model):
         )  # fmt: skip
     message = str(info.value)
     assert "--vllm_max_model_length (now 256" in message
-    assert "--vllm_kv_cache_memory_bytes (now 4096)" in message
+    assert "--vllm_kv_cache_memory_bytes (now 4096, which replaces" in message
+    assert "--vllm_gpu_memory_utilization (now 0.3)" in message

@@ -121,7 +121,7 @@ def test_engine_follows_the_adapter_through_training(tmp_path, tokenizer):
     assert after != before  # the adapter moved, and the engine has the new one
 
     logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
-    for key in ("loss", "reward", "vllm/sync_seconds",
+    for key in ("loss", "reward", "vllm/sync_seconds", "vllm/generate_seconds",
                 "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
                 "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
                 "sampling/importance_sampling_ratio/max"):  # fmt: skip
