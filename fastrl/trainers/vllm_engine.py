@@ -38,10 +38,10 @@ __all__ = ["SamplingSettings", "VLLMEngine", "lora_rank_for_vllm", "sampling_set
 #: the `GenerationConfig` fields (the HF path's `generation_kwargs`) the engine honours
 _SUPPORTED = (
     "do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-    "max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id", "use_cache",
-    "num_return_sequences",
+    "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
+    "use_cache", "num_return_sequences",
 )  # fmt: skip
-_RENAMED = {"max_new_tokens": "max_tokens"}
+_RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class SamplingSettings:
     min_p: float | None = None
     repetition_penalty: float = 1.0
     do_sample: bool = True
+    min_tokens: int = 0
 
     def vllm_kwargs(self) -> dict[str, Any]:
         """`vllm.SamplingParams` keyword arguments (one completion per prompt, the sampled
@@ -64,6 +65,7 @@ class SamplingSettings:
         return dict(
             n=1,
             max_tokens=self.max_tokens,
+            min_tokens=self.min_tokens or 0,
             temperature=self.temperature if self.do_sample else 0.0,
             top_p=self.top_p,
             top_k=self.top_k if self.top_k > 0 else -1,

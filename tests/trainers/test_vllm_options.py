@@ -114,9 +114,11 @@ def test_sampling_settings_mean_what_the_hf_path_means(tmp_path):
     assert kw["ignore_eos"] and kw["logprobs"] == 0  # the stop ids alone end a completion
     off = sampling_settings(_config(tmp_path), [1]).vllm_kwargs()
     assert (off["top_k"], off["min_p"]) == (-1, 0.0)  # HF's "off" as vLLM spells it
-    greedy = _config(tmp_path, generation_kwargs={"do_sample": False, "max_new_tokens": 4})
+    greedy = _config(
+        tmp_path, generation_kwargs={"do_sample": False, "max_new_tokens": 4, "min_new_tokens": 3}
+    )
     kw = sampling_settings(greedy, [1]).vllm_kwargs()
-    assert (kw["temperature"], kw["max_tokens"]) == (0.0, 4)
+    assert (kw["temperature"], kw["max_tokens"], kw["min_tokens"]) == (0.0, 4, 3)
     with pytest.raises(
         ValueError, match=r"--generation_kwargs num_beams=4: not supported with --use_vllm"
     ):  # noqa: E501

@@ -109,6 +109,10 @@ def test_stop_ids_and_max_tokens(engine_and_model):
     assert stopped[0] == free[0][: free[0].index(token) + 1]
     short, _ = engine.generate(PROMPTS, dataclasses.replace(GREEDY, max_tokens=2))
     assert [len(c) for c in short] == [min(2, len(c)) for c in free]
+    # min_tokens (generation_kwargs' min_new_tokens) holds the stop ids back
+    held = dataclasses.replace(GREEDY, stop_token_ids=(1, token), min_tokens=GREEDY.max_tokens)
+    full, _ = engine.generate(PROMPTS[:1], held)
+    assert len(full[0]) == GREEDY.max_tokens and token not in full[0][:3]
 
 
 def test_generate_before_sync_is_refused(tmp_path, peft_model):
