@@ -354,7 +354,13 @@ def save_base_checkpoint(peft_model, directory: str) -> str:
     # tied weights share storage: safetensors refuses duplicates, the config re-ties them
     if getattr(base.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    base.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    # written here, not by `save_pretrained`, which writes on torch.distributed rank 0 only
+    # (under DDP every rank's engine needs its own copy on its own disk)
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    base.config.save_pretrained(directory)
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     return directory
 
 
