@@ -10,8 +10,9 @@ V = 64
 KV_CACHE_BYTES = 64 * 2**20
 
 
-def tiny_qwen2(seed: int = 0, vocab_size: int = V):
-    """A fresh float32 untied `Qwen2ForCausalLM` (2 layers, hidden 64, head_dim 32)."""
+def tiny_qwen2(seed: int = 0, vocab_size: int = V, tied: bool = False):
+    """A fresh float32 `Qwen2ForCausalLM` (2 layers, hidden 64, head_dim 32), untied unless
+    `tied`."""
     import transformers
 
     cfg = transformers.Qwen2Config(
@@ -23,7 +24,7 @@ def tiny_qwen2(seed: int = 0, vocab_size: int = V):
         num_key_value_heads=1,
         head_dim=32,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,

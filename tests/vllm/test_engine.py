@@ -142,3 +142,28 @@ def test_an_engine_too_small_names_the_options(tmp_path, peft_model):
     assert "--vllm_max_model_length (now 256" in message
     assert "--vllm_kv_cache_memory_bytes (now 4096, which replaces" in message
     assert "--vllm_gpu_memory_utilization (now 0.3)" in message
+
+
+def test_a_tied_model_object_reaches_the_engine_whole(tmp_path):
+    """`save_base_checkpoint` of a tied model: the head is the embedding (one tensor on
+    disk), and the engine's greedy completions equal HF's."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.support.engine import tiny_qwen2
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        tiny_qwen2(tied=True), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    )
+    randomize_lora(model, 3)
+    base = save_base_checkpoint(model, str(tmp_path))
+    engine = VLLMEngine(
+        model=base, max_lora_rank=8, max_model_len=64, dtype="float32",
+        kv_cache_memory_bytes=KV_CACHE_BYTES, enforce_eager=True,
+    )  # fmt: skip
+    try:
+        engine.sync_adapter(model)
+        ids, _ = engine.generate(PROMPTS, GREEDY)
+        assert ids == [hf_greedy(model, p, GREEDY.max_tokens) for p in PROMPTS]
+    finally:
+        engine.close()
