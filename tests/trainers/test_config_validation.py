@@ -156,18 +156,18 @@ def test_command_line_values_are_checked_as_typed(tmp_path):
 def test_grpo_loss_options_have_one_home(tmp_path):
     # the policy loss's choices and defaults live in fastrl.options.policy, which the loss
     # and GRPOConfig both read (no copies): the config's loss settings are its fields
-    # but the per-step ones (the trainer passes those) and the sampler correction (no use:
-    # completions come from the policy itself), with the options' defaults but TRL's
-    # max_completion_length (a generation option too)
+    # but the per-step ones (the trainer passes those), with the options' defaults but TRL's
+    # max_completion_length (a generation option too) and the sampler correction (TRL's
+    # vllm_importance_sampling_*: off without use_vllm, the sampler being the policy)
     assert not hasattr(grpo, "POLICY_LOSS_TYPES") and not hasattr(grpo, "_CLIPPED")
     kwargs = GRPOConfig(str(tmp_path), **GRPO_OK).policy_loss_kwargs()
-    sampler = {"sampling_correction", "sampling_clip_min", "sampling_clip_max"}
     names = policy_options.PolicyLossOptions.names()
-    assert set(kwargs) == set(names) - set(policy_options.PER_STEP) - sampler
+    assert set(kwargs) == set(names) - set(policy_options.PER_STEP)
     defaults = policy_options.PolicyLossOptions()
     for name, value in kwargs.items():
-        if name != "max_completion_length":
+        if name not in ("max_completion_length", "sampling_correction"):
             assert value == getattr(defaults, name), name
+    assert kwargs["sampling_correction"] is None
     assert kwargs["max_completion_length"] == 512
     # the config checks its options again when the trainer asks for them
     args = GRPOConfig(str(tmp_path), **GRPO_OK)
