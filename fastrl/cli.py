@@ -720,9 +720,14 @@ class _Running:
 
 def _train_and_save(trainer) -> None:
     _Running.active = True
-    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    trainer.save_model(trainer.args.output_dir)
-    trainer.save_state()  # trainer_state.json: the logs, next to the adapter
+    try:
+        trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+        trainer.save_model(trainer.args.output_dir)
+        trainer.save_state()  # trainer_state.json: the logs, next to the adapter
+    finally:
+        close = getattr(trainer, "close_vllm", None)  # a vLLM engine, when GRPO has one
+        if close is not None:
+            close()
 
 
 def cmd_grpo(argv: list[str]) -> None:

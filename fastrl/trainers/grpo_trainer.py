@@ -416,8 +416,10 @@ class GRPOTrainer(BaseTrainer):
         self._reset_generation_state()
         try:
             return super().train(*args, **kwargs)
-        except KeyboardInterrupt:
-            self.close_vllm()  # after SaveOnInterrupt's checkpoint; the engine is not reused
+        except BaseException:
+            # after SaveOnInterrupt's checkpoint (Ctrl-C), or on any failure: the engine
+            # and its temporary folders go; a later train() starts a new one
+            self.close_vllm()
             raise
 
     def _rewind_to_last_step(self) -> None:
@@ -656,7 +658,12 @@ class GRPOTrainer(BaseTrainer):
             completion_mask=completion_mask,
             advantages=advantages,
         )
-        if sampling_logps is not None and self._loss_kwargs.get("sampling_correction"):
+        # the sampler's log-probs feed the correction, and the off-policy mask prefers them
+        # to the old policy's (TRL's rule), with the correction on or off
+        wanted = self._loss_kwargs.get("sampling_correction") or (
+            args.off_policy_mask_threshold is not None
+        )
+        if sampling_logps is not None and wanted:
             batch["sampling_logps"] = sampling_logps
         if args.dynamic_sampling:
             keep = (advantages.view(-1, G) != 0).any(1).repeat_interleave(G)

@@ -216,7 +216,7 @@ class VLLMEngine:
         start = time.perf_counter()
         try:
             self.llm = vllm.LLM(**kwargs)
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C during the start too: the folders go
             self.close()
             if _is_out_of_memory(e):
                 budget = f"--vllm_gpu_memory_utilization (now {self.gpu_memory_utilization})"
@@ -377,20 +377,25 @@ def start_engine(trainer, model_path: str | None) -> VLLMEngine:
     as TRL's colocate mode)."""
     args = trainer.args
     model = trainer._unwrapped()
-    if model_path is None:
-        trainer._vllm_base_dir = tempfile.mkdtemp(prefix="fastrl-vllm-base-")
-        model_path = save_base_checkpoint(model, trainer._vllm_base_dir)
     config = model.peft_config[model.active_adapter]
-    if getattr(config, "modules_to_save", None):
+    if getattr(config, "modules_to_save", None):  # checked before anything is written
         raise ValueError(
             "--use_vllm syncs LoRA weights only: an adapter with modules_to_save "
             f"({config.modules_to_save}) cannot be loaded by vLLM"
         )
+    if model_path is None:
+        trainer._vllm_base_dir = tempfile.mkdtemp(prefix="fastrl-vllm-base-")
+        model_path = save_base_checkpoint(model, trainer._vllm_base_dir)
     max_len = args.vllm_max_model_length
     if max_len is None and args.max_prompt_length is not None:
         max_len = args.max_prompt_length + args.max_completion_length
     if max_len is None:
         max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is None:
+        raise ValueError(
+            "--use_vllm needs the engine's context length: set --vllm_max_model_length (or "
+            "--max_prompt_length); the model's config has no max_position_embeddings"
+        )
     dtype = args.vllm_dtype
     if dtype == "auto":
         dtype = _dtype_name(lm_head_dtype(model))
