@@ -22,9 +22,9 @@ from tests.support.engine import randomize_lora, tiny_qwen2  # noqa: E402
 
 @pytest.fixture
 def tokenizer():
-    from tests.support.models import _tokenizer
+    from tests.support.models import tiny_tokenizer
 
-    return _tokenizer()
+    return tiny_tokenizer()
 
 
 @pytest.fixture
