@@ -6,6 +6,7 @@ from __future__ import annotations
 
 __all__ = ["GRPOConfig"]
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,6 +235,10 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     vllm_importance_sampling_clip_max: float | None = field(
         default=_LOSS.sampling_clip_max, metadata={"help": "Upper bound of the IS ratio."}
     )
+    vllm_importance_sampling_cap: float | None = field(
+        default=None,
+        metadata={"help": "Deprecated (as in TRL): use --vllm_importance_sampling_clip_max."},
+    )
     # fastrl: what the engine needs (TRL takes them from model_init_kwargs or fixes them)
     vllm_dtype: str = field(
         default="auto", metadata={"help": "vLLM weights dtype (auto: the policy's)."}
@@ -279,6 +284,15 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     def _check_vllm_options(self) -> None:
         """The vLLM options, named as flags (TRL's rules: clip_min < clip_max, a truncate
         mode needs a bound), and what the engine cannot do here."""
+        if self.vllm_importance_sampling_cap is not None:  # TRL's deprecated name
+            warnings.warn(
+                "--vllm_importance_sampling_cap is deprecated (as in TRL 1.16): use "
+                "--vllm_importance_sampling_clip_max",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+            self.vllm_importance_sampling_cap = None  # read once
         check_choice("vllm_mode", self.vllm_mode, VLLM_MODES)
         check_number(
             "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization,
@@ -303,7 +317,9 @@ class GRPOConfig(ModelArguments, TrainingArguments):
                 f"--vllm_importance_sampling_clip_min ({lo}) must be less than "
                 f"--vllm_importance_sampling_clip_max ({hi})"
             )
-        if self.vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+        correcting = self.use_vllm and self.vllm_importance_sampling_correction
+        truncate = self.vllm_importance_sampling_mode.endswith("truncate")
+        if correcting and truncate and lo is None and hi is None:
             raise ValueError(
                 f"--vllm_importance_sampling_mode {self.vllm_importance_sampling_mode!r} "
                 "truncates the ratio: set --vllm_importance_sampling_clip_min or "
@@ -389,6 +405,14 @@ class GRPOConfig(ModelArguments, TrainingArguments):
             raise ValueError(
                 f"{given}: GRPOTrainer has no evaluation loop; leave --eval_strategy 'no' and "
                 "evaluate with generation yourself (model.generate and your reward functions)"
+            )
+        greedy = (self.generation_kwargs or {}).get("do_sample") is False
+        if greedy and self.use_vllm and self.vllm_importance_sampling_correction:
+            # the sampler's log-probs would be temperature 0's, the policy's --temperature's
+            raise ValueError(
+                "--generation_kwargs do_sample=False with --use_vllm: greedy completions have "
+                "no sampler log-probs to correct by; set "
+                "--vllm_importance_sampling_correction false"
             )
         stop = (self.generation_kwargs or {}).get("stop_strings")
         if stop is not None:

@@ -52,7 +52,6 @@ BAD = [
     (dict(vllm_importance_sampling_mode="token"), r"--vllm_importance_sampling_mode must be one of 'token_truncate', .*; got 'token'"),  # noqa: E501
     (dict(vllm_importance_sampling_clip_max=-1.0), r"--vllm_importance_sampling_clip_max must be >= 0 or None, got -1.0"),  # noqa: E501
     (dict(vllm_importance_sampling_clip_min=3.0), r"--vllm_importance_sampling_clip_min \(3.0\) must be less than --vllm_importance_sampling_clip_max \(3.0\)"),  # noqa: E501
-    (dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None), r"--vllm_importance_sampling_mode 'token_truncate' truncates the ratio: set --vllm_importance_sampling_clip_min or"),  # noqa: E501
     (dict(vllm_dtype="fp8"), r"--vllm_dtype must be one of 'auto', 'bfloat16', 'float16', 'float32'; got 'fp8'"),  # noqa: E501
     (dict(vllm_seed=-1), r"--vllm_seed must be >= 0 \(an integer\) or None, got -1"),
     (dict(vllm_kv_cache_memory_bytes=0), r"--vllm_kv_cache_memory_bytes must be >= 1 \(an integer\) or None, got 0"),  # noqa: E501
@@ -131,3 +130,32 @@ def test_lora_rank_rounds_up_to_one_vllm_accepts():
     assert [lora_rank_for_vllm(r) for r in (1, 4, 8, 12, 64, 65)] == [1, 8, 8, 16, 64, 128]
     with pytest.raises(ValueError, match=r"--lora_r 1024 is larger than vLLM's largest"):
         lora_rank_for_vllm(1024)
+
+
+def test_a_truncate_mode_needs_a_bound_only_when_it_corrects(tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo_config_mod, "require_vllm", lambda: None)
+    kw = dict(
+        vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None
+    )
+    match = r"--vllm_importance_sampling_mode 'token_truncate' truncates the ratio: set --vllm"
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, use_vllm=True, **kw)
+    _config(tmp_path, **kw)  # no correction without use_vllm: nothing to truncate
+    _config(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False, **kw)
+
+
+def test_trls_deprecated_cap_is_the_upper_clip(tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo_config_mod, "require_vllm", lambda: None)
+    with pytest.warns(FutureWarning, match="vllm_importance_sampling_cap is deprecated"):
+        args = _config(tmp_path, use_vllm=True, vllm_importance_sampling_cap=2.0)
+    assert args.vllm_importance_sampling_clip_max == 2.0
+    assert args.policy_loss_kwargs()["sampling_clip_max"] == 2.0
+
+
+def test_greedy_generation_has_no_sampler_correction(tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo_config_mod, "require_vllm", lambda: None)
+    greedy = dict(generation_kwargs={"do_sample": False})
+    with pytest.raises(ValueError, match=r"do_sample=False with --use_vllm: .*correction false"):
+        _config(tmp_path, use_vllm=True, **greedy)
+    _config(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False, **greedy)
+    _config(tmp_path, **greedy)  # the HF path has no sampler log-probs at all
