@@ -18,6 +18,11 @@
 #   preference  bench/bench_preference.py, likewise
 #   memcheck    compute-sanitizer --tool memcheck of the smoke -> memcheck.log
 #   report      headline figures -> summary.md (printed); summary.json has every stage
+#   grpo_step   opt-in (only with --stages grpo_step; it needs a command of its own, with
+#               --budget 560): bench/bench_grpo_step.py, one GRPO LoRA step of fastrl, TRL
+#               and patched TRL at the Qwen2.5-1.5B and 7B-4bit shapes, G=8, prompt 256 +
+#               completion 1024, 24 GiB cap; the +vllm rows too where `import vllm` works
+#               (the device image has no vLLM) -> results/grpo_step-<stem>.json + .png
 # If the smoke fails, memcheck runs right after it (it says where the fault is).
 #
 # Output: OUT_DIR holds everything (results/ is ready to copy into bench/results/). With
@@ -185,8 +190,10 @@ policy       140  120   75
 gpu_tests    150  90    50
 preference   120  90    55
 memcheck     120  90    40
+grpo_step    540  150   420
 report       60   60    5
 "
+OPTIONAL=",grpo_step," # stages run only when --stages names them
 ORDER=()
 declare -A TIMEOUT=() EST=()
 while read -r name gpu_t dry_t est; do
@@ -199,6 +206,7 @@ done <<<"$STAGE_TABLE"
 wanted() { # env and report always run
     local s=$1
     [[ $s == env || $s == report ]] && return 0
+    [[ $OPTIONAL == *",$s,"* && ",$ONLY," != *",$s,"* ]] && return 1
     [[ -n $ONLY && ",$ONLY," != *",$s,"* ]] && return 1
     [[ -n $SKIP && ",$SKIP," == *",$s,"* ]] && return 1
     return 0
@@ -250,6 +258,19 @@ stage_cmd() { # the stage's command line, into CMD
             CMD=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 86
                 --target-processes application-only --print-limit 200 --log-file "$TREE/memcheck.log"
                 "$PY" tools/gpu_smoke.py --out "$TREE/smoke-memcheck.json" "${mdtypes[@]}" "${tiny[@]}") ;;
+        grpo_step) # each (model, trainer) in its own worker process, under its own timeout
+            local trainers=fastrl,trl,trl-patched shape
+            if "$PY" -c "import vllm" >/dev/null 2>&1; then
+                trainers+=,fastrl+vllm,trl+vllm,trl-patched+vllm
+            fi
+            if ((DRY)); then
+                shape=(--models tiny --device cpu --steps 1 --warmup 0 --num-generations 4
+                    --prompt-length 16 --completion-length 16 --timeout 120)
+            else
+                shape=(--models qwen2.5-1.5b,qwen2.5-7b --steps 1 --warmup 1 --timeout 250)
+            fi
+            CMD=("$PY" bench/bench_grpo_step.py --trainers "$trainers" "${shape[@]}"
+                --vllm-python "$PY" --cache-dir "${TMPDIR:-/tmp}/fastrl-bench-cache" --out "$RES/grpo_step-$STEM.json") ;;
         report) CMD=("$PY" tools/gpu_report.py report "$TREE") ;;
     esac
 }

@@ -101,6 +101,27 @@ def bench_lines(data: dict) -> list[str]:
     return lines
 
 
+def grpo_step_lines(data: dict) -> list[str]:
+    """One line per (model, trainer): tokens/s, peak memory, and the ratios the issues
+    target (against TRL's HF-generate and vLLM rows, and fastrl+vllm against fastrl)."""
+    lines = []
+    for r in data.get("results", []):
+        head = f"  {r.get('model')} {r.get('trainer')}: "
+        if r.get("error"):
+            lines.append(head + str(r["error"]))
+            continue
+        mem = r.get("peak_allocated_gib") or r.get("peak_rss_gib")
+        parts = [f"{_fmt(r.get('tokens_per_second'))} tok/s", f"peak {_fmt(mem)} GiB"]
+        for key in ("speed_vs_trl", "memory_vs_trl", "speed_vs_trl_vllm", "memory_vs_trl_vllm",
+                    "speed_vs_fastrl"):  # fmt: skip
+            if r.get(key) is not None:
+                parts.append(f"{key} {r[key]:.2f}")
+        lines.append(head + ", ".join(parts))
+    if not any(str(r.get("trainer", "")).endswith("+vllm") for r in data.get("results", [])):
+        lines.append("  +vllm rows not run: vllm is not importable by this python")
+    return lines
+
+
 def junit_line(path: Path) -> str:
     try:
         root = ET.parse(path).getroot()
@@ -190,6 +211,10 @@ def report(tree: Path) -> int:
             text = (f"{r['ratio']:.2f}" + ("" if r.get("meets_target") else " MISSES")
                     if "ratio" in r else r.get("error", "?"))  # fmt: skip
             out.append(f"  {r['op']} {r['impl']} {r['variant']} {r.get('mode', '')}: {text}")
+
+    for path in sorted(results.glob("grpo_step-*.json")):
+        out.append(f"grpo_step ({path.name}; one GRPO LoRA step):")
+        out += grpo_step_lines(_load(path) or {})
 
     for path in sorted(results.glob("*.json")):
         data = _load(path) or {}

@@ -179,3 +179,23 @@ def _check_pack(out: Path) -> None:
     assert sum(n.startswith("./results/") and n.endswith(".png") for n in names) == 4
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]][-1] == "report"
+
+
+@pytest.mark.slow
+def test_grpo_step_stage_runs_only_when_named(tmp_path):
+    """The opt-in grpo_step stage (issue 12's GPU figures need a command of their own): its
+    dry run times fastrl, TRL and patched TRL on a tiny model, and the report shows them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
+    env.update(PY=sys.executable, TMPDIR=str(tmp_path))
+    cmd = ["bash", str(SCRIPT), "--dry-run", "--stages", "grpo_step", "--out", str(tmp_path / "t")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["env", "grpo_step", "report"]
+    assert summary["stages"][1]["status"] == "ok", summary["stages"][1]
+    (path,) = (tmp_path / "t" / "results").glob("grpo_step-*.json")
+    rows = json.loads(path.read_text())["results"]
+    assert [r["trainer"] for r in rows] == ["fastrl", "trl", "trl-patched"]
+    assert all(r.get("tokens_per_second", 0) > 0 for r in rows), rows
+    assert path.with_suffix(".png").stat().st_size > 1000
+    assert "tiny fastrl: " in done.stdout and "speed_vs_trl" in done.stdout
