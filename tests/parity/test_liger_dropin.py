@@ -451,23 +451,29 @@ def test_kto_refuses_inputs():
 # --------------------------------------------------------------------------- CE
 
 
+@pytest.mark.parametrize("selected", [False, True], ids=["", "selected"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("return_entropy", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_scaled_cross_entropy_matches_liger(impl, return_entropy, temperature):
+def test_scaled_cross_entropy_matches_liger(impl, return_entropy, temperature, selected):
     M = 37
     w, _ = _head(bias=False)
     h = torch.randn(M, D).requires_grad_()
     target = torch.randint(0, V, (M,))
     target[[3, 20, 36]] = -100
-    g = torch.randn(2, M)
+    sel = torch.tensor([5, 0, 100, 5, 42]) if selected else None  # a duplicate, both ends
+    g = torch.randn(3, M)
+    g_sel = torch.randn(M, 5)
 
     def wrap(fn, **kw):
         def run(h, w):
-            out = fn(h, w, target, temperature, -100, 1, return_entropy, **kw)
-            outs = out if return_entropy else (out,)
+            out = fn(h, w, target, temperature, -100, 1, return_entropy, sel, **kw)
+            outs = out if isinstance(out, tuple) else (out,)
+            assert len(outs) == 1 + return_entropy + selected
             # a weighted sum reaches every output's gradient
-            loss = sum((o.float() * g[i]).sum() for i, o in enumerate(outs))
+            loss = sum(
+                (o.float() * (g_sel if o.dim() == 2 else g[i])).sum() for i, o in enumerate(outs)
+            )
             return loss, outs
 
         return run
@@ -477,13 +483,17 @@ def test_scaled_cross_entropy_matches_liger(impl, return_entropy, temperature):
         wrap(LCE.apply), wrap(fastrl_apply, impl=impl), [h, w], detached=False
     )
     assert (outs[0][[3, 20, 36]] == 0).all()
+    if selected:
+        assert (outs[-1][[3, 20, 36]] == 0).all() and outs[-1].shape == (M, 5)
 
 
 def test_scaled_cross_entropy_refuses():
     apply = F.LigerFusedLinearScaledCrossEntropyFunction.apply
     h, (w, _), t = torch.randn(5, D), _head(bias=False), torch.randint(0, V, (5,))
-    with pytest.raises(ValueError, match="selected_token_ids"):
-        apply(h, w, t, selected_token_ids=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="selected_token_ids must be in"):
+        apply(h, w, t, selected_token_ids=torch.tensor([1, V]))
+    with pytest.raises(TypeError, match="selected_token_ids must be an int64"):
+        apply(h, w, t, selected_token_ids=torch.tensor([1, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="temperature"):
         apply(h, w, t, temperature=0.0)
     with pytest.raises(ValueError, match="m_tiles_per_cluster"):

@@ -6,9 +6,11 @@ the head verl's fused PPO forward uses), on fastrl's `linear_logprobs`.
 return_entropy=False)`` returns ``nll [M]`` fp32, or ``(nll, entropy)`` with the entropy in
 the input's dtype, as Liger's does; ignored rows give 0 for both, and both are
 differentiable in ``_input`` and ``weight``. ``m_tiles_per_cluster`` schedules Liger's
-Hopper kernel (validated as Liger does, no effect here). Liger's ``selected_token_ids``
-(full-vocabulary log-probs of chosen ids) is refused: fastrl's head scores one target per
-row.
+Hopper kernel (validated as Liger does, no effect here). ``selected_token_ids [K]`` appends
+``[M, K]`` fp32 full-vocabulary log-probs of those ids (0 on ignored rows), as Liger's
+does: ``z_k - logsumexp(z)`` with the row's logsumexp recovered from the target's log-prob
+(``z_target - logp_target``, one ``[M, K]`` GEMM more, no ``[M, V]`` logits), so they are
+differentiable through fastrl's head.
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def _check(_input, weight, target, temperature, m_tiles_per_cluster, return_entr
         raise TypeError("target must be an int64 tensor")
 
 
+def _check_selected(selected_token_ids, weight) -> None:
+    """Liger's checks of ``selected_token_ids`` (one host read for the range, as Liger)."""
+    if selected_token_ids is None:
+        return
+    if not isinstance(selected_token_ids, torch.Tensor):
+        raise TypeError("selected_token_ids must be an int64 tensor")
+    if selected_token_ids.ndim != 1:
+        raise ValueError("selected_token_ids must have shape [K]")
+    if selected_token_ids.dtype != torch.int64:
+        raise TypeError("selected_token_ids must be an int64 tensor")
+    if selected_token_ids.device != weight.device:
+        raise ValueError("selected_token_ids and weight must be on the same device")
+    V = weight.shape[0]
+    if bool(((selected_token_ids < 0) | (selected_token_ids >= V)).any()):
+        raise ValueError(f"selected_token_ids must be in [0, {V})")
+
+
 class LigerFusedLinearScaledCrossEntropyFunction:
     """Per-token NLL and optional entropy of ``_input @ weight.T / temperature``."""
 
@@ -65,19 +84,24 @@ class LigerFusedLinearScaledCrossEntropyFunction:
         impl: str = "auto",
     ):
         """``_input [M, H]``, ``weight [V, H]`` (same dtype), ``target [M]`` int64 ->
-        ``nll [M]`` fp32, or ``(nll, entropy [M])`` with ``return_entropy``."""
-        if selected_token_ids is not None:
-            raise ValueError(
-                "selected_token_ids is not supported by fastrl's drop-in (its head scores one "
-                "target per row); score each id as a target with fastrl.linear_logprobs"
-            )
+        ``nll [M]`` fp32, ``(nll, entropy [M])`` with ``return_entropy``, and
+        ``selected [M, K]`` fp32 appended with ``selected_token_ids [K]``."""
         _check(_input, weight, target, temperature, m_tiles_per_cluster, return_entropy)
+        _check_selected(selected_token_ids, weight)
         check_impl(impl)
         out = linear_logprobs(
             _input, weight, target, temperature=float(temperature), ignore_index=ignore_index,
             return_entropy=return_entropy, impl=impl,
         )  # fmt: skip
-        if not return_entropy:
-            return -out
-        logps, entropy = out
-        return -logps, entropy.to(_input.dtype)
+        logps, entropy = out if return_entropy else (out, None)
+        outputs = (-logps,) if entropy is None else (-logps, entropy.to(_input.dtype))
+        if selected_token_ids is not None:
+            valid = target != ignore_index
+            safe = torch.where(valid, target, 0)
+            # the row's logsumexp: z_target - logp_target, differentiable like both terms
+            z_target = (_input * weight[safe]).sum(-1).float() / temperature
+            lse = z_target - logps
+            z_sel = (_input @ weight[selected_token_ids].T).float() / temperature
+            selected = (z_sel - lse[:, None]).masked_fill(~valid[:, None], 0.0)
+            outputs += (selected,)
+        return outputs[0] if len(outputs) == 1 else outputs
