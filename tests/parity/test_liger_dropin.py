@@ -247,6 +247,8 @@ def test_grpo_refuses_inputs():
         )
     with pytest.raises(ValueError, match="max_completion_length"):
         F.LigerFusedLinearGRPOLoss(loss_type="dr_grpo", use_ref_model=False)(h, w, ids, mask, adv)
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        F.LigerFusedLinearGRPOLoss(use_ref_model=False)(h, w, ids, mask, adv[:, None])
     with pytest.raises(ValueError, match=r"\[B, T, d\]"):
         F.LigerFusedLinearGRPOLoss(use_ref_model=False)(h[0], w, ids, mask, adv)
     with pytest.warns(UserWarning, match="Using ref_per_token_logps"):

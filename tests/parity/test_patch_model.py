@@ -198,3 +198,22 @@ def test_bad_patches_are_refused():
     with patch_model(model), pytest.raises(ValueError, match="by keyword"):
         model(ids, mask, None, labels=labels)
     assert isinstance(patch_model(model), ModelPatch)
+
+
+def test_under_bf16_autocast_the_head_runs_in_bf16():
+    """An fp32 model under bf16 autocast: the original lm_head runs in bf16, so the
+    patched head casts the hidden states and the weight to bf16 too. Both then sit at bf16
+    rounding from the fp32 log-probs; fastrl's (fp32 accumulation) is asserted no further
+    from them than the original's (its bf16 logits) is, up to 2x."""
+    model = _model("qwen2", lora=False)
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        exact, _ = _expected(model(input_ids=ids, attention_mask=mask).logits, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            original = model(input_ids=ids, attention_mask=mask, labels=labels)
+            with patch_model(model, impl="torch"):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert original.logits.dtype == torch.bfloat16 and out.logprobs.dtype == torch.float32
+    original_err = (_expected(original.logits.float(), labels)[0] - exact).abs().max()
+    err = (out.logprobs.double() - exact).abs().max()
+    assert 0 < err <= 2 * original_err, (err, original_err)

@@ -274,13 +274,18 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             ref_input, ref_weight, ref_bias: the reference model's hidden states ``[B, T,
                 d]`` and head (default: this head), scored without gradient.
             vllm_is_ratio: ``[B]``, ``[B, 1]`` or ``[B, T]`` sampler importance weights.
-            num_items_in_batch: the generation batch's token count over all processes.
+            num_items_in_batch: the generation batch's token count over all processes
+                (dapo and cispo; the other loss types do not read it, in Liger or TRL).
 
         Returns:
             ``(loss, metrics)``: ``loss`` 0-d fp32; ``metrics`` ``(kl, clip_ratio)`` when
             ``beta != 0``, else ``(clip_ratio,)``, 0-d fp32 without gradient.
         """
         check_3d("_input", _input, selected_token_ids, lin_weight)
+        B = _input.shape[0]
+        if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (B,):
+            got = getattr(advantages, "shape", advantages)
+            raise ValueError(f"advantages must have shape [B]=({B},) as Liger's, got {got}")
         mask = attention_mask
         scored = torch.where(mask.bool(), selected_token_ids, -100)
         ref = self._reference(
