@@ -1,6 +1,39 @@
-"""Hooks into other libraries: Hugging Face causal LMs without logits, TRL's trainers."""
+"""Hooks into other libraries: Hugging Face causal LMs without logits, TRL's trainers,
+Liger-Kernel's fused losses (`fastrl.integrations.liger`), plain models (`patch_model`).
+
+`patch_model` and its classes load on first use (PEP 562): they import transformers.
+"""
+
+import importlib
 
 from fastrl.integrations.hf import LMHead, causal_lm_hidden_states, lm_head
 from fastrl.integrations.trl import TRLPatch, patch_trl
 
-__all__ = ["LMHead", "TRLPatch", "causal_lm_hidden_states", "lm_head", "patch_trl"]
+_LAZY = {
+    "CausalLMLogProbsOutput": "fastrl.integrations.model",
+    "ModelPatch": "fastrl.integrations.model",
+    "patch_model": "fastrl.integrations.model",
+}
+
+__all__ = [
+    "CausalLMLogProbsOutput",
+    "LMHead",
+    "ModelPatch",
+    "TRLPatch",
+    "causal_lm_hidden_states",
+    "lm_head",
+    "patch_model",
+    "patch_trl",
+]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastrl.integrations' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
