@@ -142,11 +142,12 @@ def _check_equal_shards(gathered: Tensor, shard: VocabShard) -> None:
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
-    """(hidden [N, d], weight shard, bias shard | None, local targets [N]) -> the global
+    """(hidden [N, d], weight shard, bias shard | None, global targets [N]) -> the global
     (logp, entropy, lse, is_top1, log_sum_sq) as `custom_ops.score` returns them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, params: LogprobsParams, shard: VocabShard):
+    def forward(ctx, hidden, weight, bias, global_targets, params: LogprobsParams, shard):
+        targets = local_targets(global_targets, shard, params.ignore_index)
         local_p = replace(params, ignore_index=_LOCAL_IGNORE)
         lse_r, ent_r, max_r, zt_r, sq_r = shard_statistics(hidden, weight, bias, targets, local_p)
         rows = [lse_r, max_r, zt_r]
@@ -154,7 +155,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         rows += [sq_r] if params.return_log_sum_sq else []
         size = lse_r.new_full((1,), shard.size)  # exact in fp32 up to 2^24 rows
         gathered = _all_gather(torch.cat([*rows, size]), shard.group)
+        # after the collective, so that every rank raises or none does (a rank that raised
+        # before it would leave the others waiting in it)
         _check_equal_shards(gathered, shard)
+        check_target_ids(global_targets, shard.vocab, params.ignore_index)
         valid = targets != _LOCAL_IGNORE
         logp, ent, lse, top1, sq = _merge(gathered, len(rows), valid, params)
         ctx.set_materialize_grads(False)
@@ -191,6 +195,4 @@ def vocab_parallel_score(
     """`custom_ops.score` over a vocab-parallel head: (logp, entropy, lse, is_top1,
     log_sum_sq) of the rows of `hidden` [N, d] with global `targets` [N] int64, the same
     on every rank ([0] where not asked for)."""
-    check_target_ids(targets, shard.vocab, params.ignore_index)
-    local = local_targets(targets, shard, params.ignore_index)
-    return _VocabParallelLogprobs.apply(hidden, weight, bias, local, params, shard)
+    return _VocabParallelLogprobs.apply(hidden, weight, bias, targets, params, shard)
