@@ -20,7 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastrl import fused_policy_loss, fused_preference_loss, linear_logprobs
+from fastrl.ops.logprobs import custom_ops
 from fastrl.ops.logprobs.naive import naive_linear_logprobs
+from fastrl.ops.logprobs.params import LogprobsParams
 from tests.support.logprobs import top1_inputs
 from tests.support.memory import AllocationRecorder
 
@@ -377,3 +379,25 @@ def test_process_group_must_be_a_process_group(group):
     hidden, weight, targets, _, _, _ = case_inputs({})
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
         linear_logprobs(hidden, weight, targets, impl="torch", process_group=group)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tiles", "cublas"])
+def test_shard_statistics_op_passes_opcheck(backend):
+    """The shard op's schema and fake implementation agree with its eager outputs (what
+    torch.compile and fake-tensor tracing rely on); its ids: shard-local, -2 another
+    shard's token, -1 ignored."""
+    hidden, weight = torch.randn(7, D), torch.randn(50, D)
+    targets = torch.tensor([3, -1, 0, 49, -2, -1, 11])
+    params = LogprobsParams(1.3, None, -1, True, False, True, backend)
+    torch.library.opcheck(
+        custom_ops._shard_fwd_op, (hidden, weight, torch.randn(50), targets), params.op_kwargs()
+    )
+    lse, ent, row_max, target_logit, sq = custom_ops.shard_statistics(
+        hidden, weight, None, targets, params
+    )
+    z = hidden.double() @ weight.double().T / 1.3
+    torch.testing.assert_close(row_max.double(), z.amax(1), rtol=0, atol=1e-5)
+    picked = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    expected = torch.where(targets >= 0, picked, 0.0)
+    torch.testing.assert_close(target_logit.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z, 1), rtol=0, atol=1e-5)
