@@ -29,8 +29,9 @@ lse and entropy, which is exactly the global dz restricted to its columns, so it
 d_weight and d_bias are the shard's rows of the single-rank gradients. d_hidden is a sum
 over shards; hidden is replicated, so the backward all-reduces (sums) it over the group,
 as the backward of Megatron's `copy_to_tensor_model_parallel_region` does in front of a
-column-parallel lm_head. Pass hidden states that have NOT been through such a copy
-region (or a sequence-parallel gather, whose backward would reduce again).
+column-parallel lm_head. So pass hidden states whose own backward does not sum over the
+group a second time: not the output of such a copy region, nor of a sequence-parallel
+all-gather (its backward reduce-scatters, i.e. sums, the already summed gradient).
 
 Every rank of the group must call the forward and the backward together (the same
 shapes, the same options), as with any collective.
@@ -100,8 +101,8 @@ def _all_gather(x: Tensor, group) -> Tensor:
     import torch.distributed as dist
 
     out = x.new_empty((group.size(), x.shape[0]))
-    # the list form: every backend and version takes it (gloo's tensor form wants a flat
-    # output in some releases), and the views write straight into `out`
+    # the list form: every backend takes it (torch 2.13's gloo refuses a [world, n] output
+    # for all_gather_into_tensor), and the views write straight into `out`
     dist.all_gather(list(out.unbind(0)), x, group=group)
     return out
 
