@@ -103,15 +103,17 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit(do_not_specialize=["N", "v_start", "n_cols", "ignore_index"])
 def cublas_logprobs_fwd_kernel(
-    Z, Bias, T, Mb, Sb, Ab, Qb, ZTb, Logp, Ent, Lse, Top1, LogSq,
+    Z, Bias, T, Mb, Sb, Ab, Qb, ZTb, Logp, Ent, Lse, Top1, LogSq, RowMax, TgtLogit,
     N, v_start, n_cols, stride_z, inv_temp, softcap, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-    HAS_SQ: tl.constexpr, HAS_TOP1: tl.constexpr, IS_FIRST: tl.constexpr,
-    IS_LAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SQ: tl.constexpr, HAS_TOP1: tl.constexpr, HAS_RAW: tl.constexpr,
+    IS_FIRST: tl.constexpr, IS_LAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     # Z: [N, n_cols] fp32 raw logits of columns [v_start, v_start + n_cols); Mb..ZTb: the
     # rows' statistics over the previous vocab chunks (read unless IS_FIRST, written
-    # unless IS_LAST); the last chunk writes the outputs instead.
+    # unless IS_LAST); the last chunk writes the outputs instead (HAS_RAW: also the row
+    # max and the target logit, what a vocab shard contributes to the merge across shards).
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(T + rows, mask=row_mask, other=ignore_index)
@@ -183,6 +185,9 @@ def cublas_logprobs_fwd_kernel(
             tl.store(Top1 + rows, (valid & (zt >= m)).to(tl.uint8), mask=row_mask)
         if HAS_SQ:
             tl.store(LogSq + rows, tl.where(valid, tl.log(q) - 2.0 * log_s, 0.0), mask=row_mask)
+        if HAS_RAW:
+            tl.store(RowMax + rows, m, mask=row_mask)
+            tl.store(TgtLogit + rows, zt, mask=row_mask)
     else:
         tl.store(Mb + rows, m, mask=row_mask)
         tl.store(Sb + rows, s, mask=row_mask)
@@ -330,6 +335,8 @@ def cublas_logprobs_fwd(
     return_entropy: bool,
     top1: torch.Tensor | None = None,
     log_sum_sq: torch.Tensor | None = None,
+    row_max: torch.Tensor | None = None,
+    target_logit: torch.Tensor | None = None,
     *,
     chunk_rows: int | None = None,
     chunk_vocab: int | None = None,
@@ -337,9 +344,10 @@ def cublas_logprobs_fwd(
     """hidden [N, d], weight [V, d] (unit stride on d, one dtype), targets [N] int64.
 
     Returns logp [N] fp32, entropy [N] fp32 (or None), and lse [N] fp32 for the backward;
-    fills `top1` ([N] bool, if given) with whether each target has the largest logit and
-    `log_sum_sq` ([N] fp32, if given) with log sum_v p_v^2 (0 where ignored), as
-    `linear_logprobs_fwd` does.
+    fills `top1` ([N] bool, if given) with whether each target has the largest logit,
+    `log_sum_sq` ([N] fp32, if given) with log sum_v p_v^2 (0 where ignored), and
+    `row_max`, `target_logit` ([N] fp32, both or neither) with each row's largest logit
+    and its target's (0 where the target is no column), as `linear_logprobs_fwd` does.
     """
     _check_dtype(hidden, weight)
     N, _ = hidden.shape
@@ -371,10 +379,13 @@ def cublas_logprobs_fwd(
                     logp[rows], ent[rows] if ent is not None else logp, lse[rows],
                     top1_u8[rows] if top1_u8 is not None else lse,
                     log_sum_sq[rows] if log_sum_sq is not None else lse,
+                    row_max[rows] if row_max is not None else lse,
+                    target_logit[rows] if target_logit is not None else lse,
                     n, v0, nv, z.stride(0), 1.0 / temperature, softcap or 1.0, ignore_index,
                     HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                     HAS_ENTROPY=return_entropy, HAS_SQ=log_sum_sq is not None,
-                    HAS_TOP1=top1 is not None, IS_FIRST=v0 == 0, IS_LAST=v0 + nv == V,
+                    HAS_TOP1=top1 is not None, HAS_RAW=row_max is not None,
+                    IS_FIRST=v0 == 0, IS_LAST=v0 + nv == V,
                     BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
                 )  # fmt: skip
     return logp, ent, lse

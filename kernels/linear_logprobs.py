@@ -298,17 +298,22 @@ def linear_logprobs_combine_kernel(
     Lse,
     Top1,
     LogSq,
+    RowMax,
+    TgtLogit,
     N,
     num_splits,
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
     HAS_TOP1: tl.constexpr,
     HAS_SQ: tl.constexpr,
+    HAS_RAW: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Merge the per-split (m, s, a, z_t) of BLOCK_N rows into logp, entropy and lse; the
     # target is a top-1 token when its logit is the row max (z_t is the same float as the
-    # tile entry the max came from, so the test is exact).
+    # tile entry the max came from, so the test is exact). HAS_RAW also stores the row max
+    # and the target logit (0 where the target is not a column): what a vocab shard
+    # contributes to the merge across shards (fastrl/ops/logprobs/vocab_parallel.py).
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     mx = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -340,6 +345,9 @@ def linear_logprobs_combine_kernel(
         tl.store(Top1 + rows, (valid & (zt >= mx)).to(tl.uint8), mask=row_mask)
     if HAS_SQ:
         tl.store(LogSq + rows, tl.where(valid, tl.log(q) - 2.0 * log_s, 0.0), mask=row_mask)
+    if HAS_RAW:
+        tl.store(RowMax + rows, mx, mask=row_mask)
+        tl.store(TgtLogit + rows, zt, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["N", "ignore_index"])
@@ -474,12 +482,16 @@ def linear_logprobs_fwd(
     num_splits: int | None = None,
     top1: torch.Tensor | None = None,
     log_sum_sq: torch.Tensor | None = None,
+    row_max: torch.Tensor | None = None,
+    target_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward. hidden [N, d], weight [V, d] (unit stride on d), targets [N] int64.
 
     Returns logp [N] fp32, entropy [N] fp32 (or None), and lse [N] fp32 for the backward;
     fills `top1` ([N] bool, if given) with whether each target has the largest logit and
-    `log_sum_sq` ([N] fp32, if given) with log sum_v p_v^2 (0 where ignored).
+    `log_sum_sq` ([N] fp32, if given) with log sum_v p_v^2 (0 where ignored). With
+    `row_max` and `target_logit` ([N] fp32, both or neither) it also stores each row's
+    largest logit and its target's logit (0 where the target is no column of `weight`).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -536,12 +548,15 @@ def linear_logprobs_fwd(
         lse,
         top1.view(torch.uint8) if top1 is not None else lse,
         log_sum_sq if log_sum_sq is not None else lse,
+        row_max if row_max is not None else lse,
+        target_logit if target_logit is not None else lse,
         N,
         num_splits,
         ignore_index,
         HAS_ENTROPY=return_entropy,
         HAS_TOP1=top1 is not None,
         HAS_SQ=log_sum_sq is not None,
+        HAS_RAW=row_max is not None,
         BLOCK_N=combine_block,
     )
     return logp, ent, lse

@@ -106,9 +106,10 @@ class CompileOnlyDriver:
 def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
     """Call the public API with impl="triton" at shapes that reach every kernel and its
     constexpr variants (bf16 and fp32, bias, softcap, entropy, is_top1, log sum p^2)."""
-    from fastrl.kernels.fused_policy_loss import ROW_KERNELS
-
     import fastrl
+    from fastrl.kernels.fused_policy_loss import ROW_KERNELS
+    from fastrl.ops.logprobs.custom_ops import shard_statistics
+    from fastrl.ops.logprobs.params import LogprobsParams
 
     g = torch.Generator().manual_seed(0)
     N, V, D = 300, 2048 + 77, 256
@@ -140,6 +141,17 @@ def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
                 impl="triton", design="frozen", **frozen_kw,
             )  # fmt: skip
             out[0].sum().backward()
+            # a vocab shard's statistics (linear_logprobs(process_group=...)): the forward
+            # kernels that also store the row max and the target logit
+            bias = b.detach() if kw else None
+            for design in ("tiles", "cublas"):
+                fake.variant = f"{str(dtype)[6:]} {opts} {design} shard statistics"
+                params = LogprobsParams(
+                    temperature=kw.get("temperature", 1.0), softcap=kw.get("softcap"),
+                    ignore_index=-1, return_entropy=True, return_is_top1=False,
+                    return_log_sum_sq=True, backend=design,
+                )  # fmt: skip
+                shard_statistics(h.detach(), w.detach(), bias, t, params)
 
     fake.variant = "losses"
     B, G, T = 8, 4, 37

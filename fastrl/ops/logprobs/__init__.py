@@ -6,6 +6,8 @@
   and the PyTorch path, what `torch.compile` sees;
 - `params.py`: `LogprobsParams`, the non-tensor arguments those ops take;
 - `chunked.py`: the PyTorch path (vocabulary chunks, no `[N, V]` buffer);
+- `vocab_parallel.py`: the lm_head split by vocabulary over a tensor-parallel group
+  (`process_group=`): each shard's statistics merged by one all-gather, a local backward;
 - `naive.py`: the float64 oracle `naive_linear_logprobs`;
 - kernels: `fastrl.kernels.linear_logprobs` (tiles), `.cublas_logprobs`, `.frozen_logprobs`.
 """

@@ -37,10 +37,14 @@ def chunked_logprobs_fwd(
     return_entropy: bool,
     top1: torch.Tensor | None = None,
     log_sum_sq: torch.Tensor | None = None,
+    row_max: torch.Tensor | None = None,
+    target_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """hidden [N, d], weight [V, d], targets [N] int64 -> logp [N], entropy [N] | None, lse [N];
-    fills `top1` ([N] bool, if given) with whether each target has the largest logit and
-    `log_sum_sq` ([N], if given) with log sum_v p_v^2 (0 where ignored)."""
+    fills `top1` ([N] bool, if given) with whether each target has the largest logit,
+    `log_sum_sq` ([N], if given) with log sum_v p_v^2 (0 where ignored), and `row_max`,
+    `target_logit` ([N], if given) with each row's largest logit and its target's (0 where
+    the target is no column of `weight`: a vocab shard's part of the merge)."""
     N, V = hidden.shape[0], weight.shape[0]
     dt = compute_dtype(hidden)
     logp = torch.zeros(N, dtype=dt, device=hidden.device)
@@ -76,6 +80,10 @@ def chunked_logprobs_fwd(
             top1[rows] = valid[rows] & (zt >= m)
         if log_sum_sq is not None:
             log_sum_sq[rows] = torch.where(valid[rows], q.log() - 2 * s.log(), 0.0)
+        if row_max is not None:
+            row_max[rows] = m
+        if target_logit is not None:
+            target_logit[rows] = zt
     return logp, ent, lse
 
 

@@ -135,6 +135,58 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse, _grad_top1, _grad_sq):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# One vocabulary shard's statistics (fastrl/ops/logprobs/vocab_parallel.py merges them
+# across a tensor-parallel group and defines the backward with `_bwd_op`): the designs'
+# forwards with the row max and target logit stored too. Its targets are shard-local ids;
+# an id that is no column of this shard (another shard's token) matches no column, which
+# is what it must do, so there is no range check here: the caller checks the global ids.
+@_custom_op("linear_logprobs_shard_fwd", _HEAD, "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _shard_fwd_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, **params
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> lse [N], entropy [N] | [0], row_max [N], target_logit [N] (0 where the target is
+    not in the shard), log_sum_sq [N] | [0]; all over this shard's columns only"""
+    p = LogprobsParams(**params)
+    n = targets.shape[0]
+    row_max, target_logit, sq = _vectors(hidden, n, p, True, True, p.return_log_sum_sq)
+    fwd = chunked_logprobs_fwd if p.backend == "torch" else _triton_backend(p.backend)[0]
+    with on_device(hidden.device):
+        _, ent, lse = fwd(
+            hidden, weight, bias, targets, p.temperature, p.softcap, p.ignore_index,
+            p.return_entropy, log_sum_sq=sq if p.return_log_sum_sq else None,
+            row_max=row_max, target_logit=target_logit,
+        )  # fmt: skip
+    return lse, lse.new_empty(0) if ent is None else ent, row_max, target_logit, sq
+
+
+@_shard_fwd_op.register_fake
+def _(hidden, weight, bias, targets, **params):
+    p = LogprobsParams(**params)
+    vecs = (True, p.return_entropy, True, True, p.return_log_sum_sq)
+    return tuple(_vectors(hidden, targets.shape[0], p, *vecs))
+
+
+def shard_statistics(hidden, weight, bias, targets, params: LogprobsParams) -> tuple[Tensor, ...]:
+    """(lse, entropy, row_max, target_logit, log_sum_sq) of the rows of `hidden` [N, d]
+    over the vocab shard `weight` [V_local, d], `targets` [N] int64 shard-local ids (ids
+    outside [0, V_local) other than ignore_index are other shards' tokens); no autograd."""
+    return _shard_fwd_op(hidden, weight, bias, targets, **params.op_kwargs())
+
+
+def shard_gradients(
+    hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+    params: LogprobsParams, need: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward of one vocab shard with the GLOBAL `lse` [N] and `entropy` [N] (or
+    None): (d_hidden [N, d], this shard's part of it; d_weight; d_bias), [0] where `need`
+    (hidden, weight, bias) is False."""
+    need_h, need_w, need_b = need
+    return _bwd_op(
+        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+        **params.op_kwargs(), need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+    )  # fmt: skip
+
+
 # The frozen-head two-GEMM design (kernels/frozen_logprobs.py): its forward returns what
 # its backward needs in place of the logsumexp, and the backward is a gather + combine.
 @_custom_op("linear_logprobs_frozen_fwd", _HEAD, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")

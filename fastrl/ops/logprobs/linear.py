@@ -1,6 +1,7 @@
 """Per-token log-probs and entropies straight from hidden states and an lm_head weight."""
 
 import os
+from functools import partial
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -17,6 +18,7 @@ from fastrl.checks import (
 )
 from fastrl.ops.logprobs.custom_ops import frozen_applies, score
 from fastrl.ops.logprobs.params import LogprobsParams
+from fastrl.ops.logprobs.vocab_parallel import vocab_parallel_score, vocab_shard
 
 DESIGNS = ("tiles", "cublas", "frozen")
 
@@ -94,6 +96,7 @@ def linear_logprobs(
     impl: str = "auto",
     compact: bool = True,
     design: str | None = None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """Log-probs (and entropies) of `targets` under `softcap(hidden @ weight.T + bias) / T`.
 
@@ -124,6 +127,15 @@ def linear_logprobs(
             happens by itself).
         design: the Triton path's design, "cublas", "tiles" or "frozen" (see
             `resolve_design`; default FASTRL_LOGPROBS_DESIGN, else by device).
+        process_group: a tensor-parallel group the head is split over by vocabulary
+            (Megatron's vocab-parallel lm_head): `weight` [V_local, d] and `bias`
+            [V_local] are this rank's rows [rank * V_local, (rank + 1) * V_local) of the
+            full head, every rank holding an equal shard; `hidden` and `targets` are the
+            same on every rank, the targets global ids in [0, world * V_local). The
+            outputs are the full head's, the same on every rank; the backward gives each
+            rank its shard's weight/bias gradient and all-reduces the hidden-state one
+            (see fastrl/ops/logprobs/vocab_parallel.py). One all-gather of [N] statistics
+            per forward; "frozen" runs as "cublas" there.
 
     Returns:
         `logps` float32 `[...]` (float64 for float64 inputs); with any `return_*` a tuple
@@ -132,10 +144,13 @@ def linear_logprobs(
     """
     check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     check_bool("compact", compact)
+    shard = vocab_shard(process_group, weight)
     backend = resolve_impl(impl, hidden.device)
     if backend == "triton":
         backend = resolve_design(design, hidden.device)
-        if backend == "frozen" and not frozen_applies(hidden, weight, bias, return_entropy):
+        # the two-GEMM design's backward needs the target rows of the whole head
+        frozen = shard is None and frozen_applies(hidden, weight, bias, return_entropy)
+        if backend == "frozen" and not frozen:
             backend = "cublas"
     params = LogprobsParams(
         temperature=float(temperature), softcap=None if softcap is None else float(softcap),
@@ -149,11 +164,13 @@ def linear_logprobs(
         h2 = h2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
+    run = score if shard is None else partial(vocab_parallel_score, shard=shard)
+    # every rank has the same targets, so the same rows: the shards stay aligned
     rows = scored_rows(t1, ignore_index) if compact else None
     if rows is None:
-        outputs = score(h2, w, bias, t1, params)
+        outputs = run(h2, w, bias, t1, params)
     else:  # score the valid rows only; the others are 0 (False) with no gradient
-        outputs = score(h2.index_select(0, rows), w, bias, t1[rows], params)
+        outputs = run(h2.index_select(0, rows), w, bias, t1[rows], params)
         wanted = (True, return_entropy, True, return_is_top1, return_log_sum_sq_probs)
         outputs = [scatter_rows(t, rows, t1.shape[0]) if want else t
                    for t, want in zip(outputs, wanted, strict=True)]  # fmt: skip

@@ -168,6 +168,7 @@ def fused_policy_loss(
     softcap: float | None = None,
     impl: str = "auto",
     compact: bool = True,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`policy_loss` straight from the policy's last hidden states and lm_head weight.
@@ -195,6 +196,11 @@ def fused_policy_loss(
             `linear_logprobs` (TRL scores completions at the sampling temperature).
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
         compact: score only the positions where ``mask`` is 1 (see `linear_logprobs`).
+        process_group: the tensor-parallel group ``weight`` (and ``bias``, ``ref_weight``)
+            is split over by vocabulary, as in `linear_logprobs`: each rank passes its
+            shard and the same ``hidden``, ``targets``, ``mask``, ...; the loss and
+            metrics are the full head's on every rank. Always the two-pass path (the
+            single pass forms gradients before the shards' statistics are merged).
         **options: the hyper-parameters of `policy_loss` (``loss_type``, ``epsilon``,
             ``beta``, ``importance_sampling_level``, ``entropy_coef``, ...: the fields of
             `fastrl.options.policy.PolicyLossOptions`).
@@ -215,7 +221,10 @@ def fused_policy_loss(
         raise ValueError("pass ref_logps or ref_hidden, not both")
 
     scored = torch.where(mask.bool(), targets, IGNORE_INDEX)
-    logit_kw = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=IGNORE_INDEX)
+    logit_kw = dict(
+        bias=bias, temperature=temperature, softcap=softcap, ignore_index=IGNORE_INDEX,
+        process_group=process_group,
+    )  # fmt: skip
     if ref_hidden is not None:
         with torch.no_grad():
             ref_logps = linear_logprobs(
@@ -229,8 +238,12 @@ def fused_policy_loss(
     # what policy_loss takes besides the tensors it is given below
     loss_kwargs = dict(num_items_in_batch=num_items_in_batch, sampling_logps=sampling_logps)
     loss_kwargs.update(options)
-    if hidden.dim() == 3 and _single_pass_ok(
-        resolve_impl(impl, hidden.device), opts, old_logps, sampling_logps, hidden, weight, bias
+    if (
+        hidden.dim() == 3
+        and process_group is None
+        and _single_pass_ok(
+            resolve_impl(impl, hidden.device), opts, old_logps, sampling_logps, hidden, weight, bias
+        )
     ):
         return _single_pass(
             hidden, weight, bias, scored, mask, advantages, old_logps, ref_logps,

@@ -47,6 +47,7 @@ def fused_preference_loss(
     softcap: float | None = None,
     impl: str = "auto",
     compact: bool = True,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`preference_loss` straight from the policy's last hidden states and lm_head weight.
@@ -71,6 +72,10 @@ def fused_preference_loss(
             `linear_logprobs`.
         impl: "auto" (Triton for CUDA tensors, else PyTorch), "triton" or "torch".
         compact: score only the positions where ``mask`` is 1 (see `linear_logprobs`).
+        process_group: the tensor-parallel group ``weight`` (and ``bias``, ``ref_weight``)
+            is split over by vocabulary, as in `linear_logprobs`: each rank passes its
+            shard and the same ``hidden``, ``targets``, ``mask``, ...; the loss and
+            metrics are the full head's on every rank.
         **kwargs: the options of `preference_loss` (`PreferenceLossOptions`: ``loss_type``,
             ``beta``, ``label_smoothing``, ``ld_alpha``, ``use_weighting``, ...), validated
             before any log-prob is computed, and its other inputs (``nll``, precomputed
@@ -108,6 +113,7 @@ def fused_preference_loss(
         softcap=softcap,
         ignore_index=IGNORE_INDEX,
         compact=compact,
+        process_group=process_group,
     )
     lengths = mask.sum(1)
     inputs.update(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
