@@ -127,6 +127,17 @@ def test_baseline_groups_and_float64():
     assert (one == 0).all()
 
 
+def test_empty_shapes():
+    for B, T in ((0, 4), (3, 0)):
+        mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+        rewards = torch.randn(B, device=DEVICE)
+        for adv, ret in (
+            reinforce_plus_plus_advantages(rewards, mask),
+            remax_advantages(rewards, rewards, mask),
+        ):
+            assert adv.shape == ret.shape == (B, T)
+
+
 def test_bad_input():
     rewards, mask, kl = _inputs(4, 5, "right", 9)
     rpp = reinforce_plus_plus_advantages

@@ -84,6 +84,8 @@ def kl_shaped_rewards(
     out = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
     if kl is not None and kl_coef != 0:
         out = out - kl_coef * masked(kl, keep, dtype)
+    if keep.shape[1] == 0:  # no tokens: nowhere to put a reward
+        return out
     last, has = _last_token(keep)
     r = torch.where(has, rewards.detach().to(dtype), 0.0)
     return out.scatter_add(1, last, r[:, None])
