@@ -408,6 +408,13 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
         self._check_vllm_options()  # before the loss's: the sampler correction is theirs
         self.policy_loss_kwargs()  # the loss options and their combinations
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            warnings.warn(  # TRL's warning: the level only changes the KL's ratio there
+                "--loss_type 'vespo' computes its sequence-level weight itself; "
+                "--importance_sampling_level should be 'token' (the default)",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.reward_weights is not None:
             for w in self.reward_weights:
                 check_number("reward_weights", w)

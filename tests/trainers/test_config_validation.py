@@ -142,6 +142,10 @@ def test_defaults_and_edges_pass(tmp_path):
     assert args.scale_rewards == "none"  # TRL's bool form
     vespo = GRPOConfig(str(tmp_path), loss_type="vespo", vespo_k_pos=0.5, **GRPO_OK)
     assert vespo.policy_loss_kwargs()["vespo_k_pos"] == 0.5  # reaches the loss
+    with pytest.warns(UserWarning, match=r"vespo' computes its sequence-level weight itself"):
+        GRPOConfig(
+            str(tmp_path), loss_type="vespo", importance_sampling_level="sequence", **GRPO_OK
+        )
     DPOConfig(str(tmp_path), use_cpu=True)
     DPOConfig(str(tmp_path), loss_type="orpo", beta=0.0, use_cpu=True)  # ORPO: NLL alone
 
