@@ -13,15 +13,22 @@ __version__ = "0.1.0"
 
 # public name -> the op package that defines it
 _EXPORTS = {
+    "discounted_returns": "fastrl.ops.advantages",
     "fused_policy_loss": "fastrl.ops.policy",
     "fused_preference_loss": "fastrl.ops.preference",
+    "gae_advantages": "fastrl.ops.advantages",
     "group_advantages": "fastrl.ops.advantages",
+    "kl_shaped_rewards": "fastrl.ops.advantages",
     "kto_loss": "fastrl.ops.preference",
     "ld_tail_logps": "fastrl.ops.preference",
     "linear_logprobs": "fastrl.ops.logprobs",
+    "masked_whiten": "fastrl.ops.advantages",
     "policy_loss": "fastrl.ops.policy",
     "preference_loss": "fastrl.ops.preference",
+    "reinforce_plus_plus_advantages": "fastrl.ops.advantages",
+    "remax_advantages": "fastrl.ops.advantages",
     "sequence_logprobs": "fastrl.ops.logprobs",
+    "value_loss": "fastrl.ops.value",
 }
 __all__ = sorted(_EXPORTS)
 

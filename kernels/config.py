@@ -98,3 +98,10 @@ CUBLAS_NUM_WARPS = 8
 FROZEN_BLOCK_N = 4 if INTERPRET else 1
 FROZEN_BLOCK_V = 128 if INTERPRET else 2048
 FROZEN_NUM_WARPS = 8
+# GAE (kernels/gae.py): rows per program and tokens per scan step. One program walks its
+# rows' tokens right to left, so the grid is cdiv(B, BLOCK_B): 1 row a program covers the
+# SMs from B >= 132. Not yet measured on a GPU (the launcher takes both for a sweep). The
+# interpreter keeps several rows and short steps, so row and token tails are exercised.
+GAE_BLOCK_B = 4 if INTERPRET else 1
+GAE_BLOCK_T = 8 if INTERPRET else 1024
+GAE_NUM_WARPS = 4

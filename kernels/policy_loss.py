@@ -8,7 +8,10 @@ elementwise, with the same operations in the same order:
 - the per-token policy loss: the clipped surrogate -min(min(r, delta) A, clip(r, 1 - eps_low,
   1 + eps_high) A) (grpo, bnpo, dr_grpo, dapo, luspo: one per-token formula, they differ
   only in the normaliser), CISPO's -min(r, eps_high) A logp with the capped ratio held
-  constant, or SAPO's -sigmoid(tau (r - 1)) 4 / tau A with tau chosen by the sign of A;
+  constant, SAPO's -sigmoid(tau (r - 1)) 4 / tau A with tau chosen by the sign of A, or
+  VESPO's -phi A logp, whose sequence weight phi (a detached function of the row's summed
+  log-ratios: a row reduction first) the caller folds into the advantage it passes, so the
+  kernel's term is -a logp;
 - the per-token KL to the reference (k1, k2 or k3), times r with the bias correction;
 - the ratio the clip metrics look at (after the delta cap);
 - and, when logps needs a gradient, the local derivatives d(loss term)/d(logp) and
@@ -51,7 +54,7 @@ from .config import POLICY_LOSS_BLOCK_T
 
 # loss families (constexpr): the per-token formula; the loss types within a family
 # differ only in their normaliser, which stays in PyTorch
-CLIPPED, CISPO, SAPO = 0, 1, 2
+CLIPPED, CISPO, SAPO, VESPO = 0, 1, 2, 3
 FAMILY = {
     "grpo": CLIPPED,
     "bnpo": CLIPPED,
@@ -60,6 +63,7 @@ FAMILY = {
     "luspo": CLIPPED,
     "cispo": CISPO,
     "sapo": SAPO,
+    "vespo": VESPO,  # the advantage passed is phi * A (fastrl.ops.policy.terms)
 }
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -145,6 +149,11 @@ def token_terms(
         pt = -w * a * lp
         if NEED_GRAD:
             dpt = -w * a
+    elif FAMILY == 3:  # vespo: a = phi * A, phi a constant per sequence
+        ratio = r
+        pt = -a * lp
+        if NEED_GRAD:
+            dpt = -a + 0.0 * r
     else:  # sapo: a sigmoid gate, its temperature by the advantage's sign
         ratio = r
         tau = tl.where(a > 0, tau_pos, tau_neg)

@@ -33,6 +33,7 @@ __all__ = [
     "SAMPLING_CORRECTIONS",
     "SEQUENCE_MEAN_LOSS_TYPES",
     "TOKEN_COUNT_LOSS_TYPES",
+    "VESPO_SAMPLING_CORRECTIONS",
     "AppliesTo",
     "Needs",
     "PolicyLossOptions",
@@ -40,17 +41,19 @@ __all__ = [
 
 # --------------------------------------------------------------------------- taxonomies
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 #: the loss types with PPO's clipped surrogate (cispo weighs REINFORCE, sapo gates softly)
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 #: the loss types normalised by the active-token count of the generation batch
-TOKEN_COUNT_LOSS_TYPES = ("dapo", "cispo")
+TOKEN_COUNT_LOSS_TYPES = ("dapo", "cispo", "vespo")
 #: loss types whose loss is the mean over sequences of each sequence's token mean
 SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")
 LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 #: TRL's ``vllm_importance_sampling_mode``s
 SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+#: the corrections ``vespo`` can fold into its sequence weight (TRL: token ratios only)
+VESPO_SAMPLING_CORRECTIONS = ("token_truncate", "token_mask")
 #: the options a training loop sets on every call (training or evaluation), not a setting
 PER_STEP = ("gradient_accumulation_steps", "steps_per_generation", "num_processes")
 #: the arguments of `policy_loss` that are not options but that `NEEDS` can require
@@ -154,15 +157,17 @@ class PolicyLossOptions:
               ``/ GA``;
             - ``"bnpo"``: sum over tokens ``/ mask.sum()``, ``/ GA``;
             - ``"dr_grpo"``: sum ``/ (B * max_completion_length)``, ``/ GA``;
-            - ``"dapo"``, ``"cispo"``: sum ``/ (num_items_in_batch / num_processes * GA /
-              steps_per_generation)``, i.e. by the active-token count of the accumulation
-              window;
+            - ``"dapo"``, ``"cispo"``, ``"vespo"``: sum ``/ (num_items_in_batch /
+              num_processes * GA / steps_per_generation)``, i.e. by the active-token
+              count of the accumulation window;
             - ``"luspo"``: mean over sequences of the per-sequence token sum, ``/ GA``.
 
             ``grpo``/``bnpo``/``dr_grpo``/``dapo``/``luspo`` use the PPO clipped surrogate
             ``-min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A)``; ``cispo`` uses
             ``-min(r, epsilon_high).detach() * A * logps``; ``sapo`` the soft gate
-            ``-sigmoid(tau (r - 1)) * 4 / tau * A``.
+            ``-sigmoid(tau (r - 1)) * 4 / tau * A``; ``vespo`` (VESPO) the REINFORCE term
+            ``-phi(w) * A * logps`` weighted by a detached Gamma function of the
+            *sequence* ratio ``w = exp(sum_t log r_t)`` (see ``vespo_k_pos``).
         epsilon: lower clip, ``1 - epsilon``.
         epsilon_high: upper clip ``1 + epsilon_high`` (None: ``epsilon``); for ``cispo``
             the cap on the ratio itself (TRL's default is then ``epsilon``, 0.2; MiniMax
@@ -187,6 +192,12 @@ class PolicyLossOptions:
         num_processes: data-parallel processes ``num_items_in_batch`` was summed over.
         sapo_temperature_pos, sapo_temperature_neg: ``sapo`` temperatures for tokens with
             positive and non-positive advantages.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: ``vespo``'s Gamma
+            weight ``phi(w) = e^lambda * w^k * e^(-lambda w)`` (``phi(1) = 1``), with
+            ``(k, lambda)`` the ``_pos`` pair for sequences with ``A >= 0`` and the ``_neg``
+            pair otherwise (TRL 1.16 ``GRPOTrainer.get_gamma_weights``; defaults 2, 3, 3,
+            2). ``k`` sets how fast ``phi`` falls for ``w < 1``, ``lambda`` for ``w > 1``;
+            TRL clamps ``lambda`` to at least ``1e-4``.
         entropy_coef: entropy bonus: ``loss -= entropy_coef * mean_masked(entropy) / GA``.
             TRL's adaptive controller is stateful: pass its current coefficient.
         top_entropy_quantile: keep only tokens whose entropy is at or above this upper
@@ -217,6 +228,10 @@ class PolicyLossOptions:
     num_processes: int = _number(1, low=1, integer=True)
     sapo_temperature_pos: float = _number(1.0, low=0.0, low_open=True)
     sapo_temperature_neg: float = _number(1.05, low=0.0, low_open=True)
+    vespo_k_pos: float = _number(2.0, low=0.0)
+    vespo_lambda_pos: float = _number(3.0, low=0.0)
+    vespo_k_neg: float = _number(3.0, low=0.0)
+    vespo_lambda_neg: float = _number(2.0, low=0.0)
     entropy_coef: float = _number(0.0)
     top_entropy_quantile: float = _number(1.0, low=0.0, high=1.0)
     sampling_correction: str | None = _choice("sequence_mask", SAMPLING_CORRECTIONS, optional=True)
@@ -311,9 +326,17 @@ class PolicyLossOptions:
             if a is not None and b is not None and a >= b:
                 raise ValueError(f"{show(low)} must be less than {show(high)}")
 
-    def check_inputs(self, *, num_items_in_batch: bool, ref_logps: bool, entropy: bool) -> None:
+    def check_inputs(
+        self,
+        *,
+        num_items_in_batch: bool,
+        ref_logps: bool,
+        entropy: bool,
+        sampling_logps: bool = False,
+    ) -> None:
         """The rules of `NEEDS` on the arguments that are not options (`INPUTS`), each given
         as whether it was passed (not None): checked next to the tensors, after `validate`.
+        With ``sampling_logps``, also `check_sampling_correction`.
 
         Raises:
             ValueError: e.g. ``beta != 0`` without ``ref_logps``.
@@ -323,6 +346,27 @@ class PolicyLossOptions:
         for rule in self._active_needs():
             if rule.needs[0] in INPUTS and not any(given[n] for n in rule.needs):
                 raise ValueError(rule.message(show))
+        if sampling_logps:
+            self.check_sampling_correction()
+
+    def check_sampling_correction(
+        self, setting: Callable[[str, Any], str] = _python_setting
+    ) -> None:
+        """The sampler correction that runs (the sampler's log-probs are given) suits the
+        loss type: ``vespo`` folds token ratios into its sequence weight and has no use for
+        a sequence-level one (TRL 1.16 refuses it at ``GRPOTrainer.__init__``).
+
+        Raises:
+            ValueError: ``loss_type='vespo'`` with a ``sequence_*`` correction.
+        """
+        mode = self.sampling_correction
+        if self.loss_type == "vespo" and mode not in (None, *VESPO_SAMPLING_CORRECTIONS):
+            raise ValueError(
+                f"{setting('loss_type', self.loss_type)} folds the sampler's per-token "
+                "importance ratios into its sequence weight: it needs "
+                f"{setting('sampling_correction', 'token_truncate')} or 'token_mask' (or None), "
+                f"got {setting('sampling_correction', mode)}"
+            )
 
     def _active_needs(self) -> Iterator[Needs]:
         """The rules of `NEEDS` whose option is at a value that needs something."""

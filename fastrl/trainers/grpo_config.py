@@ -14,7 +14,11 @@ from transformers import TrainingArguments
 
 from fastrl.options import advantages
 from fastrl.options.advantages import AGGREGATIONS, SCALES
-from fastrl.options.policy import SAMPLING_CORRECTIONS, PolicyLossOptions
+from fastrl.options.policy import (
+    SAMPLING_CORRECTIONS,
+    VESPO_SAMPLING_CORRECTIONS,
+    PolicyLossOptions,
+)
 from fastrl.trainers.model import (
     ModelArguments,
 )
@@ -95,7 +99,8 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     Loss (TRL, see `fastrl.policy_loss`): loss_type, epsilon, epsilon_high, delta, beta
         (KL to the reference = the base with adapters off; 0 skips the reference
         forward), kl_estimator (fastrl), use_bias_correction_kl, importance_sampling_level,
-        sapo_temperature_pos/neg, num_iterations, entropy_coef, top_entropy_quantile,
+        sapo_temperature_pos/neg, vespo_k_pos/neg and vespo_lambda_pos/neg (loss_type
+        "vespo"), num_iterations, entropy_coef, top_entropy_quantile,
         off_policy_mask_threshold. The loss's sampler correction (`sampling_logps`) is
         used with `use_vllm` only: `generate` samples from the policy itself.
 
@@ -171,6 +176,18 @@ class GRPOConfig(ModelArguments, TrainingArguments):
     )
     sapo_temperature_pos: float = field(
         default=_LOSS.sapo_temperature_pos, metadata={"help": "SAPO temperature."}
+    )
+    vespo_k_pos: float = field(
+        default=_LOSS.vespo_k_pos, metadata={"help": "VESPO power k, advantages >= 0."}
+    )
+    vespo_lambda_pos: float = field(
+        default=_LOSS.vespo_lambda_pos, metadata={"help": "VESPO decay lambda, advantages >= 0."}
+    )
+    vespo_k_neg: float = field(
+        default=_LOSS.vespo_k_neg, metadata={"help": "VESPO power k, advantages < 0."}
+    )
+    vespo_lambda_neg: float = field(
+        default=_LOSS.vespo_lambda_neg, metadata={"help": "VESPO decay lambda, advantages < 0."}
     )
     importance_sampling_level: str = field(
         default=_LOSS.importance_sampling_level, metadata={"help": "token | sequence"}
@@ -325,6 +342,13 @@ class GRPOConfig(ModelArguments, TrainingArguments):
                 "truncates the ratio: set --vllm_importance_sampling_clip_min or "
                 "--vllm_importance_sampling_clip_max"
             )
+        mode = self.vllm_importance_sampling_mode
+        if correcting and self.loss_type == "vespo" and mode not in VESPO_SAMPLING_CORRECTIONS:
+            raise ValueError(  # TRL's rule (GRPOTrainer.__init__)
+                "--loss_type 'vespo' folds the sampler's per-token importance ratios into its "
+                "sequence weight: it needs --vllm_importance_sampling_mode token_truncate or "
+                f"token_mask, got {mode!r} (or set --vllm_importance_sampling_correction false)"
+            )
         check_choice("vllm_dtype", self.vllm_dtype, ("auto", *VLLM_DTYPES))
         check_number("vllm_seed", self.vllm_seed, low=0, integer=True, optional=True)
         check_number(
@@ -384,6 +408,13 @@ class GRPOConfig(ModelArguments, TrainingArguments):
         check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
         self._check_vllm_options()  # before the loss's: the sampler correction is theirs
         self.policy_loss_kwargs()  # the loss options and their combinations
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            warnings.warn(  # TRL's warning: the level only changes the KL's ratio there
+                "--loss_type 'vespo' computes its sequence-level weight itself; "
+                "--importance_sampling_level should be 'token' (the default)",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.reward_weights is not None:
             for w in self.reward_weights:
                 check_number("reward_weights", w)

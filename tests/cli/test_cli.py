@@ -53,6 +53,19 @@ def test_cli_grpo(checkpoint, tmp_path):
         assert f"rewards/{name}/mean" in logs[0], name
 
 
+def test_cli_grpo_vespo(checkpoint, tmp_path):
+    # a loss type whose weight is a sequence statistic: the fused head's two-pass path,
+    # its options from the command line to the loss and its metric in the logs
+    data = _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(8, 0))
+    out = tmp_path / "vespo"
+    main(["grpo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
+          "--loss_type", "vespo", "--vespo_k_neg", "2.5", "--per_device_train_batch_size", "8",
+          "--num_generations", "4", "--max_completion_length", "6", *COMMON])  # fmt: skip
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    # one generation, one step: on-policy, every sequence ratio w = 1 and phi(1) = 1
+    assert logs[0]["vespo/phi_seq_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
 def test_cli_dpo_from_yaml(checkpoint, tmp_path):
     data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(16, 0))
     out = tmp_path / "dpo"

@@ -45,6 +45,7 @@ CASES = {
     "dr_grpo-entropy": dict(loss_type="dr_grpo", max_completion_length=T, entropy_coef=0.01),
     "cispo": dict(loss_type="cispo", num_items_in_batch=22, epsilon_high=4.0),
     "sapo-beta": dict(loss_type="sapo", beta=0.04),
+    "vespo-beta": dict(loss_type="vespo", num_items_in_batch=22, beta=0.04, vespo_k_neg=1.5),
 }
 
 
@@ -218,15 +219,17 @@ def test_fused_policy_loss_single_pass_options(opts, monkeypatch):
         dict(importance_sampling_level="sequence"),
         dict(top_entropy_quantile=0.5),
         dict(off_policy_mask_threshold=0.1),
+        dict(loss_type="vespo", num_items_in_batch=22),
     ],
-    ids=["gspo", "entropy-quantile", "off-policy-mask"],
+    ids=["gspo", "entropy-quantile", "off-policy-mask", "vespo"],
 )
 def test_fused_policy_loss_two_pass_when_needed(kw, monkeypatch):
     """Options that need whole-sequence or whole-batch statistics of the log-probs first."""
     calls = spy_single_pass(monkeypatch)
     hidden, weight, targets, mask, adv, old, ref = make_batch()
+    kw = {"loss_type": "grpo", **kw}
     loss, _ = fused_policy_loss(
-        hidden, weight, targets, mask, adv, old_logps=old, loss_type="grpo", impl="triton", **kw
+        hidden, weight, targets, mask, adv, old_logps=old, impl="triton", **kw
     )
     loss.backward()
     assert calls == [] and hidden.grad is not None

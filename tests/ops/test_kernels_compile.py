@@ -23,6 +23,7 @@ KERNELS = {
     "linear_logprobs_bwd_kernel",
     "group_advantages_fwd_kernel",
     "group_advantages_batch_kernel",
+    "gae_fwd_kernel",
     "policy_loss_fwd_kernel",
     "policy_loss_bwd_kernel",
     "fused_policy_loss_fwd_kernel",

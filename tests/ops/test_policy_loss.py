@@ -102,6 +102,11 @@ def test_matches_oracle(loss_type, level, options):
     if kw.get("delta") is not None and loss_type not in CLIPPED:
         kw.pop("delta")
     inputs = _inputs(CASES.index((loss_type, level, options)))
+    if loss_type == "vespo" and kw.get("sampling_correction", "").startswith("sequence"):
+        # TRL's rule: vespo folds token-level sampler ratios into its weight
+        with pytest.raises(ValueError, match=r"loss_type='vespo' .*sampling_correction"):
+            _run(policy_loss, inputs, **kw)
+        return
     loss, metrics, grads = _run(policy_loss, inputs, **kw)
     want_loss, want_metrics, want_grads = _run(naive_policy_loss, inputs, **kw)
     assert loss.dtype == torch.float64
@@ -159,6 +164,7 @@ def test_on_policy_default_and_grpo_closed_form(loss_type):
         "luspo": 1 / (B * 2),
         "dapo": 1 / (70 * 2 / 4),
         "cispo": 1 / (70 * 2 / 4),
+        "vespo": 1 / (70 * 2 / 4),  # on-policy w = 1: phi(1) = 1
     }[loss_type]
     ratio_cap = 0.28 if loss_type == "cispo" else 1.0  # cispo: min(ratio, epsilon_high)
     torch.testing.assert_close(g, -A * weight * m * ratio_cap)
@@ -299,6 +305,8 @@ def test_metric_names():
             if loss_type in CLIPPED
             else {"cispo_clip_ratio"}
             if loss_type == "cispo"
+            else {"vespo/phi_seq_mean"}
+            if loss_type == "vespo"
             else set()
         )
         assert set(m) == {"policy_loss"} | extra

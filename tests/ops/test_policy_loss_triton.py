@@ -13,6 +13,7 @@ import torch
 from fastrl import policy_loss
 from fastrl.ops.policy.naive import naive_policy_loss
 from fastrl.ops.policy.terms import kl_estimate, per_token_terms
+from fastrl.ops.policy.vespo import gamma_weights
 from fastrl.options.policy import LOSS_TYPES, PolicyLossOptions
 from tests.support import DEVICE, HAS_CUDA
 
@@ -153,6 +154,8 @@ def test_options_on_top_of_the_kernel_match_oracle(loss_type, options):
         kw[name] = x[name]
     if "sampling_correction" not in kw:
         kw["sampling_correction"] = None
+    if loss_type == "vespo" and (kw["sampling_correction"] or "").startswith("sequence"):
+        kw["sampling_correction"] = "token_mask"  # vespo refuses a sequence-level one (TRL)
     _check(x, **kw)
 
 
@@ -178,10 +181,14 @@ def test_per_token_outputs_match_the_torch_terms(loss_type):
         sapo_temperature_pos=1.0,
         sapo_temperature_neg=1.05,
     )
+    phi = None
+    if loss_type == "vespo":  # the kernel takes phi * A (phi: a row reduction, in PyTorch)
+        c = lambda v: torch.where(keep, v, 0.0)
+        phi = gamma_weights(opts, c(lp) - c(old), c(adv), keep.float(), None)
     pt, kl, ratio, d_pt, d_kl = policy_loss_fwd(
         lp,
         old,
-        adv,
+        adv if phi is None else adv * phi,
         x["mask"].float(),
         ref,
         TokenTermParams(**opts.kernel_params()),
@@ -196,6 +203,7 @@ def test_per_token_outputs_match_the_torch_terms(loss_type):
         clean(adv),  # a [B, T] advantage (even a broadcast one) is zeroed where masked
         keep.float(),
         opts,  # token-level ratios (the default importance_sampling_level)
+        phi,
     )
     want_kl = kl_estimate(lp_t, clean(ref), "k3") * coef_1
     for got, want in ((pt, want_pt), (ratio, want_ratio), (kl, want_kl)):

@@ -34,11 +34,13 @@ def test_defaults_pass_and_are_trls():
     assert DEFAULTS.loss_type == "dapo" and DEFAULTS.epsilon == 0.2
     assert DEFAULTS.sapo_temperature_pos == 1.0 and DEFAULTS.sapo_temperature_neg == 1.05
     assert DEFAULTS.sampling_correction == "sequence_mask" and DEFAULTS.sampling_clip_max == 3.0
+    vespo = (DEFAULTS.vespo_k_pos, DEFAULTS.vespo_lambda_pos)
+    assert vespo + (DEFAULTS.vespo_k_neg, DEFAULTS.vespo_lambda_neg) == (2.0, 3.0, 3.0, 2.0)
 
 
 # every field with a check: (a bad value, the message, the exception)
 FIELD_CHECKS = {
-    "loss_type": ("ppo", r"loss_type must be one of \('grpo', .*'luspo'\), got 'ppo'", ValueError),
+    "loss_type": ("ppo", r"loss_type must be one of \('grpo', .*'luspo', 'vespo'\), got 'ppo'", ValueError),  # noqa: E501
     "epsilon": (-0.1, r"epsilon must be finite and >= 0.0, got -0.1", ValueError),
     "epsilon_high": (-1.0, r"epsilon_high must be finite and >= 0.0, got -1.0", ValueError),
     "delta": (0.0, r"delta must be finite and > 0.0, got 0.0", ValueError),
@@ -51,6 +53,10 @@ FIELD_CHECKS = {
     "num_processes": (0, r"num_processes must be finite and >= 1, got 0", ValueError),
     "sapo_temperature_pos": (0.0, r"sapo_temperature_pos must be finite and > 0.0", ValueError),
     "sapo_temperature_neg": (-1.0, r"sapo_temperature_neg must be finite and > 0.0", ValueError),
+    "vespo_k_pos": (-0.5, r"vespo_k_pos must be finite and >= 0.0, got -0.5", ValueError),
+    "vespo_lambda_pos": ("3", r"vespo_lambda_pos must be a number, got '3'", TypeError),
+    "vespo_k_neg": (float("nan"), r"vespo_k_neg must be finite and >= 0.0, got nan", ValueError),
+    "vespo_lambda_neg": (-2.0, r"vespo_lambda_neg must be finite and >= 0.0, got -2.0", ValueError),  # noqa: E501
     "entropy_coef": (float("inf"), r"entropy_coef must be finite, got inf", ValueError),
     "top_entropy_quantile": (1.5, r"top_entropy_quantile must be finite and >= 0.0 and <= 1.0", ValueError),  # noqa: E501
     "sampling_correction": ("token", r"sampling_correction must be one of .*got 'token'", ValueError),  # noqa: E501

@@ -2,13 +2,23 @@
 (the tests import them from the op's folder)."""
 
 import fastrl.reference
-from fastrl.ops.advantages.naive import naive_group_advantages
+from fastrl.ops.advantages.naive import (
+    naive_gae_advantages,
+    naive_group_advantages,
+    naive_reinforce_plus_plus_advantages,
+    naive_remax_advantages,
+)
 from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from fastrl.ops.policy.naive import naive_policy_loss
 from fastrl.ops.preference.naive import naive_kto_loss, naive_ld_tail_logps, naive_preference_loss
+from fastrl.ops.value.naive import naive_value_loss
 
 ORACLES = [
+    naive_gae_advantages,
     naive_group_advantages,
+    naive_reinforce_plus_plus_advantages,
+    naive_remax_advantages,
+    naive_value_loss,
     naive_kto_loss,
     naive_ld_tail_logps,
     naive_linear_logprobs,

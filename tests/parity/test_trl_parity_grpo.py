@@ -132,7 +132,7 @@ def test_loss_matches_trl(grpo, monkeypatch, loss_type, level, beta, delta):
     _configure(grpo, loss_type=loss_type, level=level, beta=beta, delta=delta)
     seed = GRID.index((loss_type, level, beta, delta))
     inputs = _inputs(grpo, seed)
-    if delta is not None and loss_type in ("cispo", "sapo"):
+    if delta is not None and loss_type in ("cispo", "sapo", "vespo"):
         # TRL accepts delta here and ignores it (it only caps the clipped surrogate's ratio);
         # fastrl refuses an option that would have no effect.
         with_delta = grpo._compute_loss(grpo.model, inputs)
@@ -205,6 +205,30 @@ def test_off_policy_mask_and_options_match_trl(grpo, monkeypatch, loss_type, lev
         epsilon_high=3.0 if loss_type == "cispo" else 0.25,
     )
     _check(grpo, _inputs(grpo, 200), monkeypatch)
+
+
+@pytest.mark.parametrize("adv_shape", ["B", "BT"])
+@pytest.mark.parametrize("vespo", [(0.5, 0.8, 1.5, 0.3), (0.0, 0.0, 4.0, 1.0)])
+def test_vespo_options_match_trl(grpo, monkeypatch, vespo, adv_shape):
+    # the four Gamma-weight options away from their defaults (lambda 0: TRL's 1e-4 clamp),
+    # per-sequence and per-token advantages (a per-token sign picks k and lambda), the KL
+    _configure(grpo, loss_type="vespo", beta=0.04, vespo=vespo)
+    _, _, metrics = _check(grpo, _inputs(grpo, 260, adv_shape=adv_shape), monkeypatch)
+    # the weights are neither all 0 nor all 1 on these off-policy inputs
+    assert 0.05 < metrics["vespo/phi_seq_mean"] < 0.95 or metrics["vespo/phi_seq_mean"] > 1.05
+
+
+def test_vespo_refuses_a_sequence_sampling_correction():
+    # TRL refuses it at GRPOTrainer.__init__ (vespo folds token ratios into its weight)
+    x = torch.zeros(B, T)
+    mask = torch.ones(B, T)
+    kw = dict(loss_type="vespo", num_items_in_batch=3, sampling_logps=x, sampling_clip_max=2.0)
+    for mode in ("sequence_mask", "sequence_truncate"):
+        match = rf"loss_type='vespo'.*got sampling_correction='{mode}'"
+        with pytest.raises(ValueError, match=match):
+            policy_loss(x, x, torch.ones(B), mask, sampling_correction=mode, **kw)
+    # no sampler log-probs: nothing to correct, the default mode is not in the way
+    policy_loss(x, x, torch.ones(B), mask, loss_type="vespo", num_items_in_batch=3)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -347,6 +371,8 @@ SAMPLING_CASES = [
     ("sequence_truncate", (0.5, 2.0), "bnpo"),
     ("sequence_mask", (None, 3.0), "cispo"),
     ("sequence_mask", (0.9, 1.1), "sapo"),
+    ("token_truncate", (None, 1.1), "vespo"),  # vespo folds the token ratios into its phi
+    ("token_mask", (0.9, 1.1), "vespo"),
 ]
 
 

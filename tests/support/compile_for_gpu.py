@@ -161,12 +161,18 @@ def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
     logps = torch.randn(B, T, generator=g).requires_grad_()
     mask = torch.ones(B, T)
     adv = torch.randn(B, generator=g)
-    for loss_type, beta in (("dapo", 0.0), ("grpo", 0.04), ("cispo", 0.0), ("sapo", 0.04)):
+    for loss_type, beta in (
+        ("dapo", 0.0), ("grpo", 0.04), ("cispo", 0.0), ("sapo", 0.04), ("vespo", 0.04),
+    ):  # fmt: skip
         loss, _ = fastrl.policy_loss(
             logps, logps.detach() - 0.1, adv, mask, ref_logps=logps.detach() + 0.1,
             loss_type=loss_type, beta=beta, num_items_in_batch=mask.sum(), impl="triton",
         )  # fmt: skip
         loss.backward()
+    for dtype in (torch.bfloat16, torch.float32):  # GAE's scan: fp32 math from both
+        fake.variant = f"gae {str(dtype)[6:]}"
+        r, v = (torch.randn(B, T, generator=g).to(dtype) for _ in range(2))
+        fastrl.gae_advantages(r, v, mask.bool(), gamma=0.99, lam=0.95, impl="triton")
 
     ids = torch.randint(0, V, (B, T), generator=g)
     # the fused single pass: half (dz over Z's own bytes) and fp32, each row kernel
@@ -195,6 +201,7 @@ def main() -> None:
     import fastrl.kernels.cublas_logprobs
     import fastrl.kernels.frozen_logprobs
     import fastrl.kernels.fused_policy_loss
+    import fastrl.kernels.gae
     import fastrl.kernels.group_advantages
     import fastrl.kernels.linear_logprobs
     import fastrl.kernels.policy_loss  # noqa: F401

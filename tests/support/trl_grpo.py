@@ -15,7 +15,9 @@ from tests.support.models import V, tiny_model, tiny_tokenizer  # noqa: E402
 B, G, P, T = 8, 4, 5, 7  # completions, group size, prompt len, completion len
 GA, SPG = 2, 4  # gradient accumulation steps, steps per generation
 MAX_LEN = 11  # dr_grpo's max_completion_length
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
+#: TRL 1.16's GRPOConfig defaults of vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
+VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 # the loss grid: loss type x importance-sampling level x beta x delta
 GRID = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [None, 1.5]))
 
@@ -77,14 +79,15 @@ def _configure(
     off_policy_mask_threshold=None,
     use_bias_correction_kl=True,
     sapo=(1.0, 1.05),
+    vespo=VESPO_DEFAULTS,
     vllm_mode=None,
     clip=(None, 3.0),
 ):
     """Set what GRPOTrainer._compute_loss / _generate_and_score_completions read per call.
 
     Attribute names are TRL 1.16's (GRPOTrainer.__init__ copies most options from args
-    onto the trainer; `delta`, `use_bias_correction_kl`, `sapo_temperature_*` and
-    `steps_per_generation` are read from `trainer.args` at call time).
+    onto the trainer; `delta`, `use_bias_correction_kl`, `sapo_temperature_*`,
+    `vespo_*` and `steps_per_generation` are read from `trainer.args` at call time).
     """
     trainer.loss_type = loss_type
     trainer.importance_sampling_level = level
@@ -103,6 +106,8 @@ def _configure(
     trainer.off_policy_mask_threshold = off_policy_mask_threshold
     trainer.args.use_bias_correction_kl = use_bias_correction_kl
     trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = sapo
+    a = trainer.args
+    a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg = vespo
     trainer.use_vllm = vllm_mode is not None
     trainer.vllm_importance_sampling_correction = vllm_mode is not None
     trainer.vllm_importance_sampling_mode = vllm_mode or "sequence_mask"
@@ -201,6 +206,10 @@ def _fastrl_kwargs(trainer, inputs):
         use_bias_correction_kl=trainer.args.use_bias_correction_kl,
         sapo_temperature_pos=trainer.args.sapo_temperature_pos,
         sapo_temperature_neg=trainer.args.sapo_temperature_neg,
+        vespo_k_pos=trainer.args.vespo_k_pos,
+        vespo_lambda_pos=trainer.args.vespo_lambda_pos,
+        vespo_k_neg=trainer.args.vespo_k_neg,
+        vespo_lambda_neg=trainer.args.vespo_lambda_neg,
     )
     if trainer.beta != 0:
         kw["ref_logps"] = inputs["ref_per_token_logps"]

@@ -20,7 +20,7 @@ from fastrl.trainers.grpo_config import GRPOConfig
 GRPO_OK = dict(per_device_train_batch_size=4, num_generations=4, use_cpu=True)
 
 GRPO_BAD = [
-    (dict(loss_type="ppo"), r"--loss_type must be one of 'grpo', .*'luspo'; got 'ppo'"),
+    (dict(loss_type="ppo"), r"--loss_type must be one of 'grpo', .*'luspo', 'vespo'; got 'ppo'"),
     (dict(scale_rewards="scal"), r"--scale_rewards must be one of 'group', 'batch', 'none'; got 'scal'"),  # noqa: E501
     (dict(scale_rewards="True"), r"--scale_rewards .*got 'True' \(True means 'group'"),
     (dict(importance_sampling_level="seq"), r"--importance_sampling_level .*'token', 'sequence'; got 'seq'"),  # noqa: E501
@@ -47,6 +47,8 @@ GRPO_BAD = [
     (dict(repetition_penalty=0.0), r"--repetition_penalty must be > 0, got 0.0"),
     (dict(sapo_temperature_pos=0.0), r"--sapo_temperature_pos must be > 0, got 0.0"),
     (dict(sapo_temperature_neg=-1.0), r"--sapo_temperature_neg must be > 0, got -1.0"),
+    (dict(vespo_k_pos=-1.0, loss_type="vespo"), r"--vespo_k_pos must be >= 0, got -1.0"),
+    (dict(vespo_lambda_neg=float("inf")), r"--vespo_lambda_neg must be >= 0, got inf"),
     (dict(top_entropy_quantile=1.5), r"--top_entropy_quantile must be in \[0, 1\], got 1.5"),
     (dict(entropy_coef=float("inf")), r"--entropy_coef must be a finite number, got inf"),
     (dict(reward_weights=[1.0, float("nan")]), r"--reward_weights must be a finite number, got nan"),  # noqa: E501
@@ -138,6 +140,12 @@ def test_defaults_and_edges_pass(tmp_path):
     GRPOConfig(str(tmp_path), **GRPO_OK)
     args = GRPOConfig(str(tmp_path), scale_rewards=False, beta=0.0, top_k=0, **GRPO_OK)
     assert args.scale_rewards == "none"  # TRL's bool form
+    vespo = GRPOConfig(str(tmp_path), loss_type="vespo", vespo_k_pos=0.5, **GRPO_OK)
+    assert vespo.policy_loss_kwargs()["vespo_k_pos"] == 0.5  # reaches the loss
+    with pytest.warns(UserWarning, match=r"vespo' computes its sequence-level weight itself"):
+        GRPOConfig(
+            str(tmp_path), loss_type="vespo", importance_sampling_level="sequence", **GRPO_OK
+        )
     DPOConfig(str(tmp_path), use_cpu=True)
     DPOConfig(str(tmp_path), loss_type="orpo", beta=0.0, use_cpu=True)  # ORPO: NLL alone
 

@@ -38,6 +38,10 @@ def test_trl_names_and_defaults(tmp_path):
         "vllm_importance_sampling_mode",
         "vllm_importance_sampling_clip_min",
         "vllm_importance_sampling_clip_max",
+        "vespo_k_pos",
+        "vespo_lambda_pos",
+        "vespo_k_neg",
+        "vespo_lambda_neg",
     ):
         assert ours[name] == trl[name], name
 
@@ -159,3 +163,16 @@ def test_greedy_generation_has_no_sampler_correction(tmp_path, monkeypatch):
         _config(tmp_path, use_vllm=True, **greedy)
     _config(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False, **greedy)
     _config(tmp_path, **greedy)  # the HF path has no sampler log-probs at all
+
+
+def test_vespo_needs_a_token_level_sampler_correction(tmp_path, monkeypatch):
+    # TRL's rule (GRPOTrainer.__init__): vespo folds per-token ratios into its weight
+    monkeypatch.setattr(grpo_config_mod, "require_vllm", lambda: None)
+    match = r"--loss_type 'vespo' .* --vllm_importance_sampling_mode token_truncate or token_mask, got 'sequence_mask'"  # noqa: E501
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, loss_type="vespo", use_vllm=True)
+    on = _config(tmp_path, loss_type="vespo", use_vllm=True,
+                 vllm_importance_sampling_mode="token_mask").policy_loss_kwargs()  # fmt: skip
+    assert (on["loss_type"], on["sampling_correction"]) == ("vespo", "token_mask")
+    _config(tmp_path, loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=False)
+    _config(tmp_path, loss_type="vespo")  # no vLLM: no sampler correction

@@ -1,4 +1,5 @@
-"""Naive oracle for `group_advantages`: one group at a time, in float64, with Python lists."""
+"""Naive oracles, in float64 with Python lists: `group_advantages` one group at a time;
+the per-token estimators (GAE, REINFORCE++, ReMax) one row and one token at a time."""
 
 import math
 
@@ -122,3 +123,93 @@ def naive_group_advantages(
                             adv[i] = 0.0
     out = torch.tensor(adv, dtype=torch.float64)
     return torch.nan_to_num(out, nan=0.0)
+
+
+# --------------------------------------------------------------------------- per-token
+
+
+def _rows(mask):
+    B, T = mask.shape
+    return [[bool(mask[b, t]) for t in range(T)] for b in range(B)]
+
+
+def naive_gae_advantages(rewards, values, mask, *, gamma=defaults.GAMMA, lam=defaults.LAM):
+    """Same contract as `fastrl.gae_advantages`; float64 ``(advantages, returns)``.
+
+    Row by row, right to left, over the unmasked tokens only (verl's skip of masked
+    tokens): delta = r + gamma V_next - V, A = delta + gamma lam A_next.
+    """
+    keep = _rows(mask)
+    B, T = mask.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    ret = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        v_next, a_next = 0.0, 0.0
+        for t in reversed(range(T)):
+            if not keep[b][t]:
+                continue
+            r, v = float(rewards[b, t]), float(values[b, t])
+            a = r + gamma * v_next - v + gamma * lam * a_next
+            adv[b, t], ret[b, t] = a, a + v
+            v_next, a_next = v, a
+    return adv, ret
+
+
+def _whiten(x, keep, normalize_std):
+    """OpenRLHF's batch normalisation: biased variance over unmasked tokens, floor 1e-8."""
+    vals = [x[b][t] for b in range(len(x)) for t in range(len(x[b])) if keep[b][t]]
+    n = max(len(vals), 1)
+    mean = sum(vals) / n
+    var = sum((v - mean) ** 2 for v in vals) / n
+    rstd = 1 / math.sqrt(max(var, defaults.WHITEN_EPS)) if normalize_std else 1.0
+    return [
+        [(x[b][t] - mean) * rstd if keep[b][t] else 0.0 for t in range(len(x[b]))]
+        for b in range(len(x))
+    ]
+
+
+def _returns(reward, kl_row, keep_row, kl_coef, gamma):
+    """One row: KL-shaped per-token rewards, then discounted returns-to-go (OpenRLHF)."""
+    T = len(keep_row)
+    unmasked = [t for t in range(T) if keep_row[t]]
+    r = [(-kl_coef * kl_row[t] if keep_row[t] and kl_row is not None else 0.0) for t in range(T)]
+    if unmasked:
+        r[unmasked[-1]] += reward
+    out, g = [0.0] * T, 0.0
+    for t in reversed(range(T)):
+        g = r[t] + gamma * g
+        out[t] = g if keep_row[t] else 0.0
+    return out
+
+
+def naive_reinforce_plus_plus_advantages(
+    rewards, mask, *, kl=None, kl_coef=0.0, gamma=defaults.GAMMA, baseline="none",
+    group_size=None, normalize_std=True,
+):  # fmt: skip
+    """Same contract as `fastrl.reinforce_plus_plus_advantages` (no validation); float64."""
+    keep = _rows(mask)
+    B, T = mask.shape
+    r = [float(x) for x in rewards]
+    if baseline == "mean":
+        for g0 in range(0, B, group_size):
+            group = r[g0 : g0 + group_size]
+            mean = sum(group) / len(group)
+            r[g0 : g0 + group_size] = [x - mean for x in group]
+    kl_rows = [None] * B if kl is None else [[float(x) for x in row] for row in kl]
+    returns = [_returns(r[b], kl_rows[b], keep[b], kl_coef, gamma) for b in range(B)]
+    adv = _whiten(returns, keep, normalize_std)
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64).reshape(B, T)
+    return f64(adv), f64(returns)
+
+
+def naive_remax_advantages(rewards, baseline_rewards, mask):
+    """Same contract as `fastrl.remax_advantages`; float64."""
+    keep = _rows(mask)
+    B, T = mask.shape
+    returns = [_returns(float(rewards[b]), None, keep[b], 0.0, 1.0) for b in range(B)]
+    adv = [
+        [returns[b][t] - float(baseline_rewards[b]) if keep[b][t] else 0.0 for t in range(T)]
+        for b in range(B)
+    ]
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64).reshape(B, T)
+    return f64(adv), f64(returns)

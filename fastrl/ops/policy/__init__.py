@@ -1,7 +1,8 @@
 """GRPO-family policy losses.
 
 - `loss.py`: `policy_loss` on per-token log-probs, in steps: `inputs.py` (the tensors),
-  `terms.py` (per-token terms, PyTorch or the kernel), `aggregate.py` (masks, sampler
+  `terms.py` (per-token terms, PyTorch or the kernel; `vespo.py`, VESPO's sequence
+  weight), `aggregate.py` (masks, sampler
   weights, normalisers, entropy bonus, and their per-token coefficients), `metrics.py`;
 - `fused.py`: `fused_policy_loss` from hidden states (gradients formed in the forward);
 - `naive.py`: the float64 oracle `naive_policy_loss`;

@@ -7,9 +7,9 @@ Two ways to run it, both without [B, T, V] logits:
   (`token_coefficients`, next to the aggregation they differentiate), and
   kernels/fused_policy_loss.py forms the hidden-state gradient in the forward: two
   N x V x d GEMMs for a frozen head instead of three. The backward only scales it.
-- two passes (everything else: sequence-level ratios, the off-policy and entropy masks,
-  which need whole-sequence or whole-batch statistics of the log-probs first, and the
-  PyTorch path): `linear_logprobs`, then `policy_loss`, then autograd.
+- two passes (everything else: sequence-level ratios, vespo's sequence weight, the
+  off-policy and entropy masks, which need whole-sequence or whole-batch statistics of
+  the log-probs first, and the PyTorch path): `linear_logprobs`, then `policy_loss`, then autograd.
 
 Both give the value and metrics of `policy_loss` on the same log-probs.
 """
@@ -78,6 +78,8 @@ def _single_pass_ok(impl, opts, old_logps, sampling_logps, hidden, weight, bias)
         impl == "triton"
         and needs_grad
         and opts.importance_sampling_level == "token"
+        # vespo's weight is a function of the whole row's log-probs: known after a pass
+        and opts.loss_type != "vespo"
         and opts.off_policy_mask_threshold is None
         and opts.top_entropy_quantile == 1
         # on-policy with a sampler correction weighs tokens by the current log-probs

@@ -1,13 +1,14 @@
 """GRPO-family policy losses on per-token log-probs, with TRL 1.16's semantics.
 
-`policy_loss` computes, from per-token log-probs ``[B, T]`` of the completions, the loss that
-TRL's ``GRPOTrainer._compute_loss`` computes for the same inputs: loss types ``grpo``,
-``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` and ``luspo``, token- or sequence-level
-(GSPO) importance ratios, decoupled (``epsilon_high``) and two-sided (``delta``) clipping,
-a KL penalty to a reference policy, the vLLM/sampler importance-sampling correction, the
-off-policy sequence mask, high-entropy token masking and the entropy bonus, and TRL's
-gradient-accumulation scaling. Loss and gradients agree with TRL's to float rounding
-(tests/parity/test_trl_parity_grpo.py runs TRL's own trainer).
+`policy_loss` computes, from per-token log-probs ``[B, T]`` of the completions, the loss
+that TRL's ``GRPOTrainer._compute_loss`` computes for the same inputs: loss types
+``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo`` and ``vespo``,
+token- or sequence-level (GSPO) importance ratios, decoupled (``epsilon_high``) and
+two-sided (``delta``) clipping, a KL penalty to a reference policy, the vLLM/sampler
+importance-sampling correction, the off-policy sequence mask, high-entropy token masking
+and the entropy bonus, and TRL's gradient-accumulation scaling. Loss and gradients agree
+with TRL's to float rounding (tests/parity/test_trl_parity_grpo.py runs TRL's own
+trainer).
 
 The steps, one module each: the options (`fastrl.options.policy`, validated once), the
 tensors (`inputs.py`), the elementwise terms (`terms.py`: PyTorch, or for token-level
@@ -53,6 +54,10 @@ def policy_loss(
     num_processes: int = _D.num_processes,
     sapo_temperature_pos: float = _D.sapo_temperature_pos,
     sapo_temperature_neg: float = _D.sapo_temperature_neg,
+    vespo_k_pos: float = _D.vespo_k_pos,
+    vespo_lambda_pos: float = _D.vespo_lambda_pos,
+    vespo_k_neg: float = _D.vespo_k_neg,
+    vespo_lambda_neg: float = _D.vespo_lambda_neg,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = _D.entropy_coef,
     top_entropy_quantile: float = _D.top_entropy_quantile,
@@ -76,12 +81,17 @@ def policy_loss(
     The hyper-parameters (``loss_type``, ``epsilon``, ``epsilon_high``, ``delta``, ``beta``,
     ``kl_estimator``, ``use_bias_correction_kl``, ``importance_sampling_level``,
     ``max_completion_length``, ``gradient_accumulation_steps``, ``steps_per_generation``,
-    ``num_processes``, ``sapo_temperature_pos``/``_neg``, ``entropy_coef``,
+    ``num_processes``, ``sapo_temperature_pos``/``_neg``, ``vespo_k_pos``/``_neg``,
+    ``vespo_lambda_pos``/``_neg``, ``entropy_coef``,
     ``top_entropy_quantile``, ``sampling_correction``, ``sampling_clip_min``/``_max``,
     ``off_policy_mask_threshold``) are TRL's, with its defaults, and documented where they
     are declared: `fastrl.options.policy.PolicyLossOptions`. In short, ``loss_type`` picks
     the per-token loss (PPO's clipped surrogate, CISPO's or SAPO's) and TRL's normaliser
-    (``dr_grpo`` needs ``max_completion_length``, ``dapo``/``cispo`` ``num_items_in_batch``).
+    (``dr_grpo`` needs ``max_completion_length``, ``dapo``/``cispo``/``vespo``
+    ``num_items_in_batch``). ``vespo`` (TRL's ``get_gamma_weights``) weighs ``-A * logps`` by
+    a detached Gamma function of each sequence's summed log-ratio and folds a token-level
+    sampler correction into that weight instead of multiplying the loss by it (a
+    ``sequence_*`` correction is refused with it, as TRL refuses it).
 
     Args:
         logps: ``[B, T]`` float, log-probs of the completion tokens under the policy being
@@ -123,6 +133,7 @@ def policy_loss(
           sequence level, where the clip is active), ``clip_ratio/low_min``,
           ``clip_ratio/high_max`` (min/max over sequences of the per-sequence fraction);
         - ``cispo``: ``cispo_clip_ratio``;
+        - ``vespo``: ``vespo/phi_seq_mean`` (the mean over sequences of the weight);
         - with the sampling correction: ``sampling/sampling_logp_difference/mean`` and
           ``/max``, ``sampling/importance_sampling_ratio/min``, ``/mean``, ``/max``.
 
@@ -136,10 +147,11 @@ def policy_loss(
             `PolicyLossOptions.validate` refuses (``delta`` with a loss type that has no
             clipped surrogate, ``dr_grpo`` without ``max_completion_length``, ...); an
             option without the tensor it needs (``beta != 0`` without ``ref_logps``, an
-            entropy option without ``entropy``, ``dapo``/``cispo`` without
-            ``num_items_in_batch``); mismatched shapes; a ``mask`` with values other than
-            0 and 1; unknown ``impl``, or ``impl="triton"`` for an option the kernel does
-            not cover.
+            entropy option without ``entropy``, ``dapo``/``cispo``/``vespo`` without
+            ``num_items_in_batch``); ``vespo`` with ``sampling_logps`` and a
+            ``sequence_*`` ``sampling_correction``; mismatched shapes; a ``mask`` with
+            values other than 0 and 1; unknown ``impl``, or ``impl="triton"`` for an
+            option the kernel does not cover.
         TypeError: a tensor argument that is not a (floating-point) tensor, a
             non-numeric hyper-parameter.
     """
@@ -162,13 +174,19 @@ def policy_loss(
         num_items_in_batch=num_items_in_batch is not None,
         ref_logps=ref_logps is not None,
         entropy=entropy is not None,
+        sampling_logps=sampling_logps is not None,
     )
     use_kernel = use_token_kernel(impl, logps, opts)
 
     x = LossInputs.prepare(logps, old_logps, advantages, mask, entropy, sampling_logps)
-    terms = token_terms(opts, x, logps, old_logps, advantages, ref_logps, use_kernel=use_kernel)
     factors = token_factors(opts, x)
-    per_token = apply_factors(terms.loss, factors)
+    vespo = opts.loss_type == "vespo"
+    terms = token_terms(
+        opts, x, logps, old_logps, advantages, ref_logps, use_kernel=use_kernel,
+        sampling=factors.sampling if vespo else None,
+    )  # fmt: skip
+    # vespo's weight holds the sampler correction already (TRL does not multiply it again)
+    per_token = apply_factors(terms.loss, factors._replace(sampling=None) if vespo else factors)
     if opts.beta != 0:
         per_token = per_token + opts.beta * terms.kl
     loss, logged = aggregate(opts, per_token, x.m, num_items_in_batch)

@@ -39,6 +39,8 @@ def _clip_metrics(opts: PolicyLossOptions, x: LossInputs, terms: TokenTerms) -> 
     if opts.loss_type == "cispo":
         clipped = ((terms.ratio > opts.upper_epsilon) & (x.adv > 0)).to(cdt)
         return {"cispo_clip_ratio": _masked_mean(clipped, m)}
+    if opts.loss_type == "vespo":
+        return {"vespo/phi_seq_mean": _masked_mean(terms.phi, m)}
     if opts.loss_type not in CLIPPED_LOSS_TYPES:
         return {}
     low = ((terms.clip_ratio < 1 - float(opts.epsilon)) & (x.adv < 0)).to(cdt)

@@ -36,6 +36,19 @@ def _token_loss(loss_type, w, a, lp, eps_low, eps_high, delta, tau_pos, tau_neg)
     return -torch.sigmoid(tau * (w - 1)) * 4 / tau * a, w
 
 
+def _vespo_phi(log_w, a, k_pos, lam_pos, k_neg, lam_neg):
+    """VESPO's Gamma weight of a sequence's log-ratio sum `log_w` (float, unclamped), for
+    advantage `a` (TRL's get_gamma_weights): e^lam w^k e^(-lam w), TRL's clamps."""
+    log_w = min(max(log_w, math.log(1e-8)), 20.0)
+    k, lam = (k_pos, lam_pos) if a >= 0 else (k_neg, lam_neg)
+    lam = max(lam, 1e-4)
+    try:
+        phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+    except OverflowError:
+        return 0.0
+    return phi if math.isfinite(phi) else 0.0
+
+
 def _high_entropy(ent, keep, toks, quantile):
     """Keep tokens at or above the (1 - quantile) quantile of the masked entropies."""
     B, T = ent.shape
@@ -71,7 +84,7 @@ def _normalise(loss_type, rows, B, GA, spg, max_completion_length, num_items, nu
     (loss, the logged policy_loss)."""
     zero = torch.zeros((), dtype=torch.float64)
     total = sum((sum(r, zero) for r in rows), zero)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         normalizer = max(float(num_items), 1.0) / num_processes * GA / spg
         loss = total / normalizer
         return loss, loss.detach()
@@ -168,6 +181,10 @@ def naive_policy_loss(
     num_processes: int = _D.num_processes,
     sapo_temperature_pos: float = _D.sapo_temperature_pos,
     sapo_temperature_neg: float = _D.sapo_temperature_neg,
+    vespo_k_pos: float = _D.vespo_k_pos,
+    vespo_lambda_pos: float = _D.vespo_lambda_pos,
+    vespo_k_neg: float = _D.vespo_k_neg,
+    vespo_lambda_neg: float = _D.vespo_lambda_neg,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = _D.entropy_coef,
     top_entropy_quantile: float = _D.top_entropy_quantile,
@@ -213,9 +230,20 @@ def naive_policy_loss(
         )
 
     rows = []  # per sequence: list of per-token losses over its masked tokens
-    kls, clip_ratios = [], []
+    kls, clip_ratios, phis = [], [], []
+    vespo = loss_type == "vespo"
     for b in range(B):
         n = len(toks[b])
+        if vespo:  # the sum (not mean) of the clamped token log-ratios, + the sampler's
+            log_w = sum(min(max((lp[b, t] - old[b, t]).item(), -20.0), 20.0) for t in toks[b])
+            if is_w is not None:  # over the whole row, as TRL (masked positions: ratio 1)
+                log_w += sum(
+                    min(max(math.log(w) if w > 0 else -math.inf, math.log(1e-8)), 20.0)
+                    for w in is_w[b]
+                )
+            vespo_args = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+            if per_seq_adv:
+                phis.append(_vespo_phi(log_w, A(b, 0).item(), *vespo_args))
         if seq_level:
             s = sum((lp[b, t] - old[b, t] for t in toks[b]), torch.zeros((), dtype=torch.float64))
             seq_w = torch.exp(s / max(n, 1))
@@ -233,13 +261,18 @@ def naive_policy_loss(
                 loss_type, w, a, lp[b, t], eps_low, eps_high, delta,
                 sapo_temperature_pos, sapo_temperature_neg,
             )  # fmt: skip
+            if vespo:  # REINFORCE weighted by the constant phi(w)
+                phi = _vespo_phi(log_w, a.item(), *vespo_args)
+                loss_t = -phi * a * lp[b, t]
+                if not per_seq_adv and keep[b][t]:
+                    phis.append(phi)
             row_rc.append(r)
             if off_policy_mask_threshold is not None:
                 opsm = 1.0 if (a >= 0 or mean_kl <= off_policy_mask_threshold) else 0.0
                 loss_t = loss_t * opsm
             if high_entropy is not None:
                 loss_t = loss_t * float(high_entropy[b][t])
-            if is_w is not None:
+            if is_w is not None and not vespo:  # vespo's phi holds it
                 loss_t = loss_t * is_w[b][t]
             kl_t = None
             if ref is not None:
@@ -276,6 +309,8 @@ def naive_policy_loss(
     if loss_type in _CLIPPED + ("cispo",):
         per_seq = seq_level and per_seq_adv  # one clip decision per sequence
         metrics.update(_clip_metrics(loss_type, clip_ratios, A, toks, per_seq, eps_low, eps_high))
+    if vespo:
+        metrics["vespo/phi_seq_mean"] = sum(phis) / max(len(phis), 1)
     if correct:
         metrics.update(_sampling_metrics(old, samp, toks, is_w, sampling_correction))
     metrics = {k: torch.as_tensor(v, dtype=torch.float64).detach() for k, v in metrics.items()}

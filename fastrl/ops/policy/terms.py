@@ -10,6 +10,7 @@ import torch
 
 from fastrl.checks import check_impl
 from fastrl.ops.policy.inputs import LossInputs
+from fastrl.ops.policy.vespo import gamma_weights
 from fastrl.options.policy import CLIPPED_LOSS_TYPES, PolicyLossOptions
 
 
@@ -17,12 +18,14 @@ class TokenTerms(NamedTuple):
     """The per-token terms, compute dtype: ``loss`` ``[B, T]`` (``[B, 1]`` for a sequence-level
     ratio whose loss does not involve the log-probs), ``kl`` ``[B, T]`` or None (no
     ``ref_logps``), the importance ratio before the ``delta`` cap (``ratio``) and after it
-    (``clip_ratio``, what TRL's clip metrics compare)."""
+    (``clip_ratio``, what TRL's clip metrics compare); ``phi``, VESPO's sequence weight
+    (`fastrl.ops.policy.vespo.gamma_weights`), for ``vespo`` only."""
 
     loss: torch.Tensor
     kl: torch.Tensor | None
     ratio: torch.Tensor
     clip_ratio: torch.Tensor
+    phi: torch.Tensor | None = None
 
 
 def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -41,11 +44,13 @@ def per_token_terms(
     adv: torch.Tensor,
     m: torch.Tensor,
     opts: PolicyLossOptions,
+    phi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss term and the ratios of `TokenTerms`, in PyTorch.
 
     lp, old, m: ``[B, T]`` (compute dtype, masked positions zeroed); adv: ``[B, 1]`` or
-    ``[B, T]``. Returns ``(loss, ratio, clip_ratio)``.
+    ``[B, T]``; phi: VESPO's weight (``vespo`` only, `gamma_weights`). Returns ``(loss,
+    ratio, clip_ratio)``.
     """
     log_ratio = lp - old
     if opts.importance_sampling_level == "sequence":  # GSPO: the length-normalised log-ratio
@@ -62,6 +67,8 @@ def per_token_terms(
     if opts.loss_type == "cispo":  # REINFORCE on log-probs, weighted by the capped, detached ratio
         weight = torch.clamp(coef_1, max=eps_high).detach()
         return -weight * adv * lp, coef_1, coef_1
+    if opts.loss_type == "vespo":  # REINFORCE on log-probs, weighted by the constant phi(w)
+        return -phi * adv * lp, coef_1, coef_1
     # sapo: a sigmoid gate in place of the hard clip, temperature by the advantage's sign
     pos, neg = float(opts.sapo_temperature_pos), float(opts.sapo_temperature_neg)
     tau = torch.where(adv > 0, adv.new_tensor(pos), adv.new_tensor(neg))
@@ -138,28 +145,35 @@ def token_terms(
     ref_logps: torch.Tensor | None,
     *,
     use_kernel: bool,
+    sampling: torch.Tensor | None = None,
 ) -> TokenTerms:
     """The per-token terms: from the kernel (on the arguments as given: it masks and
-    converts them itself) or from PyTorch (on `x`)."""
+    converts them itself) or from PyTorch (on `x`). `sampling`: the sampler correction's
+    token ratios, which ``vespo`` folds into its weight (and nothing else reads here)."""
+    phi = None
+    if opts.loss_type == "vespo":
+        phi = gamma_weights(opts, x.lp - x.old, x.adv, x.m, sampling)
     if use_kernel:
         from fastrl.kernels.policy_loss import TokenTermParams
 
+        # vespo: the kernel's per-token term is -a * logp with a = phi * A (phi constant)
+        adv = advantages.detach() if phi is None else phi * x.adv
         loss, kl, clip_ratio = _TokenTermsFunction.apply(
             logps,
             None if old_logps is None else old_logps.detach(),
-            advantages.detach(),
+            adv,
             x.keep,
             None if ref_logps is None else ref_logps.detach(),
             opts.beta != 0,
             TokenTermParams(**opts.kernel_params()),
         )
         # no delta cap where the ratio before it is read (cispo's metric)
-        return TokenTerms(loss, kl, clip_ratio, clip_ratio)
-    loss, ratio, clip_ratio = per_token_terms(x.lp, x.old, x.adv, x.m, opts)
+        return TokenTerms(loss, kl, clip_ratio, clip_ratio, phi)
+    loss, ratio, clip_ratio = per_token_terms(x.lp, x.old, x.adv, x.m, opts, phi)
     kl = None
     if ref_logps is not None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and opts.beta != 0):
             kl = kl_estimate(x.lp, x.clean(ref_logps.detach()), opts.kl_estimator)
             if opts.use_bias_correction_kl:
                 kl = kl * ratio
-    return TokenTerms(loss, kl, ratio, clip_ratio)
+    return TokenTerms(loss, kl, ratio, clip_ratio, phi)
