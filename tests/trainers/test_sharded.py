@@ -1,0 +1,330 @@
+"""Sharded training: FSDP2 (`fully_shard` through accelerate) and the gathered lm_head.
+
+- `gathered_weight`: forward and every gradient equal the unsharded weight's (float64
+  oracle), on a real two-process FSDP2 `DTensor` (uneven shards) and on a cast copy; the
+  gathered / cast `[V, d]` tensor is not kept by the graph between forward and backward
+  (it is gathered again in the backward: counted), the fused policy loss too;
+- `GRPOTrainer` and `DPOTrainer` on two CPU processes under FSDP2 end with the LoRA
+  weights one process ends with on the same global batch (world 2 x batch b vs world 1 x
+  batch 2b, SGD so the comparison is not an Adam sign of a rounding error): GRPO with a
+  reference (adapters off), old log-probs (num_iterations=2) and greedy `generate`
+  under FSDP2; DPO with a per-batch reference;
+- what stays refused (FSDP1, vLLM with sharded parameters) says which option to set.
+
+accelerate 1.15 enables FSDP for accelerator devices only; the two-process runs use
+`tests.support.ranks.FSDP_ON_CPU` to get it on CPU processes (gloo). DeepSpeed ZeRO-3
+cannot run there: accelerate enables DeepSpeed only when not on CPU, and without a device
+it starts no process group (see README, "Multi-GPU: FSDP2 and ZeRO-3").
+"""
+
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+from fastrl import linear_logprobs  # noqa: E402
+from fastrl.integrations import gathered_weight, is_sharded  # noqa: E402
+from fastrl.reference import naive_linear_logprobs  # noqa: E402
+from fastrl.trainers.model import refuse_sharded_parameters  # noqa: E402
+from tests.support.ranks import EXIT, FSDP_ON_CPU, run_ranks  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*remove_unused_columns.*"),
+    pytest.mark.filterwarnings("ignore:.*generation flags are not valid.*"),
+]
+
+V, D, N = 37, 12, 9  # 37 rows: shards of 19 and 18 on two processes
+
+
+def _head_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, D, generator=g)
+    hidden = torch.randn(N, D, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = -100
+    return weight, hidden, targets
+
+
+def _oracle(weight, hidden, targets):
+    """float64 log-probs, entropies and d(sum logps + sum entropy)/d hidden."""
+    h = hidden.double().requires_grad_()
+    logps, ent = naive_linear_logprobs(h, weight.double(), targets, return_entropy=True)
+    (logps.sum() + ent.sum()).backward()
+    return logps, ent, h.grad
+
+
+# ---------------------------------------------------------------- gathered_weight
+
+
+def test_a_whole_weight_is_used_as_it_is():
+    weight, _, _ = _head_inputs()
+    bias = torch.zeros(V)
+    with gathered_weight(weight, bias) as (w, b):
+        assert w is weight and b is bias
+    assert not is_sharded(weight)
+
+
+def test_a_cast_copy_is_not_kept_between_forward_and_backward():
+    """dtype= casts the weight for the call; the graph keeps a handle that casts it again
+    in the backward, so the float64 copy is freed when the block ends."""
+    weight, hidden, targets = _head_inputs()
+    hidden = hidden.double().requires_grad_()
+    with gathered_weight(weight, dtype=torch.float64) as (w, _):
+        assert w.dtype == torch.float64 and w is not weight
+        logps, ent = linear_logprobs(hidden, w, targets, return_entropy=True, impl="torch")
+        copy = weakref.ref(w)
+    del w
+    assert copy() is None  # the graph holds no [V, d] copy
+    (logps.sum() + ent.sum()).backward()
+    want_logps, want_ent, want_grad = _oracle(weight, hidden.detach(), targets)
+    tol = dict(rtol=1e-6, atol=1e-6)  # float32 outputs (the contract), float64 math
+    torch.testing.assert_close(logps.double(), want_logps, **tol)
+    torch.testing.assert_close(ent.double(), want_ent, **tol)
+    torch.testing.assert_close(hidden.grad, want_grad, **tol)
+
+
+def test_bad_arguments():
+    weight, _, _ = _head_inputs()
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        with gathered_weight(weight.tolist()):
+            pass
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        with gathered_weight(weight, [0.0] * V):
+            pass
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        with gathered_weight(weight, dtype="float64"):
+            pass
+
+
+DTENSOR_SCRIPT = (
+    """
+import weakref
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from fastrl import fused_policy_loss, linear_logprobs
+from fastrl.integrations import gathered_weight, is_sharded
+from tests.trainers.test_sharded import _head_inputs, _oracle
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+weight, hidden, targets = _head_inputs()
+sharded = distribute_tensor(weight, mesh, [Shard(0)])
+assert is_sharded(sharded) and sharded.to_local().shape[0] == (19, 18)[dist.get_rank()]
+
+gathers = []
+full_tensor = DTensor.full_tensor
+def counted(self, *args, **kwargs):
+    gathers.append(torch.is_grad_enabled())
+    return full_tensor(self, *args, **kwargs)
+DTensor.full_tensor = counted
+
+# a head that recomputes in the backward: one gather in the forward, one in the backward
+h = hidden.clone().requires_grad_()
+with gathered_weight(sharded) as (w, _):
+    assert type(w) is torch.Tensor and w.shape == (37, 12)
+    logps, ent = linear_logprobs(h, w, targets, return_entropy=True, impl="torch")
+    copy = weakref.ref(w)
+del w
+assert copy() is None, "the gathered weight outlived its block"
+assert len(gathers) == 1
+(logps.sum() + ent.sum()).backward()
+assert len(gathers) == 2 and gathers[1] is False, gathers
+want_logps, want_ent, want_grad = _oracle(weight, hidden, targets)
+tol = dict(rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(logps, want_logps.float(), **tol)
+torch.testing.assert_close(ent, want_ent.float(), **tol)
+torch.testing.assert_close(h.grad, want_grad.float(), **tol)
+
+# the fused policy loss (its torch path recomputes the head in the backward)
+h = hidden.clone().view(1, 9, 12).requires_grad_()
+t, mask = targets.clamp(min=0).view(1, 9), (targets >= 0).long().view(1, 9)
+adv = torch.tensor([0.7])
+with gathered_weight(sharded) as (w, _):
+    loss, _ = fused_policy_loss(h, w, t, mask, adv, num_items_in_batch=mask.sum(), impl="torch")
+loss.backward()
+assert len(gathers) == 4 and gathers[3] is False, gathers
+h2 = hidden.clone().view(1, 9, 12).requires_grad_()
+want, _ = fused_policy_loss(h2, weight, t, mask, adv, num_items_in_batch=mask.sum(), impl="torch")
+want.backward()
+torch.testing.assert_close(loss, want)
+torch.testing.assert_close(h.grad, h2.grad)
+print("GATHER_OK", dist.get_rank(), flush=True)
+"""
+    + EXIT
+)
+
+
+def test_a_dtensor_weight_is_gathered_in_forward_and_backward(tmp_path):
+    """Two processes, an FSDP2-style Shard(0) DTensor with uneven shards."""
+    out = run_ranks(DTENSOR_SCRIPT, tmp_path)
+    assert out.count("GATHER_OK") == 2, out[-2000:]
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _trainer(fsdp_version=None, use_vllm=False):
+    plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(
+        is_fsdp_enabled=plugin is not None,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        args=SimpleNamespace(use_vllm=use_vllm),
+    )
+
+
+def test_what_stays_refused(monkeypatch):
+    from transformers.integrations import deepspeed
+
+    refuse_sharded_parameters(_trainer())
+    refuse_sharded_parameters(_trainer(fsdp_version=2))
+    refuse_sharded_parameters(_trainer(use_vllm=True))  # DDP with vLLM
+    with pytest.raises(ValueError, match=r"FSDP2 only .* fsdp_config=\{'version': 2\}"):
+        refuse_sharded_parameters(_trainer(fsdp_version=1))
+    with pytest.raises(ValueError, match="use_vllm=True does not support sharded .*FSDP2"):
+        refuse_sharded_parameters(_trainer(fsdp_version=2, use_vllm=True))
+    monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    refuse_sharded_parameters(_trainer())
+    with pytest.raises(ValueError, match="sharded parameters .DeepSpeed ZeRO-3.: .* use_vllm"):
+        refuse_sharded_parameters(_trainer(use_vllm=True))
+
+
+# ---------------------------------------------------------------- trainers under FSDP2
+
+# the same global batch on one process (batch 2b) and on two (b each)
+BATCH = {1: 8, 2: 4}
+FSDP = dict(fsdp="full_shard", fsdp_config={"version": 2})
+
+
+def _common(out, world):
+    extra = dict(ddp_backend="gloo", **FSDP) if world == 2 else {}
+    return dict(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH[world],
+        max_steps=2,
+        optim="sgd",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+        activation_checkpointing=False,
+        seed=0,
+        **extra,
+    )
+
+
+def _first_token_reward(prompts, completions, completion_ids, **kwargs):
+    return [float(ids[0] % 5) for ids in completion_ids]
+
+
+def grpo_trainer(out, world):
+    """GRPO with a reference (beta), old log-probs (num_iterations=2) and greedy
+    generation, the first completion token rewritten per group member so the group's
+    completions (and rewards) differ the same way on any number of processes."""
+    from fastrl.demo.task import arithmetic_dataset, build_tiny_model, build_tiny_tokenizer
+    from fastrl.trainers import GRPOConfig, GRPOTrainer
+
+    class Trainer(GRPOTrainer):
+        def _sample(self, prompt_ids, prompt_mask):
+            ids, logps = super()._sample(prompt_ids, prompt_mask)
+            j = torch.arange(ids.shape[0], device=ids.device) % self.args.num_generations
+            ids = ids.clone()
+            ids[:, 0] = 4 + (7 * j + prompt_ids[:, -1]) % 90  # a character, never EOS
+            return ids, logps
+
+    tok = build_tiny_tokenizer()
+    args = GRPOConfig(
+        **_common(out, world),
+        num_generations=4,
+        num_iterations=2,
+        max_completion_length=5,
+        learning_rate=2.0,
+        beta=0.04,
+        generation_kwargs={"do_sample": False},
+    )
+    return Trainer(
+        build_tiny_model(tok, "test"),
+        _first_token_reward,
+        args=args,
+        train_dataset=arithmetic_dataset(16, 0),
+        processing_class=tok,
+    )
+
+
+def dpo_trainer(out, world):
+    from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer, preference_pairs
+    from fastrl.trainers import DPOConfig, DPOTrainer
+
+    tok = build_tiny_tokenizer()
+    args = DPOConfig(
+        **_common(out, world), learning_rate=0.5, beta=0.5, train_sampling_strategy="sequential"
+    )
+    return DPOTrainer(
+        build_tiny_model(tok, "test"),
+        args,
+        train_dataset=preference_pairs(32, 0),
+        processing_class=tok,
+    )
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    """The LoRA weights, whole (an FSDP2 shard is gathered: every process must call it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().clone()
+    return out
+
+
+SHARDED_SCRIPT = """
+from torch.distributed.fsdp import FSDPModule
+from fastrl.integrations import is_sharded, lm_head
+from tests.trainers.test_sharded import {factory}, lora_weights
+trainer = {factory}({out!r}, world=2)
+assert trainer.is_fsdp_enabled
+trainer.train()
+assert trainer.state.global_step == 2 and isinstance(trainer.model_wrapped, FSDPModule)
+# between steps FSDP2 keeps shards only: the lm_head and the LoRA weights are DTensors
+assert is_sharded(lm_head(trainer.model).weight)
+assert any(is_sharded(p) for n, p in trainer.model.named_parameters() if "lora_" in n)
+weights = lora_weights(trainer.model)
+if dist.get_rank() == 0:
+    torch.save(weights, {path!r})
+print("TRAINED", dist.get_rank(), flush=True)
+"""
+
+
+def _assert_sharded_run_matches_one_process(factory, tmp_path):
+    path = tmp_path / "fsdp2_weights.pt"
+    script = FSDP_ON_CPU + SHARDED_SCRIPT.format(
+        factory=factory.__name__, out=str(tmp_path / "fsdp2"), path=str(path)
+    )
+    out = run_ranks(script + EXIT, tmp_path)
+    assert out.count("TRAINED") == 2, out[-2000:]
+    sharded = torch.load(path, weights_only=True)
+
+    single = factory(tmp_path / "single", world=1)
+    before = lora_weights(single.model)
+    single.train()
+    want = lora_weights(single.model)
+    assert set(sharded) == set(want)
+    moved = max(float((want[k] - before[k]).abs().max()) for k in want)
+    assert moved > 1e-2, moved  # the steps did train
+    for name in want:
+        # summation order differs (two half-batch gradients averaged vs one batch)
+        torch.testing.assert_close(sharded[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_grpo_matches_one_process(tmp_path):
+    _assert_sharded_run_matches_one_process(grpo_trainer, tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp2_dpo_matches_one_process(tmp_path):
+    _assert_sharded_run_matches_one_process(dpo_trainer, tmp_path)
