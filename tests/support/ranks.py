@@ -2,8 +2,8 @@
 end with the same LoRA weights: each rank trains on its own shard, so equal weights mean
 the gradients were all-reduced, i.e. the loss's forward went through the DDP wrapper.
 
-`run_ranks` runs any script on two processes; `FSDP_ON_CPU` is the lines a script starts
-with to get FSDP2 on CPU processes (see there)."""
+`run_ranks` runs any script on two processes; `FSDP_ON_CPU` and `DEEPSPEED_ON_CPU` are
+the lines a script starts with to get FSDP2 or DeepSpeed on CPU processes (see there)."""
 
 import pathlib
 import subprocess
@@ -48,6 +48,22 @@ def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = fsdp_plugin
 accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
+"""
+
+# accelerate 1.15 starts DeepSpeed only off CPU (`not cpu`), and without an accelerator
+# device it starts no process group at all (one process, distributed type NO). These lines
+# give such processes gloo, so DeepSpeed (its CPU accelerator) runs ZeRO-3 there. Tests
+# only; the script's TrainingArguments must not set use_cpu.
+DEEPSPEED_ON_CPU = """
+import accelerate.state
+from accelerate.utils import DistributedType
+_prepare_backend = accelerate.state.PartialState._prepare_backend
+def _gloo_for_deepspeed(self, cpu=False, sagemaker_dp=False, backend=None):
+    found, kind = _prepare_backend(self, cpu, sagemaker_dp, backend)
+    if found is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        return "gloo", DistributedType.MULTI_CPU
+    return found, kind
+accelerate.state.PartialState._prepare_backend = _gloo_for_deepspeed
 """
 
 # leave without interpreter teardown (see _CHECK)

@@ -1,20 +1,23 @@
-"""Sharded training: FSDP2 (`fully_shard` through accelerate) and the gathered lm_head.
+"""Sharded training: FSDP2 (`fully_shard` through accelerate), DeepSpeed ZeRO-3, and the
+gathered lm_head.
 
 - `gathered_weight`: forward and every gradient equal the unsharded weight's (float64
-  oracle), on a real two-process FSDP2 `DTensor` (uneven shards) and on a cast copy; the
-  gathered / cast `[V, d]` tensor is not kept by the graph between forward and backward
-  (it is gathered again in the backward: counted), the fused policy loss too;
-- `GRPOTrainer` and `DPOTrainer` on two CPU processes under FSDP2 end with the LoRA
-  weights one process ends with on the same global batch (world 2 x batch b vs world 1 x
-  batch 2b, SGD so the comparison is not an Adam sign of a rounding error): GRPO with a
-  reference (adapters off), old log-probs (num_iterations=2) and greedy `generate`
-  under FSDP2; DPO with a per-batch reference;
+  oracle) on a real two-process FSDP2 `DTensor` (uneven shards), on a real two-process
+  ZeRO-3 partitioned parameter (patch_trl's head too, called as TRL calls it) and on a
+  cast copy; the gathered / cast `[V, d]` tensor is not kept by the graph between forward
+  and backward: it is gathered again in the backward (counted), where the plain head
+  keeps it;
+- `GRPOTrainer` and `DPOTrainer` on two CPU processes under FSDP2, and under ZeRO-3, end
+  with the LoRA weights one process ends with on the same global batch (world 2 x batch b
+  vs world 1 x batch 2b; SGD, so the comparison is not an Adam sign of a rounding error):
+  GRPO with a reference (adapters off), old log-probs (num_iterations=2) and greedy
+  `generate` on the sharded model; DPO with a per-batch reference;
 - what stays refused (FSDP1, vLLM with sharded parameters) says which option to set.
 
-accelerate 1.15 enables FSDP for accelerator devices only; the two-process runs use
-`tests.support.ranks.FSDP_ON_CPU` to get it on CPU processes (gloo). DeepSpeed ZeRO-3
-cannot run there: accelerate enables DeepSpeed only when not on CPU, and without a device
-it starts no process group (see README, "Multi-GPU: FSDP2 and ZeRO-3").
+accelerate 1.15 enables FSDP and DeepSpeed for accelerator devices only; the two-process
+runs use `tests.support.ranks.FSDP_ON_CPU` / `DEEPSPEED_ON_CPU` to get them on CPU
+processes (gloo). The ZeRO-3 tests need DeepSpeed, an optional extra (`DS_BUILD_OPS=0 pip
+install deepspeed` installs it on a CPU machine); without it they are skipped.
 """
 
 import weakref
@@ -30,7 +33,7 @@ from fastrl import linear_logprobs  # noqa: E402
 from fastrl.integrations import gathered_weight, is_sharded  # noqa: E402
 from fastrl.reference import naive_linear_logprobs  # noqa: E402
 from fastrl.trainers.model import refuse_sharded_parameters  # noqa: E402
-from tests.support.ranks import EXIT, FSDP_ON_CPU, run_ranks  # noqa: E402
+from tests.support.ranks import DEEPSPEED_ON_CPU, EXIT, FSDP_ON_CPU, run_ranks  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -165,6 +168,85 @@ def test_a_dtensor_weight_is_gathered_in_forward_and_backward(tmp_path):
     assert out.count("GATHER_OK") == 2, out[-2000:]
 
 
+ZERO3_SCRIPT = (
+    """
+import deepspeed
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from fastrl import linear_logprobs
+from fastrl.integrations import gathered_weight, is_sharded
+from fastrl.integrations.trl import TRLPatch
+from tests.trainers.test_sharded import _head_inputs, _oracle
+
+deepspeed.init_distributed(dist_backend="gloo")
+weight, hidden, targets = _head_inputs()
+config = {"train_batch_size": 2, "zero_optimization": {"stage": 3,
+          "stage3_param_persistence_threshold": 0}}
+with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32):
+    head = torch.nn.Linear(12, 37, bias=False)
+w = head.weight.requires_grad_(False)  # frozen, as the trainers keep it
+with deepspeed.zero.GatheredParameters([w], modifier_rank=0):
+    if dist.get_rank() == 0:
+        w.data.copy_(weight)
+assert w.ds_status == ZeroParamStatus.NOT_AVAILABLE and w.numel() == 0 and is_sharded(w)
+tol = dict(rtol=1e-5, atol=1e-5)
+want_logps, want_ent, want_grad = _oracle(weight, hidden, targets)
+
+# without the helper the graph keeps the gathered [V, d] weight until the backward
+saved = []
+h = hidden.clone().requires_grad_()
+with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+    hooks = (lambda t: saved.append(t.shape) or t, lambda t: t)
+    with torch.autograd.graph.saved_tensors_hooks(*hooks):
+        linear_logprobs(h, w, targets, impl="torch")
+assert (37, 12) in saved, saved
+
+gathers = []  # the helper's gathers: grad mode on in the forward, off in the backward
+class Counted(deepspeed.zero.GatheredParameters):
+    def __init__(self, params, *args, **kwargs):
+        gathers.append(torch.is_grad_enabled())
+        super().__init__(params, *args, **kwargs)
+Plain, deepspeed.zero.GatheredParameters = deepspeed.zero.GatheredParameters, Counted
+
+h = hidden.clone().requires_grad_()
+with gathered_weight(w) as (full, _):
+    assert full.shape == (37, 12)
+    logps, ent = linear_logprobs(h, full, targets, return_entropy=True, impl="torch")
+del full
+assert w.ds_status == ZeroParamStatus.NOT_AVAILABLE and w.numel() == 0
+assert gathers == [True]
+(logps.sum() + ent.sum()).backward()
+assert gathers == [True, False], gathers
+torch.testing.assert_close(logps, want_logps.float(), **tol)
+torch.testing.assert_close(ent, want_ent.float(), **tol)
+torch.testing.assert_close(h.grad, want_grad.float(), **tol)
+
+# patch_trl's head as TRL calls it: inside TRL's gather, backward after it
+patch = TRLPatch(original=None, impl="torch")
+h = hidden.clone().requires_grad_()
+t = targets.clamp(min=0)
+with Plain([w], modifier_rank=None):  # TRL's maybe_gather_lm_head_ctx
+    logps, ent, *_ = patch.apply(h, w, None, t, 1.0, 128, None, 1.0, ("entropy",))
+assert w.numel() == 0 and len(gathers) == 2  # available: not gathered again
+(logps.sum() + ent.sum()).backward()
+assert gathers[2:] == [False], gathers
+want_logps, want_ent, want_grad = _oracle(weight, hidden, t)
+torch.testing.assert_close(logps, want_logps.float(), **tol)
+torch.testing.assert_close(h.grad, want_grad.float(), **tol)
+print("ZERO3_OK", dist.get_rank(), flush=True)
+"""
+    + EXIT
+)
+
+
+@pytest.mark.slow
+def test_a_zero3_weight_is_gathered_in_forward_and_backward(tmp_path):
+    """Two processes, a real ZeRO-3 partitioned lm_head (gloo): the fused head and
+    patch_trl's backward gather it again (the plain head keeps the gathered copy)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (an optional extra)")
+    out = run_ranks(ZERO3_SCRIPT, tmp_path)
+    assert out.count("ZERO3_OK") == 2, out[-2000:]
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -197,17 +279,26 @@ def test_what_stays_refused(monkeypatch):
 
 # the same global batch on one process (batch 2b) and on two (b each)
 BATCH = {1: 8, 2: 4}
-FSDP = dict(fsdp="full_shard", fsdp_config={"version": 2})
+FSDP2 = dict(fsdp="full_shard", fsdp_config={"version": 2})
+# every parameter partitioned, the tiny ones too; the rest from the TrainingArguments
+ZERO3 = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    **dict.fromkeys(
+        ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+         "gradient_clipping"),
+        "auto",
+    ),
+}  # fmt: skip
+ENGINES = {"fsdp2": dict(use_cpu=True, **FSDP2), "zero3": dict(deepspeed=ZERO3)}
 
 
-def _common(out, world):
-    extra = dict(ddp_backend="gloo", **FSDP) if world == 2 else {}
+def _common(out, world, engine=None):
+    extra = dict(ddp_backend="gloo", **ENGINES[engine]) if world == 2 else dict(use_cpu=True)
     return dict(
         output_dir=str(out),
         per_device_train_batch_size=BATCH[world],
         max_steps=2,
         optim="sgd",
-        use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
         report_to="none",
@@ -221,7 +312,7 @@ def _first_token_reward(prompts, completions, completion_ids, **kwargs):
     return [float(ids[0] % 5) for ids in completion_ids]
 
 
-def grpo_trainer(out, world):
+def grpo_trainer(out, world, engine=None):
     """GRPO with a reference (beta), old log-probs (num_iterations=2) and greedy
     generation, the first completion token rewritten per group member so the group's
     completions (and rewards) differ the same way on any number of processes."""
@@ -238,7 +329,7 @@ def grpo_trainer(out, world):
 
     tok = build_tiny_tokenizer()
     args = GRPOConfig(
-        **_common(out, world),
+        **_common(out, world, engine),
         num_generations=4,
         num_iterations=2,
         max_completion_length=5,
@@ -255,13 +346,16 @@ def grpo_trainer(out, world):
     )
 
 
-def dpo_trainer(out, world):
+def dpo_trainer(out, world, engine=None):
     from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer, preference_pairs
     from fastrl.trainers import DPOConfig, DPOTrainer
 
     tok = build_tiny_tokenizer()
     args = DPOConfig(
-        **_common(out, world), learning_rate=0.5, beta=0.5, train_sampling_strategy="sequential"
+        **_common(out, world, engine),
+        learning_rate=0.5,
+        beta=0.5,
+        train_sampling_strategy="sequential",
     )
     return DPOTrainer(
         build_tiny_model(tok, "test"),
@@ -271,38 +365,52 @@ def dpo_trainer(out, world):
     )
 
 
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value (a collective for an FSDP2 or ZeRO-3 shard)."""
+    if hasattr(p, "full_tensor"):
+        return p.full_tensor()
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.data.clone()
+    return p
+
+
 def lora_weights(model) -> dict[str, torch.Tensor]:
-    """The LoRA weights, whole (an FSDP2 shard is gathered: every process must call it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[name] = full.detach().clone()
-    return out
+    """The LoRA weights, whole (every process must call it under sharding)."""
+    return {n: _whole(p).detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 SHARDED_SCRIPT = """
-from torch.distributed.fsdp import FSDPModule
 from fastrl.integrations import is_sharded, lm_head
 from tests.trainers.test_sharded import {factory}, lora_weights
-trainer = {factory}({out!r}, world=2)
-assert trainer.is_fsdp_enabled
+trainer = {factory}({out!r}, world=2, engine={engine!r})
+assert trainer.is_fsdp_enabled if {engine!r} == "fsdp2" else trainer.is_deepspeed_enabled
 trainer.train()
-assert trainer.state.global_step == 2 and isinstance(trainer.model_wrapped, FSDPModule)
-# between steps FSDP2 keeps shards only: the lm_head and the LoRA weights are DTensors
-assert is_sharded(lm_head(trainer.model).weight)
-assert any(is_sharded(p) for n, p in trainer.model.named_parameters() if "lora_" in n)
-weights = lora_weights(trainer.model)
+assert trainer.state.global_step == 2
+model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+if {engine!r} == "fsdp2":
+    from torch.distributed.fsdp import FSDPModule
+    assert isinstance(trainer.model_wrapped, FSDPModule)
+else:
+    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+    assert lm_head(model).weight.numel() == 0  # partitioned
+# between steps the engine keeps shards only: the lm_head and the LoRA weights
+assert is_sharded(lm_head(model).weight)
+assert any(is_sharded(p) for n, p in model.named_parameters() if "lora_" in n)
+weights = lora_weights(model)
 if dist.get_rank() == 0:
     torch.save(weights, {path!r})
 print("TRAINED", dist.get_rank(), flush=True)
 """
 
 
-def _assert_sharded_run_matches_one_process(factory, tmp_path):
-    path = tmp_path / "fsdp2_weights.pt"
-    script = FSDP_ON_CPU + SHARDED_SCRIPT.format(
-        factory=factory.__name__, out=str(tmp_path / "fsdp2"), path=str(path)
+def _assert_sharded_run_matches_one_process(factory, tmp_path, engine="fsdp2"):
+    path = tmp_path / "sharded_weights.pt"
+    shim = FSDP_ON_CPU if engine == "fsdp2" else DEEPSPEED_ON_CPU
+    script = shim + SHARDED_SCRIPT.format(
+        factory=factory.__name__, out=str(tmp_path / engine), path=str(path), engine=engine
     )
     out = run_ranks(script + EXIT, tmp_path)
     assert out.count("TRAINED") == 2, out[-2000:]
@@ -328,3 +436,10 @@ def test_fsdp2_grpo_matches_one_process(tmp_path):
 @pytest.mark.slow
 def test_fsdp2_dpo_matches_one_process(tmp_path):
     _assert_sharded_run_matches_one_process(dpo_trainer, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", [grpo_trainer, dpo_trainer], ids=["grpo", "dpo"])
+def test_zero3_matches_one_process(factory, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (an optional extra)")
+    _assert_sharded_run_matches_one_process(factory, tmp_path, engine="zero3")
