@@ -45,6 +45,8 @@ _state_init = accelerate.state.AcceleratorState.__init__
 def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
     _state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # both states, as accelerate does on GPUs (each AcceleratorState() re-reads the other)
+        accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = fsdp_plugin
 accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu

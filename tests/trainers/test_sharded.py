@@ -443,3 +443,55 @@ def test_fsdp2_dpo_matches_one_process(tmp_path):
 def test_zero3_matches_one_process(factory, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (an optional extra)")
     _assert_sharded_run_matches_one_process(factory, tmp_path, engine="zero3")
+
+
+# ---------------------------------------------------------------- patch_trl under FSDP2
+
+TRL_SCRIPT = """
+import datasets, trl
+from transformers import set_seed
+from fastrl.integrations import is_sharded, patch_trl
+from tests.support.models import tiny_model, tiny_tokenizer
+from tests.trainers.test_sharded import _whole
+
+def reward(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+def train(out):
+    args = trl.GRPOConfig(out, per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                          max_completion_length=6, learning_rate=0.1, optim="sgd", use_cpu=True,
+                          save_strategy="no", report_to="none", gradient_checkpointing=False,
+                          bf16=False, seed=0, ddp_backend="gloo", fsdp="full_shard",
+                          fsdp_config={{"version": 2}})
+    ds = datasets.Dataset.from_dict({{"prompt": ["w1 w2 w3", "w4 w5", "w6", "w7 w8"] * 4}})
+    set_seed(0)
+    trainer = trl.GRPOTrainer(model=tiny_model(), reward_funcs=reward, args=args,
+                              train_dataset=ds, processing_class=tiny_tokenizer())
+    trainer.train()
+    head = trainer.model.get_output_embeddings().weight
+    assert trainer.is_fsdp_enabled and is_sharded(head) and head.requires_grad
+    return {{n: _whole(p).detach().clone() for n, p in trainer.model.named_parameters()}}
+
+theirs = train({out!r} + "/trl")
+with patch_trl(impl="torch") as patch:
+    ours = train({out!r} + "/patched")
+assert patch.calls > 0 and patch.fallback_calls == 0, (patch.calls, patch.fallback_calls)
+moved = 0.0
+fresh = dict(tiny_model().named_parameters())
+for name, want in theirs.items():
+    # the fully fine-tuned lm_head too: its gradient came through the patch, full_tensor's
+    # backward reduce-scattered it
+    torch.testing.assert_close(ours[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    moved = max(moved, float((want - fresh[name]).abs().max()))
+assert moved > 1e-3, moved
+print("PATCH_OK", dist.get_rank(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_patch_trl_under_fsdp2_matches_trl(tmp_path):
+    """TRL's GRPOTrainer (full fine-tuning, trainable lm_head) under FSDP2 on two
+    processes ends with the same weights with and without the patch."""
+    script = FSDP_ON_CPU + TRL_SCRIPT.format(out=str(tmp_path))
+    out = run_ranks(script + EXIT, tmp_path)
+    assert out.count("PATCH_OK") == 2, out[-2000:]
