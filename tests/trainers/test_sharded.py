@@ -11,7 +11,8 @@ gathered lm_head.
   with the LoRA weights one process ends with on the same global batch (world 2 x batch b
   vs world 1 x batch 2b; SGD, so the comparison is not an Adam sign of a rounding error):
   GRPO with a reference (adapters off), old log-probs (num_iterations=2) and greedy
-  `generate` on the sharded model; DPO with a per-batch reference;
+  `generate` on the sharded model; DPO with a per-batch reference, activation
+  checkpointing and a checkpoint whose adapter is the trained one;
 - what stays refused (FSDP1, vLLM with sharded parameters) says which option to set.
 
 accelerate 1.15 enables FSDP and DeepSpeed for accelerator devices only; the two-process
@@ -351,8 +352,11 @@ def dpo_trainer(out, world, engine=None):
     from fastrl.trainers import DPOConfig, DPOTrainer
 
     tok = build_tiny_tokenizer()
+    # the defaults' activation checkpointing, and a checkpoint at the end
+    common = dict(_common(out, world, engine), activation_checkpointing=True)
+    common.update(save_strategy="steps", save_steps=2)
     args = DPOConfig(
-        **_common(out, world, engine),
+        **common,
         learning_rate=0.5,
         beta=0.5,
         train_sampling_strategy="sequential",
@@ -421,6 +425,14 @@ def _assert_sharded_run_matches_one_process(factory, tmp_path, engine="fsdp2"):
     single.train()
     want = lora_weights(single.model)
     assert set(sharded) == set(want)
+    saved = tmp_path / engine / "checkpoint-2" / "adapter_model.safetensors"
+    if factory is dpo_trainer:  # the checkpoint holds the trained adapter
+        from safetensors.torch import load_file
+
+        adapter = load_file(saved)
+        assert len(adapter) == len(sharded)
+        for name, value in sharded.items():
+            torch.testing.assert_close(adapter[name.replace(".default", "")], value, msg=name)
     moved = max(float((want[k] - before[k]).abs().max()) for k in want)
     assert moved > 1e-2, moved  # the steps did train
     for name in want:
