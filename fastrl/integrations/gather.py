@@ -113,9 +113,8 @@ def gathered_weight(
 
     Every tensor an op inside the block saves for its backward that shares a gathered
     (or cast) tensor's storage is replaced, in the graph, by a handle that gathers it
-    again when the backward needs it, so those copies are freed at the end of the block
-    (the heads that form their gradients in the forward save none). Outside the block,
-    use the results only in ops that do not save them.
+    again when the backward needs it, so those copies are freed at the end of the block.
+    Outside the block, use the results only in ops that do not save them.
 
     Every process of the sharding group must enter the block (and run the backward) the
     same number of times: the gathers are collectives.
@@ -153,7 +152,10 @@ def gathered_weight(
             )
 
         def pack(t: torch.Tensor):
-            found = handles.get(t.untyped_storage().data_ptr()) if t.numel() else None
+            try:
+                found = handles.get(t.untyped_storage().data_ptr()) if t.numel() else None
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+                found = None
             if found is None:
                 return t
             shape, stride, handle = found
