@@ -280,7 +280,7 @@ def test_what_stays_refused(monkeypatch):
 
 # the same global batch on one process (batch 2b) and on two (b each)
 BATCH = {1: 8, 2: 4}
-FSDP2 = dict(fsdp="full_shard", fsdp_config={"version": 2})
+FSDP2 = dict(fsdp=True, fsdp_config={"version": 2})
 # every parameter partitioned, the tiny ones too; the rest from the TrainingArguments
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -473,7 +473,7 @@ def train(out):
     args = trl.GRPOConfig(out, per_device_train_batch_size=4, num_generations=4, max_steps=2,
                           max_completion_length=6, learning_rate=0.1, optim="sgd", use_cpu=True,
                           save_strategy="no", report_to="none", gradient_checkpointing=False,
-                          bf16=False, seed=0, ddp_backend="gloo", fsdp="full_shard",
+                          bf16=False, seed=0, ddp_backend="gloo", fsdp=True,
                           fsdp_config={{"version": 2}})
     ds = datasets.Dataset.from_dict({{"prompt": ["w1 w2 w3", "w4 w5", "w6", "w7 w8"] * 4}})
     set_seed(0)
