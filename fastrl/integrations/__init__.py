@@ -1,11 +1,13 @@
 """Hooks into other libraries: Hugging Face causal LMs without logits, TRL's trainers,
-Liger-Kernel's fused losses (`fastrl.integrations.liger`), plain models (`patch_model`).
+Liger-Kernel's fused losses (`fastrl.integrations.liger`), plain models (`patch_model`), the
+lm_head weight gathered from FSDP2 / ZeRO-3 shards.
 
 `patch_model` and its classes load on first use (PEP 562): they import transformers.
 """
 
 import importlib
 
+from fastrl.integrations.gather import gathered_weight, is_sharded
 from fastrl.integrations.hf import LMHead, causal_lm_hidden_states, lm_head
 from fastrl.integrations.trl import TRLPatch, patch_trl
 
@@ -21,6 +23,8 @@ __all__ = [
     "ModelPatch",
     "TRLPatch",
     "causal_lm_hidden_states",
+    "gathered_weight",
+    "is_sharded",
     "lm_head",
     "patch_model",
     "patch_trl",

@@ -17,7 +17,13 @@ weight's column sums). What it cannot serve (`mean_logits` with a softcap, a log
 Dtypes follow TRL: the head computes in the autocast dtype when autocast is on, else in
 the hidden states' dtype. When the lm_head weight has another dtype (an fp32 model under
 bf16 autocast, or GRPO's `cast_lm_head_to_fp32=True` with a bf16 model) it is cast whole
-for the call, a `[V, d]` copy, where TRL casts one vocabulary chunk at a time.
+for the call, a `[V, d]` copy, where TRL casts one vocabulary chunk at a time; the copy
+is freed after the forward and cast again in the backward (`gathered_weight`).
+
+Sharded parameters: under DeepSpeed ZeRO-3 TRL hands over the lm_head parameter gathered
+for the forward only; the patch keeps a handle in the graph and gathers it again for the
+backward's recompute (TRL's own head re-enters `maybe_gather_lm_head_ctx` there). Under
+FSDP2 TRL passes `weight.full_tensor()`, an ordinary tensor, used as it is.
 """
 
 import importlib
@@ -26,6 +32,7 @@ import torch
 
 from fastrl import linear_logprobs
 from fastrl.checks import check_impl
+from fastrl.integrations.gather import gathered_weight
 
 _TARGET_MODULE = "trl.trainer.utils"
 _TARGET_NAME = "_ChunkedLogProbFunction"
@@ -87,34 +94,40 @@ class TRLPatch:
         dtype = hidden.dtype
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        if final_logit_softcapping is None:  # scale * z / T == z / (T / scale)
-            temperature = temperature / logit_scale
-        elif logit_scale != 1.0:  # TRL scales before the softcap
-            hidden = hidden * logit_scale
-            bias = None if bias is None else bias * logit_scale
-        with torch.autocast(device, enabled=False):
-            out = linear_logprobs(
-                hidden, weight, targets, bias=bias, temperature=temperature,
-                softcap=final_logit_softcapping, return_entropy="entropy" in outputs,
-                return_is_top1="is_top1" in outputs,
-                return_log_sum_sq_probs="log_sum_sq_probs" in outputs, impl=self.impl,
-            )  # fmt: skip
+        hidden = hidden.to(dtype)
+        # the (cast, ZeRO-3-gathered) weight is kept in the graph as a handle, not a copy
+        with gathered_weight(weight, bias, dtype=dtype) as (weight, bias):
+            if final_logit_softcapping is None:  # scale * z / T == z / (T / scale)
+                temperature = temperature / logit_scale
+            elif logit_scale != 1.0:  # TRL scales before the softcap
+                hidden = hidden * logit_scale
+                bias = None if bias is None else bias * logit_scale
+            with torch.autocast(device, enabled=False):
+                out = linear_logprobs(
+                    hidden, weight, targets, bias=bias, temperature=temperature,
+                    softcap=final_logit_softcapping, return_entropy="entropy" in outputs,
+                    return_is_top1="is_top1" in outputs,
+                    return_log_sum_sq_probs="log_sum_sq_probs" in outputs, impl=self.impl,
+                )  # fmt: skip
+            mean_logits = None
+            if "mean_logits" in outputs:  # a metric: no gradient, as in TRL
+                mean_logits = self._mean_logits(hidden, weight, bias, temperature)
         out = iter(out if isinstance(out, tuple) else (out,))
         logps = next(out)
         entropy = next(out) if "entropy" in outputs else None
         is_top1 = next(out) if "is_top1" in outputs else None
         log_sum_sq = next(out) if "log_sum_sq_probs" in outputs else None
-        mean_logits = None
-        if "mean_logits" in outputs:  # a metric: no gradient, as in TRL
-            with torch.no_grad():
-                col_sum = weight.sum(0, dtype=torch.float32)
-                mean_logits = hidden.float() @ col_sum
-                if bias is not None:
-                    mean_logits += bias.sum(dtype=torch.float32)
-                mean_logits /= weight.shape[0] * temperature
         return logps, entropy, log_sum_sq, mean_logits, is_top1
+
+    @staticmethod
+    @torch.no_grad()
+    def _mean_logits(hidden, weight, bias, temperature) -> torch.Tensor:
+        """`[N]` mean logit over the vocabulary: one GEMV with the weight's column sums."""
+        col_sum = weight.sum(0, dtype=torch.float32)
+        mean_logits = hidden.float() @ col_sum
+        if bias is not None:
+            mean_logits += bias.sum(dtype=torch.float32)
+        return mean_logits / (weight.shape[0] * temperature)
 
     def undo(self) -> None:
         """Put TRL's own head back (a no-op if another patch replaced this one)."""

@@ -64,7 +64,7 @@ from transformers import GenerationConfig
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import lm_head
+from fastrl.integrations import gathered_weight, lm_head
 
 # TRL's nanstd, the standard deviation group_advantages scales by: the logged one is the same
 from fastrl.ops.advantages.group import nanstd
@@ -74,6 +74,7 @@ from fastrl.trainers.grpo_config import GRPOConfig
 from fastrl.trainers.model import (
     backbone_hidden_states,
     completion_positions,
+    init_fsdp_root,
     last_hidden_states,
     reference_adapters_off,
 )
@@ -492,6 +493,7 @@ class GRPOTrainer(BaseTrainer):
     def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """`[B, T]` sampled completion ids (adapters on, KV cache, eval mode, no grad)."""
         model = self._unwrapped()
+        init_fsdp_root(model)  # generate calls the inner model: FSDP2 must know its root
         was_training = model.training
         model.eval()  # dropout off and the KV cache on (checkpointing disables it in train)
         try:
@@ -591,9 +593,12 @@ class GRPOTrainer(BaseTrainer):
                 mask = batch["completion_mask"][s : s + bs].bool()
                 targets = torch.where(mask, batch["completion_ids"][s : s + bs], IGNORE_INDEX)
                 hidden = hidden.to(head.weight.dtype)  # autocast may return another dtype
-                out.append(
-                    linear_logprobs(hidden, head.weight, targets, impl=self.args.kernel_impl, **kw)
-                )
+                with gathered_weight(head.weight, head.bias) as (weight, bias):  # shards
+                    logps = linear_logprobs(
+                        hidden, weight, targets, impl=self.args.kernel_impl,
+                        **{**kw, "bias": bias},
+                    )  # fmt: skip
+                out.append(logps)
         return (
             torch.cat(out) if out else batch["completion_ids"].new_zeros(0, 0, dtype=torch.float32)
         )
@@ -728,9 +733,18 @@ class GRPOTrainer(BaseTrainer):
         # accelerate's mixed-precision wrapper returns fp32 outputs: back to the head's dtype
         hidden = completion_positions(hidden, P).to(head.weight.dtype)
         training = model.training
-        loss, metrics = fused_policy_loss(
+        # the whole [V, d] under FSDP2 / ZeRO-3
+        with gathered_weight(head.weight, head.bias) as (weight, bias):
+            loss, metrics = self._policy_loss(hidden, weight, bias, inputs, head, training)
+        self._record_step(loss, metrics, inputs, train=training, tokens=att.sum())
+        return loss
+
+    def _policy_loss(self, hidden, weight, bias, inputs, head, training):
+        """`fused_policy_loss` on a micro-batch's completion hidden states `[B, T, d]` and
+        the whole lm_head `weight` `[V, d]` and `bias` `[V]` (or None)."""
+        return fused_policy_loss(
             hidden,
-            head.weight,
+            weight,
             inputs["completion_ids"],
             inputs["completion_mask"],
             inputs["advantages"],
@@ -742,11 +756,9 @@ class GRPOTrainer(BaseTrainer):
             steps_per_generation=self.args.steps_per_generation if training else 1,
             num_processes=self.accelerator.num_processes,
             impl=self.args.kernel_impl,
-            **head.kwargs(self.args.temperature),
+            **{**head.kwargs(self.args.temperature), "bias": bias},
             **self._loss_kwargs,
         )
-        self._record_step(loss, metrics, inputs, train=training, tokens=att.sum())
-        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         raise ValueError("GRPOTrainer has no evaluation loop (see the class docstring)")

@@ -11,6 +11,9 @@
   engine's wrapper (DDP, DeepSpeed ZeRO-1/2, accelerate's autocast) so its hooks fire (the
   call a loss makes, with gradient); `reference_adapters_off` turns the same model into the
   reference (the base, adapters disabled): no second copy in memory.
+- Sharded parameters: FSDP2 (`fully_shard` through accelerate) and DeepSpeed ZeRO-3 are
+  supported (the heads read the lm_head weight through `fastrl.integrations.
+  gathered_weight`); `refuse_sharded_parameters` refuses FSDP1 and vLLM with either.
 """
 
 import contextlib
@@ -242,6 +245,9 @@ def last_hidden_states(model, input_ids, attention_mask=None) -> torch.Tensor:
     off inside `reference_adapters_off`), positions counted from each row's first real
     token; no logits. Through the engine's wrapper: `backbone_hidden_states`."""
     positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
+    if is_fsdp2(model):  # through the root's forward, so FSDP2 gathers what it shards
+        with forward_returns_hidden_states(model):
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     return causal_lm_hidden_states(
         model, input_ids, attention_mask, position_ids=positions, use_cache=False
     )
@@ -319,16 +325,47 @@ def completion_positions(hidden: torch.Tensor, prompt_length: int) -> torch.Tens
     return hidden[:, prompt_length - 1 : -1]
 
 
+def is_fsdp2(model) -> bool:
+    """Whether `model` is an FSDP2 (`fully_shard`) module."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def init_fsdp_root(model) -> None:
+    """Under FSDP2, make `model` the root of its FSDP modules before a call that does not
+    go through its forward (`generate`, a backbone called directly): the first FSDP module
+    to run claims the root role, and a tied embedding and lm_head grouped together refuse
+    it ("FSDP requires a single root module"). A no-op otherwise, or once done."""
+    if is_fsdp2(model):
+        # FSDP2 runs this lazily at the root's first forward; it has no public name
+        model._get_fsdp_state()._lazy_init()
+
+
 def refuse_sharded_parameters(trainer) -> None:
-    """Data parallelism only (DDP, DeepSpeed ZeRO-1/2): the fused heads read the lm_head
-    weight, and GRPO generates, through the unwrapped model, where FSDP and ZeRO-3 leave
-    shards. Call after `Trainer.__init__`."""
+    """The sharded set-ups the trainers do not support, refused with the option to change:
+    FSDP1 (FSDP2, `fsdp_config={"version": 2}`, is supported), and generation on vLLM with
+    sharded parameters (the engine is synced from the unwrapped model's whole weights).
+    Call after `Trainer.__init__`."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+    name = type(trainer).__name__
+    plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(plugin, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
         raise ValueError(
-            f"{type(trainer).__name__} does not support sharded parameters (FSDP, DeepSpeed "
-            "ZeRO-3): use DDP or ZeRO-1/2 (a LoRA run's optimizer state is small)"
+            f"{name} supports FSDP2 only (fully_shard), not FSDP1: set "
+            "fsdp_config={'version': 2} (accelerate config: fsdp_version: 2)"
+        )
+    sharded = trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()
+    if sharded and getattr(trainer.args, "use_vllm", False):
+        engine = "FSDP2" if trainer.is_fsdp_enabled else "DeepSpeed ZeRO-3"
+        raise ValueError(
+            f"{name} with use_vllm=True does not support sharded parameters ({engine}): the "
+            "vLLM engine is synced from whole weights; use DDP or ZeRO-1/2 with vLLM, or "
+            "use_vllm=False (generation with model.generate)"
         )
 
 

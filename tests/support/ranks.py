@@ -1,6 +1,9 @@
 """Run a training script on two CPU processes (gloo, torchrun) and check that both ranks
 end with the same LoRA weights: each rank trains on its own shard, so equal weights mean
-the gradients were all-reduced, i.e. the loss's forward went through the DDP wrapper."""
+the gradients were all-reduced, i.e. the loss's forward went through the DDP wrapper.
+
+`run_ranks` runs any script on two processes; `FSDP_ON_CPU` and `DEEPSPEED_ON_CPU` are
+the lines a script starts with to get FSDP2 or DeepSpeed on CPU processes (see there)."""
 
 import pathlib
 import subprocess
@@ -31,15 +34,67 @@ os._exit(0)
 """
 
 
+# accelerate 1.15 turns an FSDP plugin into DistributedType.FSDP for accelerator devices
+# only: on CPU processes (MULTI_CPU, gloo) it keeps DDP and silently drops the plugin. These
+# lines make it take the plugin there too, so the Trainer prepares the model with
+# `fully_shard` (FSDP2 itself runs on CPU with gloo). Tests only.
+FSDP_ON_CPU = """
+import accelerate.state
+from accelerate.utils import DistributedType
+_state_init = accelerate.state.AcceleratorState.__init__
+def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    _state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # both states, as accelerate does on GPUs (each AcceleratorState() re-reads the other)
+        accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
+"""
+
+# accelerate 1.15 starts DeepSpeed only off CPU (`not cpu`), and without an accelerator
+# device it starts no process group at all (one process, distributed type NO). These lines
+# give such processes gloo, so DeepSpeed (its CPU accelerator) runs ZeRO-3 there. Tests
+# only; the script's TrainingArguments must not set use_cpu.
+DEEPSPEED_ON_CPU = """
+import accelerate.state
+from accelerate.utils import DistributedType
+_prepare_backend = accelerate.state.PartialState._prepare_backend
+def _gloo_for_deepspeed(self, cpu=False, sagemaker_dp=False, backend=None):
+    found, kind = _prepare_backend(self, cpu, sagemaker_dp, backend)
+    if found is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        return "gloo", DistributedType.MULTI_CPU
+    return found, kind
+accelerate.state.PartialState._prepare_backend = _gloo_for_deepspeed
+"""
+
+# leave without interpreter teardown (see _CHECK)
+EXIT = """
+dist.barrier()
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def run_ranks(script: str, tmp_path: pathlib.Path, *, python: str = sys.executable) -> str:
+    """Run `script` (after `_HEADER`: os, sys, torch, dist imported, the repository on the
+    path) on two torchrun processes with `python`; its stdout. Fails with the end of
+    stderr when a process fails."""
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    path = tmp_path / "ranks.py"
+    path.write_text(_HEADER.format(root=root) + script)
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
+    # a failing rank's traceback, not the launcher's that follows it
+    ranks = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
+    assert done.returncode == 0, "\n".join(ranks[-40:]) or done.stderr[-3000:]
+    return done.stdout
+
+
 def assert_ranks_end_equal(script: str, tmp_path: pathlib.Path) -> None:
     """`script` (it may use `{out}`, a fresh output directory) trains `trainer` with
     `ddp_backend="gloo"`; run it on two processes and check their LoRA weights."""
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    path = tmp_path / "ranks.py"
     body = script.format(out=str(tmp_path / "out"))
-    path.write_text(_HEADER.format(root=root) + body + _CHECK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("RANKS_EQUAL") == 2, done.stdout[-2000:]
+    stdout = run_ranks(body + _CHECK, tmp_path)
+    assert stdout.count("RANKS_EQUAL") == 2, stdout[-2000:]

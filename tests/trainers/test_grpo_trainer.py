@@ -522,21 +522,6 @@ def test_generation_settings_reach_generate(tmp_path):
     assert cfg.eos_token_id == 7 and trainer.eos_token_ids == [7]
 
 
-def test_sharded_parameters_are_refused(monkeypatch):
-    from types import SimpleNamespace
-
-    from transformers.integrations import deepspeed
-
-    from fastrl.trainers.model import refuse_sharded_parameters
-
-    with pytest.raises(ValueError, match="does not support sharded parameters"):
-        refuse_sharded_parameters(SimpleNamespace(is_fsdp_enabled=True))
-    refuse_sharded_parameters(SimpleNamespace(is_fsdp_enabled=False))
-    monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
-    with pytest.raises(ValueError, match="FSDP, DeepSpeed ZeRO-3"):
-        refuse_sharded_parameters(SimpleNamespace(is_fsdp_enabled=False))
-
-
 def test_cap_cuda_memory(monkeypatch):
     from fastrl.trainers.model import cap_cuda_memory
 
