@@ -1,0 +1,329 @@
+"""`patch_verl`: verl's fused-kernel forwards on fastrl's head give verl's numbers.
+
+Model level: a tiny Qwen2 run through verl's own `patch_forward_with_backends`; its "triton"
+backend (verl's `linear_cross_entropy`, which cannot run on a CPU nor at hidden size 64)
+patched against its "torch" backend (verl's chunked PyTorch `FusedLinearForPPO`) unpatched:
+log-probs, entropies and every parameter's gradient. Head level: both patched functions
+against verl's PyTorch head and full float64 logits on odd sizes (a 301-token vocabulary), through
+the PyTorch path and the Triton kernels (interpreter); dtypes, reductions, undo, errors.
+"""
+
+import importlib.metadata
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import verl.utils.kernel.linear_cross_entropy as verl_lce
+from transformers import Qwen2ForCausalLM
+from verl.models.transformers.monkey_patch import patch_forward_with_backends
+from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+import fastrl.integrations.verl as fastrl_verl
+from fastrl.integrations import VerlPatch, patch_verl
+from tests.support.compare import _assert_grads_close
+from tests.support.engine import V, tiny_qwen2
+
+VERL_LCE = verl_lce.linear_cross_entropy
+VERL_FORWARD = FusedLinearForPPO.__dict__["forward"]
+D, VOCAB = 48, 301  # neither a multiple of 128 (verl's kernel needs hidden_size % 128 == 0)
+TOL = dict(rtol=1e-5, atol=1e-5)  # float32 against float64, and float32 against float32
+
+
+@pytest.fixture(autouse=True)
+def _unpatched():
+    """Every test starts and ends with verl's own functions in place."""
+    assert verl_lce.linear_cross_entropy is VERL_LCE
+    assert FusedLinearForPPO.__dict__["forward"] is VERL_FORWARD
+    yield
+    fastrl_verl._active = None
+    verl_lce.linear_cross_entropy = VERL_LCE
+    FusedLinearForPPO.forward = VERL_FORWARD
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _model_run(model, ids, mask, temperature):
+    """verl's forward's (log_probs, entropy) and the gradients of a loss of both."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, return_dict=True, temperature=temperature)
+    g = torch.Generator().manual_seed(1)
+    loss = (out.log_probs.reshape(-1) * torch.randn(ids.numel(), generator=g)).sum()
+    loss = loss + (out.entropy.reshape(-1) * torch.randn(ids.numel(), generator=g)).sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return out.log_probs.detach(), out.entropy.detach(), grads
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_triton_backend_on_fastrl_matches_verl_torch_backend(monkeypatch, temperature, tied):
+    model = tiny_qwen2(seed=3, tied=tied)
+    # verl's backends replace the model class's forward: put it back after the test
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", Qwen2ForCausalLM.forward)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, V, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    their_logps, their_ent, their_grads = _model_run(model, ids, mask, temperature)
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="triton")
+    # verl's own kernel: CUDA tensors only (and a CUDA build: NVTX ranges)
+    with pytest.raises((AssertionError, RuntimeError)):
+        _model_run(model, ids, mask, temperature)
+    with patch_verl() as patch:
+        logps, ent, grads = _model_run(model, ids, mask, temperature)
+    assert (patch.linear_cross_entropy_calls, patch.fused_linear_for_ppo_calls) == (1, 0)
+    # verl's two backends differ in shape: the triton one returns flat [B * T]
+    assert their_logps.shape == their_ent.shape == ids.shape
+    assert logps.shape == ent.shape == (ids.numel(),)
+    assert logps.dtype == ent.dtype == their_logps.dtype == their_ent.dtype == torch.float32
+    torch.testing.assert_close(logps, their_logps.reshape(-1), **TOL)
+    torch.testing.assert_close(ent, their_ent.reshape(-1), **TOL)
+    assert grads.keys() == their_grads.keys()
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads)
+    _assert_grads_close(list(grads.values()), list(their_grads.values()), TOL)
+
+
+def test_torch_backend_on_fastrl_matches_verl(monkeypatch):
+    """fused_kernels_backend="torch": verl's FusedLinearForPPO, replaced on its class."""
+    model = tiny_qwen2(seed=4)
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", Qwen2ForCausalLM.forward)
+    ids = torch.randint(2, V, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    theirs = _model_run(model, ids, mask, 0.8)
+    with patch_verl() as patch:
+        ours = _model_run(model, ids, mask, 0.8)
+    assert (patch.linear_cross_entropy_calls, patch.fused_linear_for_ppo_calls) == (0, 1)
+    for a, b in zip(ours[:2], theirs[:2], strict=True):
+        assert a.shape == b.shape == ids.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **TOL)
+    _assert_grads_close(list(ours[2].values()), list(theirs[2].values()), TOL)
+
+
+# --------------------------------------------------------------------------- the heads
+
+
+def _head_inputs(lead, frozen=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, D, generator=g).requires_grad_()
+    weight = (0.3 * torch.randn(VOCAB, D, generator=g)).requires_grad_(not frozen)
+    labels = torch.randint(0, VOCAB, lead, generator=g, dtype=torch.int32)
+    labels.view(-1)[-1] = VOCAB - 1  # the last vocabulary row
+    return hidden, weight, labels
+
+
+def _oracle(hidden, weight, labels, temperature):
+    """Full logits in float64: (log_probs, entropy) of `labels`' shape. (verl's PyTorch
+    head casts its logits to float32 whatever the inputs: no float64 reference.)"""
+    logp = torch.log_softmax((hidden.double() @ weight.double().T) / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1), entropy
+
+
+def _grads_of(outputs, leaves, with_entropy=True):
+    """Gradients of a random mix of the outputs (log-probs: any shape, 0-d included)."""
+    logps, entropy = outputs
+    g = torch.Generator().manual_seed(5)
+    loss = (logps * torch.randn(logps.shape, generator=g).to(logps)).sum()
+    if with_entropy:
+        loss = loss + (entropy * torch.randn(entropy.shape, generator=g).to(entropy)).sum()
+    return torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("lead", [(37,), (3, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_linear_for_ppo_matches_verl(impl, lead, temperature):
+    hidden, weight, labels = _head_inputs(lead)
+    head = FusedLinearForPPO(chunk_size=16)  # made before the patch: served all the same
+    theirs = head(hidden, weight, labels, temperature)
+    their_grads = _grads_of(theirs, (hidden, weight))
+    oracle = _oracle(hidden, weight, labels, temperature)
+    oracle_grads = _grads_of(oracle, (hidden, weight))
+    with patch_verl(impl=impl) as patch:
+        ours = head(hidden, weight, labels, temperature)
+    assert patch.fused_linear_for_ppo_calls == 1
+    grads = _grads_of(ours, (hidden, weight))
+    for a, b, o in zip(ours, theirs, oracle, strict=True):
+        assert a.shape == b.shape == lead and a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(a.double(), o, **TOL)
+    _assert_grads_close(grads, their_grads, TOL)
+    _assert_grads_close(grads, oracle_grads, TOL)  # float32: the leaves'
+
+
+def test_fused_linear_for_ppo_frozen_head_and_log_probs_only():
+    """A frozen lm_head (no weight gradient) and a loss of the log-probs alone (verl's
+    backward gets no entropy gradient)."""
+    hidden, weight, labels = _head_inputs((29,), frozen=True, seed=1)
+    theirs = FusedLinearForPPO()(hidden, weight, labels, 1.3)
+    (their_dh,) = _grads_of(theirs, (hidden, weight), with_entropy=False)
+    with patch_verl():
+        ours = FusedLinearForPPO()(hidden, weight, labels, 1.3)
+    (dh,) = _grads_of(ours, (hidden, weight), with_entropy=False)
+    torch.testing.assert_close(ours[0], theirs[0], **TOL)
+    _assert_grads_close([dh], [their_dh], TOL)
+
+
+# a dtype's rounding, relative: half its spacing 2^-7 (bf16) / 2^-10 (fp16), and twice that
+HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("case", ["bf16-inputs", "fp16-inputs", "bf16-autocast"])
+def test_fused_linear_for_ppo_dtypes_follow_verl(case):
+    """log_probs float32, entropy in the hidden states' dtype; under autocast the inputs
+    are the autocast dtype's. fastrl forms the logits in float32 from those inputs, verl
+    rounds them to the dtype first: ours equal float64 logits of the rounded inputs (the
+    entropy to its output rounding), verl's differ from ours by its logits' rounding."""
+    hidden, weight, labels = _head_inputs((23,), seed=2)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case[:4]]
+    autocast = case.endswith("autocast")
+    if not autocast:
+        hidden = hidden.detach().to(dtype).requires_grad_()
+        weight = weight.detach().to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        theirs = FusedLinearForPPO()(hidden, weight, labels, 1.0)
+        with patch_verl():
+            ours = FusedLinearForPPO()(hidden, weight, labels, 1.0)
+    assert ours[0].dtype == theirs[0].dtype == torch.float32
+    assert ours[1].dtype == theirs[1].dtype == hidden.dtype
+    h, w = hidden.detach().to(dtype).float(), weight.detach().to(dtype).float()
+    exact = _oracle(h, w, labels, 1.0)
+    torch.testing.assert_close(ours[0].double(), exact[0], **TOL)
+    out_ulp = 2 * HALF_ULP[dtype] if ours[1].dtype == dtype else 1e-6
+    torch.testing.assert_close(ours[1].double(), exact[1], rtol=out_ulp, atol=1e-6)
+    # verl rounds each logit by up to |z| * HALF_ULP; a log-prob (the target's logit less
+    # the logsumexp) and an entropy carry two such errors
+    logit_err = float((h @ w.T).abs().max()) * HALF_ULP[dtype]
+    tol = dict(rtol=out_ulp, atol=2 * logit_err)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "Mean"])
+def test_linear_cross_entropy_matches_verl_reference(impl, reduction):
+    """verl's function's contract: [N] float32 outputs from [..., d] hidden states (the
+    log-probs summed or averaged by `reduction`), against verl's PyTorch head in float64."""
+    hidden, weight, labels = _head_inputs((3, 7), seed=3)
+    logps, entropy = _oracle(hidden, weight, labels, 0.8)
+    if reduction != "none":
+        logps = logps.sum() if reduction == "sum" else logps.mean()
+    else:
+        logps = logps.reshape(-1)
+    oracle = (logps, entropy.reshape(-1))
+    oracle_grads = _grads_of(oracle, (hidden, weight))
+    with patch_verl(impl=impl) as patch:
+        ours = verl_lce.linear_cross_entropy(hidden, weight, labels, 0.8, reduction)
+    assert patch.linear_cross_entropy_calls == 1
+    assert ours[0].shape == (() if reduction != "none" else (21,)) and ours[1].shape == (21,)
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    for a, o in zip(ours, oracle, strict=True):
+        torch.testing.assert_close(a.double(), o, **TOL)
+    grads = _grads_of(ours, (hidden, weight))
+    _assert_grads_close(grads, oracle_grads, TOL)  # float32: the leaves'
+
+
+def test_linear_cross_entropy_passes_dist_process_group(monkeypatch):
+    """verl's tensor-parallel group reaches linear_logprobs as `process_group` (only when
+    given); a fastrl without that keyword refuses it."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        n = args[2].shape[0]
+        return torch.zeros(n), torch.zeros(n)
+
+    hidden, weight, labels = _head_inputs((5,), seed=4)
+    group = object()
+    with patch_verl() as patch:
+        monkeypatch.setattr(fastrl_verl, "linear_logprobs", spy)
+        patch._takes_process_group = True
+        verl_lce.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+        verl_lce.linear_cross_entropy(hidden, weight, labels, 1.0, "none")
+        assert seen[0]["process_group"] is group and "process_group" not in seen[1]
+        patch._takes_process_group = False
+        with pytest.raises(NotImplementedError, match="dist_process_group"):
+            verl_lce.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+
+
+# --------------------------------------------------------------------------- patching
+
+
+def test_patch_rebinds_modules_that_imported_the_function_and_undo_restores():
+    """Megatron's forwards bind `linear_cross_entropy` at import (verl.models.mcore needs
+    Megatron, absent here: stand-in modules do the same); the HF forwards import it on
+    each call, which the model tests cover."""
+    before = types.ModuleType("verl_binder_before")
+    before.linear_cross_entropy = VERL_LCE
+    own = types.ModuleType("verl_own_function")
+    own.linear_cross_entropy = lambda *a: None  # someone else's function of that name
+    sys.modules.update(verl_binder_before=before, verl_own_function=own)
+    try:
+        with patch_verl() as patch:
+            assert before.linear_cross_entropy is patch._lce is verl_lce.linear_cross_entropy
+            assert own.linear_cross_entropy is not patch._lce
+            assert FusedLinearForPPO.__dict__["forward"] is patch._forward
+            after = types.ModuleType("verl_binder_after")  # imported under the patch
+            after.linear_cross_entropy = verl_lce.linear_cross_entropy
+            sys.modules["verl_binder_after"] = after
+        for module in (before, after, verl_lce):
+            assert module.linear_cross_entropy is VERL_LCE
+        assert FusedLinearForPPO.__dict__["forward"] is VERL_FORWARD
+    finally:
+        for name in ("verl_binder_before", "verl_own_function", "verl_binder_after"):
+            sys.modules.pop(name, None)
+
+
+def test_patch_twice_replaces_the_first_and_context_manager_undoes_on_error():
+    first = patch_verl(impl="torch")
+    second = patch_verl(impl="triton")
+    assert isinstance(second, VerlPatch) and second.impl == "triton"
+    assert second.original_linear_cross_entropy is VERL_LCE
+    assert second.original_forward is VERL_FORWARD
+    first.undo()  # not the active patch any more: no-op
+    assert verl_lce.linear_cross_entropy is second._lce
+    assert FusedLinearForPPO.__dict__["forward"] is second._forward
+    second.undo()
+    assert verl_lce.linear_cross_entropy is VERL_LCE
+    with pytest.raises(RuntimeError), patch_verl():
+        raise RuntimeError("the trainer failed")
+    assert verl_lce.linear_cross_entropy is VERL_LCE
+    assert FusedLinearForPPO.__dict__["forward"] is VERL_FORWARD
+
+
+def test_unsupported_arguments_raise():
+    with pytest.raises(ValueError, match="impl must be one of .* got 'cuda'"):
+        patch_verl(impl="cuda")
+    assert verl_lce.linear_cross_entropy is VERL_LCE
+    hidden, weight, labels = _head_inputs((2, 5), seed=6)
+    lce = verl_lce.linear_cross_entropy
+    with patch_verl():
+        lce = verl_lce.linear_cross_entropy
+        with pytest.raises(ValueError, match="reduction must be one of .* got 'max'"):
+            lce(hidden, weight, labels, 1.0, "max")
+        with pytest.raises(TypeError, match="reduction must be a str, got None"):
+            lce(hidden, weight, labels, 1.0, None)
+        with pytest.raises(ValueError, match=r"labels \(9,\) must hold one id per row"):
+            lce(hidden, weight, labels.reshape(-1)[:9], 1.0)
+        with pytest.raises(ValueError, match="temperature must be finite and > 0.0, got 0.0"):
+            lce(hidden, weight, labels, 0.0)
+        with pytest.raises(TypeError, match="weight"):  # verl's kernel needs one dtype too
+            lce(hidden, weight.double(), labels, 1.0)
+        with pytest.raises(ValueError, match=r"hidden_states must be \[T, d\] or \[B, T, d\]"):
+            FusedLinearForPPO()(hidden[None], weight, labels[None], 1.0)
+
+
+def test_verl_pin_is_the_extra():
+    """The verl this venv runs is the one pyproject's `verl` extra and the Makefile pin."""
+    root = Path(__file__).resolve().parents[2]
+    pin = f"verl=={importlib.metadata.version('verl')}"
+    extra = re.search(r"^verl = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M)
+    made = re.search(r"^VERL_PIN\s*:= (\S+)$", (root / "Makefile").read_text(), re.M)
+    assert extra is not None and extra[1] == f'"{pin}"'
+    assert made is not None and made[1] == pin
