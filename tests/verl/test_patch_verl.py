@@ -9,7 +9,9 @@ the PyTorch path and the Triton kernels (interpreter); dtypes, reductions, undo,
 """
 
 import importlib.metadata
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -327,3 +329,29 @@ def test_verl_pin_is_the_extra():
     made = re.search(r"^VERL_PIN\s*:= (\S+)$", (root / "Makefile").read_text(), re.M)
     assert extra is not None and extra[1] == f'"{pin}"'
     assert made is not None and made[1] == pin
+
+
+def test_patch_in_every_process_through_verl_external_modules(tmp_path):
+    """verl imports the modules named in VERL_USE_EXTERNAL_MODULES in every process that
+    imports verl (its Ray workers too): one that calls patch_verl patches each of them."""
+    (tmp_path / "use_fastrl_head.py").write_text(
+        "from fastrl.integrations import patch_verl\n\nPATCH = patch_verl()\n"
+    )
+    check = (
+        "import sys\n"
+        "import verl.utils.kernel.linear_cross_entropy as lce\n"
+        "from verl.utils.experimental.torch_functional import FusedLinearForPPO\n"
+        "m = sys.modules['use_fastrl_head']  # imported by `import verl`, not here\n"
+        "assert lce.linear_cross_entropy is m.PATCH._lce\n"
+        "assert FusedLinearForPPO.forward is m.PATCH._forward\n"
+        "print('patched')\n"
+    )
+    env = {
+        **os.environ,
+        "VERL_USE_EXTERNAL_MODULES": "use_fastrl_head",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip().endswith("patched"), run.stderr[-2000:]
