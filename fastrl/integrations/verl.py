@@ -135,7 +135,10 @@ class VerlPatch:
             temperature: logits are divided by it, > 0.
             reduction: "none", "sum" or "mean" of the log-probs (any case, as verl).
             dist_process_group: verl's tensor-parallel group: the vocabulary is split
-                across its ranks, `labels` are global ids.
+                across its ranks (rank r holds rows `[r*V, (r+1)*V)`), `labels` are
+                global ids, both outputs are the whole vocabulary's on every rank. verl's
+                backward returns each rank's own share of the hidden-state gradient (no
+                all-reduce: Megatron's graph reduces it), and so must fastrl's.
 
         Returns:
             (logprobs, entropy): float32 `[N]` each, logprobs 0-d for "sum" / "mean".

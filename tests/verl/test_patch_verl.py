@@ -25,6 +25,7 @@ from verl.utils.experimental.torch_functional import FusedLinearForPPO
 
 import fastrl.integrations.verl as fastrl_verl
 from fastrl.integrations import VerlPatch, patch_verl
+from tests.support import DEVICE
 from tests.support.compare import _assert_grads_close
 from tests.support.engine import V, tiny_qwen2
 
@@ -110,13 +111,13 @@ def test_torch_backend_on_fastrl_matches_verl(monkeypatch):
 # --------------------------------------------------------------------------- the heads
 
 
-def _head_inputs(lead, frozen=False, seed=0):
+def _head_inputs(lead, frozen=False, seed=0, device=DEVICE, d=D, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, D, generator=g).requires_grad_()
-    weight = (0.3 * torch.randn(VOCAB, D, generator=g)).requires_grad_(not frozen)
-    labels = torch.randint(0, VOCAB, lead, generator=g, dtype=torch.int32)
-    labels.view(-1)[-1] = VOCAB - 1  # the last vocabulary row
-    return hidden, weight, labels
+    hidden = torch.randn(*lead, d, generator=g).to(device).requires_grad_()
+    weight = (0.3 * torch.randn(vocab, d, generator=g)).to(device).requires_grad_(not frozen)
+    labels = torch.randint(0, vocab, lead, generator=g, dtype=torch.int32)
+    labels.view(-1)[-1] = vocab - 1  # the last vocabulary row
+    return hidden, weight, labels.to(device)
 
 
 def _oracle(hidden, weight, labels, temperature):
@@ -182,7 +183,7 @@ def test_fused_linear_for_ppo_dtypes_follow_verl(case):
     are the autocast dtype's. fastrl forms the logits in float32 from those inputs, verl
     rounds them to the dtype first: ours equal float64 logits of the rounded inputs (the
     entropy to its output rounding), verl's differ from ours by its logits' rounding."""
-    hidden, weight, labels = _head_inputs((23,), seed=2)
+    hidden, weight, labels = _head_inputs((23,), seed=2, device="cpu")  # CPU autocast
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case[:4]]
     autocast = case.endswith("autocast")
     if not autocast:
@@ -319,6 +320,32 @@ def test_unsupported_arguments_raise():
             lce(hidden, weight.double(), labels, 1.0)
         with pytest.raises(ValueError, match=r"hidden_states must be \[T, d\] or \[B, T, d\]"):
             FusedLinearForPPO()(hidden[None], weight, labels[None], 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_cross_entropy_matches_verl_kernel_on_cuda(dtype):
+    """On a GPU, verl's own Triton kernel runs (hidden size a multiple of 128): fastrl's
+    errors against float64 logits are at most verl's (plus float32 rounding)."""
+    hidden, weight, labels = _head_inputs((2, 150), seed=8, device="cuda", d=256, vocab=3001)
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    exact = _oracle(hidden, weight, labels, 0.9)
+    exact = (exact[0].reshape(-1), exact[1].reshape(-1))
+    exact_grads = _grads_of(exact, (hidden, weight))
+    theirs = VERL_LCE(hidden, weight, labels, 0.9, "none")
+    their_grads = _grads_of(theirs, (hidden, weight))
+    with patch_verl():
+        ours = verl_lce.linear_cross_entropy(hidden, weight, labels, 0.9, "none")
+    grads = _grads_of(ours, (hidden, weight))
+    assert [t.shape for t in ours] == [t.shape for t in theirs] == [(300,), (300,)]
+    assert [t.dtype for t in ours] == [t.dtype for t in theirs] == [torch.float32] * 2
+    errors = zip([*ours, *grads], [*theirs, *their_grads], [*exact, *exact_grads], strict=True)
+    for a, b, o in errors:
+        scale = o.abs().max().double()
+        ours_err = ((a.double() - o.double()).abs().max() / scale).item()
+        their_err = ((b.double() - o.double()).abs().max() / scale).item()
+        assert ours_err <= 2 * their_err + 1e-5, (ours_err, their_err)
 
 
 def test_verl_pin_is_the_extra():
