@@ -25,7 +25,8 @@ Its `fused_kernels_backend` picks one of two functions:
   `"mean"`; computed in the inputs' dtype, autocast ignored (as verl's kernel does);
 - `FusedLinearForPPO`: `[T]` or `[B, T]` (the shape of `input_ids`), `log_probs` float32,
   `entropy` in the dtype of `hidden_states`; computed in the autocast dtype when autocast
-  is on, else in the hidden states' dtype (as its PyTorch backend's matmul does).
+  is on, else in the hidden states' dtype (as its PyTorch backend's matmul does; an fp32
+  weight under bf16 autocast is cast whole for the call, a `[V, d]` copy).
 
 Labels are token ids in `[0, V)` as verl requires (it has no ignore index; its kernel
 leaves an out-of-range label's log-prob undefined); a label of -100 gets log-prob and
@@ -145,7 +146,8 @@ class VerlPatch:
         """
         if not isinstance(reduction, str):
             raise TypeError(f"reduction must be a str, got {reduction!r}")
-        check_choice("reduction", reduction.lower(), REDUCTIONS)
+        mode = reduction.lower()
+        check_choice("reduction", mode, REDUCTIONS)
         if hidden.dim() < 1 or labels.numel() * hidden.shape[-1] != hidden.numel():
             raise ValueError(
                 f"labels {tuple(labels.shape)} must hold one id per row of hidden "
@@ -160,18 +162,18 @@ class VerlPatch:
                 )
             kwargs["process_group"] = dist_process_group
         self.linear_cross_entropy_calls += 1
-        # verl's kernel ignores autocast: it computes in the inputs' dtype
+        # verl's kernel ignores autocast: it computes in the inputs' dtype. compact=False:
+        # verl's labels are all valid, and counting them would be a host read per call
         with torch.autocast(hidden.device.type, enabled=False):
             logps, entropy = linear_logprobs(
                 hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                 temperature=temperature, return_entropy=True, impl=self.impl,
                 compact=False, **kwargs,
             )  # fmt: skip
-        # compact=False: verl's labels are all valid, and the count would be a host read
         logps, entropy = logps.float(), entropy.float()
-        if reduction.lower() == "sum":
+        if mode == "sum":
             logps = logps.sum()
-        elif reduction.lower() == "mean":
+        elif mode == "mean":  # over every token, as verl's kernel
             logps = logps.mean()
         return logps, entropy
 
