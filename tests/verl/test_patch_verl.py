@@ -91,7 +91,8 @@ def test_triton_backend_on_fastrl_matches_verl_torch_backend(monkeypatch, temper
     _assert_grads_close(list(grads.values()), list(their_grads.values()), TOL)
 
 
-def test_torch_backend_on_fastrl_matches_verl(monkeypatch):
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_torch_backend_on_fastrl_matches_verl(monkeypatch, impl):
     """fused_kernels_backend="torch": verl's FusedLinearForPPO, replaced on its class."""
     model = tiny_qwen2(seed=4)
     monkeypatch.setattr(Qwen2ForCausalLM, "forward", Qwen2ForCausalLM.forward)
@@ -99,7 +100,7 @@ def test_torch_backend_on_fastrl_matches_verl(monkeypatch):
     mask = torch.ones_like(ids)
     patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
     theirs = _model_run(model, ids, mask, 0.8)
-    with patch_verl() as patch:
+    with patch_verl(impl=impl) as patch:
         ours = _model_run(model, ids, mask, 0.8)
     assert (patch.linear_cross_entropy_calls, patch.fused_linear_for_ppo_calls) == (0, 1)
     for a, b in zip(ours[:2], theirs[:2], strict=True):
@@ -230,6 +231,25 @@ def test_linear_cross_entropy_matches_verl_reference(impl, reduction):
         torch.testing.assert_close(a.double(), o, **TOL)
     grads = _grads_of(ours, (hidden, weight))
     _assert_grads_close(grads, oracle_grads, TOL)  # float32: the leaves'
+
+
+def test_linear_cross_entropy_under_torch_compile_fullgraph():
+    """The patched function in a compiled model: no graph break, the eager numbers."""
+    hidden, weight, labels = _head_inputs((2, 7), frozen=True, seed=7, device="cpu")
+
+    def loss_of(hidden):
+        logps, entropy = verl_lce.linear_cross_entropy(hidden, weight, labels, 0.8, "none")
+        return logps.sum() + 0.1 * entropy.sum()
+
+    with patch_verl(impl="torch") as patch:
+        compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+        loss = compiled(hidden)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        ref = loss_of(hidden)
+        (ref_grad,) = torch.autograd.grad(ref, hidden)
+    assert patch.linear_cross_entropy_calls == 2
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
 
 
 def test_linear_cross_entropy_passes_dist_process_group(monkeypatch):
