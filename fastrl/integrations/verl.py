@@ -38,7 +38,6 @@ fastrl bounds its own memory.
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from typing import Any
 
@@ -110,8 +109,6 @@ class VerlPatch:
         # the one object every module is given, so that undo can find it by identity
         self._lce = self.linear_cross_entropy
         self._forward = _ppo_forward(self)
-        # the other helper's vocab-parallel linear_logprobs takes a process group
-        self._takes_process_group = "process_group" in inspect.signature(linear_logprobs).parameters
 
     def _apply(self) -> None:
         _rebind(self.original_linear_cross_entropy, self._lce)
@@ -139,7 +136,8 @@ class VerlPatch:
                 across its ranks (rank r holds rows `[r*V, (r+1)*V)`), `labels` are
                 global ids, both outputs are the whole vocabulary's on every rank. verl's
                 backward returns each rank's own share of the hidden-state gradient (no
-                all-reduce: Megatron's graph reduces it), and so must fastrl's.
+                all-reduce: Megatron's graph reduces it), and so does this one
+                (`reduce_hidden_grad=False`).
 
         Returns:
             (logprobs, entropy): float32 `[N]` each, logprobs 0-d for "sum" / "mean".
@@ -155,12 +153,9 @@ class VerlPatch:
             )
         kwargs = {}
         if dist_process_group is not None:
-            if not self._takes_process_group:
-                raise NotImplementedError(
-                    "dist_process_group (a vocab-parallel lm_head) needs a fastrl whose "
-                    "linear_logprobs takes process_group; this one does not"
-                )
-            kwargs["process_group"] = dist_process_group
+            # verl's backward leaves each rank its shard's part of d_hidden (Megatron's
+            # graph sums it), so fastrl's all-reduce of it is off
+            kwargs.update(process_group=dist_process_group, reduce_hidden_grad=False)
         self.linear_cross_entropy_calls += 1
         # verl's kernel ignores autocast: it computes in the inputs' dtype. compact=False:
         # verl's labels are all valid, and counting them would be a host read per call

@@ -53,6 +53,12 @@ CASES = {
         impl="torch", all_ignored=True, compact=False, bias=True, **ALL
     ),
 }
+# reduce_hidden_grad=False (verl's / Megatron's convention): each rank keeps its shard's
+# part of the hidden-state gradient, and the parts sum to the full one
+LOCAL_GRAD_CASES = {
+    "torch-local-hidden-grad": dict(impl="torch", bias=True, return_entropy=True),
+    "tiles-local-hidden-grad": dict(impl="triton", design="tiles", temperature=0.8, **ALL),
+}
 HEADS = {  # name -> (head, impl)
     "policy-torch": ("policy", "torch"),
     "policy-tiles": ("policy", "triton"),
@@ -111,9 +117,14 @@ class CountCollectives:
 def run_case(name: str, rank: int | None = None, group=None) -> dict:
     """linear_logprobs on rank `rank`'s shard with `group` (None, None: the full head),
     its outputs and the gradients of sum(g1 logp + g2 entropy) (hidden, weight, bias)."""
-    case = CASES[name]
+    local = name in LOCAL_GRAD_CASES
+    case = LOCAL_GRAD_CASES[name] if local else CASES[name]
     hidden, weight, targets, bias, g1, g2 = case_inputs(case)
     rows = shard_rows(rank)
+    if local and group is not None:
+        kw_group = dict(process_group=group, reduce_hidden_grad=False)
+    else:
+        kw_group = dict(process_group=group)
     h = hidden.clone().requires_grad_()
     w = weight[rows].clone().requires_grad_(case.get("weight_grad", True))
     b = None if bias is None else bias[rows].clone().requires_grad_()
@@ -124,7 +135,7 @@ def run_case(name: str, rank: int | None = None, group=None) -> dict:
     with recorder, CountCollectives() as collectives:
         out = linear_logprobs(
             h.view(*lead, D), w, targets.view(lead), bias=b, impl=case["impl"],
-            process_group=group, **wanted, **kw,
+            **kw_group, **wanted, **kw,
         )  # fmt: skip
         forward_calls = list(collectives.calls)
         out = out if isinstance(out, tuple) else (out,)
@@ -226,7 +237,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ["FASTRL_CUBLAS_CHUNK_VOCAB"] = "32"
     group = dist.group.WORLD
     results = {}
-    jobs = [(n, run_case) for n in CASES] + [(n, run_head) for n in HEADS]
+    jobs = [(n, run_case) for n in [*CASES, *LOCAL_GRAD_CASES]] + [(n, run_head) for n in HEADS]
     jobs += [(n, run_error) for n in ERRORS]
     for name, run in jobs:
         try:
@@ -343,6 +354,33 @@ def test_vocab_parallel_runs_one_collective_each_way(ranks):
         for rank in range(WORLD):
             got = _result(ranks, rank, name)["collectives"]
             assert got == (["all_gather"], ["all_reduce"]), (name, got)
+
+
+@pytest.mark.parametrize("name", LOCAL_GRAD_CASES)
+def test_vocab_parallel_local_hidden_grad_sums_to_the_full_one(ranks, name):
+    """reduce_hidden_grad=False: the same outputs and weight/bias gradients, no backward
+    collective, and each rank's hidden gradient is its shard's part (the parts sum to the
+    full head's; neither part is the whole)."""
+    ref = run_case(name)
+    got = [_result(ranks, rank, name) for rank in range(WORLD)]
+    for rank, g in enumerate(got):
+        assert g["collectives"] == (["all_gather"], []), g["collectives"]
+        for o, r in zip(g["outputs"], ref["outputs"], strict=True):
+            if o.dtype == torch.bool:
+                assert torch.equal(o, r)
+            else:
+                torch.testing.assert_close(o, r, **TOL_SINGLE)
+        _assert_grads_close([None, *g["grads"][1:]], [None, *ref["grads"][1:]],
+                            shard_rows(rank), TOL_SINGLE)  # fmt: skip
+        assert not torch.allclose(g["grads"][0], ref["grads"][0], rtol=1e-3, atol=1e-3)
+    summed = got[0]["grads"][0] + got[1]["grads"][0]
+    _assert_grads_close([summed], ref["grads"][:1], shard_rows(None), TOL_SINGLE)
+
+
+def test_reduce_hidden_grad_needs_a_process_group():
+    hidden, weight, targets, _, _, _ = case_inputs({})
+    with pytest.raises(ValueError, match="reduce_hidden_grad=False applies to a vocab-parallel"):
+        linear_logprobs(hidden, weight, targets, impl="torch", reduce_hidden_grad=False)
 
 
 @pytest.mark.parametrize("name", ["frozen-frozen-head", "torch-frozen-head-3d"])

@@ -253,8 +253,8 @@ def test_linear_cross_entropy_under_torch_compile_fullgraph():
 
 
 def test_linear_cross_entropy_passes_dist_process_group(monkeypatch):
-    """verl's tensor-parallel group reaches linear_logprobs as `process_group` (only when
-    given); a fastrl without that keyword refuses it."""
+    """verl's tensor-parallel group reaches linear_logprobs as `process_group`, with
+    verl's backward convention (`reduce_hidden_grad=False`), and only when given."""
     seen = []
 
     def spy(*args, **kwargs):
@@ -264,15 +264,66 @@ def test_linear_cross_entropy_passes_dist_process_group(monkeypatch):
 
     hidden, weight, labels = _head_inputs((5,), seed=4)
     group = object()
-    with patch_verl() as patch:
+    with patch_verl():
         monkeypatch.setattr(fastrl_verl, "linear_logprobs", spy)
-        patch._takes_process_group = True
         verl_lce.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
         verl_lce.linear_cross_entropy(hidden, weight, labels, 1.0, "none")
-        assert seen[0]["process_group"] is group and "process_group" not in seen[1]
-        patch._takes_process_group = False
-        with pytest.raises(NotImplementedError, match="dist_process_group"):
-            verl_lce.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+    assert seen[0]["process_group"] is group and seen[0]["reduce_hidden_grad"] is False
+    assert "process_group" not in seen[1] and "reduce_hidden_grad" not in seen[1]
+
+
+def _tp_worker(rank: int, port: int, out: str) -> None:
+    """Rank `rank` of 2: verl's linear_cross_entropy (patched) on its half of the vocab."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    torch.save(_tp_run(rank, dist.group.WORLD), os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: gloo's threads can abort it (tests/support/ranks.py)
+
+
+def _tp_run(rank, group) -> dict:
+    """(logprobs, entropy, d_hidden, d_weight) on rank `rank`'s shard (None: the full head)."""
+    hidden, weight, labels = _head_inputs((2, 11), seed=9, vocab=2 * 67)
+    h = hidden.detach().clone().requires_grad_()
+    w = (weight if rank is None else weight.chunk(2)[rank]).detach().clone().requires_grad_()
+    with patch_verl():
+        logps, ent = verl_lce.linear_cross_entropy(h, w, labels, 0.8, "none", group)
+    g = torch.Generator().manual_seed(2)
+    ((logps * torch.randn(logps.shape, generator=g)).sum() + (ent * 0.3).sum()).backward()
+    return dict(logps=logps.detach(), ent=ent.detach(), dh=h.grad, dw=w.grad)
+
+
+def test_dist_process_group_on_two_ranks_matches_one(tmp_path):
+    """Two gloo ranks, the vocabulary split between them (verl's Megatron actor): every
+    rank gets the full head's log-probs and entropies and its rows of the weight gradient;
+    the hidden gradient is each rank's share, as verl's kernel leaves it (Megatron's graph
+    sums them), so the two shares sum to the one-rank gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_tp_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")  # fmt: skip
+    while not ctx.join(timeout=120):
+        pass
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ref = _tp_run(None, None)
+    for r, g in enumerate(got):
+        torch.testing.assert_close(g["logps"], ref["logps"], **TOL)
+        torch.testing.assert_close(g["ent"], ref["ent"], **TOL)
+        torch.testing.assert_close(g["dw"], ref["dw"].chunk(2)[r], **TOL)
+    torch.testing.assert_close(got[0]["dh"] + got[1]["dh"], ref["dh"], **TOL)
+    assert not torch.allclose(got[0]["dh"], ref["dh"], rtol=1e-3, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- patching

@@ -97,6 +97,7 @@ def linear_logprobs(
     compact: bool = True,
     design: str | None = None,
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    reduce_hidden_grad: bool = True,
 ):
     """Log-probs (and entropies) of `targets` under `softcap(hidden @ weight.T + bias) / T`.
 
@@ -136,6 +137,11 @@ def linear_logprobs(
             rank its shard's weight/bias gradient and all-reduces the hidden-state one
             (see fastrl/ops/logprobs/vocab_parallel.py). One all-gather of [N] statistics
             per forward; "frozen" runs as "cublas" there.
+        reduce_hidden_grad: with `process_group`, sum the hidden-state gradient over the
+            group in the backward (True: `hidden` is a replicated leaf of this call).
+            False leaves each rank its shard's part, for a graph that sums it itself:
+            Megatron's `copy_to_tensor_model_parallel_region` in front of the head, and
+            verl's `linear_cross_entropy(..., dist_process_group=...)` convention.
 
     Returns:
         `logps` float32 `[...]` (float64 for float64 inputs); with any `return_*` a tuple
@@ -144,7 +150,13 @@ def linear_logprobs(
     """
     check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     check_bool("compact", compact)
-    shard = vocab_shard(process_group, weight)
+    check_bool("reduce_hidden_grad", reduce_hidden_grad)
+    if process_group is None and not reduce_hidden_grad:
+        raise ValueError(
+            "reduce_hidden_grad=False applies to a vocab-parallel head only: pass the "
+            "process_group the weight is split over, or leave it True"
+        )
+    shard = vocab_shard(process_group, weight, reduce_hidden_grad=reduce_hidden_grad)
     backend = resolve_impl(impl, hidden.device)
     if backend == "triton":
         backend = resolve_design(design, hidden.device)

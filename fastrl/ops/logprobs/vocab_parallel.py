@@ -29,9 +29,10 @@ lse and entropy, which is exactly the global dz restricted to its columns, so it
 d_weight and d_bias are the shard's rows of the single-rank gradients. d_hidden is a sum
 over shards; hidden is replicated, so the backward all-reduces (sums) it over the group,
 as the backward of Megatron's `copy_to_tensor_model_parallel_region` does in front of a
-column-parallel lm_head. So pass hidden states whose own backward does not sum over the
-group a second time: not the output of such a copy region, nor of a sequence-parallel
-all-gather (its backward reduce-scatters, i.e. sums, the already summed gradient).
+column-parallel lm_head. Hidden states whose own backward sums over the group (the output
+of such a copy region, or of a sequence-parallel all-gather, whose backward
+reduce-scatters) take `reduce_hidden_grad=False`: each rank then keeps its shard's part,
+verl's convention for `linear_cross_entropy(..., dist_process_group=...)`.
 
 Every rank of the group must call the forward and the backward together (the same
 shapes, the same options), as with any collective.
@@ -62,6 +63,7 @@ class VocabShard:
     rank: int
     world: int
     size: int  # V_local, the rows of this rank's weight
+    reduce_hidden_grad: bool = True  # False: the caller's graph sums d_hidden itself
 
     @property
     def offset(self) -> int:
@@ -72,7 +74,9 @@ class VocabShard:
         return self.world * self.size
 
 
-def vocab_shard(process_group, weight: Tensor) -> VocabShard | None:
+def vocab_shard(
+    process_group, weight: Tensor, *, reduce_hidden_grad: bool = True
+) -> VocabShard | None:
     """The `VocabShard` of `weight` in `process_group` (None for None); TypeError for a
     process_group that is not a torch.distributed.ProcessGroup."""
     if process_group is None:
@@ -84,7 +88,10 @@ def vocab_shard(process_group, weight: Tensor) -> VocabShard | None:
             "process_group must be a torch.distributed.ProcessGroup (the tensor-parallel "
             f"group the weight is split over) or None, got {type(process_group).__name__}"
         )
-    return VocabShard(process_group, process_group.rank(), process_group.size(), weight.shape[0])
+    return VocabShard(
+        process_group, process_group.rank(), process_group.size(), weight.shape[0],
+        reduce_hidden_grad,
+    )  # fmt: skip
 
 
 def local_targets(targets: Tensor, shard: VocabShard, ignore_index: int) -> Tensor:
@@ -180,7 +187,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         dh, dw, db = shard_gradients(
             hidden, weight, bias, targets, lse, ent, grad_logp, grad_ent, p, need
         )
-        if need[0]:
+        if need[0] and ctx.shard.reduce_hidden_grad:
             import torch.distributed as dist
 
             # hidden is replicated: its gradient is the sum of every shard's part
