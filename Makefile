@@ -69,7 +69,8 @@ venv: $(STAMP)
 # Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) \
+		-e ".[$(EXTRAS)]"
 	@touch $@
 
 # Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).

@@ -17,8 +17,8 @@ gathered lm_head.
 
 accelerate 1.15 enables FSDP and DeepSpeed for accelerator devices only; the two-process
 runs use `tests.support.ranks.FSDP_ON_CPU` / `DEEPSPEED_ON_CPU` to get them on CPU
-processes (gloo). The ZeRO-3 tests need DeepSpeed, an optional extra (`DS_BUILD_OPS=0 pip
-install deepspeed` installs it on a CPU machine); without it they are skipped.
+processes (gloo). The ZeRO-3 tests need DeepSpeed: the `dev` extra has it (`make venv` builds
+it with DS_BUILD_OPS=0), so CI runs them; an environment without it skips them.
 """
 
 import weakref
