@@ -88,8 +88,8 @@ def _python_setting(name: str, value: Any) -> str:
 
 
 class AppliesTo(NamedTuple):
-    """`option`, when set (not None), is for `loss_types` only; `what` it does (a message
-    reads "delta=1.5 {what}, which loss_type='cispo' does not have")."""
+    """`option`, when set (not at its default), is for `loss_types` only; `what` it does (a
+    message reads "delta=1.5 {what}, which loss_type='cispo' does not have")."""
 
     option: str
     loss_types: tuple[str, ...]
@@ -112,7 +112,11 @@ class Needs(NamedTuple):
 
 APPLIES_TO = (
     AppliesTo("delta", CLIPPED_LOSS_TYPES, "caps the unclipped ratio of the clipped surrogate"),
-)
+    *(AppliesTo(f"sapo_temperature_{s}", ("sapo",), "sets the soft gate's temperature")
+      for s in ("pos", "neg")),
+    *(AppliesTo(f"vespo_{p}_{s}", ("vespo",), "shapes the Gamma weight of the sequence ratio")
+      for p in ("k", "lambda") for s in ("pos", "neg")),
+)  # fmt: skip
 NEEDS = (
     Needs(
         "loss_type",
@@ -315,8 +319,10 @@ class PolicyLossOptions:
         for rule in self._active_needs():
             if rule.needs[0] not in INPUTS and all(getattr(self, n) is None for n in rule.needs):
                 raise ValueError(rule.message(show))
+        defaults = {f.name: f.default for f in fields(self)}
         for rule in APPLIES_TO:
-            if getattr(self, rule.option) is not None and self.loss_type not in rule.loss_types:
+            value = getattr(self, rule.option)
+            if value != defaults[rule.option] and self.loss_type not in rule.loss_types:
                 raise ValueError(
                     f"{show(rule.option)} {rule.what}, which {show('loss_type')} does not have "
                     f"(it applies to {', '.join(rule.loss_types)})"

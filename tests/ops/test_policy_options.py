@@ -94,7 +94,7 @@ def test_optional_numbers_accept_none(name):
 
 
 def test_applies_to_delta():
-    (rule,) = APPLIES_TO
+    rule = APPLIES_TO[0]
     assert rule.option == "delta"
     for loss_type in rule.loss_types:
         PolicyLossOptions(loss_type=loss_type, delta=1.5, max_completion_length=12).validate()
@@ -107,6 +107,22 @@ def test_applies_to_delta():
             r"luspo\)",
         ):
             PolicyLossOptions(loss_type=loss_type, delta=1.5).validate()
+
+
+@pytest.mark.parametrize(
+    "option,value,loss_type",
+    [("sapo_temperature_pos", 2.0, "sapo"), ("sapo_temperature_neg", 0.5, "sapo"),
+     ("vespo_k_pos", 5.0, "vespo"), ("vespo_lambda_pos", 1.0, "vespo"),
+     ("vespo_k_neg", 1.0, "vespo"), ("vespo_lambda_neg", 4.0, "vespo")],
+)  # fmt: skip
+def test_applies_to_a_loss_type_own_options(option, value, loss_type):
+    """A loss type's own option set away from its default, with another loss type, is
+    refused (it would be ignored); at its default it passes with any loss type."""
+    assert option in {r.option for r in APPLIES_TO}
+    PolicyLossOptions(loss_type=loss_type, **{option: value}).validate()
+    PolicyLossOptions(loss_type="bnpo").validate()
+    with pytest.raises(ValueError, match=rf"{option}={value} .*which loss_type='bnpo' does not"):
+        PolicyLossOptions(loss_type="bnpo", **{option: value}).validate()
 
 
 # one case per NEEDS entry: (options that need something, what is missing, the message)

@@ -111,6 +111,21 @@ def test_kl_shaped_rewards_and_returns_closed_forms():
     assert (g[2] == 0).all() and g[0, 3] == 0
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.97])
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_discounted_returns_scan_kernel_equals_the_loop(layout, gamma):
+    """impl="triton" (the GAE scan, values 0, lambda 1, every token kept) gives the token
+    loop's returns: masked tokens reward 0 and still discount (OpenRLHF)."""
+    _, mask, kl = _inputs(7, 37, layout, seed=3)
+    r = torch.nan_to_num(kl, nan=5.0)  # garbage where masked must not matter
+    loop = discounted_returns(r, mask, gamma=gamma, impl="torch")
+    scan = discounted_returns(r, mask, gamma=gamma, impl="triton")
+    assert scan.dtype == loop.dtype == torch.float32
+    torch.testing.assert_close(scan, loop, **TOL)
+    if layout == "holes":
+        assert (loop[mask == 0] == 0).all() and loop.abs().sum() > 0
+
+
 def test_baseline_groups_and_float64():
     # two groups of 3: each reward minus its own group's mean (prompt-major layout)
     rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=torch.float64, device=DEVICE)

@@ -47,7 +47,7 @@ def _gae_torch(
     return adv, torch.where(keep, adv + v, 0.0)
 
 
-def _use_kernel(impl: str, rewards: torch.Tensor, dtype: torch.dtype) -> bool:
+def use_gae_kernel(impl: str, rewards: torch.Tensor, dtype: torch.dtype) -> bool:
     check_impl(impl, device=rewards.device)
     if impl == "torch":
         return False
@@ -99,7 +99,7 @@ def gae_advantages(
     check_token_batch(mask, rewards=rewards, values=values)
     check_discount(gamma, lam)
     keep, dtype = keep_and_dtype(mask, rewards, values)
-    if _use_kernel(impl, rewards, dtype):
+    if use_gae_kernel(impl, rewards, dtype):
         from fastrl.kernels.gae import gae_fwd
 
         adv, ret = gae_fwd(rewards.detach(), values.detach(), mask, float(gamma), float(lam))

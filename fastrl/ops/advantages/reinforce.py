@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from fastrl.checks import check_choice, check_number
+from fastrl.ops.advantages.gae import use_gae_kernel
 from fastrl.ops.advantages.tokens import (
     check_discount,
     check_sequence_values,
@@ -92,21 +93,37 @@ def kl_shaped_rewards(
 
 
 def discounted_returns(
-    token_rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = defaults.GAMMA
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = defaults.GAMMA,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Returns-to-go ``G_t = r_t + gamma * G_{t+1}`` ``[B, T]`` of per-token rewards
     (OpenRLHF ``get_cumulative_returns``: masked tokens carry reward 0 and still
     discount); 0 at masked positions.
 
+    ``impl``: "auto" (for ``gamma < 1``, the GAE scan kernel on CUDA, else PyTorch),
+    "triton" or "torch" (a loop over tokens for ``gamma < 1``).
+
     Raises:
-        ValueError: shapes, a mask not 0/1, ``gamma`` outside [0, 1].
+        ValueError: shapes, a mask not 0/1, ``gamma`` outside [0, 1], as `gae_advantages`
+            for ``impl``.
     """
     check_token_batch(mask, token_rewards=token_rewards)
     check_discount(gamma)
     keep, dtype = keep_and_dtype(mask, token_rewards)
     r = masked(token_rewards, keep, dtype)
+    kernel = use_gae_kernel(impl, r, dtype)  # checks impl whatever gamma is
     if gamma == 1:  # a reversed cumulative sum (verl's ReMax returns)
         g = r.flip(1).cumsum(1).flip(1)
+    elif kernel:
+        from fastrl.kernels.gae import gae_fwd
+
+        # GAE's recurrence with values 0 and lambda 1 is this one; every token kept, so
+        # that masked tokens (reward 0 here) still discount, as OpenRLHF's
+        g = gae_fwd(r, torch.zeros_like(r), torch.ones_like(keep), float(gamma), 1.0)[0]
+        g = g.to(dtype)
     else:
         g = torch.zeros_like(r)
         running = r.new_zeros(r.shape[0])

@@ -63,9 +63,10 @@ def masked_whiten(
 
     (verl's ``masked_whiten`` differs in two roundings: Bessel-corrected variance and
     ``rsqrt(var + 1e-8)``.) Pass the whole generation batch: the statistics are the
-    batch's.
+    batch's. Computed and returned in float32 for half-precision ``x`` (float64 stays).
     """
     keep = mask if mask.dtype == torch.bool else mask != 0
+    x = x.to(compute_dtype(x))  # half-precision sums of a batch's tokens would round
     m = keep.to(x.dtype)
     n = m.sum().clamp(min=1.0)
     mean = (x * m).sum() / n
