@@ -39,6 +39,21 @@ def check_bool(name: str, x) -> None:
         raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
+def check_num_items(num_items_in_batch) -> None:
+    """`num_items_in_batch` (a token count, as transformers' Trainer passes it): None, a real
+    number >= 0, or a one-element tensor (read on the device, never on the host)."""
+    import torch
+
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must be a number or a one-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+    elif num_items_in_batch is not None:
+        check_number("num_items_in_batch", num_items_in_batch, low=0.0)
+
+
 def check_number(
     name: str,
     x,

@@ -6,8 +6,10 @@ is used without benchmarking. The interpreter also gets small tiles of its own: 
 one Python step per program and loop iteration, so big tiles only cost time there.
 """
 
+import functools
 import os
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -105,3 +107,18 @@ FROZEN_NUM_WARPS = 8
 GAE_BLOCK_B = 4 if INTERPRET else 1
 GAE_BLOCK_T = 8 if INTERPRET else 1024
 GAE_NUM_WARPS = 4
+
+
+def on_tensor_device(launcher):
+    """Run `launcher` with its first tensor argument's GPU current: Triton launches on the
+    current device, and device_map="auto" (or a second GPU) puts tensors elsewhere."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(*args, **kwargs)
+
+    return launch

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import GAE_BLOCK_B, GAE_BLOCK_T, GAE_NUM_WARPS
+from .config import GAE_BLOCK_B, GAE_BLOCK_T, GAE_NUM_WARPS, on_tensor_device
 
 
 @triton.jit
@@ -113,6 +113,7 @@ def gae_fwd_kernel(
         adv = tl.sum(tl.where(last, adv_t, 0.0), axis=1)
 
 
+@on_tensor_device
 def gae_fwd(
     rewards: torch.Tensor,
     values: torch.Tensor,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import GROUP_ADVANTAGES_BATCH_BLOCK, GROUP_ADVANTAGES_TILE
+from .config import GROUP_ADVANTAGES_BATCH_BLOCK, GROUP_ADVANTAGES_TILE, on_tensor_device
 
 # One group per tile row: a [BLOCK_G, BLOCK_N] tile holds BLOCK_N >= group_size slots.
 MAX_GROUP_SIZE = 4096
@@ -189,6 +189,7 @@ def _split(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
+@on_tensor_device
 def group_advantages_fwd(
     rewards: torch.Tensor,
     weights: torch.Tensor,

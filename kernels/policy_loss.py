@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import POLICY_LOSS_BLOCK_T
+from .config import POLICY_LOSS_BLOCK_T, on_tensor_device
 
 # loss families (constexpr): the per-token formula; the loss types within a family
 # differ only in their normaliser, which stays in PyTorch
@@ -320,6 +320,7 @@ def _strides2d(x: torch.Tensor, B: int, T: int) -> tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
+@on_tensor_device
 def policy_loss_fwd(
     logps: torch.Tensor,
     old_logps: torch.Tensor | None,
@@ -387,6 +388,7 @@ def policy_loss_fwd(
     return pt, kl, ratio, dpt, dkl
 
 
+@on_tensor_device
 def policy_loss_bwd(
     grad_pt: torch.Tensor | None,
     grad_kl: torch.Tensor | None,

@@ -10,7 +10,7 @@ import torch
 
 from fastrl import policy_loss
 from fastrl.ops.policy.naive import naive_policy_loss
-from fastrl.options.policy import LOSS_TYPES
+from fastrl.options.policy import APPLIES_TO, LOSS_TYPES
 
 B, T = 6, 9
 CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
@@ -99,8 +99,9 @@ def _run(fn, inputs, **kw):
 @pytest.mark.parametrize("loss_type,level,options", CASES, ids=["-".join(c) for c in CASES])
 def test_matches_oracle(loss_type, level, options):
     kw = dict(OPTION_SETS[options], loss_type=loss_type, importance_sampling_level=level)
-    if kw.get("delta") is not None and loss_type not in CLIPPED:
-        kw.pop("delta")
+    for rule in APPLIES_TO:  # the option sets' loss-type-specific options, where they apply
+        if loss_type not in rule.loss_types:
+            kw.pop(rule.option, None)
     inputs = _inputs(CASES.index((loss_type, level, options)))
     if loss_type == "vespo" and kw.get("sampling_correction", "").startswith("sequence"):
         # TRL's rule: vespo folds token-level sampler ratios into its weight

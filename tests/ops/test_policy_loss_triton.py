@@ -14,7 +14,7 @@ from fastrl import policy_loss
 from fastrl.ops.policy.naive import naive_policy_loss
 from fastrl.ops.policy.terms import kl_estimate, per_token_terms
 from fastrl.ops.policy.vespo import gamma_weights
-from fastrl.options.policy import LOSS_TYPES, PolicyLossOptions
+from fastrl.options.policy import APPLIES_TO, LOSS_TYPES, PolicyLossOptions
 from tests.support import DEVICE, HAS_CUDA
 
 B, T = 5, 37
@@ -148,8 +148,9 @@ def test_options_on_top_of_the_kernel_match_oracle(loss_type, options):
     # normalisers act in PyTorch on the kernel's per-token terms
     x = _inputs(100 + LOSS_TYPES.index(loss_type), "BT" if "k1" in options else "B")
     kw = dict(OPTIONS[options], loss_type=loss_type)
-    if loss_type not in CLIPPED:
-        kw.pop("delta", None)
+    for rule in APPLIES_TO:  # the option sets' loss-type-specific options, where they apply
+        if loss_type not in rule.loss_types:
+            kw.pop(rule.option, None)
     for name in ("ref_logps", "sampling_logps", "entropy"):
         kw[name] = x[name]
     if "sampling_correction" not in kw:

@@ -10,6 +10,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from fastrl.options.policy import APPLIES_TO  # noqa: E402
 from tests.support.models import V, tiny_model, tiny_tokenizer  # noqa: E402
 
 B, G, P, T = 8, 4, 5, 7  # completions, group size, prompt len, completion len
@@ -222,6 +223,11 @@ def _fastrl_kwargs(trainer, inputs):
         )
     if not trainer.model.training:  # TRL's evaluation loss: no accumulation, no split
         kw.update(gradient_accumulation_steps=1, steps_per_generation=1)
+    # TRL reads another loss type's options (sapo's temperatures, vespo's Gamma shape) only
+    # under that loss type; fastrl refuses them elsewhere, so they are passed where they apply
+    for rule in APPLIES_TO:
+        if rule.option != "delta" and kw["loss_type"] not in rule.loss_types:
+            kw.pop(rule.option)
     return kw
 
 

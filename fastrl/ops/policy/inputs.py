@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrl.checks import check_number, check_tensor, check_zero_one, compute_dtype
+from fastrl.checks import check_num_items, check_tensor, check_zero_one, compute_dtype
 
 
 def check_tensors(
@@ -50,14 +50,7 @@ def check_tensors(
         )
     check_tensor("mask", mask, shape, floating=False)
     check_zero_one(mask)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(
-                "num_items_in_batch must be a number or a one-element tensor, got shape "
-                f"{tuple(num_items_in_batch.shape)}"
-            )
-    elif num_items_in_batch is not None:
-        check_number("num_items_in_batch", num_items_in_batch, low=0.0)
+    check_num_items(num_items_in_batch)
 
 
 def masked(x: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

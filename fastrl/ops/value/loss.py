@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from fastrl.checks import check_bool, check_number, check_tensor, check_zero_one, compute_dtype
+from fastrl.checks import (
+    check_bool,
+    check_num_items,
+    check_number,
+    check_tensor,
+    check_zero_one,
+    compute_dtype,
+)
 from fastrl.options import value as defaults
 
 __all__ = ["value_loss"]
@@ -44,14 +51,7 @@ def _check(values, old_values, returns, mask, value_clip, token_level_loss, num_
                 "num_items_in_batch is the token count of token_level_loss=True; got "
                 "token_level_loss=False"
             )
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(
-                    "num_items_in_batch must be a number or a one-element tensor, got shape "
-                    f"{tuple(num_items_in_batch.shape)}"
-                )
-        else:
-            check_number("num_items_in_batch", num_items_in_batch, low=0.0)
+        check_num_items(num_items_in_batch)
 
 
 def value_loss(
