@@ -855,8 +855,8 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
-COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample, "bench": cmd_bench,
-            "demo": cmd_demo}  # fmt: skip
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
+            "bench": cmd_bench, "demo": cmd_demo}  # fmt: skip
 
 #: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)

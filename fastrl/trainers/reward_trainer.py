@@ -151,8 +151,9 @@ def tokenize_reward_dataset(
         n = len(dataset)
         with no_progress_bars():
             dataset = dataset.filter(
-                lambda r: len(r["chosen_ids"]) <= max_length
-                and len(r["rejected_ids"]) <= max_length,
+                lambda r: (
+                    len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length
+                ),
                 num_proc=num_proc,
             )
         if len(dataset) < n:
@@ -176,7 +177,8 @@ class RewardCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        seqs = [list(e["chosen_ids"]) for e in examples] + [list(e["rejected_ids"]) for e in examples]
+        seqs = [list(e["chosen_ids"]) for e in examples]
+        seqs += [list(e["rejected_ids"]) for e in examples]
         if not all(seqs):
             raise ValueError("a pair has an empty chosen_ids or rejected_ids")
         width = max(len(s) for s in seqs)
@@ -279,7 +281,8 @@ class RewardTrainer(BaseTrainer):
         if dataset is None:
             return None
         if isinstance(dataset, dict) and not all(isinstance(v, list) for v in dataset.values()):
-            return {k: RewardTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
+            tokenize = RewardTrainer._tokenize
+            return {k: tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
         return tokenize_reward_dataset(
             load_data(dataset, split=split),
             tokenizer,

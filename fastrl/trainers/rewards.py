@@ -469,6 +469,7 @@ class RewardModel:
     def _ids(self, prompt, completion) -> list[int]:
         tok = self.tokenizer
         if isinstance(prompt, list) or isinstance(completion, list):
+
             def turns(x, role):
                 return x if isinstance(x, list) else [{"role": role, "content": x}]
 
@@ -489,9 +490,7 @@ class RewardModel:
         from fastrl.trainers.reward_model import sequence_rewards
 
         if len(prompts) != len(completions):
-            raise ValueError(
-                f"{len(prompts)} prompts for {len(completions)} completions: one each"
-            )
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: one each")
         seqs = [self._ids(p, c) for p, c in zip(prompts, completions, strict=True)]
         pad = self.tokenizer.pad_token_id
         out: list[float] = []

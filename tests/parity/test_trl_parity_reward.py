@@ -64,16 +64,22 @@ def trainers(tmp_path_factory):
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     theirs = trl.RewardTrainer(
         copy.deepcopy(base),
-        args=trl.RewardConfig(str(tmp_path_factory.mktemp("trl")), gradient_checkpointing=False,
-                              **common),  # fmt: skip
+        args=trl.RewardConfig(
+            str(tmp_path_factory.mktemp("trl")), gradient_checkpointing=False, **common
+        ),  # fmt: skip
         train_dataset=data,
         processing_class=tok,
         peft_config=peft.LoraConfig(task_type="SEQ_CLS", **lora),
     )
     ours = RewardTrainer(
         copy.deepcopy(base),
-        args=RewardConfig(str(tmp_path_factory.mktemp("fastrl")), activation_checkpointing=False,
-                          lora_r=8, lora_alpha=16, **common),  # fmt: skip
+        args=RewardConfig(
+            str(tmp_path_factory.mktemp("fastrl")),
+            activation_checkpointing=False,
+            lora_r=8,
+            lora_alpha=16,
+            **common,
+        ),  # fmt: skip
         train_dataset=data,
         processing_class=tok,
     )

@@ -120,8 +120,9 @@ def test_tokenization_as_trl():
 
 
 def test_collator_right_pads_and_keeps_margin():
-    batch = RewardCollator(0)([{"chosen_ids": [5, 6, 7], "rejected_ids": [8], "margin": 0.5},
-                               {"chosen_ids": [9], "rejected_ids": [4, 4], "margin": 1}])  # fmt: skip
+    rows = [{"chosen_ids": [5, 6, 7], "rejected_ids": [8], "margin": 0.5},
+            {"chosen_ids": [9], "rejected_ids": [4, 4], "margin": 1}]  # fmt: skip
+    batch = RewardCollator(0)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0], [8, 0, 0], [4, 4, 0]]
     assert batch["attention_mask"].sum(1).tolist() == [3, 1, 1, 2]
     assert batch["margin"].tolist() == [0.5, 1.0]
@@ -156,8 +157,13 @@ def test_training_learns_a_separable_set_and_reloads(base_dir, tmp_path):
     completions = [r["chosen"] for r in held_out[:5]]
     scores = rm(prompts, completions, answer=[None] * 5)
     batch = RewardCollator(trainer.processing_class.pad_token_id)(
-        [{"chosen_ids": trainer.processing_class(p + c + "<eos>")["input_ids"],
-          "rejected_ids": [5]} for p, c in zip(prompts, completions, strict=True)]  # fmt: skip
+        [
+            {
+                "chosen_ids": trainer.processing_class(p + c + "<eos>")["input_ids"],
+                "rejected_ids": [5],
+            }
+            for p, c in zip(prompts, completions, strict=True)
+        ]  # fmt: skip
     )
     model.eval()
     with torch.no_grad():
