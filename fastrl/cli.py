@@ -83,7 +83,11 @@ class RMScriptArguments:
     model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
     dataset: str = field(metadata={"help": "chosen/rejected (+prompt, margin) JSONL/CSV/parquet"})
     eval_dataset: str | None = field(
-        default=None, metadata={"help": "held-out pairs: eval_accuracy is logged on them"}
+        default=None,
+        metadata={
+            "help": "held-out pairs: eval_accuracy is logged on them (once at the end "
+            "unless --eval_strategy sets when)"
+        },
     )
 
 
@@ -531,25 +535,24 @@ def _check_hub_model(model: str, flag: str) -> None:
         ) from None
 
 
-def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:
-    """The data file `path` loads and has the columns in `needed` (column -> what needs it,
-    naming the flag that changes it), or one of the column sets in `alternatives`."""
+def _check_dataset(path: str, needed: dict[str, str], alternatives=(), flag="--dataset") -> None:
+    """The data file `path` (given as `flag`) loads and has the columns in `needed` (column
+    -> what needs it, naming the flag that changes it), or one of the column sets in
+    `alternatives`."""
     # fastrl.trainers loads its trainers lazily: this imports no transformers or peft
     from fastrl.trainers.data import check_data_file
 
     try:
         columns = check_data_file(path)
     except ValueError as e:
-        raise UsageError(f"--dataset {path}: {e}") from None
+        raise UsageError(f"{flag} {path}: {e}") from None
     if columns is None:  # parquet or a saved dataset: checked when loaded
         return
     if any(set(alt) <= set(columns) for alt in alternatives):
         return
     for column, why in needed.items():
         if column not in columns:
-            raise UsageError(
-                f"--dataset {path}: no column {column!r} ({why}); the file has {columns}"
-            )
+            raise UsageError(f"{flag} {path}: no column {column!r} ({why}); the file has {columns}")
 
 
 def _loss_options(command: str):
@@ -720,7 +723,7 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
         needed = {c: "reward pairs need chosen and rejected" for c in REWARD_COLUMNS}
         for name in ("dataset", "eval_dataset"):
             if options.get(name) is not None:
-                _check_dataset(str(options[name]), needed, alternatives=(REWARD_TOKEN_COLUMNS,))
+                _check_dataset(str(options[name]), needed, (REWARD_TOKEN_COLUMNS,), f"--{name}")
     else:
         from fastrl.trainers.data import PREFERENCE_COLUMNS, PREFERENCE_TOKEN_COLUMNS
 
@@ -808,15 +811,18 @@ def cmd_rm(argv: list[str]) -> None:
 
     script, config = _parse((RMScriptArguments, RewardConfig), argv, "rm")
     _announce("rm", options, config)
-    _train_and_save(
-        RewardTrainer(
-            model=script.model,
-            args=config,
-            train_dataset=script.dataset,
-            eval_dataset=script.eval_dataset,
-            processing_class=_tokenizer(script.model),
-        )
+    trainer = RewardTrainer(
+        model=script.model,
+        args=config,
+        train_dataset=script.dataset,
+        eval_dataset=script.eval_dataset,
+        processing_class=_tokenizer(script.model),
     )
+    _train_and_save(trainer)
+    if script.eval_dataset is not None and config.eval_strategy == "no":
+        # an eval set given without an evaluation schedule: its accuracy once, at the end
+        trainer.evaluate()
+        trainer.save_state()
 
 
 def cmd_sample(argv: list[str]) -> int:

@@ -2,6 +2,9 @@
 reward_model:DIR`) and its one-line user errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -33,12 +36,14 @@ def test_cli_rm_then_grpo_with_it(checkpoint, tmp_path):
     out = tmp_path / "rm"
     main(["rm", "--model", str(checkpoint), "--dataset", str(data), "--eval_dataset", str(data),
           "--output_dir", str(out), "--per_device_train_batch_size", "4",
-          "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1",
+          "--logging_steps", "1",
           "--center_rewards_coefficient", "0.01", *COMMON])  # fmt: skip
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert any("eval_accuracy" in h for h in logs) and any("accuracy" in h for h in logs)
+    assert any("accuracy" in h for h in logs)
+    # an eval set without --eval_strategy: evaluated once after training
+    assert "eval_accuracy" in logs[-1] and logs[-1]["step"] == 2
 
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1="}] * 4)
     grpo = tmp_path / "grpo"
@@ -53,7 +58,8 @@ def test_cli_rm_then_grpo_with_it(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "extra, rows, message",
     [
-        ([], [{"prompt": "a", "chosen": "b"}], "no column 'rejected'"),
+        ([], [{"prompt": "a", "chosen": "b"}], "--dataset"),
+        (["--eval_dataset", "nope.jsonl"], PAIRS, "--eval_dataset nope.jsonl"),
         (["--center_rewards_coefficient", "-1"], PAIRS, "--center_rewards_coefficient"),
         (["--center_reward_coefficient", "1"], PAIRS, "did you mean --center_rewards_coefficient"),
     ],
@@ -65,3 +71,26 @@ def test_cli_rm_user_errors(checkpoint, tmp_path, capsys, extra, rows, message):
               "--output_dir", str(tmp_path / "o"), *COMMON, *extra])  # fmt: skip
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+_IMPORTS_PROBE = """
+import sys
+from fastrl import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as e:
+    print(e.code, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("rows, flag", [(PAIRS, "--center_reward_coefficient"),
+                                        ([{"chosen": "a"}], "--seed")])  # fmt: skip
+def test_cli_rm_errors_before_importing_torch(checkpoint, tmp_path, rows, flag):
+    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, "rm", "--model", str(checkpoint),
+         "--dataset", str(data), flag, "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
