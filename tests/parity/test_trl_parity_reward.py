@@ -149,3 +149,25 @@ def test_tokenization_matches_trl(trainers):
         data = ours._tokenize(rows, ours.args, ours.processing_class)
         for column in ("chosen_ids", "rejected_ids"):
             assert data[column] == trl_data[column]
+
+
+def test_reward_token_is_the_last_attended_one():
+    """With a pad token distinct from EOS, fastrl reads the reward where transformers'
+    head (and so TRL) reads it. With pad == EOS, transformers skips the final EOS of a
+    plain-text pair (it looks like padding) and reads the token before it; fastrl reads
+    the EOS, the last attended token. Pinned here as the one intended difference."""
+    from fastrl.trainers.reward_model import sequence_rewards
+
+    model = _seq_cls().eval()
+    att = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])  # EOS = 1, pad = 0
+        ours = sequence_rewards(model, ids, att)
+        torch.testing.assert_close(ours, model(input_ids=ids, attention_mask=att).logits[:, 0])
+        model.config.pad_token_id = 1  # pad = EOS
+        ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 1]])
+        theirs = model(input_ids=ids, attention_mask=att).logits[:, 0]
+        torch.testing.assert_close(sequence_rewards(model, ids, att), ours)
+        before_eos = sequence_rewards(model, ids[:, :3], torch.tensor([[1, 1, 1], [1, 1, 0]]))
+        torch.testing.assert_close(theirs, before_eos)
+        assert (theirs - ours).abs().min() > 1e-3

@@ -225,3 +225,33 @@ def test_errors(base_dir, tmp_path):
         RewardModel(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="neither an adapter"):
         RewardModel(str(tmp_path))
+
+
+DDP_SCRIPT = """
+from fastrl.trainers import RewardConfig, RewardTrainer
+from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer
+from tests.trainers.test_reward_trainer import _pairs
+
+tok = build_tiny_tokenizer()
+args = RewardConfig({out!r}, per_device_train_batch_size=4, max_steps=2, learning_rate=5e-2,
+                    use_cpu=True, save_strategy="no", disable_tqdm=True, ddp_backend="gloo",
+                    report_to="none", activation_checkpointing=False)
+config = build_tiny_model(tok, "test").config
+config.num_labels = 1
+torch.manual_seed(0)
+model = transformers.LlamaForSequenceClassification(config)
+trainer = RewardTrainer(model, args, train_dataset=_pairs(16, 0), processing_class=tok)
+trainer.train()
+head = trainer.model.get_base_model().score.modules_to_save["default"].weight.detach().clone()
+every = [torch.zeros_like(head) for _ in range(2)]
+dist.all_gather(every, head)
+assert torch.equal(every[0], every[1])
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_end_with_the_same_weights(tmp_path):
+    # the rewards' forward goes through the DDP wrapper: LoRA and score grads all-reduced
+    from tests.support.ranks import assert_ranks_end_equal
+
+    assert_ranks_end_equal("import transformers\n" + DDP_SCRIPT, tmp_path)
