@@ -172,6 +172,28 @@ def test_training_learns_a_separable_set_and_reloads(base_dir, tmp_path):
     bad = rm(prompts, [r["rejected"] for r in held_out[:5]])
     assert sum(s > b for s, b in zip(scores, bad, strict=True)) >= 4
 
+    # a full checkpoint (the adapter merged in) scores the same
+    full = tmp_path / "full"
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(full)
+    trainer.processing_class.save_pretrained(full)
+    full_rm = RewardModel(str(full), dtype=torch.float32, name="full")
+    torch.testing.assert_close(torch.tensor(full_rm(prompts, completions)), torch.tensor(scores))
+    assert full_rm.__name__ == "full"
+
+    # chat messages go through the chat template, as RewardTrainer tokenizes them
+    chat_tok = build_tiny_tokenizer(chat_template=True)
+    full_rm.tokenizer = chat_tok
+    messages = [[{"role": "user", "content": p}] for p in prompts[:2]]
+    answers = [[{"role": "assistant", "content": c}] for c in completions[:2]]
+    ids = [chat_tok.apply_chat_template(m + a, tokenize=True, return_dict=True)["input_ids"]
+           for m, a in zip(messages, answers, strict=True)]  # fmt: skip
+    batch = RewardCollator(0)([{"chosen_ids": i, "rejected_ids": [5]} for i in ids])
+    with torch.no_grad():
+        want = sequence_rewards(merged, batch["input_ids"], batch["attention_mask"])[:2]
+    torch.testing.assert_close(torch.tensor(full_rm(messages, answers)), want)
+    assert full_rm(prompts[:2], answers) == pytest.approx(full_rm(messages, answers))
+
     # the reward model as a GRPO reward function: one step
     tok = trainer.processing_class
     policy = build_tiny_model(tok, "test", seed=1)
