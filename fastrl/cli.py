@@ -2,6 +2,7 @@
 
     fastrl grpo --model DIR --dataset FILE [--reward exact_match --reward format] [options]
     fastrl dpo  --model DIR --dataset FILE [options]
+    fastrl rm   --model DIR --dataset FILE [--eval_dataset FILE] [options]
     fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
     fastrl sample --model DIR --adapter DIR [prompts]
@@ -59,7 +60,8 @@ class GRPOScriptArguments:
         default_factory=lambda: ["exact_match"],
         metadata={
             "help": f"built-in {BUILTIN_REWARDS}, 'module:function' (the current directory "
-            "is searched first) or 'path/to/file.py:function'; repeatable"
+            "is searched first), 'path/to/file.py:function' or 'reward_model:DIR' (a reward "
+            "model `fastrl rm` saved); repeatable"
         },
     )
     answer_column: str = field(
@@ -74,6 +76,24 @@ class GRPOScriptArguments:
 class DPOScriptArguments:
     model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
     dataset: str = field(metadata={"help": "prompt/chosen/rejected JSONL/CSV/parquet file"})
+
+
+@dataclass
+class RMScriptArguments:
+    model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
+    dataset: str = field(metadata={"help": "chosen/rejected (+prompt, margin) JSONL/CSV/parquet"})
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "held-out pairs: eval_accuracy is logged on them (once at the end "
+            "unless --eval_strategy sets when)"
+        },
+    )
+
+
+#: the config class of each training command and the file (in fastrl/trainers) declaring it
+CONFIGS = {"grpo": ("GRPOConfig", "grpo_config.py"), "dpo": ("DPOConfig", "dpo_config.py"),
+           "rm": ("RewardConfig", "reward_config.py")}  # fmt: skip
 
 
 class _CollectRepeated(argparse._StoreAction):
@@ -109,6 +129,8 @@ def _did_you_mean(flag: str, known, otherwise: str) -> str:
 def _choices(command: str) -> dict[str, tuple[str, ...]]:
     """Choices for string options the configs check only in `__post_init__`: argparse then
     rejects a typo at once and `--help` shows them (`--loss_type {grpo,...}`)."""
+    if command == "rm":
+        return {}
     if command == "grpo":
         from fastrl.options import advantages, policy
 
@@ -247,12 +269,13 @@ def _option_names(command: str) -> set[str] | None:
     import dataclasses as dc
 
     here = Path(__file__).resolve().parent
-    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
-    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments}[command]
+    config, config_file = CONFIGS[command]
+    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments,
+              "rm": RMScriptArguments}[command]  # fmt: skip
     spec = importlib.util.find_spec("transformers")  # finds it without importing it
     if spec is None or spec.origin is None:
         return None
-    sources = [(here / "trainers" / f"{command}_config.py", config),
+    sources = [(here / "trainers" / config_file, config),
                (here / "trainers" / "model.py", "ModelArguments"),
                (Path(spec.origin).parent / "training_args.py", "TrainingArguments")]  # fmt: skip
     try:
@@ -356,6 +379,11 @@ def _reward_functions(script: GRPOScriptArguments):
             funcs.append(rewards.format_reward(script.format_pattern))
         elif spec == "length":
             funcs.append(rewards.length_penalty(script.length_target))
+        elif spec.startswith("reward_model:"):  # a directory `fastrl rm` wrote
+            path = spec.split(":", 1)[1]
+            if not Path(path).is_dir():
+                raise UsageError(f"--reward {spec!r}: reward model directory {path!r} not found")
+            funcs.append(rewards.RewardModel(path))
         elif ":" in spec:
             funcs.append(load_reward_function(spec))
         else:
@@ -507,29 +535,31 @@ def _check_hub_model(model: str, flag: str) -> None:
         ) from None
 
 
-def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:
-    """The data file `path` loads and has the columns in `needed` (column -> what needs it,
-    naming the flag that changes it), or one of the column sets in `alternatives`."""
+def _check_dataset(path: str, needed: dict[str, str], alternatives=(), flag="--dataset") -> None:
+    """The data file `path` (given as `flag`) loads and has the columns in `needed` (column
+    -> what needs it, naming the flag that changes it), or one of the column sets in
+    `alternatives`."""
     # fastrl.trainers loads its trainers lazily: this imports no transformers or peft
     from fastrl.trainers.data import check_data_file
 
     try:
         columns = check_data_file(path)
     except ValueError as e:
-        raise UsageError(f"--dataset {path}: {e}") from None
+        raise UsageError(f"{flag} {path}: {e}") from None
     if columns is None:  # parquet or a saved dataset: checked when loaded
         return
     if any(set(alt) <= set(columns) for alt in alternatives):
         return
     for column, why in needed.items():
         if column not in columns:
-            raise UsageError(
-                f"--dataset {path}: no column {column!r} ({why}); the file has {columns}"
-            )
+            raise UsageError(f"{flag} {path}: no column {column!r} ({why}); the file has {columns}")
 
 
 def _loss_options(command: str):
-    """The options dataclass of `command`'s loss (torch-free)."""
+    """The options dataclass of `command`'s loss (torch-free); None for `rm`, whose few
+    options the config checks."""
+    if command == "rm":
+        return None
     if command == "grpo":
         from fastrl.options.policy import PolicyLossOptions
 
@@ -554,7 +584,9 @@ def _prescan(command: str, dataclass, argv: list[str]) -> dict:
     parser.add_argument("--max_memory_gb", "--max-memory-gb")
     known = {f.name for f in dc.fields(dataclass)} | {"output_dir", "max_memory_gb"}
     declared = _option_names(command) or set()  # the loss options the config has as flags
-    for name, hint in typing.get_type_hints(_loss_options(command)).items():
+    loss_options = _loss_options(command)
+    hints = {} if loss_options is None else typing.get_type_hints(loss_options)
+    for name, hint in hints.items():
         if name in known or name not in declared:
             continue
         flags = {f"--{name}", f"--{name.replace('_', '-')}"}
@@ -615,8 +647,8 @@ def _literal_defaults(command: str) -> dict:
     (`max_completion_length: int = 512`); the others come from the options dataclasses,
     so the options' own defaults stand for them."""
     here = Path(__file__).resolve().parent
-    path = here / "trainers" / f"{command}_config.py"
-    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
+    config, config_file = CONFIGS[command]
+    path = here / "trainers" / config_file
     tree = ast.parse(path.read_text(encoding="utf-8"))
     cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == config)
     defaults = {}
@@ -640,6 +672,8 @@ def _check_loss_values(command: str, options: dict) -> None:
 
     from fastrl.trainers import options as checks
 
+    if _loss_options(command) is None:
+        return
     hints = typing.get_type_hints(_loss_options(command))
     try:
         given = {k: _typed(v, hints[k]) for k, v in options.items() if k in hints}
@@ -683,6 +717,13 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
     check_model_path(str(options["model"]))
     if command == "grpo":
         _check_dataset(str(options["dataset"]), _check_reward_columns(options))
+    elif command == "rm":
+        from fastrl.trainers.data import REWARD_COLUMNS, REWARD_TOKEN_COLUMNS
+
+        needed = {c: "reward pairs need chosen and rejected" for c in REWARD_COLUMNS}
+        for name in ("dataset", "eval_dataset"):
+            if options.get(name) is not None:
+                _check_dataset(str(options[name]), needed, (REWARD_TOKEN_COLUMNS,), f"--{name}")
     else:
         from fastrl.trainers.data import PREFERENCE_COLUMNS, PREFERENCE_TOKEN_COLUMNS
 
@@ -764,6 +805,26 @@ def cmd_dpo(argv: list[str]) -> None:
     )
 
 
+def cmd_rm(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("rm", RMScriptArguments, argv)
+    from fastrl.trainers import RewardConfig, RewardTrainer
+
+    script, config = _parse((RMScriptArguments, RewardConfig), argv, "rm")
+    _announce("rm", options, config)
+    trainer = RewardTrainer(
+        model=script.model,
+        args=config,
+        train_dataset=script.dataset,
+        eval_dataset=script.eval_dataset,
+        processing_class=_tokenizer(script.model),
+    )
+    _train_and_save(trainer)
+    if script.eval_dataset is not None and config.eval_strategy == "no":
+        # an eval set given without an evaluation schedule: its accuracy once, at the end
+        trainer.evaluate()
+        trainer.save_state()
+
+
 def cmd_sample(argv: list[str]) -> int:
     try:
         from fastrl.sample import main as sample_main
@@ -800,8 +861,8 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
-COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "sample": cmd_sample, "bench": cmd_bench,
-            "demo": cmd_demo}  # fmt: skip
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
+            "bench": cmd_bench, "demo": cmd_demo}  # fmt: skip
 
 #: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)

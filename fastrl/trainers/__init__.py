@@ -18,6 +18,9 @@ _EXPORTS = {
     "exact_match_answer": "rewards",
     "format_reward": "rewards",
     "length_penalty": "rewards",
+    "RewardConfig": "reward_config",
+    "RewardTrainer": "reward_trainer",
+    "RewardModel": "rewards",
 }
 __all__ = list(_EXPORTS)
 

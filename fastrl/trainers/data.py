@@ -12,6 +12,10 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 PREFERENCE_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 REFERENCE_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: the columns of reward-model pairs (TRL's RewardTrainer: a prompt is optional) and of
+#: pairs tokenized already
+REWARD_COLUMNS = ("chosen", "rejected")
+REWARD_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
 
 
 def check_data_file(path: str | os.PathLike) -> list[str] | None:

@@ -44,6 +44,7 @@ __all__ = [
     "format_reward",
     "length_penalty",
     "reward_name",
+    "RewardModel",
 ]
 
 #: Default answer extraction: the text inside ``<answer>...</answer>`` or after ``####``
@@ -379,6 +380,135 @@ def length_penalty(
 
 
 # ---------------------------------------------------------------------- call_reward
+
+
+class RewardModel:
+    """A trained reward model as a GRPO reward function: ``fn(prompts, completions,
+    **columns) -> list[float]``, one score per completion, batched, under
+    ``torch.no_grad``, the score head run on each sequence's last hidden state only (no
+    logits).
+
+    Each prompt + completion is tokenized as `RewardTrainer` tokenized its pairs: plain
+    text gets the EOS appended (where it does not end with it) and the tokenizer's
+    special tokens; chat messages (prompt or completion) go through the chat template,
+    a string prompt as a user turn and a string completion as an assistant turn.
+
+    Args:
+        path: a directory `RewardTrainer.save_model` wrote (a LoRA adapter with its score
+            head and the tokenizer; the base is read from ``adapter_config.json``), or a
+            full sequence-classification checkpoint with ``num_labels=1``.
+        base_model: the base checkpoint of an adapter, where it is not the one the
+            adapter records.
+        batch_size: sequences per forward.
+        max_length: keep at most the last ``max_length`` tokens of a sequence (the
+            reward is read at the last one); None: no limit.
+        device: default CUDA where available, else CPU.
+        dtype: weights dtype (default bf16 on a bf16-capable GPU, else float32).
+        name: the name logs use (``rewards/<name>/mean``); default the directory's name.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        base_model: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        device=None,
+        dtype=None,
+        name: str | None = None,
+    ):
+        import json
+        import os
+
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from fastrl.trainers.model import default_dtype
+
+        if not os.path.isdir(path):
+            raise ValueError(f"reward model {path!r}: not a directory")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+        dtype = dtype or default_dtype()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        adapter = os.path.join(path, "adapter_config.json")
+        if os.path.isfile(adapter):
+            from peft import PeftModel
+
+            if base_model is None:
+                with open(adapter, encoding="utf-8") as f:
+                    base_model = json.load(f).get("base_model_name_or_path")
+            if not base_model:
+                raise ValueError(
+                    f"reward model {path!r}: the adapter does not record its base model; "
+                    "pass base_model"
+                )
+            base = AutoModelForSequenceClassification.from_pretrained(
+                base_model, num_labels=1, dtype=dtype, local_files_only=os.path.isdir(base_model)
+            )
+            model = PeftModel.from_pretrained(base, path)
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, local_files_only=True
+            )
+        else:
+            raise ValueError(
+                f"reward model {path!r}: neither an adapter (adapter_config.json) nor a "
+                "checkpoint (config.json)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model.to(device).eval()
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.__name__ = name or os.path.basename(os.path.normpath(path))
+
+    def _ids(self, prompt, completion) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, list) or isinstance(completion, list):
+
+            def turns(x, role):
+                return x if isinstance(x, list) else [{"role": role, "content": x}]
+
+            messages = turns(prompt, "user") + turns(completion, "assistant")
+            if tok.chat_template is None:
+                raise ValueError("conversational samples need a tokenizer with a chat_template")
+            ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            text = f"{prompt}{completion}"
+            if tok.eos_token and not text.endswith(tok.eos_token):
+                text += tok.eos_token
+            ids = tok(text)["input_ids"]
+        return ids if self.max_length is None else ids[-self.max_length :]
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        import torch
+
+        from fastrl.trainers.reward_model import sequence_rewards
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: one each")
+        seqs = [self._ids(p, c) for p, c in zip(prompts, completions, strict=True)]
+        pad = self.tokenizer.pad_token_id
+        out: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(seqs), self.batch_size):
+                chunk = seqs[start : start + self.batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                att = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, s in enumerate(chunk):
+                    ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                    att[i, : len(s)] = 1
+                scores = sequence_rewards(self.model, ids.to(self.device), att.to(self.device))
+                out += scores.tolist()  # one sync per batch
+        return out
+
+    def __repr__(self):
+        return f"RewardModel({self.__name__!r})"
 
 
 def _short(value: Any, limit: int = _TRUNCATE) -> str:
