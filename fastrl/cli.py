@@ -2,12 +2,13 @@
 
     fastrl grpo --model DIR --dataset FILE [--reward exact_match --reward format] [options]
     fastrl dpo  --model DIR --dataset FILE [options]
+    fastrl kto  --model DIR --dataset FILE [options]
     fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
     fastrl sample --model DIR --adapter DIR [prompts]
     fastrl --version
 
-`grpo` and `dpo` take every field of `GRPOConfig` / `DPOConfig` (transformers'
+`grpo`, `dpo` and `kto` take every field of `GRPOConfig` / `DPOConfig` / `KTOConfig` (transformers'
 `TrainingArguments` plus the TRL-named loss options) as flags, or from a YAML file with
 `--config FILE` (flags given on the command line win). `fastrl grpo --help` lists them.
 A mistake in the options, paths or data prints one line and exits 2; `--debug` (or
@@ -76,6 +77,14 @@ class DPOScriptArguments:
     dataset: str = field(metadata={"help": "prompt/chosen/rejected JSONL/CSV/parquet file"})
 
 
+@dataclass
+class KTOScriptArguments:
+    model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
+    dataset: str = field(
+        metadata={"help": "prompt/completion/label (or prompt/chosen/rejected) data file"}
+    )
+
+
 class _CollectRepeated(argparse._StoreAction):
     """A list option given several times keeps every value (`--reward a --reward b` is
     `--reward a b`); argparse would keep only the last occurrence."""
@@ -115,6 +124,10 @@ def _choices(command: str) -> dict[str, tuple[str, ...]]:
         return {"loss_type": policy.LOSS_TYPES, "scale_rewards": advantages.SCALES,
                 "importance_sampling_level": policy.LEVELS,
                 "kl_estimator": policy.KL_ESTIMATORS}  # fmt: skip
+    if command == "kto":
+        from fastrl.options.preference import KTO_LOSS_TYPES
+
+        return {"loss_type": KTO_LOSS_TYPES}
     from fastrl.options.preference import LOSS_TYPES
 
     return {"loss_type": LOSS_TYPES}
@@ -247,8 +260,9 @@ def _option_names(command: str) -> set[str] | None:
     import dataclasses as dc
 
     here = Path(__file__).resolve().parent
-    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
-    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments}[command]
+    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}[command]
+    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments,
+              "kto": KTOScriptArguments}[command]  # fmt: skip
     spec = importlib.util.find_spec("transformers")  # finds it without importing it
     if spec is None or spec.origin is None:
         return None
@@ -534,6 +548,10 @@ def _loss_options(command: str):
         from fastrl.options.policy import PolicyLossOptions
 
         return PolicyLossOptions
+    if command == "kto":
+        from fastrl.options.preference import KTOLossOptions
+
+        return KTOLossOptions
     from fastrl.options.preference import PreferenceLossOptions
 
     return PreferenceLossOptions
@@ -616,7 +634,7 @@ def _literal_defaults(command: str) -> dict:
     so the options' own defaults stand for them."""
     here = Path(__file__).resolve().parent
     path = here / "trainers" / f"{command}_config.py"
-    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
+    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}[command]
     tree = ast.parse(path.read_text(encoding="utf-8"))
     cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == config)
     defaults = {}
@@ -649,6 +667,10 @@ def _check_loss_values(command: str, options: dict) -> None:
     values = {**defaults, **given}
     if command == "grpo":
         checks.check_policy_loss_options(values)
+    elif command == "kto":
+        from fastrl.options.preference import KTOLossOptions
+
+        KTOLossOptions(**{k: v for k, v in values.items() if k in hints}).validate()
     else:
         if isinstance(values.get("loss_type"), str):
             values["loss_type"] = [values["loss_type"]]
@@ -683,6 +705,12 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
     check_model_path(str(options["model"]))
     if command == "grpo":
         _check_dataset(str(options["dataset"]), _check_reward_columns(options))
+    elif command == "kto":
+        needed = {c: "KTO data needs prompt, completion and label (or prompt, chosen and "
+                  "rejected pairs)" for c in ("prompt", "completion", "label")}  # fmt: skip
+        paired = ("prompt", "chosen", "rejected")
+        tokens = ("prompt_ids", "completion_ids", "label")
+        _check_dataset(str(options["dataset"]), needed, alternatives=(paired, tokens))
     else:
         from fastrl.trainers.data import PREFERENCE_COLUMNS, PREFERENCE_TOKEN_COLUMNS
 
@@ -764,6 +792,22 @@ def cmd_dpo(argv: list[str]) -> None:
     )
 
 
+def cmd_kto(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("kto", KTOScriptArguments, argv)
+    from fastrl.trainers import KTOConfig, KTOTrainer
+
+    script, config = _parse((KTOScriptArguments, KTOConfig), argv, "kto")
+    _announce("kto", options, config)
+    _train_and_save(
+        KTOTrainer(
+            model=script.model,
+            args=config,
+            train_dataset=script.dataset,
+            processing_class=_tokenizer(script.model),
+        )
+    )
+
+
 def cmd_sample(argv: list[str]) -> int:
     try:
         from fastrl.sample import main as sample_main
@@ -800,8 +844,8 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
-COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "sample": cmd_sample, "bench": cmd_bench,
-            "demo": cmd_demo}  # fmt: skip
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "kto": cmd_kto, "sample": cmd_sample,
+            "bench": cmd_bench, "demo": cmd_demo}  # fmt: skip
 
 #: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)
