@@ -272,3 +272,42 @@ def test_kl_batch_rows_are_checked(tmp_path):
     batch = first_batch(trainer)
     with pytest.raises(ValueError, match=r"rows \[completions; KL pairs\]"):
         trainer.compute_loss(trainer.model, {**_rows(batch, slice(0, B)), "label": batch["label"]})
+
+
+DDP_KL_SCRIPT = """
+from fastrl.trainers import KTOConfig, KTOTrainer
+from fastrl.trainers.dpo_trainer import _sequence_logps
+from fastrl.trainers.kto_trainer import _rows
+from tests.support.models import tiny_tokenizer
+from tests.support.trl_kto import UNPAIRED_DS, lora_model
+args = KTOConfig({out!r}, per_device_train_batch_size=3, use_cpu=True, save_strategy="no",
+                 disable_tqdm=True, ddp_backend="gloo", activation_checkpointing=False,
+                 report_to="none")
+trainer = KTOTrainer(lora_model(), args, train_dataset=UNPAIRED_DS,
+                     processing_class=tiny_tokenizer())
+rank = dist.get_rank()  # the trainer's set-up made the process group
+batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3 * rank, 3 * rank + 3)])
+ref, ref_kl = trainer.reference_logps(batch)
+# each rank's reference KL log-probs lowered by another amount: unequal positive means
+batch.update(ref_logps=ref, ref_KL_logps=ref_kl - 4.0 * (rank + 1))
+kl_logps, _ = _sequence_logps(trainer.model, _rows(batch, slice(3, None)), adapters=True,
+                              impl="torch")
+local = (kl_logps - batch["ref_KL_logps"]).mean().reshape(1)
+means = [torch.zeros(1) for _ in range(2)]
+dist.all_gather(means, local)
+trainer.model.train()
+trainer.compute_loss(trainer.model, batch)
+logged = trainer._metrics["train"]["kl"][-1]
+want = max(0.0, float(torch.cat(means).mean()))
+assert want > 0 and abs(logged - want) < 1e-5 and abs(logged - float(local)) > 1e-3, (logged, want)
+print("KL_GATHERED")
+"""
+
+
+@pytest.mark.slow
+def test_kl_reference_point_is_averaged_over_processes(tmp_path):
+    """TRL's KL point under DDP: the mean over processes of each one's batch mean."""
+    from tests.support.ranks import run_ranks
+
+    out = run_ranks(DDP_KL_SCRIPT.format(out=str(tmp_path / "out")), tmp_path)
+    assert out.count("KL_GATHERED") == 2, out[-2000:]
