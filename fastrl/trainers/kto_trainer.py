@@ -151,6 +151,27 @@ def tokenize_unpaired_dataset(
     return dataset
 
 
+def _warn_on_unbalanced_weights(labels, args: KTOConfig) -> None:
+    """TRL's warning: with unequal numbers of desirable (n_d) and undesirable (n_u)
+    completions, the KTO paper's Eq. (8) asks for ``desirable_weight * n_d /
+    (undesirable_weight * n_u)`` in [1, 4/3]; say which weights would do when neither is
+    in range."""
+    n_d = max(sum(bool(x) for x in labels), 1)
+    n_u = max(len(labels) - n_d, 1)
+    if n_d == n_u:
+        return
+    d, u = args.desirable_weight, args.undesirable_weight
+    d_range = (round(n_u * u / n_d, 2), round(n_u * u / n_d * 1.33, 2))
+    u_range = (round(n_d * d / n_u / 1.33, 2), round(n_d * d / n_u, 2))
+    if not (d_range[0] <= d <= d_range[1] or u_range[0] <= u <= u_range[1]):
+        warnings.warn(
+            f"{n_d} desirable and {n_u} undesirable completions: with these counts the KTO "
+            f"paper recommends EITHER --desirable_weight in [{d_range[0]}, {d_range[1]}] OR "
+            f"--undesirable_weight in [{u_range[0]}, {u_range[1]}] (now {d} and {u})",
+            stacklevel=3,
+        )
+
+
 class KTOCollator:
     """Batches of unpaired completions, rows ``[completions; KL pairs]``.
 
@@ -273,6 +294,8 @@ class KTOTrainer(BaseTrainer):
             optimizers=optimizers,
         )
         self.loss_kwargs = args.kto_loss_kwargs()
+        if self.train_dataset is not None:
+            _warn_on_unbalanced_weights(self.train_dataset["label"], args)
         size = args.per_device_train_batch_size
         self.train_dataset = self._with_reference(self.train_dataset, size)
         self.eval_dataset = self._with_reference(self.eval_dataset, args.per_device_eval_batch_size)

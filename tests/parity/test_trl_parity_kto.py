@@ -168,3 +168,14 @@ def test_paired_dataset_is_unpaired_as_trl(tmp_path):
     assert list(ours.train_dataset["label"]) == [True] * 3 + [False] * 3
     _configure(ours, theirs, "kto")
     _check(ours, theirs, (first_batch(ours), first_batch(theirs)))
+
+
+def test_triton_head_matches_trl(pair):
+    """The same through the Triton kernels (the interpreter on a CPU: tests/conftest.py)."""
+    ours, theirs = pair
+    _configure(ours, theirs, "kto", beta=0.3, weights=(1.2, 0.9))
+    ours.args.kernel_impl = "triton"
+    try:
+        _check(ours, theirs, (first_batch(ours), first_batch(theirs)))
+    finally:
+        ours.args.kernel_impl = "auto"

@@ -13,6 +13,7 @@ metrics against TRL's KTOTrainer: tests/parity/test_trl_parity_kto.py).
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -96,6 +97,15 @@ def test_bad_columns_and_labels_are_refused(tmp_path):
         _trainer(tmp_path, data={**UNPAIRED_DS, "label": ["yes"] * B})
     ints = _trainer(tmp_path, data={**UNPAIRED_DS, "label": [1, 0, 1, 1, 0, 0]})
     assert list(ints.train_dataset["label"]) == UNPAIRED_DS["label"]
+
+
+def test_unbalanced_labels_warn_as_trl(tmp_path):
+    data = {**UNPAIRED_DS, "label": [True] * 5 + [False]}
+    with pytest.warns(UserWarning, match=r"5 desirable and 1 undesirable .*\[0\.2, 0\.27\]"):
+        _trainer(tmp_path, data=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _trainer(tmp_path, data=data, desirable_weight=0.25)  # in range: quiet
 
 
 def test_unpair_preference_dataset():
