@@ -3,12 +3,13 @@
     fastrl grpo --model DIR --dataset FILE [--reward exact_match --reward format] [options]
     fastrl dpo  --model DIR --dataset FILE [options]
     fastrl rm   --model DIR --dataset FILE [--eval_dataset FILE] [options]
+    fastrl kto  --model DIR --dataset FILE [options]
     fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
     fastrl sample --model DIR --adapter DIR [prompts]
     fastrl --version
 
-`grpo` and `dpo` take every field of `GRPOConfig` / `DPOConfig` (transformers'
+`grpo`, `dpo` and `kto` take every field of `GRPOConfig` / `DPOConfig` / `KTOConfig` (transformers'
 `TrainingArguments` plus the TRL-named loss options) as flags, or from a YAML file with
 `--config FILE` (flags given on the command line win). `fastrl grpo --help` lists them.
 A mistake in the options, paths or data prints one line and exits 2; `--debug` (or
@@ -79,6 +80,14 @@ class DPOScriptArguments:
 
 
 @dataclass
+class KTOScriptArguments:
+    model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
+    dataset: str = field(
+        metadata={"help": "prompt/completion/label (or prompt/chosen/rejected) data file"}
+    )
+
+
+@dataclass
 class RMScriptArguments:
     model: str = field(metadata={"help": "local checkpoint directory (or hub id)"})
     dataset: str = field(metadata={"help": "chosen/rejected (+prompt, margin) JSONL/CSV/parquet"})
@@ -92,8 +101,12 @@ class RMScriptArguments:
 
 
 #: the config class of each training command and the file (in fastrl/trainers) declaring it
-CONFIGS = {"grpo": ("GRPOConfig", "grpo_config.py"), "dpo": ("DPOConfig", "dpo_config.py"),
-           "rm": ("RewardConfig", "reward_config.py")}  # fmt: skip
+CONFIGS = {
+    "grpo": ("GRPOConfig", "grpo_config.py"),
+    "dpo": ("DPOConfig", "dpo_config.py"),
+    "rm": ("RewardConfig", "reward_config.py"),
+    "kto": ("KTOConfig", "kto_config.py"),
+}
 
 
 class _CollectRepeated(argparse._StoreAction):
@@ -137,6 +150,10 @@ def _choices(command: str) -> dict[str, tuple[str, ...]]:
         return {"loss_type": policy.LOSS_TYPES, "scale_rewards": advantages.SCALES,
                 "importance_sampling_level": policy.LEVELS,
                 "kl_estimator": policy.KL_ESTIMATORS}  # fmt: skip
+    if command == "kto":
+        from fastrl.options.preference import KTO_LOSS_TYPES
+
+        return {"loss_type": KTO_LOSS_TYPES}
     from fastrl.options.preference import LOSS_TYPES
 
     return {"loss_type": LOSS_TYPES}
@@ -271,7 +288,7 @@ def _option_names(command: str) -> set[str] | None:
     here = Path(__file__).resolve().parent
     config, config_file = CONFIGS[command]
     script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments,
-              "rm": RMScriptArguments}[command]  # fmt: skip
+              "rm": RMScriptArguments, "kto": KTOScriptArguments}[command]  # fmt: skip
     spec = importlib.util.find_spec("transformers")  # finds it without importing it
     if spec is None or spec.origin is None:
         return None
@@ -564,6 +581,10 @@ def _loss_options(command: str):
         from fastrl.options.policy import PolicyLossOptions
 
         return PolicyLossOptions
+    if command == "kto":
+        from fastrl.options.preference import KTOLossOptions
+
+        return KTOLossOptions
     from fastrl.options.preference import PreferenceLossOptions
 
     return PreferenceLossOptions
@@ -683,6 +704,10 @@ def _check_loss_values(command: str, options: dict) -> None:
     values = {**defaults, **given}
     if command == "grpo":
         checks.check_policy_loss_options(values)
+    elif command == "kto":
+        from fastrl.options.preference import KTOLossOptions
+
+        KTOLossOptions(**{k: v for k, v in values.items() if k in hints}).validate()
     else:
         if isinstance(values.get("loss_type"), str):
             values["loss_type"] = [values["loss_type"]]
@@ -724,6 +749,12 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
         for name in ("dataset", "eval_dataset"):
             if options.get(name) is not None:
                 _check_dataset(str(options[name]), needed, (REWARD_TOKEN_COLUMNS,), f"--{name}")
+    elif command == "kto":
+        needed = {c: "KTO data needs prompt, completion and label (or prompt, chosen and "
+                  "rejected pairs)" for c in ("prompt", "completion", "label")}  # fmt: skip
+        paired = ("prompt", "chosen", "rejected")
+        tokens = ("prompt_ids", "completion_ids", "label")
+        _check_dataset(str(options["dataset"]), needed, alternatives=(paired, tokens))
     else:
         from fastrl.trainers.data import PREFERENCE_COLUMNS, PREFERENCE_TOKEN_COLUMNS
 
@@ -825,6 +856,22 @@ def cmd_rm(argv: list[str]) -> None:
         trainer.save_state()
 
 
+def cmd_kto(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("kto", KTOScriptArguments, argv)
+    from fastrl.trainers import KTOConfig, KTOTrainer
+
+    script, config = _parse((KTOScriptArguments, KTOConfig), argv, "kto")
+    _announce("kto", options, config)
+    _train_and_save(
+        KTOTrainer(
+            model=script.model,
+            args=config,
+            train_dataset=script.dataset,
+            processing_class=_tokenizer(script.model),
+        )
+    )
+
+
 def cmd_sample(argv: list[str]) -> int:
     try:
         from fastrl.sample import main as sample_main
@@ -861,7 +908,7 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
-COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "kto": cmd_kto, "sample": cmd_sample,
             "bench": cmd_bench, "demo": cmd_demo}  # fmt: skip
 
 #: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)

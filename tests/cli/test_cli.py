@@ -81,6 +81,21 @@ def test_cli_dpo_from_yaml(checkpoint, tmp_path):
     assert _adapted_modules(tmp_path / "qv") == {"q_proj", "v_proj"}
 
 
+def test_cli_kto_on_pairs(checkpoint, tmp_path):
+    """`fastrl kto` on a paired file: unpaired as TRL does, one step, the adapter saved."""
+    data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(8, 0))
+    out = tmp_path / "kto"
+    main(["kto", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
+          "--per_device_train_batch_size", "4", "--beta", "0.2", "--logging_steps", "1",
+          *COMMON])  # fmt: skip
+    assert (out / "adapter_model.safetensors").exists()
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    # sequential batches of the unpaired rows (chosen first, as TRL unpairs them): the
+    # first batch is all desirable, so nothing is logged for the undesirable kind
+    assert {"kl", "rewards/chosen", "logps/chosen", "entropy"} <= set(logs[0])
+    assert "rewards/rejected" not in logs[0]
+
+
 def test_cli_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([])

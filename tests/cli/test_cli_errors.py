@@ -119,6 +119,17 @@ def test_dpo_pairs_need_their_columns(tmp_path, ckpt, data):
     assert_user_error(code, err, "'chosen'", "train.jsonl")
 
 
+def test_kto_needs_its_columns_and_loss_type(tmp_path, ckpt, data):
+    code, err, _, _ = fastrl("kto", "--model", ckpt, "--dataset", data)
+    assert_user_error(code, err, "'completion'", "train.jsonl")
+    rows = tmp_path / "kto.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) + "\n")
+    code, err, _, _ = fastrl("kto", "--model", ckpt, "--dataset", rows, "--loss_type", "sigmoid")
+    assert_user_error(code, err, "loss_type must be one of", "sigmoid")
+    code, err, _, _ = fastrl("kto", "--model", ckpt, "--dataset", rows, "--beta", "0")
+    assert_user_error(code, err, "beta")
+
+
 def test_malformed_yaml_config_names_the_line(tmp_path):
     (tmp_path / "run.yaml").write_text("model: ckpt\n  dataset: [oops\n")
     code, err, _, _ = fastrl("grpo", "--config", "run.yaml", cwd=tmp_path)

@@ -464,7 +464,9 @@ def _check_kto(trainer, batch, monkeypatch):
     _assert_logp_grads_close(loss, trl_loss, lp, mask)
     _assert_grads_close(_grads(loss, params), _grads(trl_loss, params), TOL_SAME_LOGPS)
     _check_metrics(metrics, trl_metrics)
-    assert set(metrics) == set(trl_metrics) - MODEL_METRICS
+    # kto_loss reads nothing back: a kind the batch lacks gives NaN where TRL logs nothing
+    logged = {k for k, v in metrics.items() if not v.isnan()}
+    assert logged == set(trl_metrics) - MODEL_METRICS
     return metrics
 
 

@@ -54,10 +54,11 @@ def kto_loss(
 
     Returns:
         ``(loss, metrics)``; metrics as TRL logs them: ``kl`` (``z0``; 0 for
-        ``apo_zero_unpaired``), and, when the batch has rows of that kind,
-        ``rewards/chosen`` / ``logps/chosen`` (means over desirable rows of ``beta * r`` and
-        ``logp``), ``rewards/rejected`` / ``logps/rejected``, and ``rewards/margins``
-        (their difference, when both kinds are present).
+        ``apo_zero_unpaired``), ``rewards/chosen`` / ``logps/chosen`` (means over
+        desirable rows of ``beta * r`` and ``logp``), ``rewards/rejected`` /
+        ``logps/rejected``, and ``rewards/margins`` (their difference). Without a host
+        synchronisation: the means of a kind the batch has no row of are NaN (TRL logs
+        nothing for it; fastrl's trainers skip NaN metric values), and so is the margin.
 
     Raises:
         ValueError: unknown ``loss_type``; mismatched shapes; ``labels`` not 0/1;
@@ -109,17 +110,15 @@ def kto_loss(
     )
     loss = weighted.nanmean()
 
+    # no host sync: counts stay on the device, a kind absent from the batch gives 0/0 =
+    # NaN, which the trainers' logging windows skip (as TRL logs nothing for it)
     metrics = {"kl": kl}
     rewards = beta * logratios.detach()
-    n_d = int(desirable.sum())
-    n_u = B - n_d
-    if n_d:
-        metrics["rewards/chosen"] = rewards[desirable].nansum() / n_d
-        metrics["logps/chosen"] = lp.detach()[desirable].nansum() / n_d
-    if n_u:
-        metrics["rewards/rejected"] = rewards[~desirable].nansum() / n_u
-        metrics["logps/rejected"] = lp.detach()[~desirable].nansum() / n_u
-    if n_d and n_u:
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    lp_d = lp.detach()
+    for kind, rows in (("chosen", desirable), ("rejected", ~desirable)):
+        n = rows.sum().to(cdt)
+        metrics[f"rewards/{kind}"] = torch.where(rows, rewards, 0).nansum() / n
+        metrics[f"logps/{kind}"] = torch.where(rows, lp_d, 0).nansum() / n
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     metrics = {k: v.detach().to(cdt) for k, v in metrics.items()}
     return loss, metrics

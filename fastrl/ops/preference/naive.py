@@ -312,12 +312,9 @@ def naive_kto_loss(
     finite = [x for x in losses if not math.isnan(x.item())]
     loss = _mean(finite)
     metrics = {"kl": z0}
-    if rew[True]:
-        metrics["rewards/chosen"] = sum(rew[True]) / len(rew[True])
-        metrics["logps/chosen"] = sum(lps[True]) / len(lps[True])
-    if rew[False]:
-        metrics["rewards/rejected"] = sum(rew[False]) / len(rew[False])
-        metrics["logps/rejected"] = sum(lps[False]) / len(lps[False])
-    if rew[True] and rew[False]:
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    for kind, good in (("chosen", True), ("rejected", False)):
+        n = len(rew[good])  # a kind without rows: NaN, as kto_loss
+        metrics[f"rewards/{kind}"] = sum(rew[good]) / n if n else math.nan
+        metrics[f"logps/{kind}"] = sum(lps[good]) / n if n else math.nan
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return loss, _as64(metrics)

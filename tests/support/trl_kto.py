@@ -1,0 +1,88 @@
+"""fastrl's and TRL 1.16's KTOTrainer around the same tiny Llama and LoRA adapter (the
+KTO trainer and parity tests)."""
+
+import copy
+
+import pytest
+import torch
+
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+trl = pytest.importorskip("trl")
+
+from fastrl.trainers.kto_config import KTOConfig  # noqa: E402
+from fastrl.trainers.kto_trainer import KTOTrainer  # noqa: E402
+from fastrl.trainers.model import load_model  # noqa: E402
+from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
+
+LORA = dict(r=4, lora_alpha=32, target_modules="all-linear")
+# six unpaired completions, both labels, unequal prompt and completion lengths
+UNPAIRED_DS = dict(
+    prompt=["w1 w2", "w3", "w4 w5 w6", "w7", "w8 w9", "w10"],
+    completion=[" w8 w9", " w10 w11 w12", " w13", " w14 w15 w16 w17", " w18", " w19 w20"],
+    label=[True, False, True, True, False, False],
+)
+B = len(UNPAIRED_DS["prompt"])
+
+
+def common_args(tmp, **kw) -> dict:
+    """The TrainingArguments both trainers take here: CPU, float32, no saving."""
+    base = dict(
+        output_dir=str(tmp),
+        per_device_train_batch_size=B,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        activation_checkpointing=False,
+        bf16=False,
+        seed=0,
+    )
+    return {**base, **kw}
+
+
+def lora_model(seed=5):
+    """The tiny Llama with LoRA adapters that matter (B != 0): policy != reference."""
+    model = load_model(tiny_model(), lora=LORA, gradient_checkpointing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def kto_pair(tmp, data=None, **config):
+    """Ours and TRL's around the same weights: TRL builds its LoRA from a peft_config on
+    the base model (so its reference is the base with adapters off, as ours), then gets
+    our adapter. `config`: options both configs take at construction."""
+    ds = datasets.Dataset.from_dict(UNPAIRED_DS if data is None else data)
+    lora = lora_model()
+    ours = KTOTrainer(
+        copy.deepcopy(lora),
+        KTOConfig(**common_args(tmp / "ours", disable_tqdm=True, **config)),
+        train_dataset=ds,
+        processing_class=tiny_tokenizer(),
+    )
+    theirs = trl.KTOTrainer(
+        tiny_model(),
+        args=trl.KTOConfig(**common_args(tmp / "trl", **config)),
+        train_dataset=ds,
+        processing_class=tiny_tokenizer(),
+        peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **LORA),
+    )
+    mine = lora_params(lora)
+    with torch.no_grad():
+        for name, p in theirs.model.named_parameters():
+            if "lora_" in name:
+                p.copy_(mine[name])
+    ours.model.train()
+    theirs.model.train()
+    return ours, theirs
+
+
+def first_batch(trainer, n=B):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
