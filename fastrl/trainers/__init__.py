@@ -14,6 +14,8 @@ _EXPORTS = {
     "evaluate_preference_accuracy": "dpo_trainer",
     "GRPOConfig": "grpo_config",
     "GRPOTrainer": "grpo_trainer",
+    "PPOConfig": "ppo_config",
+    "PPOTrainer": "ppo_trainer",
     "call_reward": "rewards",
     "exact_match_answer": "rewards",
     "format_reward": "rewards",
