@@ -2,16 +2,17 @@
 
     fastrl grpo --model DIR --dataset FILE [--reward exact_match --reward format] [options]
     fastrl dpo  --model DIR --dataset FILE [options]
-    fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
+    fastrl ppo  --model DIR --dataset FILE [--reward exact_match] [options]
+    fastrl bench {logprobs,policy,preference,grpo_step,ppo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
     fastrl sample --model DIR --adapter DIR [prompts]
     fastrl --version
 
-`grpo` and `dpo` take every field of `GRPOConfig` / `DPOConfig` (transformers'
-`TrainingArguments` plus the TRL-named loss options) as flags, or from a YAML file with
-`--config FILE` (flags given on the command line win). `fastrl grpo --help` lists them.
-A mistake in the options, paths or data prints one line and exits 2; `--debug` (or
-`FASTRL_DEBUG=1`) shows the traceback.
+`grpo`, `dpo` and `ppo` take every field of `GRPOConfig` / `DPOConfig` / `PPOConfig`
+(transformers' `TrainingArguments` plus the TRL-named loss options) as flags, or from a
+YAML file with `--config FILE` (flags given on the command line win). `fastrl grpo --help`
+lists them. A mistake in the options, paths or data prints one line and exits 2; `--debug`
+(or `FASTRL_DEBUG=1`) shows the traceback.
 """
 
 import argparse
@@ -32,7 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCHES = ("logprobs", "policy", "preference", "grpo_step")
+BENCHES = ("logprobs", "policy", "preference", "grpo_step", "ppo_step")
 BUILTIN_REWARDS = ("exact_match", "digit_match", "format", "length")
 #: the built-in rewards that read the reference answer from `--answer_column`
 ANSWER_REWARDS = ("exact_match", "digit_match")
@@ -115,6 +116,8 @@ def _choices(command: str) -> dict[str, tuple[str, ...]]:
         return {"loss_type": policy.LOSS_TYPES, "scale_rewards": advantages.SCALES,
                 "importance_sampling_level": policy.LEVELS,
                 "kl_estimator": policy.KL_ESTIMATORS}  # fmt: skip
+    if command == "ppo":  # PPOConfig's KL_ESTIMATORS and STOP_TOKENS
+        return {"kl_estimator": ("k1", "k3"), "stop_token": ("eos",)}
     from fastrl.options.preference import LOSS_TYPES
 
     return {"loss_type": LOSS_TYPES}
@@ -247,8 +250,9 @@ def _option_names(command: str) -> set[str] | None:
     import dataclasses as dc
 
     here = Path(__file__).resolve().parent
-    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
-    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments}[command]
+    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "ppo": "PPOConfig"}[command]
+    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments,
+              "ppo": GRPOScriptArguments}[command]  # fmt: skip
     spec = importlib.util.find_spec("transformers")  # finds it without importing it
     if spec is None or spec.origin is None:
         return None
@@ -529,7 +533,10 @@ def _check_dataset(path: str, needed: dict[str, str], alternatives=()) -> None:
 
 
 def _loss_options(command: str):
-    """The options dataclass of `command`'s loss (torch-free)."""
+    """The options dataclass of `command`'s loss (torch-free; None for ppo, whose options
+    PPOConfig checks itself)."""
+    if command == "ppo":
+        return None
     if command == "grpo":
         from fastrl.options.policy import PolicyLossOptions
 
@@ -554,7 +561,9 @@ def _prescan(command: str, dataclass, argv: list[str]) -> dict:
     parser.add_argument("--max_memory_gb", "--max-memory-gb")
     known = {f.name for f in dc.fields(dataclass)} | {"output_dir", "max_memory_gb"}
     declared = _option_names(command) or set()  # the loss options the config has as flags
-    for name, hint in typing.get_type_hints(_loss_options(command)).items():
+    loss_options = _loss_options(command)
+    loss_hints = typing.get_type_hints(loss_options) if loss_options is not None else {}
+    for name, hint in loss_hints.items():
         if name in known or name not in declared:
             continue
         flags = {f"--{name}", f"--{name.replace('_', '-')}"}
@@ -616,7 +625,7 @@ def _literal_defaults(command: str) -> dict:
     so the options' own defaults stand for them."""
     here = Path(__file__).resolve().parent
     path = here / "trainers" / f"{command}_config.py"
-    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[command]
+    config = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "ppo": "PPOConfig"}[command]
     tree = ast.parse(path.read_text(encoding="utf-8"))
     cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == config)
     defaults = {}
@@ -640,6 +649,8 @@ def _check_loss_values(command: str, options: dict) -> None:
 
     from fastrl.trainers import options as checks
 
+    if _loss_options(command) is None:
+        return  # PPOConfig checks its options (before any model is loaded)
     hints = typing.get_type_hints(_loss_options(command))
     try:
         given = {k: _typed(v, hints[k]) for k, v in options.items() if k in hints}
@@ -681,7 +692,7 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}",
                          hint=f"see `fastrl {command} --help`")  # fmt: skip
     check_model_path(str(options["model"]))
-    if command == "grpo":
+    if command in ("grpo", "ppo"):
         _check_dataset(str(options["dataset"]), _check_reward_columns(options))
     else:
         from fastrl.trainers.data import PREFERENCE_COLUMNS, PREFERENCE_TOKEN_COLUMNS
@@ -764,6 +775,24 @@ def cmd_dpo(argv: list[str]) -> None:
     )
 
 
+def cmd_ppo(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("ppo", GRPOScriptArguments, argv)
+    from fastrl.trainers import PPOConfig, PPOTrainer
+
+    script, config = _parse((GRPOScriptArguments, PPOConfig), argv, "ppo")
+    rewards = _reward_functions(script)
+    _announce("ppo", options, config)
+    _train_and_save(
+        PPOTrainer(
+            model=script.model,
+            args=config,
+            train_dataset=script.dataset,
+            reward_funcs=rewards,
+            processing_class=_tokenizer(script.model),
+        )
+    )
+
+
 def cmd_sample(argv: list[str]) -> int:
     try:
         from fastrl.sample import main as sample_main
@@ -801,7 +830,7 @@ def cmd_demo(argv: list[str]) -> None:
 
 
 COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "sample": cmd_sample, "bench": cmd_bench,
-            "demo": cmd_demo}  # fmt: skip
+            "demo": cmd_demo, "ppo": cmd_ppo}  # fmt: skip
 
 #: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)
