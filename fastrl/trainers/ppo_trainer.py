@@ -253,18 +253,26 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
 
     def _micro_batch(self, rollout: dict[str, Any], s: int) -> dict[str, torch.Tensor]:
         """Micro-step `s` of the cycle: epoch `s // per_epoch` shuffles the rollout (its
-        own permutation), then takes rows `[j * bs, (j + 1) * bs)` of it."""
+        own permutation), then takes rows `[j * bs, (j + 1) * bs)` of it, the completion
+        columns trimmed to its longest completion."""
         a = self.args
         per_epoch = a.gradient_accumulation_steps * a.num_mini_batches
         epoch, j = divmod(s, per_epoch)
         bs = a.per_device_train_batch_size
         idx = rollout["permutations"][epoch][j * bs : (j + 1) * bs]
+        width = rollout["widths"][s]
         mb = {k: v[idx] for k, v in rollout["tensors"].items()}
-        width = int(mb["completion_mask"].any(0).nonzero().max().item() + 1)  # once per micro
         for k, v in mb.items():
             if k not in ("prompt_ids", "prompt_mask") and v.dim() == 2:
                 mb[k] = v[:, :width]
         return mb
+
+    def _widths(self, mask: torch.Tensor, perms: list[torch.Tensor]) -> list[int]:
+        """The longest completion of every micro-batch of the cycle, in one host sync."""
+        bs = self.args.per_device_train_batch_size
+        used = torch.stack([mask[p].view(-1, bs, mask.shape[1]).any(1) for p in perms])
+        columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        return (used * columns).amax(-1).clamp(min=1).flatten().tolist()
 
     def _unwrapped_model(self):
         return self.accelerator.unwrap_model(self.model)
@@ -388,7 +396,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         seed = (a.seed, self.state.global_step)
         g = torch.Generator().manual_seed(hash(seed) % 2**63)
         perms = [torch.randperm(B, generator=g).to(scores.device) for _ in range(a.num_ppo_epochs)]
-        return {"tensors": tensors, "permutations": perms}
+        widths = self._widths(batch["completion_mask"], perms)
+        return {"tensors": tensors, "permutations": perms, "widths": widths}
 
     def _record_rollout(self, t, rewards, kl, entropy, truncated) -> None:
         """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens."""

@@ -263,3 +263,49 @@ def test_bad_trainer_inputs(tmp_path):
 
 def test_response_length_is_max_completion_length(tmp_path):
     assert _args(tmp_path, response_length=7).max_completion_length == 7
+
+
+class TinyRewardModel(torch.nn.Module):
+    """A reward model as a reward function: scores the completion token ids."""
+
+    __name__ = "tiny_reward_model"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = torch.nn.Embedding(97, 1)
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        self.calls += 1
+        return [self.embed(torch.tensor(ids) % 97).sum().item() if ids else 0.0
+                for ids in completion_ids]  # fmt: skip
+
+
+def test_reward_model_callable(tmp_path):
+    rm = TinyRewardModel()
+    trainer = _trainer(tmp_path, reward_funcs=rm, max_steps=1)
+    trainer.train()
+    assert rm.calls == 1
+    keys = {k for e in trainer.state.log_history for k in e}
+    assert "rewards/tiny_reward_model/mean" in keys
+
+
+def test_each_epoch_trains_on_every_rollout_row_once(tmp_path):
+    trainer = _trainer(tmp_path, num_ppo_epochs=3, num_mini_batches=2)
+    batch = _fixed_batch(trainer)
+    rollout = trainer._experience(batch, torch.zeros(4), torch.zeros(4, 1), torch.zeros(4).bool())
+    assert trainer._cycle == 6  # 3 epochs x 2 mini-batches x 1 accumulation step
+    orders = []
+    for epoch in range(3):
+        rows = []
+        for j in range(2):
+            mb = trainer._micro_batch(rollout, epoch * 2 + j)
+            width = int(mb["completion_mask"].sum(1).max())
+            assert mb["completion_ids"].shape[1] == width  # trimmed to its longest
+            for ids in mb["prompt_ids"]:
+                rows.append(next(i for i in range(4) if torch.equal(batch["prompt_ids"][i], ids)))
+        assert sorted(rows) == [0, 1, 2, 3]
+        orders.append(rows)
+    assert len({tuple(o) for o in orders}) > 1  # shuffled per epoch
