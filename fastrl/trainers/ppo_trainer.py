@@ -280,31 +280,29 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     @torch.no_grad()
     def _heads(
         self, batch: dict[str, torch.Tensor], *, reference: bool
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """`([B, T] completion log-probs at the sampling temperature, [B, T] entropies)`
-        and, with adapters on, the value head's `[B, T]` values, from one backbone pass
-        per micro-batch."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[B, T]` completion log-probs at the sampling temperature and, with adapters on,
+        the value head's `[B, T]` values, from one backbone pass per micro-batch."""
         model = self._unwrapped_model()
         head = lm_head(model)
         kw = head.kwargs(self.args.temperature)
         P = batch["prompt_ids"].shape[1]
         bs = self.args.per_device_train_batch_size
-        logps, entropies, values = [], [], []
+        logps, values = [], []
         ctx = reference_adapters_off(model) if reference else contextlib.nullcontext()
         with ctx, self.compute_loss_context_manager():
             for s in range(0, batch["prompt_ids"].shape[0], bs):
                 part = {k: v[s : s + bs] for k, v in batch.items()}
-                (lp, ent), v = self._forward_heads(
-                    model, model, part, P, head, kw, values=not reference
+                lp, v = self._forward_heads(
+                    model, model, part, P, head, kw, values=not reference, entropy=False
                 )
                 logps.append(lp)
-                entropies.append(ent)
                 values.append(v)
-        out = (torch.cat(logps), torch.cat(entropies))
-        return out, (None if reference else torch.cat(values))
+        return torch.cat(logps), (None if reference else torch.cat(values))
 
-    def _forward_heads(self, model, unwrapped, part, P, head, kw, *, values: bool):
-        """One backbone pass -> hidden at the completion positions -> (log-probs, values)."""
+    def _forward_heads(self, model, unwrapped, part, P, head, kw, *, values: bool, entropy: bool):
+        """One backbone pass -> hidden at the completion positions -> (log-probs, or
+        (log-probs, entropies) with `entropy`; the values or None)."""
         ids = torch.cat([part["prompt_ids"], part["completion_ids"]], 1)
         att = torch.cat([part["prompt_mask"], part["completion_mask"]], 1)
         hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
@@ -313,7 +311,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         targets = torch.where(mask, part["completion_ids"], IGNORE_INDEX)
         with gathered_weight(head.weight, head.bias) as (weight, bias):
             out = linear_logprobs(
-                hidden, weight, targets, impl=self.args.kernel_impl, return_entropy=True,
+                hidden, weight, targets, impl=self.args.kernel_impl, return_entropy=entropy,
                 **{**kw, "bias": bias},
             )  # fmt: skip
         v = unwrapped.value_head(hidden.float()).squeeze(-1) if values else None
@@ -364,10 +362,10 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         a = self.args
         mask = batch["completion_mask"]
         m = mask.float()
-        (old_logps, entropy), old_values = self._heads(batch, reference=False)
+        old_logps, old_values = self._heads(batch, reference=False)
         old_values = old_values * m
         if a.kl_coef != 0:
-            (ref_logps, _), _ = self._heads(batch, reference=True)
+            ref_logps, _ = self._heads(batch, reference=True)
             kl = _k_estimate(old_logps, ref_logps, a.kl_estimator) * m
         else:
             ref_logps, kl = old_logps, torch.zeros_like(old_logps)
@@ -391,7 +389,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             advantages=advantages,
             returns=returns,
         )
-        self._record_rollout(tensors, rewards, kl, entropy, truncated)
+        self._record_rollout(tensors, rewards, kl, truncated)
         B = scores.shape[0]
         seed = (a.seed, self.state.global_step)
         g = torch.Generator().manual_seed(hash(seed) % 2**63)
@@ -399,7 +397,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         widths = self._widths(batch["completion_mask"], perms)
         return {"tensors": tensors, "permutations": perms, "widths": widths}
 
-    def _record_rollout(self, t, rewards, kl, entropy, truncated) -> None:
+    def _record_rollout(self, t, rewards, kl, truncated) -> None:
         """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens."""
         a = self.args
         m = t["completion_mask"].float()
@@ -408,7 +406,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             "objective/scores": t["scores"].mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (t["scores"] + non_score).mean(),
-            "objective/entropy": (entropy * m).sum(1).mean(),
+            # TRL's: the sampled tokens' negative log-probs, summed per completion
+            "objective/entropy": (-t["old_logps"] * m).sum(1).mean(),
             "val/num_eos_tokens": (~truncated).float().sum(),
             "completions/mean_length": m.sum(1).mean(),
             "completions/clipped_ratio": truncated.float().mean(),
@@ -429,8 +428,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         P = inputs["prompt_ids"].shape[1]
         training = model.training
         (logps, entropy), values = self._forward_heads(
-            model, unwrapped, inputs, P, head, head.kwargs(a.temperature), values=True
-        )
+            model, unwrapped, inputs, P, head, head.kwargs(a.temperature), values=True,
+            entropy=True,
+        )  # fmt: skip
         mask = inputs["completion_mask"]
         ga = self.current_gradient_accumulation_steps if training else 1
         pg_loss, _ = ppo_policy_loss(
