@@ -28,7 +28,11 @@ The value head lives on the peft model as `model.value_head` (so the optimizer, 
 clipping and `model.train()` see it). peft's `save_pretrained` saves only the adapter:
 `save_model` and every checkpoint add `value_head.safetensors` (`weight` [1, d],
 `bias` [1], float32) next to it; resuming from a checkpoint loads it back, and
-`load_value_head(model, directory)` attaches it to a model loaded with peft.
+`load_value_head(model, directory)` attaches it to a model loaded with peft. The rollout
+being trained on and the micro-step counter are saved next to the RNG state
+(`ppo_rollout.pt`), so a run resumed from a checkpoint in the middle of a rollout's
+epochs trains on the same rollout and ends with the adapter and value head an
+uninterrupted run ends with.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ __all__ = ["VALUE_HEAD_NAME", "PPOTrainer", "add_value_head", "load_value_head"]
 
 #: the value head's file next to the adapter
 VALUE_HEAD_NAME = "value_head.safetensors"
+#: the rollout and micro-step counter saved next to the RNG state (one process)
+ROLLOUT_NAME = "ppo_rollout.pt"
 #: PPO's clipped surrogate with its token-mean aggregation (see the module docstring)
 LOSS_TYPE = "bnpo"
 
@@ -485,6 +491,25 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             save_value_head(self._unwrapped_model(), output_dir)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # the rollout being trained on is sampling state, like the RNG (as GRPO's buffer)
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save({"step": self._step, "rollout": self._rollout},
+                   os.path.join(output_dir, ROLLOUT_NAME))  # fmt: skip
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ROLLOUT_NAME)
+        if os.path.isfile(path):
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._rollout = state["step"], state["rollout"]
+        else:  # a new rollout at the next step: exact only at a rollout boundary
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+            self._rollout = None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

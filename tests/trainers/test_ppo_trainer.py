@@ -219,15 +219,19 @@ def test_save_and_reload_the_value_head(tmp_path):
         load_value_head(reloaded, tmp_path)
 
 
-def test_resume_loads_the_value_head(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
-    trainer.train()
-    ckpt = tmp_path / "checkpoint-1"
-    assert (ckpt / VALUE_HEAD_NAME).exists()
-    resumed = _trainer(tmp_path, max_steps=2)
-    resumed._load_from_checkpoint(str(ckpt))
-    saved = load_value_head(build_tiny_model(build_tiny_tokenizer(), "test", seed=0), ckpt)
-    torch.testing.assert_close(resumed.model.value_head.weight, saved.weight)
+def test_resume_mid_rollout_ends_where_an_uninterrupted_run_ends(tmp_path):
+    # 2 mini-batches per rollout: checkpoint-1 is in the middle of the first rollout
+    full = _trainer(tmp_path / "full", max_steps=2, save_strategy="steps", save_steps=1)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-1"
+    assert (ckpt / VALUE_HEAD_NAME).exists() and (ckpt / "ppo_rollout.pt").exists()
+    resumed = _trainer(tmp_path / "resumed", max_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    ends = [{n: p.detach() for n, p in t.model.named_parameters() if p.requires_grad}
+            for t in (full, resumed)]  # fmt: skip
+    assert any("value_head" in n for n in ends[0])
+    for name, value in ends[0].items():
+        torch.testing.assert_close(ends[1][name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(
