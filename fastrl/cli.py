@@ -4,16 +4,17 @@
     fastrl dpo  --model DIR --dataset FILE [options]
     fastrl rm   --model DIR --dataset FILE [--eval_dataset FILE] [options]
     fastrl kto  --model DIR --dataset FILE [options]
-    fastrl bench {logprobs,policy,preference,grpo_step} [benchmark options]
+    fastrl ppo  --model DIR --dataset FILE [--reward exact_match] [options]
+    fastrl bench {logprobs,policy,preference,grpo_step,ppo_step} [benchmark options]
     fastrl demo [--output_dir runs/demo] [--quick]
     fastrl sample --model DIR --adapter DIR [prompts]
     fastrl --version
 
-`grpo`, `dpo` and `kto` take every field of `GRPOConfig` / `DPOConfig` / `KTOConfig` (transformers'
-`TrainingArguments` plus the TRL-named loss options) as flags, or from a YAML file with
-`--config FILE` (flags given on the command line win). `fastrl grpo --help` lists them.
-A mistake in the options, paths or data prints one line and exits 2; `--debug` (or
-`FASTRL_DEBUG=1`) shows the traceback.
+`grpo`, `dpo`, `kto` and `ppo` take every field of `GRPOConfig` / `DPOConfig` / `KTOConfig` /
+`PPOConfig` (transformers' `TrainingArguments` plus the TRL-named loss options) as flags, or
+from a YAML file with `--config FILE` (flags given on the command line win). `fastrl grpo
+--help` lists them. A mistake in the options, paths or data prints one line and exits 2;
+`--debug` (or `FASTRL_DEBUG=1`) shows the traceback.
 """
 
 import argparse
@@ -34,7 +35,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCHES = ("logprobs", "policy", "preference", "grpo_step")
+BENCHES = ("logprobs", "policy", "preference", "grpo_step", "ppo_step")
 BUILTIN_REWARDS = ("exact_match", "digit_match", "format", "length")
 #: the built-in rewards that read the reference answer from `--answer_column`
 ANSWER_REWARDS = ("exact_match", "digit_match")
@@ -106,6 +107,7 @@ CONFIGS = {
     "dpo": ("DPOConfig", "dpo_config.py"),
     "rm": ("RewardConfig", "reward_config.py"),
     "kto": ("KTOConfig", "kto_config.py"),
+    "ppo": ("PPOConfig", "ppo_config.py"),
 }
 
 
@@ -154,6 +156,8 @@ def _choices(command: str) -> dict[str, tuple[str, ...]]:
         from fastrl.options.preference import KTO_LOSS_TYPES
 
         return {"loss_type": KTO_LOSS_TYPES}
+    if command == "ppo":  # PPOConfig's KL_ESTIMATORS and STOP_TOKENS
+        return {"kl_estimator": ("k1", "k3"), "stop_token": ("eos",)}
     from fastrl.options.preference import LOSS_TYPES
 
     return {"loss_type": LOSS_TYPES}
@@ -287,8 +291,8 @@ def _option_names(command: str) -> set[str] | None:
 
     here = Path(__file__).resolve().parent
     config, config_file = CONFIGS[command]
-    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments,
-              "rm": RMScriptArguments, "kto": KTOScriptArguments}[command]  # fmt: skip
+    script = {"grpo": GRPOScriptArguments, "dpo": DPOScriptArguments, "rm": RMScriptArguments,
+              "kto": KTOScriptArguments, "ppo": GRPOScriptArguments}[command]  # fmt: skip
     spec = importlib.util.find_spec("transformers")  # finds it without importing it
     if spec is None or spec.origin is None:
         return None
@@ -573,9 +577,9 @@ def _check_dataset(path: str, needed: dict[str, str], alternatives=(), flag="--d
 
 
 def _loss_options(command: str):
-    """The options dataclass of `command`'s loss (torch-free); None for `rm`, whose few
-    options the config checks."""
-    if command == "rm":
+    """The options dataclass of `command`'s loss (torch-free); None for `rm` and `ppo`,
+    whose options their configs check."""
+    if command in ("rm", "ppo"):
         return None
     if command == "grpo":
         from fastrl.options.policy import PolicyLossOptions
@@ -740,7 +744,7 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}",
                          hint=f"see `fastrl {command} --help`")  # fmt: skip
     check_model_path(str(options["model"]))
-    if command == "grpo":
+    if command in ("grpo", "ppo"):
         _check_dataset(str(options["dataset"]), _check_reward_columns(options))
     elif command == "rm":
         from fastrl.trainers.data import REWARD_COLUMNS, REWARD_TOKEN_COLUMNS
@@ -872,6 +876,24 @@ def cmd_kto(argv: list[str]) -> None:
     )
 
 
+def cmd_ppo(argv: list[str]) -> None:
+    options = {} if _wants_help(argv) else _prechecks("ppo", GRPOScriptArguments, argv)
+    from fastrl.trainers import PPOConfig, PPOTrainer
+
+    script, config = _parse((GRPOScriptArguments, PPOConfig), argv, "ppo")
+    rewards = _reward_functions(script)
+    _announce("ppo", options, config)
+    _train_and_save(
+        PPOTrainer(
+            model=script.model,
+            args=config,
+            train_dataset=script.dataset,
+            reward_funcs=rewards,
+            processing_class=_tokenizer(script.model),
+        )
+    )
+
+
 def cmd_sample(argv: list[str]) -> int:
     try:
         from fastrl.sample import main as sample_main
@@ -908,8 +930,8 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, threads=args.threads)
 
 
-COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "kto": cmd_kto, "sample": cmd_sample,
-            "bench": cmd_bench, "demo": cmd_demo}  # fmt: skip
+COMMANDS = {"grpo": cmd_grpo, "dpo": cmd_dpo, "rm": cmd_rm, "kto": cmd_kto, "ppo": cmd_ppo,
+            "sample": cmd_sample, "bench": cmd_bench, "demo": cmd_demo}  # fmt: skip
 
 #: what a user's mistake raises: one line, exit 2, no traceback (unless --debug)
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)

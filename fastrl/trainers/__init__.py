@@ -17,6 +17,8 @@ _EXPORTS = {
     "unpair_preference_dataset": "kto_trainer",
     "GRPOConfig": "grpo_config",
     "GRPOTrainer": "grpo_trainer",
+    "PPOConfig": "ppo_config",
+    "PPOTrainer": "ppo_trainer",
     "call_reward": "rewards",
     "exact_match_answer": "rewards",
     "format_reward": "rewards",

@@ -1,0 +1,206 @@
+"""One PPO LoRA step end to end: fastrl's PPOTrainer (policy LoRA + value head on one
+backbone), and OpenRLHF's or verl's PPO where they are installed.
+
+    python bench/bench_ppo_step.py                                  # 1.5B, 24 GiB cap
+    python bench/bench_ppo_step.py --models tiny --device cpu --completion-length 8
+
+A step is one rollout (`generate` of `--rollout-size` completions of exactly
+`--completion-length` tokens after `--prompt-length`-token prompts, the rewards, the
+no-grad policy+value pass and the reference pass, GAE and whitening) plus one PPO epoch of
+one mini-batch: the loss (clipped policy + `vf_coef` x clipped value), the backward and
+the optimizer step. The checkpoint is `bench_grpo_step`'s (random weights from the model's
+config, built once under `--cache-dir`); LoRA r=16/alpha=32 on every block linear,
+gradient checkpointing, bf16 on CUDA.
+
+Each (model, trainer) pair runs in its own subprocess (CUDA memory capped at
+`--max-memory-gb`); reported: peak allocated / reserved GPU GiB, peak resident host
+memory, seconds per step (the first `--warmup` steps excluded), of which generation, and
+tokens/s (prompt + completion tokens of the rollout). Results:
+bench/results/ppo_step-<device>-<date>.json.
+
+Peers: `openrlhf` and `verl` rows say "not installed" where the package is missing. Both
+run PPO as Ray jobs with a separate critic model (two backbones), launched through their
+own entry points; the runner of an installed peer is the part left to write on a GPU
+machine that has one (its row then says so), so the comparison there is a figure for later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    _root = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, _root)
+    import bench.common  # noqa: F401
+
+    if (Path(_root) / "fastrl" / "kernels").exists():
+        # this checkout's fastrl (a worktree's), not whichever one is installed; fastrl's
+        # import is lazy, so nothing looks for Hugging Face's `kernels` meanwhile
+        import fastrl  # noqa: F401
+
+    sys.path.remove(_root)
+
+from bench.bench_grpo_step import (  # noqa: E402
+    MODELS,
+    _GenerateTimer,
+    _step_timer,
+    checkpoint,
+    varied_reward,
+)
+from bench.common import default_results_path, environment, write_json  # noqa: E402
+
+TRAINERS = ("fastrl", "openrlhf", "verl")
+DEFAULT_TRAINERS = TRAINERS
+
+
+def peer_status(trainer: str) -> str | None:
+    """None where the trainer can run here, else why not (a row's `error`)."""
+    if trainer == "fastrl":
+        return None
+    if importlib.util.find_spec(trainer) is None:
+        return "not installed"
+    return "installed, but its runner is not written yet (Ray launch of its PPO trainer)"
+
+
+def run_one(opts: argparse.Namespace) -> dict:
+    """Train `opts.warmup + opts.steps` PPO steps with fastrl; return the measurements."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from fastrl.trainers import PPOConfig, PPOTrainer
+
+    cuda = torch.cuda.is_available()
+    spec = MODELS[opts.models]
+    path = checkpoint(opts.models, Path(opts.cache_dir))
+    if cuda and opts.max_memory_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_memory_gb * 2**30 / total))
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    rng = random.Random(0)
+    n = opts.rollout_size * (opts.warmup + opts.steps)
+    words = spec["vocab_size"] - 3
+    prompts = [
+        " ".join(f"w{3 + rng.randrange(words)}" for _ in range(opts.prompt_length))
+        for _ in range(n)
+    ]
+    args = PPOConfig(
+        output_dir=str(Path(opts.cache_dir) / "out-ppo-fastrl"),
+        per_device_train_batch_size=opts.rollout_size, num_ppo_epochs=1, num_mini_batches=1,
+        max_completion_length=opts.completion_length, temperature=1.0, kl_coef=opts.kl_coef,
+        learning_rate=1e-6, max_steps=opts.warmup + opts.steps, logging_steps=1,
+        save_strategy="no", report_to="none", seed=0, shuffle_dataset=False,
+        generation_kwargs={"min_new_tokens": opts.completion_length}, disable_tqdm=True,
+        bf16=cuda, use_cpu=not cuda, lora_r=16, lora_alpha=32,
+        load_in_4bit=spec["four_bit"] and cuda, attn_implementation=opts.attn_implementation,
+        use_chat_template=False,
+    )  # fmt: skip
+    timer = _step_timer(_GenerateTimer())
+    trainer = PPOTrainer(
+        str(path), varied_reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+        callbacks=[timer], processing_class=tokenizer,
+    )  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    measured = timer.steps[opts.warmup :]
+    seconds = sum(s["seconds"] for s in measured) / len(measured)
+    generate = sum(s["generate_seconds"] for s in measured) / len(measured)
+    tokens = opts.rollout_size * (opts.prompt_length + opts.completion_length)
+    last = [e for e in trainer.state.log_history if "loss" in e][-1]
+    return dict(
+        seconds_per_step=seconds,
+        generate_seconds_per_step=generate,
+        tokens_per_second=tokens / seconds,
+        peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        steps=timer.steps,
+        last_log={k: last[k] for k in ("loss", "loss/value_avg", "objective/kl") if k in last},
+    )
+
+
+def _worker_command(opts: argparse.Namespace, model: str) -> list[str]:
+    cmd = [sys.executable, __file__, "--worker", "--models", model]
+    for key in ("steps", "warmup", "kl_coef", "max_memory_gb", "rollout_size", "prompt_length",
+                "completion_length", "cache_dir", "attn_implementation"):  # fmt: skip
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(opts, key))]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="qwen2.5-1.5b", help=f"comma-separated, of {sorted(MODELS)}")
+    p.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS), help=f"of {TRAINERS}")
+    p.add_argument("--steps", type=int, default=2, help="measured steps")
+    p.add_argument("--warmup", type=int, default=1, help="steps run first, not measured")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="TRL's PPO default")
+    p.add_argument("--max-memory-gb", type=float, default=24.0, help="CUDA cap; 0: none")
+    p.add_argument("--rollout-size", type=int, default=8, help="completions per rollout")
+    p.add_argument("--prompt-length", type=int, default=256)
+    p.add_argument("--completion-length", type=int, default=1024)
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/fastrl-bench"))
+    p.add_argument("--device", default="auto", help="auto | cpu (hides CUDA from workers)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.worker:
+        print("RESULT " + json.dumps(run_one(opts)), flush=True)
+        return
+    models, trainers = opts.models.split(","), opts.trainers.split(",")
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; models: {sorted(MODELS)}")
+    for name in trainers:
+        if name not in TRAINERS:
+            raise ValueError(f"unknown trainer {name!r}; trainers: {TRAINERS}")
+    env = dict(os.environ)
+    if opts.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    device = torch.device("cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu")
+    rows = []
+    for model in models:
+        for trainer in trainers:
+            row = dict(model=model, trainer=trainer)
+            why = peer_status(trainer)
+            if why is not None:
+                row["error"] = why
+                print(f"{trainer}: {why}", file=sys.stderr)
+                rows.append(row)
+                continue
+            try:
+                done = subprocess.run(
+                    _worker_command(opts, model), capture_output=True, text=True, env=env,
+                    timeout=opts.timeout,
+                )  # fmt: skip
+                out, err, code = done.stdout, done.stderr, done.returncode
+            except subprocess.TimeoutExpired:
+                out, err, code = "", f"timed out after {opts.timeout} s", -1
+            result = [line for line in out.splitlines() if line.startswith("RESULT ")]
+            if code == 0 and result:
+                row.update(json.loads(result[-1][len("RESULT ") :]))
+            else:
+                row["error"] = "OOM" if "out of memory" in err.lower() else "failed"
+                row["stderr_tail"] = err[-2000:]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("steps", "stderr_tail")}))
+    config = {k: v for k, v in vars(opts).items() if k not in ("worker", "out")}
+    results = dict(benchmark="ppo_step", config=config, environment=environment(device),
+                   results=rows)  # fmt: skip
+    out_path = write_json(results, opts.out or default_results_path(device, "ppo_step-"))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

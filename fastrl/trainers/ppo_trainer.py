@@ -1,0 +1,516 @@
+"""PPO with LoRA and a value head on the policy's own backbone, on `transformers.Trainer`.
+
+One backbone pass gives both heads: the last hidden states at the completion positions go
+to the frozen lm_head through `fastrl.linear_logprobs` (no logits) and to the value head,
+a trainable `nn.Linear(d, 1)`. The reference is the same model with its adapters
+disabled. Per rollout (TRL's PPO / OpenRLHF's experience maker, in their formulas):
+
+1. sample one completion per prompt with `generate` (the `RolloutMixin` GRPO uses);
+2. scores from the reward functions (any callables `fn(prompts, completions, **columns)`,
+   a reward model wrapped in one too), weighted, minus `missing_eos_penalty` where a
+   completion has no EOS;
+3. one no-grad pass with adapters on: old log-probs and old values; one with adapters off
+   (skipped when `kl_coef == 0`): reference log-probs;
+4. per-token rewards `fastrl.kl_shaped_rewards(scores, kl=k1|k3, kl_coef)`, optionally
+   whitened (`whiten_rewards`, mean kept, as TRL); `fastrl.gae_advantages` -> advantages,
+   returns; the advantages whitened over the rollout (`fastrl.masked_whiten`);
+5. `num_ppo_epochs` x `num_mini_batches` optimizer steps, each over micro-batches of
+   `per_device_train_batch_size`: loss = `fastrl.policy_loss(loss_type="bnpo")` +
+   `vf_coef * fastrl.value_loss(value_clip=cliprange_value)`.
+
+The loss type: `"bnpo"` is PPO's token-level clipped surrogate
+``-min(r A, clip(r, 1 - eps, 1 + eps) A)`` averaged over the micro-batch's completion
+tokens and divided by the accumulation steps, which is TRL's PPO (``masked_mean`` over
+the micro-batch, `accelerator.accumulate`) and OpenRLHF's ``token_level_loss``. The value
+loss is the same token mean, / accumulation steps.
+
+The value head lives on the peft model as `model.value_head` (so the optimizer, gradient
+clipping and `model.train()` see it). peft's `save_pretrained` saves only the adapter:
+`save_model` and every checkpoint add `value_head.safetensors` (`weight` [1, d],
+`bias` [1], float32) next to it; resuming from a checkpoint loads it back, and
+`load_value_head(model, directory)` attaches it to a model loaded with peft. The rollout
+being trained on and the micro-step counter are saved next to the RNG state
+(`ppo_rollout.pt`), so a run resumed from a checkpoint in the middle of a rollout's
+epochs trains on the same rollout and ends with the adapter and value head an
+uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fastrl import gae_advantages, kl_shaped_rewards, linear_logprobs, masked_whiten, value_loss
+from fastrl import policy_loss as ppo_policy_loss
+from fastrl.checks import IGNORE_INDEX
+from fastrl.integrations import gathered_weight, lm_head
+from fastrl.trainers.base import BaseTrainer
+from fastrl.trainers.data import load_data, require_columns
+from fastrl.trainers.grpo_trainer import GroupRepeatSampler
+from fastrl.trainers.model import (
+    backbone_hidden_states,
+    completion_positions,
+    reference_adapters_off,
+)
+from fastrl.trainers.ppo_config import PPOConfig
+from fastrl.trainers.rollout import (
+    RolloutMixin,
+    _completion_mask,
+    _generation_config,
+    _is_conversational,
+    _left_padded,
+)
+
+__all__ = ["VALUE_HEAD_NAME", "PPOTrainer", "add_value_head", "load_value_head"]
+
+#: the value head's file next to the adapter
+VALUE_HEAD_NAME = "value_head.safetensors"
+#: the rollout and micro-step counter saved next to the RNG state (one process)
+ROLLOUT_NAME = "ppo_rollout.pt"
+#: PPO's clipped surrogate with its token-mean aggregation (see the module docstring)
+LOSS_TYPE = "bnpo"
+
+
+def add_value_head(model: torch.nn.Module, std: float | None = None) -> torch.nn.Linear:
+    """A float32 `nn.Linear(d, 1)` as `model.value_head` (weight ~ N(0, std), default
+    std 1 / (d + 1) as OpenRLHF's critic head; bias 0), on the model's device."""
+    d = model.get_input_embeddings().weight.shape[1]
+    device = model.get_input_embeddings().weight.device
+    head = torch.nn.Linear(d, 1, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        head.weight.normal_(0.0, std if std is not None else 1.0 / (d + 1))
+        head.bias.zero_()
+    model.value_head = head
+    return head
+
+
+def save_value_head(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    head = model.value_head
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, os.path.join(directory, VALUE_HEAD_NAME), metadata={"format": "pt"})
+
+
+def load_value_head(model: torch.nn.Module, directory: str | os.PathLike) -> torch.nn.Linear:
+    """Attach (or overwrite) `model.value_head` from `directory/value_head.safetensors`."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, VALUE_HEAD_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no value head in {directory}: {VALUE_HEAD_NAME} is missing")
+    state = load_file(path)
+    head = getattr(model, "value_head", None)
+    if head is None or tuple(head.weight.shape) != tuple(state["weight"].shape):
+        head = add_value_head(model)
+    head.load_state_dict({k: v.to(head.weight.device) for k, v in state.items()})
+    return head
+
+
+def _rows(batch):
+    return batch
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _k_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """TRL PPO's per-token KL estimate: k1 = -log r, k3 = (r - 1) - log r, with
+    r = pi_ref / pi."""
+    logr = ref_logps - logps
+    return -logr if estimator == "k1" else torch.expm1(logr) - logr
+
+
+class PPOTrainer(RolloutMixin, BaseTrainer):
+    """PPO with LoRA and a shared-backbone value head, without logits (module docstring).
+
+    Args:
+        model: a checkpoint directory (or hub id), a causal LM, or a peft model.
+        reward_funcs: a callable `fn(prompts, completions, **columns) -> list[float]` or a
+            list of them (weighted by `args.reward_weights`), as `GRPOTrainer` takes them;
+            a reward model is a callable that scores the texts. Every completion needs a
+            reward (None is an error in PPO).
+        args: a `PPOConfig`.
+        train_dataset: rows with a `prompt` column.
+        processing_class, callbacks, optimizers: as `GRPOTrainer`.
+
+    Logs (TRL's PPO names): `objective/kl`, `objective/entropy`,
+    `objective/non_score_reward`, `objective/rlhf_reward`, `objective/scores`,
+    `policy/approxkl_avg`, `policy/clipfrac_avg`, `policy/entropy_avg`,
+    `loss/policy_avg`, `loss/value_avg`, `val/clipfrac_avg`, `val/ratio`,
+    `val/num_eos_tokens`, plus `rewards/<name>/mean`, `completions/mean_length`,
+    `num_tokens`, `tokens_per_second`.
+    """
+
+    loss_is_scaled_for_ga = True
+    algorithm = "PPO"
+    memory_options = ("per_device_train_batch_size", "max_completion_length")
+    non_finite_hint = "check the reward functions' values and lower --vf_coef"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs: Callable | Sequence[Callable],
+        args: PPOConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        args = args if args is not None else PPOConfig(output_dir="fastrl-ppo")
+        if not isinstance(args, PPOConfig):
+            raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("PPOTrainer needs a train_dataset with a 'prompt' column")
+        train_dataset = load_data(train_dataset)
+        require_columns(train_dataset, ("prompt",), "PPOTrainer")
+        tok = self._load_tokenizer(model, processing_class)
+        model = self._load_model(model, args)
+        add_value_head(model, args.value_head_std)  # before the optimizer is built
+        self._set_reward_funcs(reward_funcs, args.reward_weights)
+        super().__init__(
+            model,
+            args,
+            data_collator=_rows,
+            train_dataset=train_dataset,
+            processing_class=tok,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.generation_config, self.eos_token_ids = _generation_config(args, tok, self.model)
+        if args.stop_token_id is not None and args.stop_token_id not in self.eos_token_ids:
+            self.eos_token_ids = [*self.eos_token_ids, args.stop_token_id]
+            self.generation_config.eos_token_id = list(self.eos_token_ids)
+        self._rollout: dict[str, Any] | None = None
+        self._step = 0
+        if not hasattr(self, "current_gradient_accumulation_steps"):
+            self.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def _cycle(self) -> int:
+        """Micro-steps trained on one rollout."""
+        a = self.args
+        return a.gradient_accumulation_steps * a.num_mini_batches * a.num_ppo_epochs
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def _get_train_sampler(self, dataset=None):
+        dataset = self.train_dataset if dataset is None else dataset
+        a = self.args
+        return GroupRepeatSampler(
+            len(dataset),
+            group_size=1,
+            prompts_per_batch=a.rollout_batch_size,
+            repeat=self._cycle,
+            shuffle=a.shuffle_dataset,
+            seed=a.data_seed if a.data_seed is not None else a.seed,
+        )
+
+    def get_train_dataloader(self):
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError("PPOTrainer needs a map-style dataset (datasets.Dataset)")
+        n = self.args.rollout_batch_size
+        if len(self.train_dataset) < n:
+            raise ValueError(
+                f"the dataset has {len(self.train_dataset)} prompts, fewer than one rollout "
+                f"needs (per_device_train_batch_size x gradient_accumulation_steps x "
+                f"num_mini_batches = {n})"
+            )
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=n,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ steps
+
+    def train(self, *args, **kwargs):
+        self._rollout, self._step = None, 0
+        return super().train(*args, **kwargs)
+
+    def _rewind_to_last_step(self) -> None:
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return loss
+
+    def _prepare_inputs(self, rows):
+        if not self.model.training:
+            raise ValueError("PPOTrainer has no evaluation loop")
+        if self._step % self._cycle == 0 or self._rollout is None:
+            self._rollout = self.make_experience(rows)
+        return self._micro_batch(self._rollout, self._step % self._cycle)
+
+    def _micro_batch(self, rollout: dict[str, Any], s: int) -> dict[str, torch.Tensor]:
+        """Micro-step `s` of the cycle: epoch `s // per_epoch` shuffles the rollout (its
+        own permutation), then takes rows `[j * bs, (j + 1) * bs)` of it, the completion
+        columns trimmed to its longest completion."""
+        a = self.args
+        per_epoch = a.gradient_accumulation_steps * a.num_mini_batches
+        epoch, j = divmod(s, per_epoch)
+        bs = a.per_device_train_batch_size
+        idx = rollout["permutations"][epoch][j * bs : (j + 1) * bs]
+        width = rollout["widths"][s]
+        mb = {k: v[idx] for k, v in rollout["tensors"].items()}
+        for k, v in mb.items():
+            if k not in ("prompt_ids", "prompt_mask") and v.dim() == 2:
+                mb[k] = v[:, :width]
+        return mb
+
+    def _widths(self, mask: torch.Tensor, perms: list[torch.Tensor]) -> list[int]:
+        """The longest completion of every micro-batch of the cycle, in one host sync."""
+        bs = self.args.per_device_train_batch_size
+        used = torch.stack([mask[p].view(-1, bs, mask.shape[1]).any(1) for p in perms])
+        columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        return (used * columns).amax(-1).clamp(min=1).flatten().tolist()
+
+    def _unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @torch.no_grad()
+    def _heads(
+        self, batch: dict[str, torch.Tensor], *, reference: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[B, T]` completion log-probs at the sampling temperature and, with adapters on,
+        the value head's `[B, T]` values, from one backbone pass per micro-batch."""
+        model = self._unwrapped_model()
+        head = lm_head(model)
+        kw = head.kwargs(self.args.temperature)
+        P = batch["prompt_ids"].shape[1]
+        bs = self.args.per_device_train_batch_size
+        logps, values = [], []
+        ctx = reference_adapters_off(model) if reference else contextlib.nullcontext()
+        with ctx, self.compute_loss_context_manager():
+            for s in range(0, batch["prompt_ids"].shape[0], bs):
+                part = {k: v[s : s + bs] for k, v in batch.items()}
+                lp, v = self._forward_heads(
+                    model, model, part, P, head, kw, values=not reference, entropy=False
+                )
+                logps.append(lp)
+                values.append(v)
+        return torch.cat(logps), (None if reference else torch.cat(values))
+
+    def _forward_heads(self, model, unwrapped, part, P, head, kw, *, values: bool, entropy: bool):
+        """One backbone pass -> hidden at the completion positions -> (log-probs, or
+        (log-probs, entropies) with `entropy`; the values or None)."""
+        ids = torch.cat([part["prompt_ids"], part["completion_ids"]], 1)
+        att = torch.cat([part["prompt_mask"], part["completion_mask"]], 1)
+        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
+        hidden = completion_positions(hidden, P).to(head.weight.dtype)
+        mask = part["completion_mask"].bool()
+        targets = torch.where(mask, part["completion_ids"], IGNORE_INDEX)
+        with gathered_weight(head.weight, head.bias) as (weight, bias):
+            out = linear_logprobs(
+                hidden, weight, targets, impl=self.args.kernel_impl, return_entropy=entropy,
+                **{**kw, "bias": bias},
+            )  # fmt: skip
+        v = unwrapped.value_head(hidden.float()).squeeze(-1) if values else None
+        return out, v
+
+    def make_experience(self, rows: list[dict]) -> dict[str, Any]:
+        """Generate, score and prepare one rollout (steps 1-4 of the module docstring):
+        `{"tensors": {name: [B, ...]}, "permutations": [one per epoch]}` with
+        `completion_ids`, `completion_mask`, `old_logps`, `old_values`, `ref_logps`,
+        `scores`, `token_rewards`, `advantages` (whitened when asked), `returns`."""
+        a, tok, device = self.args, self.processing_class, self.accelerator.device
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids, prompt_mask = _left_padded(self._encode_prompts(prompts), tok.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        completion_ids = self._generate(prompt_ids, prompt_mask)
+        completion_mask, truncated = _completion_mask(completion_ids, self.eos_token_ids)
+        completion_ids = torch.where(completion_mask.bool(), completion_ids, tok.pad_token_id)
+        lengths = completion_mask.sum(1)
+        ids_list = [
+            c[:n].tolist() for c, n in zip(completion_ids.cpu(), lengths.tolist(), strict=True)
+        ]
+        texts = tok.batch_decode(ids_list, skip_special_tokens=True)
+        completions = [
+            [{"role": "assistant", "content": t}] if _is_conversational(p) else t
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+        rewards = self._rewards(prompts, completions, rows, ids_list)  # [B, K]
+        if torch.isnan(rewards).any():
+            bad = int(torch.isnan(rewards).any(1).nonzero()[0])
+            raise ValueError(
+                f"a reward function returned None for completion {bad} ({completions[bad]!r}):"
+                " PPO needs a score for every completion"
+            )
+        scores = (rewards * self.reward_weights.to(device)).sum(1)
+        if a.missing_eos_penalty is not None:
+            scores = scores - a.missing_eos_penalty * truncated.float()
+        batch = dict(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+        )
+        return self._experience(batch, scores, rewards, truncated)
+
+    @torch.no_grad()
+    def _experience(self, batch, scores, rewards, truncated) -> dict[str, Any]:
+        """Steps 3-4 on a sampled, scored batch (split out so a test can fix the batch)."""
+        a = self.args
+        mask = batch["completion_mask"]
+        m = mask.float()
+        old_logps, old_values = self._heads(batch, reference=False)
+        old_values = old_values * m
+        if a.kl_coef != 0:
+            ref_logps, _ = self._heads(batch, reference=True)
+            kl = _k_estimate(old_logps, ref_logps, a.kl_estimator) * m
+        else:
+            ref_logps, kl = old_logps, torch.zeros_like(old_logps)
+        token_rewards = kl_shaped_rewards(scores, mask, kl=kl, kl_coef=a.kl_coef)
+        if a.whiten_rewards:  # TRL: whitened, the mean kept (shift_mean=False)
+            token_rewards = masked_whiten(token_rewards, mask) + _masked_mean(token_rewards, m) * m
+        advantages, returns = gae_advantages(
+            token_rewards, old_values, mask, gamma=a.gamma, lam=a.lam, impl=a.kernel_impl
+        )
+        raw_advantages = advantages
+        if a.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        tensors = dict(
+            **batch,
+            old_logps=old_logps,
+            old_values=old_values,
+            ref_logps=ref_logps,
+            scores=scores,
+            token_rewards=token_rewards,
+            raw_advantages=raw_advantages,
+            advantages=advantages,
+            returns=returns,
+        )
+        self._record_rollout(tensors, rewards, kl, truncated)
+        B = scores.shape[0]
+        seed = (a.seed, self.state.global_step)
+        g = torch.Generator().manual_seed(hash(seed) % 2**63)
+        perms = [torch.randperm(B, generator=g).to(scores.device) for _ in range(a.num_ppo_epochs)]
+        widths = self._widths(batch["completion_mask"], perms)
+        return {"tensors": tensors, "permutations": perms, "widths": widths}
+
+    def _record_rollout(self, t, rewards, kl, truncated) -> None:
+        """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens."""
+        a = self.args
+        m = t["completion_mask"].float()
+        non_score = (-a.kl_coef * kl * m).sum(1)
+        metrics = {
+            "objective/scores": t["scores"].mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (t["scores"] + non_score).mean(),
+            # TRL's: the sampled tokens' negative log-probs, summed per completion
+            "objective/entropy": (-t["old_logps"] * m).sum(1).mean(),
+            "val/num_eos_tokens": (~truncated).float().sum(),
+            "completions/mean_length": m.sum(1).mean(),
+            "completions/clipped_ratio": truncated.float().mean(),
+        }
+        if a.kl_coef != 0:
+            metrics["objective/kl"] = (kl * m).sum(1).mean()
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"] = rewards[:, i].mean()
+        self._record_metrics(metrics)
+        self.state.num_input_tokens_seen += int(t["prompt_mask"].sum() + m.sum())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("PPOTrainer.compute_loss does not return outputs (no logits)")
+        a = self.args
+        unwrapped = self._unwrapped_model()
+        head = lm_head(unwrapped)
+        P = inputs["prompt_ids"].shape[1]
+        training = model.training
+        (logps, entropy), values = self._forward_heads(
+            model, unwrapped, inputs, P, head, head.kwargs(a.temperature), values=True,
+            entropy=True,
+        )  # fmt: skip
+        mask = inputs["completion_mask"]
+        ga = self.current_gradient_accumulation_steps if training else 1
+        pg_loss, _ = ppo_policy_loss(
+            logps,
+            inputs["old_logps"],
+            inputs["advantages"],
+            mask,
+            loss_type=LOSS_TYPE,
+            epsilon=a.cliprange,
+            gradient_accumulation_steps=ga,
+        )
+        vf_loss, vf_metrics = value_loss(
+            values, inputs["old_values"], inputs["returns"], mask, value_clip=a.cliprange_value
+        )
+        loss = pg_loss + a.vf_coef * vf_loss / ga
+        self._record_step(
+            loss,
+            self._step_metrics(logps, entropy, inputs, mask, pg_loss * ga, vf_loss, vf_metrics),
+            inputs,
+            train=training,
+            tokens=torch.cat([inputs["prompt_mask"], mask], 1).sum(),
+        )
+        return loss
+
+    @torch.no_grad()
+    def _step_metrics(self, logps, entropy, inputs, mask, pg_loss, vf_loss, vf_metrics):
+        m = mask.float()
+        logr = (logps - inputs["old_logps"]) * m
+        ratio = torch.exp(logr)
+        adv, eps = inputs["advantages"], self.args.cliprange
+        clipped = (adv * ratio.clamp(1 - eps, 1 + eps)) < (adv * ratio)  # the clip binds
+        return {
+            "policy/approxkl_avg": _masked_mean(0.5 * logr**2, m),
+            "policy/clipfrac_avg": _masked_mean(clipped.float(), m),
+            "policy/entropy_avg": _masked_mean(entropy, m),
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": vf_metrics["vf_clipfrac"],
+            "val/ratio": _masked_mean(ratio, m),
+        }
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        raise ValueError("PPOTrainer has no evaluation loop")
+
+    def _tokens_seen(self, trained: int) -> int:
+        return self.state.num_input_tokens_seen  # counted at rollout, as GRPOTrainer
+
+    # ------------------------------------------------------------------ save / load
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            save_value_head(self._unwrapped_model(), output_dir)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # the rollout being trained on is sampling state, like the RNG (as GRPO's buffer)
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save({"step": self._step, "rollout": self._rollout},
+                   os.path.join(output_dir, ROLLOUT_NAME))  # fmt: skip
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ROLLOUT_NAME)
+        if os.path.isfile(path):
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._rollout = state["step"], state["rollout"]
+        else:  # a new rollout at the next step: exact only at a rollout boundary
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+            self._rollout = None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_value_head(self._unwrapped_model(), resume_from_checkpoint)
