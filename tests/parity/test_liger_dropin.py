@@ -558,3 +558,26 @@ def test_scaled_cross_entropy_refuses():
         apply(h, w, t.int())
     with pytest.raises(ValueError, match="incompatible"):
         apply(h, w, t[:4])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_scaled_cross_entropy_selected_in_bf16_is_the_target_logp(temperature):
+    """bf16 inputs: ``selected`` at the target id is ``-nll``. Both come from fp32 logits
+    (the head accumulates in fp32): a bf16 ``z_target`` would be off by ~|z| 2^-9 (logits
+    of ~40 here, ~0.1)."""
+    M = 37
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(V, D, generator=g) * 1.5).bfloat16()
+    h = (torch.randn(M, D, generator=g) * 1.5).bfloat16()
+    target = torch.randint(0, V, (M,), generator=g)
+    target[[4, 30]] = -100
+    apply = F.LigerFusedLinearScaledCrossEntropyFunction.apply
+    nll, selected = apply(
+        h, w, target, temperature, selected_token_ids=torch.arange(V), impl="torch"
+    )
+    assert (h.float() @ w.float().T).abs().max() > 20  # large logits: bf16 rounding shows
+    valid = target != -100
+    at_target = selected[valid].gather(1, target[valid, None])[:, 0]
+    # fp32 rounding of logits of ~40 and of the logsumexp (a few ulps of 40)
+    torch.testing.assert_close(at_target, -nll[valid], rtol=0, atol=2e-5)
+    assert (selected[~valid] == 0).all()
