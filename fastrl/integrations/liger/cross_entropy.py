@@ -102,8 +102,9 @@ class LigerFusedLinearScaledCrossEntropyFunction:
             valid = target != ignore_index
             safe = torch.where(valid, target, 0)
             # the row's logsumexp: z_target - logp_target, differentiable like both terms.
-            # Both logits in fp32 (the [M, K] gathers are small), as the head accumulates
-            # the logits behind logps: a bf16 product would be off by ~|z| 2^-9
+            # Both logits in fp32 (the [M, d] / [K, d] gathers and the [M, K] product are
+            # small next to [M, V]), as the head accumulates the logits behind logps: bf16
+            # products would be off by ~|z| 2^-9
             h = _input.float()
             z_target = (h * weight[safe].float()).sum(-1) / temperature
             lse = z_target - logps
