@@ -10,7 +10,9 @@ handle to it for the backward: a head that recomputes its logits in the backward
 forward and the backward (TRL re-gathers the same way in `maybe_gather_lm_head_ctx`).
 
 A weight that is already whole (one process, DDP, ZeRO-1/2, an FSDP2 group left
-unsharded after its forward) is used as it is, and no hook is installed.
+unsharded after its forward) is used as it is, and no hook is installed, unless `dtype=`
+asks for another dtype: then the cast `[V, d]` copy is used for the call and, as a gathered
+one, kept in the graph only as a handle that casts it again in the backward.
 """
 
 from __future__ import annotations

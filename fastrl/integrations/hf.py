@@ -7,9 +7,13 @@ the embedding matrix), Gemma-2's `final_logit_softcapping` becomes `softcap`, Co
 `logit_scale` and Granite's `logits_scaling` fold into the temperature.
 """
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from fastrl.integrations.gather import gathered_weight
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,19 @@ class LMHead:
         return dict(
             bias=self.bias, softcap=self.softcap, temperature=temperature / self.logit_scale
         )
+
+    @contextlib.contextmanager
+    def gathered(
+        self, temperature: float = 1.0, *, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """``with head.gathered(T) as (weight, kw): linear_logprobs(hidden, weight, targets,
+        **kw)``: the whole ``[V, d]`` weight (gathered from FSDP2 / ZeRO-3 shards, cast to
+        `dtype` when given) and `kwargs(temperature)` with the bias gathered (and cast) the
+        same way, for the head calls inside the block (see `gathered_weight`: the graph
+        keeps a handle, not the gathered or cast copy)."""
+        kw = self.kwargs(temperature)
+        with gathered_weight(self.weight, self.bias, dtype=dtype) as (weight, bias):
+            yield weight, {**kw, "bias": bias}
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:

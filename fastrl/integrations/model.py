@@ -16,6 +16,12 @@ scores ``labels[:, t + 1]``: ``logprobs[:, t] == log_softmax(logits[:, t])[label
 ``num_items_in_batch`` when that is passed (as `transformers.Trainer` does); so the patched
 model's loss equals the original's (at ``temperature=1``).
 
+The head computes in the autocast dtype under autocast, else in the hidden states' dtype,
+as the model's own ``lm_head`` would; a weight of another dtype (an fp32 model under bf16
+autocast) or a sharded one (an FSDP2 ``DTensor``, a ZeRO-3 partition) is cast / gathered
+for the call by `fastrl.integrations.gathered_weight`, whose graph keeps a handle that
+casts / gathers it again in the backward, not a ``[V, d]`` copy.
+
 Without ``labels`` (and ``shift_labels``) the call goes to the model's own forward:
 `generate` and evaluation code that wants logits keep working.
 
@@ -34,7 +40,7 @@ from transformers.utils import ModelOutput
 
 from fastrl import linear_logprobs
 from fastrl.checks import check_bool, check_impl, check_number
-from fastrl.integrations.hf import lm_head
+from fastrl.integrations.hf import _base, lm_head
 
 __all__ = ["CausalLMLogProbsOutput", "ModelPatch", "patch_model"]
 
@@ -67,11 +73,6 @@ class CausalLMLogProbsOutput(ModelOutput):
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _shifted(labels, shift_labels, ignore_index: int) -> torch.Tensor:
@@ -143,17 +144,17 @@ class ModelPatch:
         head = lm_head(self.target)
         device = hidden.device.type
         # as the model's own lm_head would: the autocast dtype under autocast, else the
-        # hidden states' (a head of another dtype is cast whole, a [V, d] copy)
+        # hidden states'
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         dtype = dtype or hidden.dtype
-        kw = head.kwargs(self.temperature)
-        bias = kw.pop("bias")
-        with torch.autocast(device, enabled=False):
-            result = linear_logprobs(
-                hidden.to(dtype), head.weight.to(dtype), targets,
-                bias=None if bias is None else bias.to(dtype), ignore_index=ignore_index,
-                return_entropy=return_entropy, impl=self.impl, **kw,
-            )  # fmt: skip
+        # the whole weight under FSDP2 / ZeRO-3, cast to `dtype` if it has another: the
+        # graph keeps a handle that gathers / casts it again in the backward, not the copy
+        with head.gathered(self.temperature, dtype=dtype) as (weight, kw):
+            with torch.autocast(device, enabled=False):
+                result = linear_logprobs(
+                    hidden.to(dtype), weight, targets, ignore_index=ignore_index,
+                    return_entropy=return_entropy, impl=self.impl, **kw,
+                )  # fmt: skip
         logps, entropy = result if return_entropy else (result, None)
         nll = -logps.float().sum()
         if num_items is None:  # transformers' mean over the scored tokens (0/0 if none)

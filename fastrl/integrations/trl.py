@@ -16,9 +16,10 @@ weight's column sums). What it cannot serve (`mean_logits` with a softcap, a log
 
 Dtypes follow TRL: the head computes in the autocast dtype when autocast is on, else in
 the hidden states' dtype. When the lm_head weight has another dtype (an fp32 model under
-bf16 autocast, or GRPO's `cast_lm_head_to_fp32=True` with a bf16 model) it is cast whole
-for the call, a `[V, d]` copy, where TRL casts one vocabulary chunk at a time; the copy
-is freed after the forward and cast again in the backward (`gathered_weight`).
+bf16 autocast, or GRPO's `cast_lm_head_to_fp32=True` with a bf16 model) it is cast for
+the call, a `[V, d]` copy that lives for the forward only (TRL casts one vocabulary chunk
+at a time): the graph keeps a handle that casts it again in the backward
+(`gathered_weight`).
 
 Sharded parameters: under DeepSpeed ZeRO-3 TRL hands over the lm_head parameter gathered
 for the forward only; the patch keeps a handle in the graph and gathers it again for the
@@ -33,6 +34,7 @@ import torch
 from fastrl import linear_logprobs
 from fastrl.checks import check_impl
 from fastrl.integrations.gather import gathered_weight
+from fastrl.integrations.logit_sums import vocab_sums
 
 _TARGET_MODULE = "trl.trainer.utils"
 _TARGET_NAME = "_ChunkedLogProbFunction"
@@ -123,10 +125,10 @@ class TRLPatch:
     @torch.no_grad()
     def _mean_logits(hidden, weight, bias, temperature) -> torch.Tensor:
         """`[N]` mean logit over the vocabulary: one GEMV with the weight's column sums."""
-        col_sum = weight.sum(0, dtype=torch.float32)
+        col_sum, bias_sum = vocab_sums(weight, bias)
         mean_logits = hidden.float() @ col_sum
-        if bias is not None:
-            mean_logits += bias.sum(dtype=torch.float32)
+        if bias_sum is not None:
+            mean_logits += bias_sum
         return mean_logits / (weight.shape[0] * temperature)
 
     def undo(self) -> None:

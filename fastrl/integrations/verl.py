@@ -26,7 +26,8 @@ Its `fused_kernels_backend` picks one of two functions:
 - `FusedLinearForPPO`: `[T]` or `[B, T]` (the shape of `input_ids`), `log_probs` float32,
   `entropy` in the dtype of `hidden_states`; computed in the autocast dtype when autocast
   is on, else in the hidden states' dtype (as its PyTorch backend's matmul does; an fp32
-  weight under bf16 autocast is cast whole for the call, a `[V, d]` copy).
+  weight under bf16 autocast is cast for the call by `gathered_weight`, whose graph keeps
+  a handle that casts it again in the backward, not the `[V, d]` copy).
 
 Labels are token ids in `[0, V)` as verl requires (it has no ignore index; its kernel
 leaves an out-of-range label's log-prob undefined); a label of -100 gets log-prob and
@@ -45,6 +46,7 @@ import torch
 
 from fastrl import linear_logprobs
 from fastrl.checks import check_choice, check_impl
+from fastrl.integrations.gather import gathered_weight
 
 _LCE_MODULE = "verl.utils.kernel.linear_cross_entropy"
 _LCE_NAME = "linear_cross_entropy"
@@ -200,11 +202,15 @@ class VerlPatch:
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
         self.fused_linear_for_ppo_calls += 1
-        with torch.autocast(device, enabled=False):
-            logps, entropy = linear_logprobs(
-                hidden_states.to(dtype), vocab_weights.to(dtype), input_ids.to(torch.int64),
-                temperature=temperature, return_entropy=True, impl=self.impl, compact=False,
-            )  # fmt: skip
+        # a weight of another dtype is cast for the call; the graph keeps a handle that
+        # casts it again in the backward, not the [V, d] copy
+        with gathered_weight(vocab_weights, dtype=dtype) as (weight, _):
+            with torch.autocast(device, enabled=False):
+                logps, entropy = linear_logprobs(
+                    hidden_states.to(dtype), weight, input_ids.to(torch.int64),
+                    temperature=temperature, return_entropy=True, impl=self.impl,
+                    compact=False,
+                )  # fmt: skip
         return logps.float(), entropy.to(hidden_states.dtype)
 
     def undo(self) -> None:

@@ -38,7 +38,7 @@ import torch
 
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import gathered_weight, lm_head
+from fastrl.integrations import lm_head
 from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import (
@@ -267,8 +267,7 @@ def _sequence_logps(model, batch, *, adapters: bool, impl: str, ld_alpha=None, a
             head = lm_head(model)
             h = completion_positions(hidden, P).to(head.weight.dtype)
             scored = torch.where(mask.bool(), targets, IGNORE_INDEX)
-            with gathered_weight(head.weight, head.bias) as (weight, bias):  # shards
-                kw = {**head.kwargs(), "bias": bias}
+            with head.gathered() as (weight, kw):  # shards
                 logps = linear_logprobs(h, weight, scored, impl=impl, **kw)
     finally:
         model.train(was_training)
@@ -454,10 +453,10 @@ class DPOTrainer(BaseTrainer):
         if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
             h = h.to(head.weight.dtype)
         # the whole [V, d] under FSDP2 / ZeRO-3, gathered again for the backward's recompute
-        with gathered_weight(head.weight, head.bias) as (weight, bias):
+        with head.gathered() as (weight, kw):
             loss, metrics = fused_preference_loss(
-                h, weight, targets, mask, impl=self.args.kernel_impl,
-                **{**head.kwargs(), "bias": bias}, **ref, **self.loss_kwargs,
+                h, weight, targets, mask, impl=self.args.kernel_impl, **kw, **ref,
+                **self.loss_kwargs,
             )  # fmt: skip
         self._record_step(loss, metrics, inputs, train=model.training, tokens=att.sum())
         return (loss, metrics) if return_outputs else loss

@@ -63,7 +63,7 @@ import torch
 
 from fastrl import fused_policy_loss, group_advantages, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import gathered_weight, lm_head
+from fastrl.integrations import lm_head
 
 # TRL's nanstd, the standard deviation group_advantages scales by: the logged one is the same
 from fastrl.ops.advantages.group import nanstd
@@ -458,7 +458,6 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         reference (adapters off), at the sampling temperature; 0 at masked positions."""
         model = self._unwrapped()
         head = lm_head(model)
-        kw = head.kwargs(self.args.temperature)
         P = batch["prompt_ids"].shape[1]
         bs = self.args.per_device_train_batch_size
         out = []
@@ -475,11 +474,15 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
                 mask = batch["completion_mask"][s : s + bs].bool()
                 targets = torch.where(mask, batch["completion_ids"][s : s + bs], IGNORE_INDEX)
                 hidden = hidden.to(head.weight.dtype)  # autocast may return another dtype
-                with gathered_weight(head.weight, head.bias) as (weight, bias):  # shards
+                # gathered per micro-batch, after its backbone forward: under ZeRO-3 a
+                # tied embedding's own hooks must not run inside the gather, and holding
+                # every micro-batch's hidden states instead ([B*G, T, d]: 256 x 4k x 3584
+                # is 3.8G elements vs V*d = 0.55G for Qwen2.5-7B) costs more than the
+                # gather, ~7% of the parameters each micro-batch's forward gathers anyway
+                with head.gathered(self.args.temperature) as (weight, kw):  # shards
                     logps = linear_logprobs(
-                        hidden, weight, targets, impl=self.args.kernel_impl,
-                        **{**kw, "bias": bias},
-                    )  # fmt: skip
+                        hidden, weight, targets, impl=self.args.kernel_impl, **kw
+                    )
                 out.append(logps)
         return (
             torch.cat(out) if out else batch["completion_ids"].new_zeros(0, 0, dtype=torch.float32)
@@ -597,14 +600,15 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         hidden = completion_positions(hidden, P).to(head.weight.dtype)
         training = model.training
         # the whole [V, d] under FSDP2 / ZeRO-3
-        with gathered_weight(head.weight, head.bias) as (weight, bias):
-            loss, metrics = self._policy_loss(hidden, weight, bias, inputs, head, training)
+        with head.gathered(self.args.temperature) as (weight, head_kw):
+            loss, metrics = self._policy_loss(hidden, weight, head_kw, inputs, training)
         self._record_step(loss, metrics, inputs, train=training, tokens=att.sum())
         return loss
 
-    def _policy_loss(self, hidden, weight, bias, inputs, head, training):
+    def _policy_loss(self, hidden, weight, head_kw, inputs, training):
         """`fused_policy_loss` on a micro-batch's completion hidden states `[B, T, d]` and
-        the whole lm_head `weight` `[V, d]` and `bias` `[V]` (or None)."""
+        the whole lm_head `weight` `[V, d]`; `head_kw`: its bias, temperature and softcap
+        (`LMHead.gathered`)."""
         return fused_policy_loss(
             hidden,
             weight,
@@ -619,7 +623,7 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
             steps_per_generation=self.args.steps_per_generation if training else 1,
             num_processes=self.accelerator.num_processes,
             impl=self.args.kernel_impl,
-            **{**head.kwargs(self.args.temperature), "bias": bias},
+            **head_kw,
             **self._loss_kwargs,
         )
 

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from fastrl.ops.logprobs.naive import naive_linear_logprobs
 from fastrl.ops.logprobs.params import LogprobsParams
 from tests.support.logprobs import top1_inputs
 from tests.support.memory import AllocationRecorder
+from tests.support.ranks import join_processes, sleep_forever
 
 N, D, V_LOCAL, WORLD = 37, 48, 67, 2
 V = WORLD * V_LOCAL
@@ -264,9 +266,19 @@ def ranks(tmp_path_factory):
     ctx = mp.start_processes(
         _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
     )
-    while not ctx.join(timeout=240):
-        pass
+    join_processes(ctx, timeout=600)  # a hung rank fails the tests, never blocks CI
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_a_hung_rank_is_terminated_and_fails_the_test():
+    """`join_processes` (the fixture above's wait) bounds a hang: the workers are
+    terminated and the test fails, instead of waiting forever."""
+    ctx = mp.start_processes(sleep_forever, nprocs=WORLD, join=False, start_method="spawn")
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="still running after 2 s: terminated"):
+        join_processes(ctx, timeout=2)
+    assert time.monotonic() - start < 60
+    assert not any(p.is_alive() for p in ctx.processes)
 
 
 def _result(ranks, rank: int, name: str):

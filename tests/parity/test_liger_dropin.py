@@ -126,6 +126,26 @@ GRPO_CASES = {
     "no-ref": (dict(beta=0.0, use_ref_model=False), {}),
     "no-ref-beta": (dict(beta=0.04, use_ref_model=False), {}),
     "on-policy": (dict(loss_type="grpo"), {"on_policy": True}),
+    "vespo": (dict(loss_type="vespo"), {}),
+    "vespo-options": (
+        dict(
+            loss_type="vespo",
+            vespo_k_pos=1.5,
+            vespo_lambda_pos=2.5,
+            vespo_k_neg=2.0,
+            vespo_lambda_neg=1.0,
+            use_bias_correction_kl=True,
+        ),
+        {"num_items_in_batch": 30},
+    ),  # fmt: skip
+    # the sampler ratio goes into VESPO's weight, not onto the loss
+    "vespo-vllm-token": (dict(loss_type="vespo"), {"vllm_is_ratio": "token"}),
+    "vespo-vllm-seq": (dict(loss_type="vespo"), {"vllm_is_ratio": "seq"}),
+    "vespo-vllm-seq-2d": (dict(loss_type="vespo"), {"vllm_is_ratio": "seq-2d"}),
+    "vespo-vllm-on-policy": (
+        dict(loss_type="vespo"),
+        {"vllm_is_ratio": "token", "on_policy": True},
+    ),
 }
 
 
@@ -160,16 +180,32 @@ GRPO_RUNS = [
 ]
 
 
+def _vllm_ratio(kind, mask, *, vespo):
+    """A sampler importance ratio of Liger's shapes (None for `kind` None)."""
+    if kind is None:
+        return None
+    B, T = mask.shape
+    if kind != "token":
+        ratio = torch.rand(B) + 0.5
+        return ratio[:, None] if kind == "seq-2d" else ratio
+    if vespo:  # log-ratios summed over a row: near 1, so that the weight is not ~0
+        ratio = torch.rand(B, T) * 0.6 + 0.7
+        ratio[mask == 0] = 1.0  # as TRL's (Liger would sum them, fastrl refuses others)
+    else:
+        ratio = torch.rand(B, T) * 1.5
+        ratio[2, 5] = 7.0  # a masked-out token: no effect on the loss
+    assert mask[1].all()
+    # a scored token with weight 0: the clip metric still uses the raw advantage (VESPO:
+    # log 0 clamped to log 1e-8, the row's weight ~0)
+    ratio[1, 2] = 0.0
+    return ratio
+
+
 @pytest.mark.parametrize("case, ref_mode", GRPO_RUNS, ids=["-".join(r) for r in GRPO_RUNS])
 def test_grpo_matches_liger(case, ref_mode):
     kwargs, extras = GRPO_CASES[case]
     h, w, b, ids, mask, adv, old, ref = _grpo_batch(off_policy=not extras.get("on_policy"))
-    ratio = None
-    if extras.get("vllm_is_ratio") == "token":
-        ratio = torch.rand(3, 7) * 1.5
-        ratio[1, 2] = 0.0  # a masked-out token: the clip metric still uses the raw advantage
-    elif extras.get("vllm_is_ratio") == "seq":
-        ratio = torch.rand(3) + 0.5
+    ratio = _vllm_ratio(extras.get("vllm_is_ratio"), mask, vespo=kwargs.get("loss_type") == "vespo")
     ref_h = torch.randn_like(h).requires_grad_()
     leaves = [h, w, b, ref_h]
     args = (kwargs, extras, ids, mask, adv, old, ref, ratio, ref_mode, "torch")
@@ -181,13 +217,15 @@ def test_grpo_matches_liger(case, ref_mode):
         assert aux[-1] > 0  # the clip metric is exercised
 
 
-@pytest.mark.parametrize("case", ["dapo", "grpo", "seq-grpo", "cispo", "vllm-token"])
+@pytest.mark.parametrize(
+    "case", ["dapo", "grpo", "seq-grpo", "cispo", "vllm-token", "vespo", "vespo-vllm-token"]
+)
 def test_grpo_triton_matches_liger(case):
     """fastrl's Triton head (the single-pass kernel for token-level losses) under the
     interpreter."""
     kwargs, extras = GRPO_CASES[case]
     h, w, b, ids, mask, adv, old, ref = _grpo_batch()
-    ratio = torch.rand(3, 7) + 0.5 if extras.get("vllm_is_ratio") else None
+    ratio = _vllm_ratio(extras.get("vllm_is_ratio"), mask, vespo=kwargs.get("loss_type") == "vespo")
     args = (kwargs, extras, ids, mask, adv, old, ref, ratio, "input", "triton")
     ref_h = torch.randn_like(h)
     _compare(
@@ -210,8 +248,9 @@ def test_grpo_frozen_head_gets_no_gradient():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(loss_type="vespo"), "vespo"),
         (dict(vespo_k_pos=3.0), "vespo_k_pos"),
+        (dict(loss_type="grpo", vespo_lambda_neg=1.0), "vespo_lambda_neg"),
+        (dict(loss_type="vespo", importance_sampling_level="sequence"), "Sequence-level"),
         (dict(loss_type="nope"), "loss_type"),
         (dict(loss_type="cispo", importance_sampling_level="sequence"), "Sequence-level"),
         (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg"),
@@ -244,6 +283,21 @@ def test_grpo_refuses_inputs():
     with pytest.raises(ValueError, match=">= 0"):
         F.LigerFusedLinearGRPOLoss(use_ref_model=False)(
             h, w, ids, mask, adv, vllm_is_ratio=-torch.ones(3)
+        )
+    for loss_type in ("dapo", "vespo"):
+        with pytest.raises(ValueError, match=r">= 0 .*: -0\.5"):
+            F.LigerFusedLinearGRPOLoss(loss_type=loss_type, use_ref_model=False)(
+                h, w, ids, mask, adv, vllm_is_ratio=torch.tensor([1.0, -0.5, 1.0])
+            )
+    with pytest.raises(ValueError, match="delta"):  # Liger ignores it with vespo
+        F.LigerFusedLinearGRPOLoss(loss_type="vespo", delta=1.5, use_ref_model=False)(
+            h, w, ids, mask, adv
+        )
+    ratio = torch.ones(3, 7)
+    ratio[0, 6] = 0.5  # masked out: Liger would sum its log into VESPO's weight
+    with pytest.raises(ValueError, match="must be 1 at the masked-out positions.*; got 0.5"):
+        F.LigerFusedLinearGRPOLoss(loss_type="vespo", use_ref_model=False)(
+            h, w, ids, mask, adv, vllm_is_ratio=ratio
         )
     with pytest.raises(ValueError, match="max_completion_length"):
         F.LigerFusedLinearGRPOLoss(loss_type="dr_grpo", use_ref_model=False)(h, w, ids, mask, adv)
@@ -504,3 +558,26 @@ def test_scaled_cross_entropy_refuses():
         apply(h, w, t.int())
     with pytest.raises(ValueError, match="incompatible"):
         apply(h, w, t[:4])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_scaled_cross_entropy_selected_in_bf16_is_the_target_logp(temperature):
+    """bf16 inputs: ``selected`` at the target id is ``-nll``. Both come from fp32 logits
+    (the head accumulates in fp32): a bf16 ``z_target`` would be off by ~|z| 2^-9 (logits
+    of ~40 here, ~0.1)."""
+    M = 37
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(V, D, generator=g) * 1.5).bfloat16()
+    h = (torch.randn(M, D, generator=g) * 1.5).bfloat16()
+    target = torch.randint(0, V, (M,), generator=g)
+    target[[4, 30]] = -100
+    apply = F.LigerFusedLinearScaledCrossEntropyFunction.apply
+    nll, selected = apply(
+        h, w, target, temperature, selected_token_ids=torch.arange(V), impl="torch"
+    )
+    assert (h.float() @ w.float().T).abs().max() > 20  # large logits: bf16 rounding shows
+    valid = target != -100
+    at_target = selected[valid].gather(1, target[valid, None])[:, 0]
+    # fp32 rounding of logits of ~40 and of the logsumexp (a few ulps of 40)
+    torch.testing.assert_close(at_target, -nll[valid], rtol=0, atol=2e-5)
+    assert (selected[~valid] == 0).all()

@@ -8,6 +8,8 @@ log-softmax, fastrl's head in vocabulary blocks with an online logsumexp: ``rtol
 and ``atol=2e-6 * max(1, max|original|)`` (fp32 rounding of the same sums).
 """
 
+import weakref
+
 import pytest
 import torch
 from transformers import (
@@ -217,3 +219,40 @@ def test_under_bf16_autocast_the_head_runs_in_bf16():
     original_err = (_expected(original.logits.float(), labels)[0] - exact).abs().max()
     err = (out.logprobs.double() - exact).abs().max()
     assert 0 < err <= 2 * original_err, (err, original_err)
+
+
+def test_under_bf16_autocast_the_graph_keeps_no_bf16_weight_copy(monkeypatch):
+    """An fp32 model with a trainable lm_head under bf16 autocast: the head gets the weight
+    cast to bf16, and the graph keeps a handle that casts it again in the backward, not
+    the [V, d] bf16 copy (alive after the forward only if the graph saved it). Gradients
+    equal those of the same head on a plain ``weight.to(bf16)`` (saved by the graph)."""
+    import fastrl.integrations.model as model_module
+    from fastrl import linear_logprobs
+
+    model = _model("qwen2", lora=False)
+    ids, mask, labels = _batch()
+    weight = model.get_output_embeddings().weight
+    copies = []
+
+    def recorded(hidden, w, *args, **kwargs):
+        copies.append(weakref.ref(w))
+        assert w.dtype == torch.bfloat16 and w.shape == weight.shape
+        return linear_logprobs(hidden, w, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "linear_logprobs", recorded)
+    with torch.autocast("cpu", dtype=torch.bfloat16), patch_model(model, impl="torch"):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(copies) == 1 and copies[0]() is None, "the graph kept the bf16 [V, d] copy"
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in _trainable(model)}
+    model.zero_grad()
+
+    # the same head on the plainly cast weight
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    logps = linear_logprobs(hidden.bfloat16(), weight.bfloat16(), targets, impl="torch")
+    (-logps.sum() / (targets != -100).sum()).backward()
+    assert got["lm_head.weight"].abs().sum() > 0
+    for n, p in _trainable(model):
+        torch.testing.assert_close(got[n], p.grad, rtol=0, atol=0, msg=n)

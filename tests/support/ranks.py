@@ -8,6 +8,7 @@ the lines a script starts with to get FSDP2 or DeepSpeed on CPU processes (see t
 import pathlib
 import subprocess
 import sys
+import time
 
 _HEADER = """
 import os, sys, torch, torch.distributed as dist
@@ -98,3 +99,32 @@ def assert_ranks_end_equal(script: str, tmp_path: pathlib.Path) -> None:
     body = script.format(out=str(tmp_path / "out"))
     stdout = run_ranks(body + _CHECK, tmp_path)
     assert stdout.count("RANKS_EQUAL") == 2, stdout[-2000:]
+
+
+def join_processes(ctx, timeout: float) -> None:
+    """Wait for the workers of a `torch.multiprocessing.start_processes(..., join=False)`
+    context for at most `timeout` seconds. A worker that fails makes `join` raise (and stop
+    the others); one still running at the deadline (a hung collective) has every worker
+    terminated (killed if it ignores that) and fails the test, so a hang never blocks CI."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, min(10.0, deadline - time.monotonic()))):
+        if time.monotonic() < deadline:
+            continue
+        alive = [p.pid for p in ctx.processes if p.is_alive()]
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        pytest.fail(f"worker processes {alive} still running after {timeout:g} s: terminated")
+
+
+def sleep_forever(rank: int) -> None:
+    """A worker that hangs (tests of `join_processes`)."""
+    while True:
+        time.sleep(1)

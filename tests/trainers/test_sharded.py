@@ -3,10 +3,11 @@ gathered lm_head.
 
 - `gathered_weight`: forward and every gradient equal the unsharded weight's (float64
   oracle) on a real two-process FSDP2 `DTensor` (uneven shards), on a real two-process
-  ZeRO-3 partitioned parameter (patch_trl's head too, called as TRL calls it) and on a
-  cast copy; the gathered / cast `[V, d]` tensor is not kept by the graph between forward
-  and backward: it is gathered again in the backward (counted), where the plain head
-  keeps it;
+  ZeRO-3 partitioned parameter (patch_trl's head too, called as TRL calls it; and a
+  trainable ZeRO-3 head under a DeepSpeed engine, its gradient reduced into the partitions
+  equal to the unsharded one) and on a cast copy; the gathered / cast `[V, d]` tensor is
+  not kept by the graph between forward and backward: it is gathered again in the
+  backward (counted), where the plain head keeps it;
 - `GRPOTrainer` and `DPOTrainer` on two CPU processes under FSDP2, and under ZeRO-3, end
   with the LoRA weights one process ends with on the same global batch (world 2 x batch b
   vs world 1 x batch 2b; SGD, so the comparison is not an Adam sign of a rounding error):
@@ -246,6 +247,84 @@ def test_a_zero3_weight_is_gathered_in_forward_and_backward(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (an optional extra)")
     out = run_ranks(ZERO3_SCRIPT, tmp_path)
     assert out.count("ZERO3_OK") == 2, out[-2000:]
+
+
+ZERO3_TRAINABLE_SCRIPT = (
+    """
+import deepspeed
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.utils import safe_get_full_grad
+from fastrl.integrations.trl import TRLPatch
+from tests.trainers.test_sharded import _head_inputs, _oracle
+
+deepspeed.init_distributed(dist_backend="gloo")
+weight, hidden, targets = _head_inputs()
+t = targets.clamp(min=0)
+patch = TRLPatch(original=None, impl="torch")
+
+
+# a model whose forward scores tokens as TRL's fused lm_head forward does: the lm_head
+# weight read directly, gathered by TRL's maybe_gather_lm_head_ctx (GatheredParameters)
+# around the head call, inside the model's forward
+class Head(torch.nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(12, 37, bias=False)
+
+    def forward(self, h):
+        w = self.lm_head.weight
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+            logps, ent, *_ = patch.apply(h, w, None, t, 0.8, 128, None, 1.0, ("entropy",))
+        return logps, ent
+
+
+config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "zero_allow_untested_optimizer": True}
+with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32):
+    model = Head()
+w = model.lm_head.weight
+with deepspeed.zero.GatheredParameters([w], modifier_rank=0):
+    if dist.get_rank() == 0:
+        w.data.copy_(weight)
+engine, *_ = deepspeed.initialize(
+    model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config
+)
+assert w.requires_grad and w.ds_status == ZeroParamStatus.NOT_AVAILABLE and w.numel() == 0
+
+h = hidden.clone().requires_grad_()
+logps, ent = engine(h)
+assert w.numel() == 0  # partitioned again after the forward
+g = torch.linspace(-1.0, 1.0, t.numel())
+engine.backward((logps * g).sum() + ent.sum())
+
+# the unsharded head: the same loss, its weight gradient in float64
+w64 = weight.double().requires_grad_()
+from fastrl.reference import naive_linear_logprobs
+lp64, ent64 = naive_linear_logprobs(hidden.double(), w64, t, temperature=0.8, return_entropy=True)
+((lp64 * g.double()).sum() + ent64.sum()).backward()
+tol = dict(rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(logps, lp64.float().detach(), **tol)
+full = safe_get_full_grad(w)  # both ranks ran the same batch: their mean is it
+assert full is not None and full.shape == (37, 12)
+torch.testing.assert_close(full, w64.grad.float(), **tol)
+assert full.abs().sum() > 0
+print("ZERO3_TRAINABLE_OK", dist.get_rank(), flush=True)
+"""
+    + EXIT
+)
+
+
+@pytest.mark.slow
+def test_a_trainable_zero3_head_through_patch_trl_gets_the_unsharded_gradient(tmp_path):
+    """Two processes, a trainable ZeRO-3 lm_head under a DeepSpeed engine (TRL full
+    fine-tuning with DeepSpeed): patch_trl's head, called inside the model's forward under
+    TRL's gather, gives the weight the unsharded head's gradient (float64 oracle), reduced
+    by DeepSpeed into its partitions."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (an optional extra)")
+    out = run_ranks(ZERO3_TRAINABLE_SCRIPT, tmp_path)
+    assert out.count("ZERO3_TRAINABLE_OK") == 2, out[-2000:]
 
 
 # ---------------------------------------------------------------- refusals

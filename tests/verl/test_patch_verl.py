@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from fastrl.integrations import VerlPatch, patch_verl
 from tests.support import DEVICE
 from tests.support.compare import _assert_grads_close
 from tests.support.engine import V, tiny_qwen2
+from tests.support.ranks import join_processes
 
 VERL_LCE = verl_lce.linear_cross_entropy
 VERL_FORWARD = FusedLinearForPPO.__dict__["forward"]
@@ -209,6 +211,37 @@ def test_fused_linear_for_ppo_dtypes_follow_verl(case):
         torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
+def test_fused_linear_for_ppo_under_autocast_keeps_no_cast_weight_copy(monkeypatch):
+    """An fp32 trainable head under bf16 autocast: the head gets the weight cast to bf16,
+    and the graph keeps a handle that casts it again in the backward, not the [V, d] bf16
+    copy (alive after the forward only if the graph saved it). Outputs and gradients equal
+    those of the same head on a plain ``weight.to(bf16)``."""
+    from fastrl import linear_logprobs
+
+    hidden, weight, labels = _head_inputs((23,), seed=3, device="cpu")  # CPU autocast
+    copies = []
+
+    def recorded(h, w, *args, **kwargs):
+        copies.append(weakref.ref(w))
+        assert w.dtype == torch.bfloat16 and w.shape == weight.shape
+        return linear_logprobs(h, w, *args, **kwargs)
+
+    monkeypatch.setattr(fastrl_verl, "linear_logprobs", recorded)
+    with torch.autocast("cpu", dtype=torch.bfloat16), patch_verl(impl="torch"):
+        ours = FusedLinearForPPO()(hidden, weight, labels, 0.9)
+    assert len(copies) == 1 and copies[0]() is None, "the graph kept the bf16 [V, d] copy"
+    grads = _grads_of(ours, (hidden, weight))
+    plain = linear_logprobs(
+        hidden.bfloat16(), weight.bfloat16(), labels.long(), temperature=0.9,
+        return_entropy=True, impl="torch", compact=False,
+    )  # fmt: skip
+    want = (plain[0], plain[1].to(hidden.dtype))
+    for a, b in zip(ours, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert grads[1].abs().sum() > 0
+    _assert_grads_close(grads, _grads_of(want, (hidden, weight)), dict(rtol=0, atol=0))
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "Mean"])
 def test_linear_cross_entropy_matches_verl_reference(impl, reduction):
@@ -314,8 +347,7 @@ def test_dist_process_group_on_two_ranks_matches_one(tmp_path):
         port = s.getsockname()[1]
     ctx = mp.start_processes(_tp_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")  # fmt: skip
-    while not ctx.join(timeout=120):
-        pass
+    join_processes(ctx, timeout=240)  # a hung rank fails the test, never blocks CI
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     ref = _tp_run(None, None)
     for r, g in enumerate(got):

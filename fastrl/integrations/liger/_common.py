@@ -6,6 +6,7 @@ import torch
 
 from fastrl import linear_logprobs
 from fastrl.checks import check_bool, check_number
+from fastrl.integrations.logit_sums import vocab_sums
 
 
 def check_perf_options(compiled: bool, chunk_size: int) -> None:
@@ -57,23 +58,16 @@ def averaged(seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits_sum(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None = None,
+def row_logits_sums(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``sum over rows, positions and vocabulary of hidden @ weight.T + bias`` (fp32, 0-d)
-    without the logits: the sum over the vocabulary is linear, ``h . sum_v w_v + sum(b)``.
-    `hidden` ``[R, T, d]``; every position counts (Liger's logit metrics ignore no
-    target); `rows` ``[R]`` 0/1 selects rows."""
-    per_row = hidden.float().sum(1)  # [R, d]
-    n_rows = hidden.shape[0]
-    if rows is not None:
-        rows = rows.float()
-        per_row = per_row * rows[:, None]
-        n_rows = rows.sum()
-    total = per_row.sum(0) @ weight.float().sum(0)
-    if bias is not None:
-        total = total + n_rows * hidden.shape[1] * bias.float().sum()
-    return total
+    """``[R]`` fp32: per row, the sum over positions and vocabulary of ``hidden @ weight.T +
+    bias``, without the logits (`fastrl.integrations.logit_sums.vocab_sums`: the sum over
+    the vocabulary is linear). `hidden` ``[R, T, d]``; every position counts (Liger's logit
+    metrics ignore no target). Accumulated in fp32 without an fp32 copy of `hidden` or of
+    the ``[V, d]`` `weight`: call it once per forward and sum the rows each metric needs."""
+    col_sum, bias_sum = vocab_sums(weight, bias)
+    per_row = hidden.sum(1, dtype=torch.float32) @ col_sum  # [R]
+    if bias_sum is not None:
+        per_row = per_row + hidden.shape[1] * bias_sum
+    return per_row

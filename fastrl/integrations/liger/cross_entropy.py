@@ -20,7 +20,7 @@ import math
 import torch
 
 from fastrl import linear_logprobs
-from fastrl.checks import check_impl
+from fastrl.checks import check_impl, check_values
 
 __all__ = ["LigerFusedLinearScaledCrossEntropyFunction"]
 
@@ -51,7 +51,9 @@ def _check(_input, weight, target, temperature, m_tiles_per_cluster, return_entr
 
 
 def _check_selected(selected_token_ids, weight) -> None:
-    """Liger's checks of ``selected_token_ids`` (one host read for the range, as Liger)."""
+    """Liger's checks of ``selected_token_ids``; the range is checked on the device without
+    a host read (`fastrl.checks.check_values`: eager on a CPU, a device-side assert on an
+    accelerator)."""
     if selected_token_ids is None:
         return
     if not isinstance(selected_token_ids, torch.Tensor):
@@ -63,8 +65,9 @@ def _check_selected(selected_token_ids, weight) -> None:
     if selected_token_ids.device != weight.device:
         raise ValueError("selected_token_ids and weight must be on the same device")
     V = weight.shape[0]
-    if bool(((selected_token_ids < 0) | (selected_token_ids >= V)).any()):
-        raise ValueError(f"selected_token_ids must be in [0, {V})")
+    bad = (selected_token_ids < 0) | (selected_token_ids >= V)
+    message = f"selected_token_ids must be in [0, {V})"
+    check_values(bad, message, lambda: f"{message}, got {selected_token_ids[bad][0].item()}")
 
 
 class LigerFusedLinearScaledCrossEntropyFunction:
@@ -98,10 +101,14 @@ class LigerFusedLinearScaledCrossEntropyFunction:
         if selected_token_ids is not None:
             valid = target != ignore_index
             safe = torch.where(valid, target, 0)
-            # the row's logsumexp: z_target - logp_target, differentiable like both terms
-            z_target = (_input * weight[safe]).sum(-1).float() / temperature
+            # the row's logsumexp: z_target - logp_target, differentiable like both terms.
+            # Both logits in fp32 (the [M, d] / [K, d] gathers and the [M, K] product are
+            # small next to [M, V]), as the head accumulates the logits behind logps: bf16
+            # products would be off by ~|z| 2^-9
+            h = _input.float()
+            z_target = (h * weight[safe].float()).sum(-1) / temperature
             lse = z_target - logps
-            z_sel = (_input @ weight[selected_token_ids].T).float() / temperature
+            z_sel = (h @ weight[selected_token_ids].float().T) / temperature
             selected = (z_sel - lse[:, None]).masked_fill(~valid[:, None], 0.0)
             outputs += (selected,)
         return outputs[0] if len(outputs) == 1 else outputs

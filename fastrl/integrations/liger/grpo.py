@@ -13,30 +13,50 @@ epsilon_low / epsilon_high  epsilon / epsilon_high
 use_ref_model=False         no KL term (Liger's KL is then 0 with 0 gradient)
 ref_input/ref_weight/bias   reference log-probs from the same head, no grad
 vllm_is_ratio               folded into the advantages (exact: the ratio is a
-                            non-negative factor on the policy term)
-dapo/cispo normaliser       num_items_in_batch, else the mask's token count
+                            non-negative factor on the policy term); vespo:
+                            sampling_logps with sampling_correction=
+                            "token_mask" and no bounds, whose ratios are
+                            Liger's (below)
+dapo/cispo/vespo normaliser num_items_in_batch, else the mask's token count
+vespo_k_pos, ...            vespo_k_pos, ... (VESPO's Gamma weight)
 ==========================  ===============================================
 
-Refused with a ValueError: ``loss_type="vespo"`` (and non-default ``vespo_*``), and
-``"luspo"`` where Liger's formula is not TRL's (token-level terms: Liger divides by ``B *
-T`` and weighs padded positions).
+VESPO (``loss_type="vespo"``): Liger, as TRL, does not multiply the loss by
+``vllm_is_ratio`` but adds the clamped ``log(vllm_is_ratio)`` (summed over the row, once
+for a ``[B]`` / ``[B, 1]`` ratio) to the sequence log-ratio inside the weight. fastrl's
+weight folds its sampler correction in the same way, over the scored tokens, so the
+drop-in hands fastrl sampler log-probs ``old - log(ratio)`` at the scored tokens (a
+per-sequence ratio at each row's first scored token): the same weight. Liger's sum runs
+over the padded positions of a ``[B, T]`` ratio too, which fastrl's does not see: a
+``[B, T]`` ratio must be 1 there (TRL's always is: ``exp(0)``), else a ValueError (on a
+CPU; a device-side assert on an accelerator, `fastrl.checks.check_values`). Its clip
+metric is 0, as Liger's.
+
+Refused with a ValueError: a non-default ``vespo_*`` with another loss type (Liger ignores
+it), and ``"luspo"`` where Liger's formula is not TRL's (token-level terms: Liger divides by
+``B * T`` and weighs padded positions).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 from fastrl import fused_policy_loss, linear_logprobs, policy_loss
-from fastrl.checks import check_bool, check_choice, check_impl, check_number
+from fastrl.checks import check_bool, check_choice, check_impl, check_number, check_values
 from fastrl.integrations.liger._common import check_3d, check_perf_options, refuse_non_default
 
 __all__ = ["LigerFusedLinearGRPOLoss"]
 
-#: the loss types of Liger 0.8.5's GRPO that fastrl computes (all but vespo)
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+#: the loss types of Liger 0.8.5's GRPO (fastrl computes all of them)
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+#: normalised by num_items_in_batch, else the mask's token count (Liger's dapo normaliser)
+_TOKEN_COUNT = ("dapo", "cispo", "vespo")
 _VESPO_DEFAULTS = dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+#: Liger's (TRL's) clamp of each log(vllm_is_ratio) in VESPO's weight
+_LOG_RATIO_MIN, _LOG_RATIO_MAX = math.log(1e-8), 20.0
 
 
 def _world_size() -> int:
@@ -70,11 +90,37 @@ def _is_ratio(vllm_is_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             f"{tuple(vllm_is_ratio.shape)}"
         )
     ratio = vllm_is_ratio.detach().float()
-    # a weight on the policy term; folding it into the advantages needs it >= 0 (one check
-    # per call, only when the correction is used)
-    if bool((ratio < 0).any()):
-        raise ValueError("vllm_is_ratio must be >= 0 (an importance weight), got negative values")
+    # a weight on the policy term; folding it into the advantages (or its log into VESPO's
+    # weight) needs it >= 0: checked on the device, no host read
+    message = "vllm_is_ratio must be >= 0 (an importance weight), got negative values"
+    check_values(ratio < 0, message, lambda: f"{message}: {ratio[ratio < 0][0].item()}")
     return ratio.reshape(B, 1) if ratio.dim() == 1 else ratio
+
+
+@torch.no_grad()
+def _vespo_sampling_logps(ratio: torch.Tensor, mask: torch.Tensor, old: torch.Tensor):
+    """``[B, T]`` sampler log-probs whose fastrl correction (``"token_mask"``, no bounds:
+    the ratio ``exp(old - sampling)`` at the scored tokens, 1 elsewhere) adds to VESPO's
+    sequence log-ratio what Liger adds from `ratio` ``[B, 1]`` or ``[B, T]``: the sum over
+    the row of ``clamp(log ratio, log 1e-8, 20)``. A per-sequence ratio goes to the row's
+    first scored token (a row with none scores nothing); a per-token ratio must be 1 at
+    the masked positions, which Liger sums and fastrl does not see. `old` ``[B, T]``: the
+    old log-probs fastrl's loss gets (the current ones, detached, when there are none)."""
+    m = mask.bool()
+    # clamped as Liger does; fastrl's clamp of the same values is then the identity
+    log_r = ratio.log().clamp(_LOG_RATIO_MIN, _LOG_RATIO_MAX)
+    if ratio.shape[1] == 1:
+        first = torch.arange(m.shape[1], device=m.device) == m.int().argmax(1, keepdim=True)
+        log_r = torch.where(first, log_r, 0.0)
+    else:
+        bad = ~m & (ratio != 1)
+        message = (
+            "with loss_type='vespo' a [B, T] vllm_is_ratio must be 1 at the masked-out "
+            "positions: Liger sums log(ratio) over the whole row into VESPO's weight, fastrl "
+            "(as TRL, whose ratio is 1 there) over the completion tokens"
+        )
+        check_values(bad, message, lambda: f"{message}; got {ratio[bad][0].item()}")
+    return old.float() - log_r
 
 
 @torch.no_grad()
@@ -91,7 +137,7 @@ def _clip_ratio(logps, old, advantages, mask, opts) -> torch.Tensor:
     eps_low, eps_high = float(opts["epsilon"]), float(opts["epsilon_high"])
     if opts["loss_type"] == "cispo":
         clipped = (coef > eps_high) & (adv > 0)
-    elif opts["loss_type"] == "sapo":
+    elif opts["loss_type"] in ("sapo", "vespo"):  # no clipping: Liger's metric is 0
         clipped = torch.zeros_like(coef, dtype=torch.bool)
     else:
         low = (coef < 1 - eps_low) & (adv < 0)
@@ -108,8 +154,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         use_ref_model: whether ``ref_per_token_logps`` or ``ref_input`` is given and used.
         epsilon_low, epsilon_high: the clip range (``cispo``: ``epsilon_high`` caps the
             ratio itself).
-        loss_type: "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo" (Liger's
-            "vespo" is refused).
+        loss_type: "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo".
         max_completion_length: required by "dr_grpo".
         importance_sampling_level: "token" or "sequence" (GSPO).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures.
@@ -117,7 +162,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         delta: two-sided clipping cap (clipped-surrogate loss types only: fastrl refuses
             it where Liger ignores it).
         use_bias_correction_kl: KL times the importance ratio.
-        vespo_*: VESPO's, refused unless at their defaults.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma weight
+            (``loss_type="vespo"``; refused away from their defaults with another).
         impl: fastrl's head: "auto" (Triton on CUDA), "triton", "torch" (keyword only).
     """
 
@@ -145,19 +191,17 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        if loss_type == "vespo":
-            raise ValueError(
-                "loss_type='vespo' is not supported by fastrl's drop-in (fastrl has no VESPO "
-                f"loss); supported: {LOSS_TYPES}"
-            )
         check_choice("loss_type", loss_type, LOSS_TYPES)
         check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
         vespo = dict(
             vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
             vespo_lambda_neg=vespo_lambda_neg,
         )  # fmt: skip
-        for name, default in _VESPO_DEFAULTS.items():
-            refuse_non_default(name, vespo[name], default, "VESPO's, and fastrl has no VESPO")
+        if loss_type != "vespo":  # Liger ignores them there
+            for name, default in _VESPO_DEFAULTS.items():
+                refuse_non_default(
+                    name, vespo[name], default, f"VESPO's, and loss_type={loss_type!r}"
+                )
         # Liger's own checks, with its messages
         if sapo_temperature_pos <= 0:
             raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
@@ -165,7 +209,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
         if delta is not None and delta <= 0:
             raise ValueError(f"delta must be positive, got {delta}")
-        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(
                 f"Sequence-level importance sampling is not supported for loss_type="
                 f"'{loss_type}'. Use importance_sampling_level='token' instead."
@@ -208,6 +252,10 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
             max_completion_length=self.max_completion_length,
             sapo_temperature_pos=self.sapo_temperature_pos,
             sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
             num_processes=_world_size(),
         )
 
@@ -275,7 +323,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 d]`` and head (default: this head), scored without gradient.
             vllm_is_ratio: ``[B]``, ``[B, 1]`` or ``[B, T]`` sampler importance weights.
             num_items_in_batch: the generation batch's token count over all processes
-                (dapo and cispo; the other loss types do not read it, in Liger or TRL).
+                (dapo, cispo and vespo; the others do not read it, in Liger or TRL).
 
         Returns:
             ``(loss, metrics)``: ``loss`` 0-d fp32; ``metrics`` ``(kl, clip_ratio)`` when
@@ -306,13 +354,16 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 "no KL term and no per-token vllm_is_ratio: with per-token terms Liger 0.8's "
                 "luspo divides by B * T and weighs padded positions, unlike TRL's (fastrl's)"
             )
-        if self.loss_type in ("dapo", "cispo") and num_items_in_batch is None:
+        if self.loss_type in _TOKEN_COUNT and num_items_in_batch is None:
             num_items_in_batch = _token_count(mask)
         loss_kw = dict(ref_logps=ref, **opts)
-        if self.loss_type in ("dapo", "cispo"):
+        if self.loss_type in _TOKEN_COUNT:
             loss_kw["num_items_in_batch"] = num_items_in_batch
         adv = advantages
-        if vllm_is_ratio is not None:  # a non-negative factor on the policy term
+        vespo_ratio = None
+        if vllm_is_ratio is not None and self.loss_type == "vespo":  # into VESPO's weight
+            vespo_ratio = _is_ratio(vllm_is_ratio, mask)
+        elif vllm_is_ratio is not None:  # a non-negative factor on the policy term
             adv = advantages.detach().float().reshape(-1, 1) * _is_ratio(vllm_is_ratio, mask)
             adv = adv.expand(mask.shape)
 
@@ -327,6 +378,13 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 _input, lin_weight, scored, bias=bias, temperature=self.temperature,
                 impl=self.impl,
             )  # fmt: skip
+            if vespo_ratio is not None:
+                old = logps if old_per_token_logps is None else old_per_token_logps
+                loss_kw.update(
+                    sampling_logps=_vespo_sampling_logps(vespo_ratio, mask, old.detach()),
+                    sampling_correction="token_mask", sampling_clip_min=None,
+                    sampling_clip_max=None,
+                )  # fmt: skip
             loss, metrics = policy_loss(logps, old_per_token_logps, adv, mask, **loss_kw)
             clip = _clip_ratio(logps, old_per_token_logps, advantages, mask, opts)
         out = []
@@ -340,6 +398,6 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         """Liger's clip ratio from fastrl's token-level metrics (the same definition)."""
         if self.loss_type == "cispo":
             return metrics["cispo_clip_ratio"]
-        if self.loss_type == "sapo":
+        if self.loss_type in ("sapo", "vespo"):  # no clipping: Liger's metric is 0
             return torch.zeros((), device=mask.device)
         return metrics["clip_ratio/region_mean"]

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 from fastrl import kto_loss
-from fastrl.checks import check_bool, check_impl, check_number
+from fastrl.checks import check_bool, check_impl, check_number, check_values
 from fastrl.integrations.liger._common import (
     averaged,
     check_3d,
     check_perf_options,
-    logits_sum,
+    row_logits_sums,
     token_logps,
 )
 
@@ -37,9 +37,10 @@ def _kl_point(kl: torch.Tensor | float) -> torch.Tensor:
             f"reference point), got shape {tuple(kl.shape)} dtype {kl.dtype}"
         )
     kl = kl.detach().float().reshape(1)
-    # one host read, only when kl is given: fastrl clamps the reference point at 0 as TRL does
-    if bool(kl < 0):
-        raise ValueError(f"kl must be >= 0 (TRL's KL reference point is clamped at 0), got {kl}")
+    # fastrl clamps the reference point at 0 as TRL does: a negative one is refused, on the
+    # device (no host read)
+    message = "kl must be >= 0 (TRL's KL reference point is clamped at 0)"
+    check_values(kl < 0, message, lambda: f"{message}, got {kl.item()}")
     return kl
 
 
@@ -123,11 +124,12 @@ class LigerFusedLinearKTOLoss(torch.nn.Module):
         chosen, rejected = labels.float(), (~labels).float()
         seq_d = seq.detach()
         rewards = self.beta * (seq_d - ref)
+        logits = row_logits_sums(_input, lin_weight, bias)  # [B]
         outputs = (
             (seq_d * chosen).sum(),
             (seq_d * rejected).sum(),
-            logits_sum(_input, lin_weight, bias, chosen),
-            logits_sum(_input, lin_weight, bias, rejected),
+            (logits * chosen).sum(),
+            (logits * rejected).sum(),
             (rewards * chosen).sum(),
             (rewards * rejected).sum(),
         )

@@ -26,8 +26,8 @@ from fastrl.integrations.liger._common import (
     averaged,
     check_3d,
     check_perf_options,
-    logits_sum,
     refuse_non_default,
+    row_logits_sums,
     token_logps,
 )
 
@@ -112,8 +112,8 @@ class _PairedPreference(torch.nn.Module):
         ref_seq = None if ref is None else self._reference(target, *ref, lin_weight, bias)
         loss, shown, aux = self._loss(seq, lengths, nll, ref_seq, B)
         scale = B * T * lin_weight.shape[0]
-        chosen_mean = logits_sum(_input[:B], lin_weight, bias) / scale
-        rejected_mean = logits_sum(_input[B:], lin_weight, bias) / scale
+        logits = row_logits_sums(_input, lin_weight, bias)  # [2B]
+        chosen_mean, rejected_mean = logits[:B].sum() / scale, logits[B:].sum() / scale
         outputs = (shown[:B], shown[B:], chosen_mean, rejected_mean, nll, *aux)
         return loss.float(), tuple(x.detach().float() for x in outputs)
 
