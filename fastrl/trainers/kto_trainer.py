@@ -30,7 +30,8 @@ import torch
 
 from fastrl import kto_loss, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import gathered_weight, lm_head
+from fastrl.integrations import lm_head
+from fastrl.integrations.logit_sums import vocab_sums
 from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import load_data, require_columns
@@ -226,11 +227,11 @@ def _mean_logits(hidden, weight, head_kwargs: dict) -> torch.Tensor | None:
     None under a softcap, which is not linear."""
     if head_kwargs.get("softcap") is not None:
         return None
-    bias = head_kwargs.get("bias")
-    out = hidden.detach().float() @ weight.detach().float().mean(0)
-    if bias is not None:
-        out = out + bias.detach().float().mean()
-    return out / head_kwargs.get("temperature", 1.0)
+    col_sum, bias_sum = vocab_sums(weight, head_kwargs.get("bias"))
+    out = hidden.detach().float() @ col_sum
+    if bias_sum is not None:
+        out = out + bias_sum
+    return out / (weight.shape[0] * head_kwargs.get("temperature", 1.0))
 
 
 def _rows(batch: dict[str, torch.Tensor], part: slice) -> dict[str, torch.Tensor]:
@@ -415,8 +416,7 @@ class KTOTrainer(BaseTrainer):
             h = h.to(head.weight.dtype)
         completion = mask[:B].bool()
         scored = torch.where(completion, targets[:B], IGNORE_INDEX)
-        with gathered_weight(head.weight, head.bias) as (weight, bias):
-            head_kw = {**head.kwargs(), "bias": bias}
+        with head.gathered() as (weight, head_kw):
             logps, entropy = linear_logprobs(
                 h, weight, scored, impl=self.args.kernel_impl, return_entropy=True, **head_kw
             )

@@ -47,7 +47,7 @@ import torch
 from fastrl import gae_advantages, kl_shaped_rewards, linear_logprobs, masked_whiten, value_loss
 from fastrl import policy_loss as ppo_policy_loss
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import gathered_weight, lm_head
+from fastrl.integrations import lm_head
 from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import load_data, require_columns
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler
@@ -291,7 +291,6 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         the value head's `[B, T]` values, from one backbone pass per micro-batch."""
         model = self._unwrapped_model()
         head = lm_head(model)
-        kw = head.kwargs(self.args.temperature)
         P = batch["prompt_ids"].shape[1]
         bs = self.args.per_device_train_batch_size
         logps, values = [], []
@@ -300,13 +299,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             for s in range(0, batch["prompt_ids"].shape[0], bs):
                 part = {k: v[s : s + bs] for k, v in batch.items()}
                 lp, v = self._forward_heads(
-                    model, model, part, P, head, kw, values=not reference, entropy=False
+                    model, model, part, P, head, values=not reference, entropy=False
                 )
                 logps.append(lp)
                 values.append(v)
         return torch.cat(logps), (None if reference else torch.cat(values))
 
-    def _forward_heads(self, model, unwrapped, part, P, head, kw, *, values: bool, entropy: bool):
+    def _forward_heads(self, model, unwrapped, part, P, head, *, values: bool, entropy: bool):
         """One backbone pass -> hidden at the completion positions -> (log-probs, or
         (log-probs, entropies) with `entropy`; the values or None)."""
         ids = torch.cat([part["prompt_ids"], part["completion_ids"]], 1)
@@ -315,10 +314,10 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         hidden = completion_positions(hidden, P).to(head.weight.dtype)
         mask = part["completion_mask"].bool()
         targets = torch.where(mask, part["completion_ids"], IGNORE_INDEX)
-        with gathered_weight(head.weight, head.bias) as (weight, bias):
+        with head.gathered(self.args.temperature) as (weight, head_kw):
             out = linear_logprobs(
                 hidden, weight, targets, impl=self.args.kernel_impl, return_entropy=entropy,
-                **{**kw, "bias": bias},
+                **head_kw,
             )  # fmt: skip
         v = unwrapped.value_head(hidden.float()).squeeze(-1) if values else None
         return out, v
@@ -434,7 +433,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         P = inputs["prompt_ids"].shape[1]
         training = model.training
         (logps, entropy), values = self._forward_heads(
-            model, unwrapped, inputs, P, head, head.kwargs(a.temperature), values=True,
+            model, unwrapped, inputs, P, head, values=True,
             entropy=True,
         )  # fmt: skip
         mask = inputs["completion_mask"]
