@@ -490,8 +490,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         whitens each process's batch alone): the rows are gathered (padded to the longest
         completion), whitened as one batch and this process's returned, so N processes x
         B rows whiten as one process with N * B rows does. `keep_mean` adds the masked
-        mean back (TRL's `whiten_rewards`, `shift_mean=False`). One all-gather of `x` and
-        `mask` per call, once per rollout; none on one process."""
+        mean back (TRL's `whiten_rewards`, `shift_mean=False`). Three small collectives per
+        call (the widths, `x`, `mask`), once per rollout; none on one process."""
         acc = self.accelerator
         rows = slice(None)
         if acc.num_processes > 1:
@@ -504,7 +504,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         return out[rows]
 
     def _record_rollout(self, t, rewards, kl, truncated) -> None:
-        """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens."""
+        """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens; with
+        several processes `val/num_eos_tokens` and the token count are their sums."""
         a = self.args
         m = t["completion_mask"].float()
         non_score = (-a.kl_coef * kl * m).sum(1)
