@@ -490,8 +490,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         whitens each process's batch alone): the rows are gathered (padded to the longest
         completion), whitened as one batch and this process's returned, so N processes x
         B rows whiten as one process with N * B rows does. `keep_mean` adds the masked
-        mean back (TRL's `whiten_rewards`, `shift_mean=False`). Three small collectives per
-        call (the widths, `x`, `mask`), once per rollout; none on one process."""
+        mean back (TRL's `whiten_rewards`, `shift_mean=False`). Four small collectives per
+        call (the width and the rows of `x`, then of `mask`), once per rollout; none on one
+        process."""
         acc = self.accelerator
         rows = slice(None)
         if acc.num_processes > 1:
