@@ -31,6 +31,11 @@ class PPOConfig(ModelArguments, TrainingArguments):
     `per_device_train_batch_size * gradient_accumulation_steps` completions, one optimizer
     step each (micro-batches of `per_device_train_batch_size`). So a rollout gives
     `num_ppo_epochs * num_mini_batches` optimizer steps, and `max_steps` counts those.
+    Under DDP (torchrun, accelerate launch) every process samples and trains on its own
+    rollout of that size (TRL's `local_batch_size`; the prompts are sharded), DDP averages
+    the gradients, and the whitening (`whiten_advantages`, `whiten_rewards`) takes its
+    statistics over every process's rollout together (OpenRLHF's; TRL whitens each
+    process's batch alone). FSDP and DeepSpeed ZeRO-3 are refused (the value head).
 
     Defaults that differ from `TrainingArguments` (as TRL): `learning_rate=3e-6`,
     `logging_steps=10`, activation checkpointing on, `remove_unused_columns=False`;
@@ -45,7 +50,8 @@ class PPOConfig(ModelArguments, TrainingArguments):
         kept), missing_eos_penalty (None: subtracted from the score of a completion that
         ends without EOS), stop_token ("eos" only: a completion ends at its first EOS),
         stop_token_id (an extra id that ends a completion). fastrl's: whiten_advantages
-        (True, as TRL and OpenRLHF always do: `fastrl.masked_whiten` over the rollout),
+        (True, as TRL and OpenRLHF always do: `fastrl.masked_whiten` over the rollout,
+        every process's together),
         reward_weights (one per reward function, as GRPOConfig), value_head_std (the
         value head's initial weight std; default 1 / (d + 1), as OpenRLHF's critic head).
 
@@ -182,7 +188,7 @@ class PPOConfig(ModelArguments, TrainingArguments):
             )
 
     def _check_after_parse(self) -> None:
-        """What needs `TrainingArguments` parsed (`generation_kwargs`, `do_eval`, processes)."""
+        """What needs `TrainingArguments` parsed (`generation_kwargs`, `do_eval`)."""
         if self.eval_strategy != "no" or self.do_eval:
             raise ValueError(
                 "--eval_strategy / --do_eval: PPOTrainer has no evaluation loop; leave "
@@ -193,11 +199,4 @@ class PPOConfig(ModelArguments, TrainingArguments):
             raise ValueError(
                 f"--generation_kwargs stop_strings={stop!r} is not supported: a completion "
                 "ends at its first EOS token (use --stop_token_id)"
-            )
-        if self.world_size > 1:
-            # the value head runs outside the model's forward, so DDP would not all-reduce
-            # its gradient; one process until that is wired and tested
-            raise ValueError(
-                f"PPOTrainer runs on one process for now (got {self.world_size}): launch "
-                "without torchrun / accelerate multi-process"
             )

@@ -25,12 +25,22 @@ the micro-batch, `accelerator.accumulate`) and OpenRLHF's ``token_level_loss``. 
 loss is the same token mean, / accumulation steps.
 
 The value head lives on the peft model as `model.value_head` (so the optimizer, gradient
-clipping and `model.train()` see it). peft's `save_pretrained` saves only the adapter:
-`save_model` and every checkpoint add `value_head.safetensors` (`weight` [1, d],
-`bias` [1], float32) next to it; resuming from a checkpoint loads it back, and
-`load_value_head(model, directory)` attaches it to a model loaded with peft. The rollout
-being trained on and the micro-step counter are saved next to the RNG state
-(`ppo_rollout.pt`), so a run resumed from a checkpoint in the middle of a rollout's
+clipping and `model.train()` see it) and runs inside the model's forward
+(`hidden_and_values`): under DDP it is a parameter of the wrapped module used in its
+forward, so its gradient is all-reduced with the adapters' (and held back by `no_sync`
+during gradient accumulation). With several processes each samples, scores and trains on
+its own rollout (the dataloader shards the prompts); the whitening statistics are those
+of every process's rollout together (OpenRLHF's; TRL's PPOTrainer whitens each process's
+batch alone), so N processes of B rows compute the advantages one process of N * B rows
+computes, and the rollout metrics are means over all of them. FSDP and DeepSpeed ZeRO-3
+are refused (`refuse_sharded_value_head`).
+
+peft's `save_pretrained` saves only the adapter: `save_model` and every checkpoint add
+`value_head.safetensors` (`weight` [1, d], `bias` [1], float32) next to it; resuming
+from a checkpoint loads it back, and `load_value_head(model, directory)` attaches it to
+a model loaded with peft. The rollout being trained on and the micro-step counter are
+saved next to the RNG state (`ppo_rollout.pt`; one `ppo_rollout_<process index>.pt` per
+process with several), so a run resumed from a checkpoint in the middle of a rollout's
 epochs trains on the same rollout and ends with the adapter and value head an
 uninterrupted run ends with.
 """
@@ -52,8 +62,9 @@ from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import load_data, require_columns
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler
 from fastrl.trainers.model import (
-    backbone_hidden_states,
     completion_positions,
+    forward_returns_hidden_states,
+    position_ids_from_mask,
     reference_adapters_off,
 )
 from fastrl.trainers.ppo_config import PPOConfig
@@ -69,7 +80,8 @@ __all__ = ["VALUE_HEAD_NAME", "PPOTrainer", "add_value_head", "load_value_head"]
 
 #: the value head's file next to the adapter
 VALUE_HEAD_NAME = "value_head.safetensors"
-#: the rollout and micro-step counter saved next to the RNG state (one process)
+#: the rollout and micro-step counter saved next to the RNG state (one process; with
+#: several, one `ppo_rollout_<process index>.pt` each)
 ROLLOUT_NAME = "ppo_rollout.pt"
 #: PPO's clipped surrogate with its token-mean aggregation (see the module docstring)
 LOSS_TYPE = "bnpo"
@@ -124,6 +136,71 @@ def _k_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) ->
     r = pi_ref / pi."""
     logr = ref_logps - logps
     return -logr if estimator == "k1" else torch.expm1(logr) - logr
+
+
+def hidden_and_values(
+    model: torch.nn.Module,
+    unwrapped: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    *,
+    values: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One call of `model` (the engine's wrapper of the peft model `unwrapped`, or
+    `unwrapped` itself) on `[B, L]` ids laid out `[prompt | completion]`: the backbone's
+    `[B, T, d]` hidden states at the completion positions (T = L - `prompt_length`) and,
+    with `values`, the value head's `[B, T]` float32 values on them; no logits.
+
+    The value head runs inside the wrapped call (the backbone's forward swapped for one
+    that applies it), so under DDP it is a parameter used in the wrapper's forward like
+    the LoRA weights: its gradient is all-reduced with theirs, `no_sync` (gradient
+    accumulation) holds it back the same way, and `find_unused_parameters=True` finds it
+    in the forward's graph (run after the call, it would be marked unused and reduced
+    before its gradient exists). Autocast is off around it: the head stays float32 under
+    mixed precision, as it is outside the forward.
+    """
+    base = unwrapped.get_base_model()
+    head = unwrapped.value_head
+    with forward_returns_hidden_states(unwrapped):
+        hidden_forward = base.forward
+
+        def forward(**kwargs):
+            hidden = completion_positions(hidden_forward(**kwargs), prompt_length)
+            if not values:
+                return hidden
+            with torch.autocast(hidden.device.type, enabled=False):
+                return hidden, head(hidden.float()).squeeze(-1)
+
+        base.forward = forward
+        try:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+            )
+        finally:
+            base.forward = hidden_forward
+    return out if values else (out, None)
+
+
+def refuse_sharded_value_head(trainer) -> None:
+    """PPO under FSDP2 or DeepSpeed ZeRO-3 is refused, naming what to use instead: the
+    value head is saved, loaded and run as a whole `nn.Linear` (not tested on shards).
+    DDP and DeepSpeed ZeRO-1/2 run the value head through the engine's forward."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if trainer.is_fsdp_enabled:
+        engine = "FSDP (--fsdp / fsdp_config, accelerate's FSDP plugin)"
+    elif is_deepspeed_zero3_enabled():
+        engine = "DeepSpeed ZeRO-3 (zero_optimization.stage 3)"
+    else:
+        return
+    raise ValueError(
+        f"PPOTrainer does not support sharded parameters: {engine} is not supported for "
+        "the value head yet; use DDP (torchrun / accelerate launch without FSDP) or "
+        "DeepSpeed ZeRO-1/2 (zero_optimization.stage 1 or 2)"
+    )
 
 
 class PPOTrainer(RolloutMixin, BaseTrainer):
@@ -182,6 +259,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        refuse_sharded_value_head(self)
         self.generation_config, self.eos_token_ids = _generation_config(args, tok, self.model)
         if args.stop_token_id is not None and args.stop_token_id not in self.eos_token_ids:
             self.eos_token_ids = [*self.eos_token_ids, args.stop_token_id]
@@ -206,10 +284,12 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     def _get_train_sampler(self, dataset=None):
         dataset = self.train_dataset if dataset is None else dataset
         a = self.args
+        # a chunk holds every process's rollout: the dataloader gives process i the i-th
+        # `rollout_batch_size` rows of it (accelerate's batch sharding), as GRPO's
         return GroupRepeatSampler(
             len(dataset),
             group_size=1,
-            prompts_per_batch=a.rollout_batch_size,
+            prompts_per_batch=a.rollout_batch_size * self.accelerator.num_processes,
             repeat=self._cycle,
             shuffle=a.shuffle_dataset,
             seed=a.data_seed if a.data_seed is not None else a.seed,
@@ -218,12 +298,12 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
             raise ValueError("PPOTrainer needs a map-style dataset (datasets.Dataset)")
-        n = self.args.rollout_batch_size
-        if len(self.train_dataset) < n:
+        n, world = self.args.rollout_batch_size, self.accelerator.num_processes
+        if len(self.train_dataset) < n * world:
             raise ValueError(
                 f"the dataset has {len(self.train_dataset)} prompts, fewer than one rollout "
                 f"needs (per_device_train_batch_size x gradient_accumulation_steps x "
-                f"num_mini_batches = {n})"
+                f"num_mini_batches x processes = {n} x {world})"
             )
         return self._get_dataloader(
             dataset=self.train_dataset,
@@ -306,12 +386,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         return torch.cat(logps), (None if reference else torch.cat(values))
 
     def _forward_heads(self, model, unwrapped, part, P, head, *, values: bool, entropy: bool):
-        """One backbone pass -> hidden at the completion positions -> (log-probs, or
-        (log-probs, entropies) with `entropy`; the values or None)."""
+        """One backbone pass (the value head inside it: `hidden_and_values`) -> (log-probs,
+        or (log-probs, entropies) with `entropy`; the values or None)."""
         ids = torch.cat([part["prompt_ids"], part["completion_ids"]], 1)
         att = torch.cat([part["prompt_mask"], part["completion_mask"]], 1)
-        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
-        hidden = completion_positions(hidden, P).to(head.weight.dtype)
+        hidden, v = hidden_and_values(model, unwrapped, ids, att, P, values=values)
+        # under accelerate's mixed precision the wrapper returns fp32: the head's dtype
+        hidden = hidden.to(head.weight.dtype)
         mask = part["completion_mask"].bool()
         targets = torch.where(mask, part["completion_ids"], IGNORE_INDEX)
         with head.gathered(self.args.temperature) as (weight, head_kw):
@@ -319,7 +400,6 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                 hidden, weight, targets, impl=self.args.kernel_impl, return_entropy=entropy,
                 **head_kw,
             )  # fmt: skip
-        v = unwrapped.value_head(hidden.float()).squeeze(-1) if values else None
         return out, v
 
     def make_experience(self, rows: list[dict]) -> dict[str, Any]:
@@ -376,13 +456,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             ref_logps, kl = old_logps, torch.zeros_like(old_logps)
         token_rewards = kl_shaped_rewards(scores, mask, kl=kl, kl_coef=a.kl_coef)
         if a.whiten_rewards:  # TRL: whitened, the mean kept (shift_mean=False)
-            token_rewards = masked_whiten(token_rewards, mask) + _masked_mean(token_rewards, m) * m
+            token_rewards = self._whiten(token_rewards, mask, keep_mean=True)
         advantages, returns = gae_advantages(
             token_rewards, old_values, mask, gamma=a.gamma, lam=a.lam, impl=a.kernel_impl
         )
         raw_advantages = advantages
         if a.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
         tensors = dict(
             **batch,
             old_logps=old_logps,
@@ -402,8 +482,31 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         widths = self._widths(batch["completion_mask"], perms)
         return {"tensors": tensors, "permutations": perms, "widths": widths}
 
+    def _whiten(
+        self, x: torch.Tensor, mask: torch.Tensor, *, keep_mean: bool = False
+    ) -> torch.Tensor:
+        """`masked_whiten` of `[B, T]` `x` over the whole rollout, every process's rows
+        together (OpenRLHF's statistics over all data-parallel ranks; TRL's PPOTrainer
+        whitens each process's batch alone): the rows are gathered (padded to the longest
+        completion), whitened as one batch and this process's returned, so N processes x
+        B rows whiten as one process with N * B rows does. `keep_mean` adds the masked
+        mean back (TRL's `whiten_rewards`, `shift_mean=False`). Four small collectives per
+        call (the width and the rows of `x`, then of `mask`), once per rollout; none on one
+        process."""
+        acc = self.accelerator
+        rows = slice(None)
+        if acc.num_processes > 1:
+            B, T = x.shape
+            x, mask = (acc.gather(acc.pad_across_processes(t, dim=1)) for t in (x, mask))
+            rows = (slice(acc.process_index * B, (acc.process_index + 1) * B), slice(0, T))
+        out = masked_whiten(x, mask)
+        if keep_mean:
+            out = out + _masked_mean(x, mask.float()) * mask
+        return out[rows]
+
     def _record_rollout(self, t, rewards, kl, truncated) -> None:
-        """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens."""
+        """The rollout's metrics (TRL's PPO names) and its prompt + completion tokens; with
+        several processes `val/num_eos_tokens` and the token count are their sums."""
         a = self.args
         m = t["completion_mask"].float()
         non_score = (-a.kl_coef * kl * m).sum(1)
@@ -413,7 +516,6 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             "objective/rlhf_reward": (t["scores"] + non_score).mean(),
             # TRL's: the sampled tokens' negative log-probs, summed per completion
             "objective/entropy": (-t["old_logps"] * m).sum(1).mean(),
-            "val/num_eos_tokens": (~truncated).float().sum(),
             "completions/mean_length": m.sum(1).mean(),
             "completions/clipped_ratio": truncated.float().mean(),
         }
@@ -421,8 +523,14 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             metrics["objective/kl"] = (kl * m).sum(1).mean()
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"] = rewards[:, i].mean()
+        # every process's rollout has the same number of rows, so the window's mean over
+        # processes of these means is the whole rollout's; the counts are summed over them
+        counts = torch.stack([(~truncated).sum(), t["prompt_mask"].sum() + m.sum()]).double()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, "sum")
+        metrics["val/num_eos_tokens"] = counts[0]
         self._record_metrics(metrics)
-        self.state.num_input_tokens_seen += int(t["prompt_mask"].sum() + m.sum())
+        self.state.num_input_tokens_seen += int(counts[1])  # once per rollout
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -491,18 +599,23 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         if self.args.should_save:
             save_value_head(self._unwrapped_model(), output_dir)
 
+    def _rollout_file(self, directory: str) -> str:
+        if self.args.world_size > 1:  # each process trains on its own rollout
+            return os.path.join(directory, f"ppo_rollout_{self.args.process_index}.pt")
+        return os.path.join(directory, ROLLOUT_NAME)
+
     def _save_rng_state(self, output_dir: str) -> None:
         # the rollout being trained on is sampling state, like the RNG (as GRPO's buffer)
         super()._save_rng_state(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         torch.save({"step": self._step, "rollout": self._rollout},
-                   os.path.join(output_dir, ROLLOUT_NAME))  # fmt: skip
+                   self._rollout_file(output_dir))  # fmt: skip
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, ROLLOUT_NAME)
+        path = self._rollout_file(checkpoint)
         if os.path.isfile(path):
             state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
             self._step, self._rollout = state["step"], state["rollout"]

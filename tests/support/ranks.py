@@ -20,7 +20,9 @@ _CHECK = """
 assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
 # the configs' default: every LoRA weight is used, so DDP need not search for unused ones
 assert trainer.model_wrapped.find_unused_parameters is False
-vec = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "lora_" in n])
+_kept = [(n, p) for n, p in trainer.model.named_parameters() if any(k in n for k in _COMPARED)]
+assert all(any(k in n for n, _ in _kept) for k in _COMPARED), (_COMPARED, [n for n, _ in _kept])
+vec = torch.cat([p.detach().flatten() for n, p in _kept])
 every = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
 dist.all_gather(every, vec)
 assert torch.equal(every[0], every[1]), (every[0] - every[1]).abs().max()
@@ -93,11 +95,16 @@ def run_ranks(script: str, tmp_path: pathlib.Path, *, python: str = sys.executab
     return done.stdout
 
 
-def assert_ranks_end_equal(script: str, tmp_path: pathlib.Path) -> None:
+def assert_ranks_end_equal(
+    script: str, tmp_path: pathlib.Path, *, also: tuple[str, ...] = ()
+) -> None:
     """`script` (it may use `{out}`, a fresh output directory) trains `trainer` with
-    `ddp_backend="gloo"`; run it on two processes and check their LoRA weights."""
+    `ddp_backend="gloo"`; run it on two processes and check their LoRA weights and the
+    parameters whose names contain one of `also` (e.g. `("value_head",)`; each must
+    match at least one)."""
     body = script.format(out=str(tmp_path / "out"))
-    stdout = run_ranks(body + _CHECK, tmp_path)
+    compared = f"\n_COMPARED = {('lora_', *also)!r}\n"
+    stdout = run_ranks(body + compared + _CHECK, tmp_path)
     assert stdout.count("RANKS_EQUAL") == 2, stdout[-2000:]
 
 

@@ -10,7 +10,12 @@
 - the loss equals `policy_loss(loss_type="bnpo") + vf_coef * value_loss` computed
   independently;
 - save_model writes the value head next to the adapter, and it loads back;
-- bad options fail with the flag named.
+- bad options fail with the flag named;
+- DDP on two CPU processes (gloo), each with its own prompts: both ranks end with the
+  same LoRA and value-head weights, and with the weights (and logged metrics) one
+  process ends with on the same global batch (the advantages are whitened over both
+  ranks' rollouts; SGD; completions fixed per prompt and all of full length, so each
+  rank's token mean weighs as many tokens); FSDP and ZeRO-3 are refused by name.
 """
 
 import pytest
@@ -30,7 +35,12 @@ from fastrl import (  # noqa: E402
 from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers import PPOConfig, PPOTrainer  # noqa: E402
 from fastrl.trainers.model import completion_positions, last_hidden_states  # noqa: E402
-from fastrl.trainers.ppo_trainer import VALUE_HEAD_NAME, load_value_head  # noqa: E402
+from fastrl.trainers.ppo_trainer import (  # noqa: E402
+    VALUE_HEAD_NAME,
+    load_value_head,
+    refuse_sharded_value_head,
+)
+from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -313,3 +323,134 @@ def test_each_epoch_trains_on_every_rollout_row_once(tmp_path):
         assert sorted(rows) == [0, 1, 2, 3]
         orders.append(rows)
     assert len({tuple(o) for o in orders}) > 1  # shuffled per epoch
+
+
+# ---------------------------------------------------------------- several processes
+
+
+class FixedCompletions(PPOTrainer):
+    """Completions that depend on the prompt only, all `max_completion_length` long (never
+    EOS): one process and two sample the same ones, and every rank's rollout has as many
+    completion tokens, so DDP's mean of the ranks' token-mean gradients is the one
+    process's token mean (PPO's per-micro-batch token mean, as TRL's, weighs each rank's
+    batch equally)."""
+
+    def _generate(self, prompt_ids, prompt_mask):
+        j = torch.arange(self.args.max_completion_length, device=prompt_ids.device)
+        key = (prompt_ids * prompt_mask).sum(1, keepdim=True)
+        return 4 + (7 * key + 5 * j) % 90  # character tokens (4..93), never <eos>
+
+
+DDP_PROMPTS = ["12+7=", "30-4=", "5+5=", "81-9=", "2*3=", "44+1=", "9-8=", "70+6="]
+
+
+def ppo_ddp_trainer(out, world: int, **overrides) -> PPOTrainer:
+    """A global batch of 4 prompts per rollout (2 per rank on two processes), 2 epochs
+    of one mini-batch each, 3 SGD steps: two rollouts, the reference pass on, both
+    whitenings on."""
+    tok = build_tiny_tokenizer()
+    extra = dict(ddp_backend="gloo") if world > 1 else {}
+    args = PPOConfig(
+        output_dir=str(out), per_device_train_batch_size=4 // world,
+        gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=2,
+        max_completion_length=5, max_steps=3, optim="sgd", learning_rate=1.0, kl_coef=0.2,
+        whiten_rewards=True, vf_coef=0.5, logging_steps=1, report_to="none", use_cpu=True,
+        save_strategy="no", seed=0, disable_tqdm=True, temperature=1.0,
+        activation_checkpointing=False, **{**extra, **overrides},
+    )  # fmt: skip
+    return FixedCompletions(
+        build_tiny_model(tok, "test", seed=0), letter_share, args=args,
+        train_dataset=[{"prompt": p} for p in DDP_PROMPTS], processing_class=tok,
+    )  # fmt: skip
+
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+DDP_SCRIPT = """
+from tests.trainers.test_ppo_trainer import ppo_ddp_trainer, trained_weights
+trainer = ppo_ddp_trainer({out!r}, world=2)
+trainer.train()
+assert trainer.state.global_step == 3
+if dist.get_rank() == 0:
+    torch.save({{"weights": trained_weights(trainer.model), "logs": trainer.state.log_history}},
+               os.path.join(os.path.dirname({out!r}), "rank0.pt"))
+"""
+
+# metrics that are means (or sums) over the whole global batch
+GLOBAL_METRICS = ("loss", "objective/scores", "objective/kl", "objective/rlhf_reward",
+                  "loss/policy_avg", "loss/value_avg", "val/ratio", "num_tokens")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_data_parallel_matches_one_process(tmp_path):
+    assert_ranks_end_equal(DDP_SCRIPT, tmp_path, also=("value_head",))
+    ranks = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    single = ppo_ddp_trainer(tmp_path / "single", world=1)
+    before = trained_weights(single.model)
+    single.train()
+    want = trained_weights(single.model)
+    assert set(ranks["weights"]) == set(want) and any("value_head" in n for n in want)
+    for kind in ("lora_", "value_head"):
+        moved = max(float((want[n] - before[n]).abs().max()) for n in want if kind in n)
+        assert moved > 1e-2, (kind, moved)  # the steps did train both
+    for name, value in want.items():
+        # summation order differs (two half-batch gradients averaged vs one batch)
+        torch.testing.assert_close(ranks["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    logs = [[e for e in run if "loss" in e] for run in (ranks["logs"], single.state.log_history)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    compared = 0
+    for got, expected in zip(*logs, strict=True):
+        # the rollout's metrics are in the logs of the steps that sampled one (1 and 3)
+        assert set(got) == set(expected), set(got) ^ set(expected)
+        for key in set(GLOBAL_METRICS) & set(expected):
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+            compared += 1
+    assert compared == 2 * len(GLOBAL_METRICS) + 5, compared  # step 2: the step's own 5
+
+
+def test_the_value_head_runs_inside_the_wrappers_forward(tmp_path):
+    """What makes DDP reduce its gradient (and find it with find_unused_parameters): the
+    value head is called while the engine's wrapper runs its forward."""
+    trainer = _trainer(tmp_path)
+    model = trainer.model
+    rollout = trainer._experience(
+        _fixed_batch(trainer), torch.tensor([1.0, 0.0, -1.0, 2.0]),
+        torch.zeros(4, 1), torch.zeros(4, dtype=torch.bool),
+    )  # fmt: skip
+
+    class Wrapper(torch.nn.Module):  # as DDP: a module around the peft model
+        def __init__(self, inner):
+            super().__init__()
+            self.module, self.inside = inner, False
+
+        def forward(self, *args, **kwargs):
+            self.inside = True
+            try:
+                return self.module(*args, **kwargs)
+            finally:
+                self.inside = False
+
+    wrapper = Wrapper(model)
+    seen = []
+    hook = model.value_head.register_forward_hook(lambda *a: seen.append(wrapper.inside))
+    model.train()
+    loss = trainer.compute_loss(wrapper, trainer._micro_batch(rollout, 0))
+    hook.remove()
+    assert seen == [True]
+    loss.backward()
+    assert model.value_head.weight.grad.abs().sum() > 0
+
+
+def test_sharded_engines_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers.integrations import deepspeed
+
+    refuse_sharded_value_head(SimpleNamespace(is_fsdp_enabled=False))  # DDP, one process
+    with pytest.raises(ValueError, match=r"FSDP .*value head.* use DDP"):
+        refuse_sharded_value_head(SimpleNamespace(is_fsdp_enabled=True))
+    monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match=r"ZeRO-3 .*value head.*ZeRO-1/2"):
+        refuse_sharded_value_head(SimpleNamespace(is_fsdp_enabled=False))
