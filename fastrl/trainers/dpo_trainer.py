@@ -22,7 +22,9 @@ accelerate / DDP; this module adds what DPO needs on top:
   ``peak_memory_gib``; a non-finite loss stops the run with a message, an out-of-memory
   error says what to lower; Ctrl-C saves a checkpoint of the last completed step
   (`resume_from_checkpoint` continues from it). These, the model and tokenizer set-up
-  are `BaseTrainer`'s, shared with GRPO.
+  are `BaseTrainer`'s, shared with GRPO; the datasets' tokenization (in `evaluate` too),
+  the loss-only evaluation and the precomputed reference are `ReferenceTrainer`'s
+  (`fastrl.trainers.offline`), shared with KTO.
 
 `evaluate_preference_accuracy` measures how often a policy prefers the chosen completion
 of held-out pairs.
@@ -39,7 +41,6 @@ import torch
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
-from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import (
     PREFERENCE_COLUMNS,
@@ -54,11 +55,11 @@ from fastrl.trainers.dpo_config import (
     DPOConfig,
 )
 from fastrl.trainers.model import (
-    backbone_hidden_states,
     completion_positions,
     last_hidden_states,
     reference_adapters_off,
 )
+from fastrl.trainers.offline import ReferenceTrainer, completion_hidden, disable_dropout
 
 __all__ = [
     "DPOTrainer",
@@ -278,16 +279,10 @@ def _sequence_logps(model, batch, *, adapters: bool, impl: str, ld_alpha=None, a
     return seq, mask.sum(1)
 
 
-def _disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 # --------------------------------------------------------------------------- trainer
 
 
-class DPOTrainer(BaseTrainer):
+class DPOTrainer(ReferenceTrainer):
     """LoRA DPO (and the rest of `fastrl.preference_loss`'s family) on `transformers.Trainer`.
 
     Args:
@@ -333,7 +328,7 @@ class DPOTrainer(BaseTrainer):
         tokenizer = self._load_tokenizer(model, processing_class)
         model = self._load_model(model, args)
         if args.disable_dropout:
-            _disable_dropout(model)
+            disable_dropout(model)
         super().__init__(
             model,
             args,
@@ -347,19 +342,14 @@ class DPOTrainer(BaseTrainer):
         )
         self.loss_kwargs = args.preference_loss_kwargs()
         self.train_dataset = self._with_reference(self.train_dataset)
-        self.eval_dataset = self._with_reference(self.eval_dataset)
+        self.eval_dataset = self._with_reference(self.eval_dataset, train=False)
 
     # ---------------------------------------------------------------------- data
 
     @staticmethod
-    def _tokenize(dataset, args, tokenizer, split="train"):
-        """Token columns for a dataset (or a dict of named ones); idempotent."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, dict) and not _is_columns(dataset):
-            return {k: DPOTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
+    def _tokenize_split(dataset, args, tokenizer):
         return tokenize_preference_dataset(
-            load_data(dataset, split=split),
+            dataset,
             tokenizer,
             use_chat_template=args.use_chat_template,
             max_prompt_length=args.max_prompt_length,
@@ -367,23 +357,6 @@ class DPOTrainer(BaseTrainer):
             max_length=args.max_length,
             num_proc=args.dataset_num_proc,
         )
-
-    def _with_reference(self, dataset):
-        """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
-        if dataset is None or not self.args.precompute_ref_log_probs:
-            return dataset
-        if isinstance(dataset, dict):
-            return {k: self.precompute_reference_logps(v) for k, v in dataset.items()}
-        return self.precompute_reference_logps(dataset)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`Trainer.evaluate`; a dataset passed here is tokenized (and gets its reference
-        log-probs) as the trainer's own."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            tokenizer = self.processing_class
-            eval_dataset = self._tokenize(eval_dataset, self.args, tokenizer, split="test")
-            eval_dataset = self._with_reference(eval_dataset)
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     # ---------------------------------------------------------------- reference
 
@@ -405,14 +378,17 @@ class DPOTrainer(BaseTrainer):
         )
         return tuple(seq.float().chunk(2))
 
-    def precompute_reference_logps(self, dataset):
+    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
         """``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, computed
-        once with the adapters off (every process computes the whole dataset)."""
+        once with the adapters off (every process computes the whole dataset) over batches
+        of ``precompute_ref_batch_size``, else ``batch_size``, else
+        ``per_device_train_batch_size`` (the evaluation datasets' too)."""
         if all(c in dataset.column_names for c in REFERENCE_LOGPS_COLUMNS):
             return dataset
         from torch.utils.data import DataLoader
 
-        size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        args = self.args
+        size = args.precompute_ref_batch_size or batch_size or args.per_device_train_batch_size
         loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
         chosen, rejected = [], []
         for batch in loader:
@@ -447,11 +423,7 @@ class DPOTrainer(BaseTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # the policy: adapters on, with grad, through the engine's wrapper (DDP included)
         ids, att = inputs["input_ids"], inputs["attention_mask"]
-        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
-        head = lm_head(unwrapped)
-        h = completion_positions(hidden, P)
-        if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
-            h = h.to(head.weight.dtype)
+        h, head = completion_hidden(model, unwrapped, ids, att, P)
         # the whole [V, d] under FSDP2 / ZeRO-3, gathered again for the backward's recompute
         with head.gathered() as (weight, kw):
             loss, metrics = fused_preference_loss(
@@ -460,22 +432,6 @@ class DPOTrainer(BaseTrainer):
             )  # fmt: skip
         self._record_step(loss, metrics, inputs, train=model.training, tokens=att.sum())
         return (loss, metrics) if return_outputs else loss
-
-    def _memory_hint(self) -> str:
-        if self.uses_reference and not self.args.precompute_ref_log_probs:
-            return "; --precompute_ref_log_probs drops the reference forward from every step"
-        return ""
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-
-def _is_columns(d: dict) -> bool:
-    """A dict of columns (lists), as opposed to a dict of named datasets."""
-    return all(isinstance(v, list) for v in d.values())
 
 
 # ------------------------------------------------------------------------ evaluation

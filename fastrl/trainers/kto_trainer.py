@@ -1,6 +1,6 @@
 """KTO (TRL 1.16's ``KTOTrainer``) with LoRA, without logits.
 
-`KTOTrainer` is a thin `transformers.Trainer` on `BaseTrainer`, as `DPOTrainer`:
+`KTOTrainer` is a thin `transformers.Trainer` on `ReferenceTrainer`, as `DPOTrainer`:
 
 - the data: ``prompt`` / ``completion`` / ``label`` columns (strings or chat messages; a
   ``prompt`` / ``chosen`` / ``rejected`` dataset is unpaired first with
@@ -30,21 +30,17 @@ import torch
 
 from fastrl import kto_loss, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import lm_head
 from fastrl.integrations.logit_sums import vocab_sums
-from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import load_data, require_columns
 from fastrl.trainers.dpo_trainer import (
-    _disable_dropout,
-    _is_columns,
     _round_up,
     _scored_targets,
     _sequence_logps,
     _tokenize_example,
 )
 from fastrl.trainers.kto_config import KTOConfig
-from fastrl.trainers.model import backbone_hidden_states, completion_positions
+from fastrl.trainers.offline import ReferenceTrainer, completion_hidden, disable_dropout
 
 __all__ = [
     "KTOCollator",
@@ -239,7 +235,7 @@ def _rows(batch: dict[str, torch.Tensor], part: slice) -> dict[str, torch.Tensor
     return {k: batch[k][part] for k in keys}
 
 
-class KTOTrainer(BaseTrainer):
+class KTOTrainer(ReferenceTrainer):
     """LoRA KTO (``loss_type`` ``"kto"`` or ``"apo_zero_unpaired"``) on `transformers.Trainer`.
 
     Args:
@@ -281,7 +277,7 @@ class KTOTrainer(BaseTrainer):
         tokenizer = self._load_tokenizer(model, processing_class)
         model = self._load_model(model, args)
         if args.disable_dropout:
-            _disable_dropout(model)
+            disable_dropout(model)
         collator = KTOCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.uses_kl)
         super().__init__(
             model,
@@ -297,21 +293,15 @@ class KTOTrainer(BaseTrainer):
         self.loss_kwargs = args.kto_loss_kwargs()
         if self.train_dataset is not None:
             _warn_on_unbalanced_weights(self.train_dataset["label"], args)
-        size = args.per_device_train_batch_size
-        self.train_dataset = self._with_reference(self.train_dataset, size)
-        self.eval_dataset = self._with_reference(self.eval_dataset, args.per_device_eval_batch_size)
+        self.train_dataset = self._with_reference(self.train_dataset)
+        self.eval_dataset = self._with_reference(self.eval_dataset, train=False)
 
     # ---------------------------------------------------------------------- data
 
     @staticmethod
-    def _tokenize(dataset, args, tokenizer, split="train"):
-        """Token columns for a dataset (or a dict of named ones); idempotent."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, dict) and not _is_columns(dataset):
-            return {k: KTOTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
+    def _tokenize_split(dataset, args, tokenizer):
         return tokenize_unpaired_dataset(
-            load_data(dataset, split=split),
+            dataset,
             tokenizer,
             use_chat_template=args.use_chat_template,
             max_prompt_length=args.max_prompt_length,
@@ -320,22 +310,10 @@ class KTOTrainer(BaseTrainer):
             num_proc=args.dataset_num_proc,
         )
 
-    def _with_reference(self, dataset, batch_size: int):
-        """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
-        if dataset is None or not self.args.precompute_ref_log_probs:
-            return dataset
-        if isinstance(dataset, dict):
-            return {k: self.precompute_reference_logps(v, batch_size) for k, v in dataset.items()}
-        return self.precompute_reference_logps(dataset, batch_size)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`Trainer.evaluate`; a dataset passed here is tokenized (and gets its reference
-        log-probs) as the trainer's own."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            tokenizer = self.processing_class
-            eval_dataset = self._tokenize(eval_dataset, self.args, tokenizer, split="test")
-            eval_dataset = self._with_reference(eval_dataset, self.args.per_device_eval_batch_size)
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+    def _reference_batch_size(self, train: bool) -> int:
+        # the KL pairs' reference log-probs belong to the batches they are used in
+        args = self.args
+        return args.per_device_train_batch_size if train else args.per_device_eval_batch_size
 
     # ---------------------------------------------------------------- reference
 
@@ -409,11 +387,7 @@ class KTOTrainer(BaseTrainer):
             kl = self._kl_reference_point(kl_logps, ref_kl)
         # the policy: adapters on, with grad, through the engine's wrapper (DDP included)
         ids, att = inputs["input_ids"][:B], inputs["attention_mask"][:B]
-        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
-        head = lm_head(unwrapped)
-        h = completion_positions(hidden, P)
-        if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
-            h = h.to(head.weight.dtype)
+        h, head = completion_hidden(model, unwrapped, ids, att, P)
         completion = mask[:B].bool()
         scored = torch.where(completion, targets[:B], IGNORE_INDEX)
         with head.gathered() as (weight, head_kw):
@@ -438,14 +412,3 @@ class KTOTrainer(BaseTrainer):
         B = inputs["label"].shape[0]
         lengths = inputs["completion_mask"][:B].sum(1).tolist()
         return f", completion lengths {lengths}, labels {inputs['label'].int().tolist()}"
-
-    def _memory_hint(self) -> str:
-        if not self.args.precompute_ref_log_probs:
-            return "; --precompute_ref_log_probs drops the reference forward from every step"
-        return ""
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None

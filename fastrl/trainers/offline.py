@@ -1,0 +1,117 @@
+"""What the trainers on a fixed dataset (`DPOTrainer`, `KTOTrainer`, `RewardTrainer`)
+share on top of `BaseTrainer`:
+
+- `OfflineTrainer`: the datasets tokenized at construction and by `evaluate` (a dict of
+  named datasets too), and an evaluation step that is the loss alone;
+- `ReferenceTrainer`: the reference policy is the model with its adapters off, its
+  log-probs optionally precomputed once as dataset columns
+  (``precompute_ref_log_probs``);
+- `completion_hidden`: the policy's completion hidden states and its lm_head, the start
+  of DPO's and KTO's `compute_loss`; `disable_dropout` (their ``disable_dropout`` option).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrl.integrations import lm_head
+from fastrl.trainers.base import BaseTrainer
+from fastrl.trainers.data import load_data
+from fastrl.trainers.model import backbone_hidden_states, completion_positions
+
+__all__ = ["OfflineTrainer", "ReferenceTrainer", "completion_hidden", "disable_dropout"]
+
+
+def disable_dropout(model) -> None:
+    """Every dropout probability of ``model`` set to 0 (TRL's ``disable_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _is_columns(d: dict) -> bool:
+    """A dict of columns (lists), as opposed to a dict of named datasets."""
+    return all(isinstance(v, list) for v in d.values())
+
+
+class OfflineTrainer(BaseTrainer):
+    """A `BaseTrainer` whose datasets are tokenized by `_tokenize_split` and whose
+    evaluation is its loss (no predictions)."""
+
+    @staticmethod
+    def _tokenize_split(dataset, args, tokenizer):
+        """The token columns of one loaded dataset (`load_data`'s); idempotent."""
+        raise NotImplementedError
+
+    @classmethod
+    def _tokenize(cls, dataset, args, tokenizer, split="train"):
+        """Token columns for a dataset (or a dict of named ones); idempotent."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict) and not _is_columns(dataset):
+            return {k: cls._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
+        return cls._tokenize_split(load_data(dataset, split=split), args, tokenizer)
+
+    def _with_reference(self, dataset, train: bool = True):
+        """`dataset` with whatever the trainer precomputes over it (here nothing)."""
+        return dataset
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`Trainer.evaluate`; a dataset passed here is tokenized (and gets its reference
+        log-probs, where the trainer precomputes them) as the trainer's own."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            tokenizer = self.processing_class
+            eval_dataset = self._tokenize(eval_dataset, self.args, tokenizer, split="test")
+            eval_dataset = self._with_reference(eval_dataset, train=False)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+class ReferenceTrainer(OfflineTrainer):
+    """An `OfflineTrainer` whose reference is the model with its adapters off; with
+    ``args.precompute_ref_log_probs`` its datasets get `precompute_reference_logps`'s
+    columns once, at construction and in `evaluate`."""
+
+    @property
+    def uses_reference(self) -> bool:
+        return True
+
+    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
+        raise NotImplementedError
+
+    def _reference_batch_size(self, train: bool) -> int | None:
+        """The batch size `precompute_reference_logps` gets for the training (``train``)
+        or evaluation datasets; None: its own default."""
+        return None
+
+    def _with_reference(self, dataset, train: bool = True):
+        """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
+        if dataset is None or not self.args.precompute_ref_log_probs:
+            return dataset
+        size = self._reference_batch_size(train)
+        if isinstance(dataset, dict):
+            return {k: self.precompute_reference_logps(v, size) for k, v in dataset.items()}
+        return self.precompute_reference_logps(dataset, size)
+
+    def _memory_hint(self) -> str:
+        if self.uses_reference and not self.args.precompute_ref_log_probs:
+            return "; --precompute_ref_log_probs drops the reference forward from every step"
+        return ""
+
+
+def completion_hidden(model, unwrapped, ids, att, P: int):
+    """``(h, head)``: the policy's hidden states at the positions that predict the
+    completion tokens (those after the ``P`` prompt columns), ``[R, C, d]`` in the head
+    weight's dtype, through ``model`` (the engine's wrapper: DDP hooks fire) with grad,
+    and ``unwrapped``'s `lm_head` handle."""
+    hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
+    head = lm_head(unwrapped)
+    h = completion_positions(hidden, P)
+    if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
+        h = h.to(head.weight.dtype)
+    return h, head
