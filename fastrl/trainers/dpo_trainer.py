@@ -59,7 +59,7 @@ from fastrl.trainers.model import (
     last_hidden_states,
     reference_adapters_off,
 )
-from fastrl.trainers.offline import ReferenceTrainer, completion_hidden, disable_dropout
+from fastrl.trainers.offline import ReferenceTrainer, completion_hidden
 
 __all__ = [
     "DPOTrainer",
@@ -325,10 +325,7 @@ class DPOTrainer(ReferenceTrainer):
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a fastrl DPOConfig, got {type(args).__name__}")
         args.check_loss_options()
-        tokenizer = self._load_tokenizer(model, processing_class)
-        model = self._load_model(model, args)
-        if args.disable_dropout:
-            disable_dropout(model)
+        tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         super().__init__(
             model,
             args,
@@ -378,26 +375,9 @@ class DPOTrainer(ReferenceTrainer):
         )
         return tuple(seq.float().chunk(2))
 
-    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
-        """``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, computed
-        once with the adapters off (every process computes the whole dataset) over batches
-        of ``precompute_ref_batch_size``, else ``batch_size``, else
-        ``per_device_train_batch_size`` (the evaluation datasets' too)."""
-        if all(c in dataset.column_names for c in REFERENCE_LOGPS_COLUMNS):
-            return dataset
-        from torch.utils.data import DataLoader
-
-        args = self.args
-        size = args.precompute_ref_batch_size or batch_size or args.per_device_train_batch_size
-        loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
-        chosen, rejected = [], []
-        for batch in loader:
-            batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            c, r = self.reference_logps(batch)
-            chosen += c.tolist()
-            rejected += r.tolist()
-        dataset = dataset.add_column("ref_chosen_logps", chosen)
-        return dataset.add_column("ref_rejected_logps", rejected)
+    @property
+    def reference_columns(self) -> tuple[str, ...]:
+        return REFERENCE_LOGPS_COLUMNS
 
     # ---------------------------------------------------------------------- loss
 

@@ -40,7 +40,7 @@ from fastrl.trainers.dpo_trainer import (
     _tokenize_example,
 )
 from fastrl.trainers.kto_config import KTOConfig
-from fastrl.trainers.offline import ReferenceTrainer, completion_hidden, disable_dropout
+from fastrl.trainers.offline import ReferenceTrainer, completion_hidden
 
 __all__ = [
     "KTOCollator",
@@ -274,10 +274,7 @@ class KTOTrainer(ReferenceTrainer):
         if not isinstance(args, KTOConfig):
             raise TypeError(f"args must be a fastrl KTOConfig, got {type(args).__name__}")
         args.check_loss_options()
-        tokenizer = self._load_tokenizer(model, processing_class)
-        model = self._load_model(model, args)
-        if args.disable_dropout:
-            disable_dropout(model)
+        tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         collator = KTOCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.uses_kl)
         super().__init__(
             model,
@@ -329,27 +326,11 @@ class KTOTrainer(ReferenceTrainer):
         B = batch["label"].shape[0]
         return seq[:B], (seq[B:] if self.args.uses_kl else None)
 
-    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
-        """``dataset`` with ``ref_logps`` (and, with the KL term, ``ref_KL_logps``) columns,
-        computed once with the adapters off over sequential batches of ``batch_size``
-        (the KL pairs of those batches: the training batches of sequential sampling)."""
-        names = KTO_REFERENCE_COLUMNS if self.args.uses_kl else KTO_REFERENCE_COLUMNS[:1]
-        if all(c in dataset.column_names for c in names):
-            return dataset
-        from torch.utils.data import DataLoader
-
-        # with the KL term the batches must be the training ones (KTOConfig refuses a
-        # precompute_ref_batch_size there)
-        size = self.args.precompute_ref_batch_size or batch_size
-        loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
-        values: dict[str, list[float]] = {name: [] for name in names}
-        for batch in loader:
-            batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            for name, v in zip(names, self.reference_logps(batch), strict=False):
-                values[name] += v.tolist()
-        for name in names:
-            dataset = dataset.add_column(name, values[name])
-        return dataset
+    @property
+    def reference_columns(self) -> tuple[str, ...]:
+        # the KL pairs' too with the KL term; with it the precomputation's batches must
+        # be the training ones (KTOConfig refuses a precompute_ref_batch_size there)
+        return KTO_REFERENCE_COLUMNS if self.args.uses_kl else KTO_REFERENCE_COLUMNS[:1]
 
     # ---------------------------------------------------------------------- loss
 

@@ -38,6 +38,15 @@ class OfflineTrainer(BaseTrainer):
     """A `BaseTrainer` whose datasets are tokenized by `_tokenize_split` and whose
     evaluation is its loss (no predictions)."""
 
+    def _tokenizer_and_model(self, model, args, processing_class):
+        """``(tokenizer, model)`` for `__init__`: `BaseTrainer`'s loading, then dropout
+        off with ``args.disable_dropout``."""
+        tokenizer = self._load_tokenizer(model, processing_class)
+        model = self._load_model(model, args)
+        if args.disable_dropout:
+            disable_dropout(model)
+        return tokenizer, model
+
     @staticmethod
     def _tokenize_split(dataset, args, tokenizer):
         """The token columns of one loaded dataset (`load_data`'s); idempotent."""
@@ -81,8 +90,38 @@ class ReferenceTrainer(OfflineTrainer):
     def uses_reference(self) -> bool:
         return True
 
-    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
+    @property
+    def reference_columns(self) -> tuple[str, ...]:
+        """The names of the columns `precompute_reference_logps` adds, in the order of
+        `reference_logps`'s outputs."""
         raise NotImplementedError
+
+    def reference_logps(self, batch) -> tuple[torch.Tensor | None, ...]:
+        """The ``[B]`` reference log-probs of a collated batch, one per
+        `reference_columns` name (extra outputs, None, are not columns)."""
+        raise NotImplementedError
+
+    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
+        """``dataset`` with the `reference_columns`, computed once with the adapters off
+        over sequential batches of ``precompute_ref_batch_size``, else ``batch_size``,
+        else ``per_device_train_batch_size`` (every process computes the whole dataset);
+        returned as is where it has them already."""
+        names = self.reference_columns
+        if all(c in dataset.column_names for c in names):
+            return dataset
+        from torch.utils.data import DataLoader
+
+        args = self.args
+        size = args.precompute_ref_batch_size or batch_size or args.per_device_train_batch_size
+        loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
+        values: dict[str, list[float]] = {name: [] for name in names}
+        for batch in loader:
+            batch = {k: v.to(args.device) for k, v in batch.items()}
+            for name, v in zip(names, self.reference_logps(batch), strict=False):
+                values[name] += v.tolist()
+        for name in names:
+            dataset = dataset.add_column(name, values[name])
+        return dataset
 
     def _reference_batch_size(self, train: bool) -> int | None:
         """The batch size `precompute_reference_logps` gets for the training (``train``)

@@ -31,7 +31,7 @@ from fastrl.trainers.data import (
     load_data,
     require_columns,
 )
-from fastrl.trainers.offline import OfflineTrainer, disable_dropout
+from fastrl.trainers.offline import OfflineTrainer
 from fastrl.trainers.reward_config import RewardConfig
 from fastrl.trainers.reward_model import load_reward_model, sequence_rewards
 
@@ -238,10 +238,7 @@ class RewardTrainer(OfflineTrainer):
             raise TypeError(f"args must be a fastrl RewardConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("RewardTrainer needs a train_dataset")
-        tokenizer = self._load_tokenizer(model, processing_class)
-        model = self._load_model(model, args)
-        if args.disable_dropout:
-            disable_dropout(model)
+        tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         model.config.pad_token_id = tokenizer.pad_token_id
         super().__init__(
             model,
