@@ -11,6 +11,7 @@ trl = pytest.importorskip("trl")
 
 from fastrl.trainers.kto_config import KTOConfig  # noqa: E402
 from fastrl.trainers.kto_trainer import KTOTrainer  # noqa: E402
+from tests.support.args import cpu_args  # noqa: E402
 from tests.support.lora import LORA, lora_model, share_adapter  # noqa: E402
 from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -25,17 +26,8 @@ B = len(UNPAIRED_DS["prompt"])
 
 def common_args(tmp, **kw) -> dict:
     """The TrainingArguments both trainers take here: CPU, float32, no saving."""
-    base = dict(
-        output_dir=str(tmp),
-        per_device_train_batch_size=B,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        activation_checkpointing=False,
-        bf16=False,
-        seed=0,
-    )
-    return {**base, **kw}
+    base = dict(per_device_train_batch_size=B, activation_checkpointing=False, bf16=False)
+    return cpu_args(tmp, **{**base, **kw})
 
 
 def kto_pair(tmp, data=None, **config):

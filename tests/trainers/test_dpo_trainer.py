@@ -46,6 +46,7 @@ from fastrl.trainers.dpo_trainer import (  # noqa: E402
     evaluate_preference_accuracy,
     tokenize_preference_dataset,
 )
+from tests.support.args import cpu_args  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS, TOL_SAME_LOGPS  # noqa: E402
 from tests.support.lora import (  # noqa: E402
     LORA,
@@ -70,17 +71,8 @@ TOL_GRADS = dict(rtol=1e-4, atol=1e-5)
 
 
 def _args(tmp, **kw):
-    base = dict(
-        output_dir=str(tmp),
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        activation_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return DPOConfig(**{**base, **kw})
+    base = dict(per_device_train_batch_size=4, activation_checkpointing=False, disable_tqdm=True)
+    return DPOConfig(**cpu_args(tmp, **{**base, **kw}))
 
 
 def _grads(loss, model):
@@ -125,15 +117,13 @@ def _pair_trainers(tmp, **config):
         processing_class=tiny_tokenizer(),
     )  # fmt: skip
     trl_args = trl.DPOConfig(
-        output_dir=str(tmp / "trl"),
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        activation_checkpointing=False,
-        bf16=False,
-        seed=0,
-        **config,
+        **cpu_args(
+            tmp / "trl",
+            per_device_train_batch_size=4,
+            activation_checkpointing=False,
+            bf16=False,
+            **config,
+        )
     )
     theirs = trl.DPOTrainer(
         tiny_model(),
