@@ -72,3 +72,14 @@ class PreferenceDataArguments(OfflineTrainingArguments):
         default=None,
         metadata={"help": "Batch size of the precomputation; default: the per-device batch size."},
     )
+
+    def tokenize_kwargs(self) -> dict:
+        """The keyword arguments of `tokenize_preference_dataset` and
+        `tokenize_unpaired_dataset` these options set."""
+        return dict(
+            use_chat_template=self.use_chat_template,
+            max_prompt_length=self.max_prompt_length,
+            max_completion_length=self.max_completion_length,
+            max_length=self.max_length,
+            num_proc=self.dataset_num_proc,
+        )

@@ -170,34 +170,70 @@ def tokenize_preference_dataset(
 
     def tokenize(row):
         out = _tokenize_example(tokenizer, row["prompt"], row["chosen"], row["rejected"], **options)
-        if not out["prompt_ids"]:
-            raise ValueError(
-                f"prompt {row['prompt']!r} has no tokens: the first completion token would have "
-                "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
-                "prompt)"
-            )
+        _check_prompt_ids(out["prompt_ids"], row["prompt"])
         return out
 
     dataset = dataset.map(tokenize, num_proc=num_proc, desc="Tokenizing preference pairs")
-    if max_length is not None:
-        n = len(dataset)
-        with no_progress_bars():
-            dataset = dataset.filter(
-                lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc
-            )
-        if len(dataset) < n:
-            warnings.warn(
-                f"dropped {n - len(dataset)} of {n} preference pairs whose prompt alone fills "
-                f"max_length={max_length}",
-                stacklevel=2,
-            )
-        if len(dataset) == 0:
-            raise ValueError(f"every pair's prompt fills max_length={max_length}: raise it")
+    return _drop_full_prompts(dataset, max_length, num_proc, "preference pairs", "pair")
+
+
+def _check_prompt_ids(prompt_ids: list[int], prompt) -> None:
+    if not prompt_ids:
+        raise ValueError(
+            f"prompt {prompt!r} has no tokens: the first completion token would have "
+            "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
+            "prompt)"
+        )
+
+
+def _drop_full_prompts(dataset, max_length: int | None, num_proc, rows: str, row: str):
+    """``dataset`` without the rows whose ``prompt_ids`` alone fill ``max_length`` (no
+    completion token would be left), with a warning that counts the ``rows`` dropped;
+    ValueError where that drops every ``row``."""
+    if max_length is None:
+        return dataset
+    n = len(dataset)
+    with no_progress_bars():
+        dataset = dataset.filter(lambda r: len(r["prompt_ids"]) < max_length, num_proc=num_proc)
+    if len(dataset) < n:
+        warnings.warn(
+            f"dropped {n - len(dataset)} of {n} {rows} whose prompt alone fills "
+            f"max_length={max_length}",
+            stacklevel=3,  # the caller of the tokenize_* function
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"every {row}'s prompt fills max_length={max_length}: raise it")
     return dataset
 
 
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
+
+
+def _prompt_completion_rows(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+) -> dict[str, torch.Tensor]:
+    """Rows ``[prompt, left-padded to P | completion, right-padded to C]`` (``P``, ``C``
+    the longest, rounded up to ``pad_to_multiple_of``; ``C >= 1``): ``input_ids`` and
+    ``attention_mask`` ``[R, P + C]``, ``completion_mask`` ``[R, C]`` (their last ``C``
+    columns)."""
+    P = _round_up(max(len(p) for p in prompts), pad_to_multiple_of)
+    C = _round_up(max(1, max(len(c) for c in completions)), pad_to_multiple_of)
+    rows = len(prompts)
+    input_ids = torch.full((rows, P + C), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, P - len(p) : P + len(c)] = 1
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=attention_mask[:, P:].clone(),
+    )
 
 
 @dataclass
@@ -222,19 +258,8 @@ class PreferenceCollator:
             raise ValueError("a pair has an empty prompt_ids: nothing predicts its first token")
         completions = [list(e["chosen_ids"]) for e in examples]
         completions += [list(e["rejected_ids"]) for e in examples]
-        P = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
-        C = _round_up(max(1, max(len(c) for c in completions)), self.pad_to_multiple_of)
-        rows = len(prompts)
-        input_ids = torch.full((rows, P + C), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-            input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attention_mask[i, P - len(p) : P + len(c)] = 1
-        batch = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            completion_mask=attention_mask[:, P:].clone(),
+        batch = _prompt_completion_rows(
+            prompts, completions, self.pad_token_id, self.pad_to_multiple_of
         )
         for name in REFERENCE_LOGPS_COLUMNS:
             if name in examples[0]:
@@ -345,15 +370,7 @@ class DPOTrainer(ReferenceTrainer):
 
     @staticmethod
     def _tokenize_split(dataset, args, tokenizer):
-        return tokenize_preference_dataset(
-            dataset,
-            tokenizer,
-            use_chat_template=args.use_chat_template,
-            max_prompt_length=args.max_prompt_length,
-            max_completion_length=args.max_completion_length,
-            max_length=args.max_length,
-            num_proc=args.dataset_num_proc,
-        )
+        return tokenize_preference_dataset(dataset, tokenizer, **args.tokenize_kwargs())
 
     # ---------------------------------------------------------------- reference
 

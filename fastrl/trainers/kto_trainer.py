@@ -31,10 +31,11 @@ import torch
 from fastrl import kto_loss, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations.logit_sums import vocab_sums
-from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import load_data, require_columns
 from fastrl.trainers.dpo_trainer import (
-    _round_up,
+    _check_prompt_ids,
+    _drop_full_prompts,
+    _prompt_completion_rows,
     _scored_targets,
     _sequence_logps,
     _tokenize_example,
@@ -123,29 +124,11 @@ def tokenize_unpaired_dataset(
         out = _tokenize_example(
             tokenizer, row["prompt"], row["completion"], row["completion"], **options
         )
-        if not out["prompt_ids"]:
-            raise ValueError(
-                f"prompt {row['prompt']!r} has no tokens: the first completion token would have "
-                "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
-                "prompt)"
-            )
+        _check_prompt_ids(out["prompt_ids"], row["prompt"])
         return dict(prompt_ids=out["prompt_ids"], completion_ids=out["chosen_ids"], label=label)
 
     dataset = dataset.map(tokenize, num_proc=num_proc, desc="Tokenizing KTO completions")
-    if max_length is None:
-        return dataset
-    n = len(dataset)
-    with no_progress_bars():
-        dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc)
-    if len(dataset) < n:
-        warnings.warn(
-            f"dropped {n - len(dataset)} of {n} completions whose prompt alone fills "
-            f"max_length={max_length}",
-            stacklevel=2,
-        )
-    if len(dataset) == 0:
-        raise ValueError(f"every completion's prompt fills max_length={max_length}: raise it")
-    return dataset
+    return _drop_full_prompts(dataset, max_length, num_proc, "completions", "completion")
 
 
 def _warn_on_unbalanced_weights(labels, args: KTOConfig) -> None:
@@ -195,20 +178,11 @@ class KTOCollator:
         if self.kl:
             prompts = prompts * 2
             completions = completions + completions[-1:] + completions[:-1]
-        P = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
-        C = _round_up(max(1, max(len(c) for c in completions)), self.pad_to_multiple_of)
-        rows = len(prompts)
-        input_ids = torch.full((rows, P + C), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-            input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attention_mask[i, P - len(p) : P + len(c)] = 1
-        batch = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            completion_mask=attention_mask[:, P:].clone(),
-            label=torch.tensor([_check_label(e["label"]) for e in examples], dtype=torch.bool),
+        batch = _prompt_completion_rows(
+            prompts, completions, self.pad_token_id, self.pad_to_multiple_of
+        )
+        batch["label"] = torch.tensor(
+            [_check_label(e["label"]) for e in examples], dtype=torch.bool
         )
         for name in KTO_REFERENCE_COLUMNS:
             if name in examples[0]:
@@ -297,15 +271,7 @@ class KTOTrainer(ReferenceTrainer):
 
     @staticmethod
     def _tokenize_split(dataset, args, tokenizer):
-        return tokenize_unpaired_dataset(
-            dataset,
-            tokenizer,
-            use_chat_template=args.use_chat_template,
-            max_prompt_length=args.max_prompt_length,
-            max_completion_length=args.max_completion_length,
-            max_length=args.max_length,
-            num_proc=args.dataset_num_proc,
-        )
+        return tokenize_unpaired_dataset(dataset, tokenizer, **args.tokenize_kwargs())
 
     def _reference_batch_size(self, train: bool) -> int:
         # the KL pairs' reference log-probs belong to the batches they are used in
