@@ -346,9 +346,7 @@ class DPOTrainer(ReferenceTrainer):
         optimizers=(None, None),
         compute_metrics=None,
     ):
-        args = DPOConfig("fastrl-dpo") if args is None else args
-        if not isinstance(args, DPOConfig):
-            raise TypeError(f"args must be a fastrl DPOConfig, got {type(args).__name__}")
+        args = self._config(args, DPOConfig, "fastrl-dpo")
         args.check_loss_options()
         tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         super().__init__(

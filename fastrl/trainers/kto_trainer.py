@@ -244,9 +244,7 @@ class KTOTrainer(ReferenceTrainer):
         optimizers=(None, None),
         compute_metrics=None,
     ):
-        args = KTOConfig("fastrl-kto") if args is None else args
-        if not isinstance(args, KTOConfig):
-            raise TypeError(f"args must be a fastrl KTOConfig, got {type(args).__name__}")
+        args = self._config(args, KTOConfig, "fastrl-kto")
         args.check_loss_options()
         tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         collator = KTOCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.uses_kl)

@@ -38,6 +38,16 @@ class OfflineTrainer(BaseTrainer):
     """A `BaseTrainer` whose datasets are tokenized by `_tokenize_split` and whose
     evaluation is its loss (no predictions)."""
 
+    @staticmethod
+    def _config(args, config_class: type, output_dir: str):
+        """``args``, or ``config_class(output_dir)`` where None; TypeError for another
+        class's."""
+        args = config_class(output_dir) if args is None else args
+        if not isinstance(args, config_class):
+            name, got = config_class.__name__, type(args).__name__
+            raise TypeError(f"args must be a fastrl {name}, got {got}")
+        return args
+
     def _tokenizer_and_model(self, model, args, processing_class):
         """``(tokenizer, model)`` for `__init__`: `BaseTrainer`'s loading, then dropout
         off with ``args.disable_dropout``."""

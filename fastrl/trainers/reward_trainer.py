@@ -233,9 +233,7 @@ class RewardTrainer(OfflineTrainer):
         callbacks=None,
         optimizers=(None, None),
     ):
-        args = RewardConfig("fastrl-reward") if args is None else args
-        if not isinstance(args, RewardConfig):
-            raise TypeError(f"args must be a fastrl RewardConfig, got {type(args).__name__}")
+        args = self._config(args, RewardConfig, "fastrl-reward")
         if train_dataset is None:
             raise ValueError("RewardTrainer needs a train_dataset")
         tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
