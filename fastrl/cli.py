@@ -273,14 +273,37 @@ def _fast_argument_check(command: str, argv: list[str]) -> None:
     parser.parse_args(argv)
 
 
-def _declared_fields(path: Path, class_name: str) -> set[str]:
-    """The field names class `class_name` declares in its own body in the file `path`."""
+def _field_statements(path: Path, class_name: str) -> list[ast.AnnAssign]:
+    """The field statements of class `class_name` in the file `path`: those of its bases
+    that are fastrl classes (defined in that file or imported into it from a ``fastrl``
+    module), first base last, then its own (a later one overrides an earlier one's
+    default)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return {s.target.id for s in node.body
-                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}  # fmt: skip
-    raise LookupError(f"no class {class_name} in {path}")
+    cls = next((n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name),
+               None)  # fmt: skip
+    if cls is None:
+        raise LookupError(f"no class {class_name} in {path}")
+    imported = {a.asname or a.name: node.module for node in tree.body
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastrl.")
+                for a in node.names}  # fmt: skip
+    package = Path(__file__).resolve().parent.parent  # the folder holding fastrl/
+    statements = []
+    for base in reversed(cls.bases):
+        if not isinstance(base, ast.Name):
+            continue
+        if base.id in imported:
+            base_path = package.joinpath(*imported[base.id].split(".")).with_suffix(".py")
+            statements += _field_statements(base_path, base.id)
+        elif any(isinstance(n, ast.ClassDef) and n.name == base.id for n in tree.body):
+            statements += _field_statements(path, base.id)
+    own = [s for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+    return statements + own
+
+
+def _declared_fields(path: Path, class_name: str) -> set[str]:
+    """The field names class `class_name` in the file `path` declares in its own body or
+    gets from its fastrl bases (`_field_statements`)."""
+    return {s.target.id for s in _field_statements(path, class_name)}
 
 
 def _option_names(command: str) -> set[str] | None:
@@ -668,18 +691,14 @@ def _typed(value, hint):
 
 
 def _literal_defaults(command: str) -> dict:
-    """The defaults the config class of `command` writes as literals in its source
-    (`max_completion_length: int = 512`); the others come from the options dataclasses,
-    so the options' own defaults stand for them."""
+    """The defaults the config class of `command` (or a fastrl base of it) writes as
+    literals in its source (`max_completion_length: int = 512`); the others come from the
+    options dataclasses, so the options' own defaults stand for them."""
     here = Path(__file__).resolve().parent
     config, config_file = CONFIGS[command]
     path = here / "trainers" / config_file
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == config)
     defaults = {}
-    for stmt in cls.body:
-        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-            continue
+    for stmt in _field_statements(path, config):
         value = stmt.value
         if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
             value = next((k.value for k in value.keywords if k.arg == "default"), None)

@@ -14,6 +14,7 @@ from fastrl.options.preference import (
     F_DIVERGENCES,
     PreferenceLossOptions,
 )
+from fastrl.trainers.config_fields import PreferenceDataArguments
 from fastrl.trainers.model import (
     ModelArguments,
 )
@@ -30,7 +31,7 @@ _LOSS = PreferenceLossOptions()  # the loss options' defaults, declared there
 
 
 @dataclass
-class DPOConfig(ModelArguments, TrainingArguments):
+class DPOConfig(PreferenceDataArguments, ModelArguments, TrainingArguments):
     r"""Configuration of `DPOTrainer`: `transformers.TrainingArguments` plus DPO's options.
 
     Names and defaults follow TRL 1.16's ``DPOConfig`` where TRL has the option
@@ -62,58 +63,6 @@ class DPOConfig(ModelArguments, TrainingArguments):
       ``kernel_impl`` and ``max_memory_gb`` (caps this process's CUDA memory, so a run on
       a larger card proves it fits a smaller one).
     """
-
-    # ---- TrainingArguments defaults changed as TRL changes them
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": "bf16 mixed precision; default: on when a bf16-capable GPU is used."},
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the dataset's columns (the collator picks)."}
-    )
-
-    # ---- model (besides ModelArguments)
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Set every dropout probability of the model to 0."}
-    )
-
-    # ---- data
-    max_length: int | None = field(
-        default=1024,
-        metadata={"help": "Max prompt + completion tokens (keeps the start); None: no limit."},
-    )
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Max prompt tokens (keeps the end); None: no limit."}
-    )
-    max_completion_length: int | None = field(
-        default=None,
-        metadata={"help": "Max tokens per completion (keeps the start); None: no limit."},
-    )
-    use_chat_template: bool = field(
-        default=True,
-        metadata={
-            "help": "Render string prompts as a user turn through the tokenizer's chat template "
-            "(when it has one). Chat-message prompts always go through it."
-        },
-    )
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Processes for tokenizing the dataset."}
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad prompt and completion widths to a multiple."}
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the reference log-probs once over the datasets before training "
-            "(adapters off) and store them as columns, instead of a reference forward per batch."
-        },
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Batch size of the precomputation; default: the per-device batch size."},
-    )
 
     # ---- loss (fastrl.preference_loss options: PreferenceLossOptions documents each)
     loss_type: list[str] = field(

@@ -22,7 +22,9 @@ accelerate / DDP; this module adds what DPO needs on top:
   ``peak_memory_gib``; a non-finite loss stops the run with a message, an out-of-memory
   error says what to lower; Ctrl-C saves a checkpoint of the last completed step
   (`resume_from_checkpoint` continues from it). These, the model and tokenizer set-up
-  are `BaseTrainer`'s, shared with GRPO.
+  are `BaseTrainer`'s, shared with GRPO; the datasets' tokenization (in `evaluate` too),
+  the loss-only evaluation and the precomputed reference are `ReferenceTrainer`'s
+  (`fastrl.trainers.offline`), shared with KTO.
 
 `evaluate_preference_accuracy` measures how often a policy prefers the chosen completion
 of held-out pairs.
@@ -39,7 +41,6 @@ import torch
 from fastrl import fused_preference_loss, ld_tail_logps, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import lm_head
-from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import (
     PREFERENCE_COLUMNS,
@@ -54,11 +55,11 @@ from fastrl.trainers.dpo_config import (
     DPOConfig,
 )
 from fastrl.trainers.model import (
-    backbone_hidden_states,
     completion_positions,
     last_hidden_states,
     reference_adapters_off,
 )
+from fastrl.trainers.offline import ReferenceTrainer, completion_hidden
 
 __all__ = [
     "DPOTrainer",
@@ -169,34 +170,70 @@ def tokenize_preference_dataset(
 
     def tokenize(row):
         out = _tokenize_example(tokenizer, row["prompt"], row["chosen"], row["rejected"], **options)
-        if not out["prompt_ids"]:
-            raise ValueError(
-                f"prompt {row['prompt']!r} has no tokens: the first completion token would have "
-                "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
-                "prompt)"
-            )
+        _check_prompt_ids(out["prompt_ids"], row["prompt"])
         return out
 
     dataset = dataset.map(tokenize, num_proc=num_proc, desc="Tokenizing preference pairs")
-    if max_length is not None:
-        n = len(dataset)
-        with no_progress_bars():
-            dataset = dataset.filter(
-                lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc
-            )
-        if len(dataset) < n:
-            warnings.warn(
-                f"dropped {n - len(dataset)} of {n} preference pairs whose prompt alone fills "
-                f"max_length={max_length}",
-                stacklevel=2,
-            )
-        if len(dataset) == 0:
-            raise ValueError(f"every pair's prompt fills max_length={max_length}: raise it")
+    return _drop_full_prompts(dataset, max_length, num_proc, "preference pairs", "pair")
+
+
+def _check_prompt_ids(prompt_ids: list[int], prompt) -> None:
+    if not prompt_ids:
+        raise ValueError(
+            f"prompt {prompt!r} has no tokens: the first completion token would have "
+            "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
+            "prompt)"
+        )
+
+
+def _drop_full_prompts(dataset, max_length: int | None, num_proc, rows: str, row: str):
+    """``dataset`` without the rows whose ``prompt_ids`` alone fill ``max_length`` (no
+    completion token would be left), with a warning that counts the ``rows`` dropped;
+    ValueError where that drops every ``row``."""
+    if max_length is None:
+        return dataset
+    n = len(dataset)
+    with no_progress_bars():
+        dataset = dataset.filter(lambda r: len(r["prompt_ids"]) < max_length, num_proc=num_proc)
+    if len(dataset) < n:
+        warnings.warn(
+            f"dropped {n - len(dataset)} of {n} {rows} whose prompt alone fills "
+            f"max_length={max_length}",
+            stacklevel=3,  # the caller of the tokenize_* function
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"every {row}'s prompt fills max_length={max_length}: raise it")
     return dataset
 
 
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
+
+
+def _prompt_completion_rows(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+) -> dict[str, torch.Tensor]:
+    """Rows ``[prompt, left-padded to P | completion, right-padded to C]`` (``P``, ``C``
+    the longest, rounded up to ``pad_to_multiple_of``; ``C >= 1``): ``input_ids`` and
+    ``attention_mask`` ``[R, P + C]``, ``completion_mask`` ``[R, C]`` (their last ``C``
+    columns)."""
+    P = _round_up(max(len(p) for p in prompts), pad_to_multiple_of)
+    C = _round_up(max(1, max(len(c) for c in completions)), pad_to_multiple_of)
+    rows = len(prompts)
+    input_ids = torch.full((rows, P + C), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, P - len(p) : P + len(c)] = 1
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=attention_mask[:, P:].clone(),
+    )
 
 
 @dataclass
@@ -221,19 +258,8 @@ class PreferenceCollator:
             raise ValueError("a pair has an empty prompt_ids: nothing predicts its first token")
         completions = [list(e["chosen_ids"]) for e in examples]
         completions += [list(e["rejected_ids"]) for e in examples]
-        P = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
-        C = _round_up(max(1, max(len(c) for c in completions)), self.pad_to_multiple_of)
-        rows = len(prompts)
-        input_ids = torch.full((rows, P + C), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-            input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attention_mask[i, P - len(p) : P + len(c)] = 1
-        batch = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            completion_mask=attention_mask[:, P:].clone(),
+        batch = _prompt_completion_rows(
+            prompts, completions, self.pad_token_id, self.pad_to_multiple_of
         )
         for name in REFERENCE_LOGPS_COLUMNS:
             if name in examples[0]:
@@ -278,16 +304,10 @@ def _sequence_logps(model, batch, *, adapters: bool, impl: str, ld_alpha=None, a
     return seq, mask.sum(1)
 
 
-def _disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 # --------------------------------------------------------------------------- trainer
 
 
-class DPOTrainer(BaseTrainer):
+class DPOTrainer(ReferenceTrainer):
     """LoRA DPO (and the rest of `fastrl.preference_loss`'s family) on `transformers.Trainer`.
 
     Args:
@@ -326,14 +346,9 @@ class DPOTrainer(BaseTrainer):
         optimizers=(None, None),
         compute_metrics=None,
     ):
-        args = DPOConfig("fastrl-dpo") if args is None else args
-        if not isinstance(args, DPOConfig):
-            raise TypeError(f"args must be a fastrl DPOConfig, got {type(args).__name__}")
+        args = self._config(args, DPOConfig, "fastrl-dpo")
         args.check_loss_options()
-        tokenizer = self._load_tokenizer(model, processing_class)
-        model = self._load_model(model, args)
-        if args.disable_dropout:
-            _disable_dropout(model)
+        tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         super().__init__(
             model,
             args,
@@ -347,43 +362,13 @@ class DPOTrainer(BaseTrainer):
         )
         self.loss_kwargs = args.preference_loss_kwargs()
         self.train_dataset = self._with_reference(self.train_dataset)
-        self.eval_dataset = self._with_reference(self.eval_dataset)
+        self.eval_dataset = self._with_reference(self.eval_dataset, train=False)
 
     # ---------------------------------------------------------------------- data
 
     @staticmethod
-    def _tokenize(dataset, args, tokenizer, split="train"):
-        """Token columns for a dataset (or a dict of named ones); idempotent."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, dict) and not _is_columns(dataset):
-            return {k: DPOTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
-        return tokenize_preference_dataset(
-            load_data(dataset, split=split),
-            tokenizer,
-            use_chat_template=args.use_chat_template,
-            max_prompt_length=args.max_prompt_length,
-            max_completion_length=args.max_completion_length,
-            max_length=args.max_length,
-            num_proc=args.dataset_num_proc,
-        )
-
-    def _with_reference(self, dataset):
-        """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
-        if dataset is None or not self.args.precompute_ref_log_probs:
-            return dataset
-        if isinstance(dataset, dict):
-            return {k: self.precompute_reference_logps(v) for k, v in dataset.items()}
-        return self.precompute_reference_logps(dataset)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`Trainer.evaluate`; a dataset passed here is tokenized (and gets its reference
-        log-probs) as the trainer's own."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            tokenizer = self.processing_class
-            eval_dataset = self._tokenize(eval_dataset, self.args, tokenizer, split="test")
-            eval_dataset = self._with_reference(eval_dataset)
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+    def _tokenize_split(dataset, args, tokenizer):
+        return tokenize_preference_dataset(dataset, tokenizer, **args.tokenize_kwargs())
 
     # ---------------------------------------------------------------- reference
 
@@ -405,23 +390,9 @@ class DPOTrainer(BaseTrainer):
         )
         return tuple(seq.float().chunk(2))
 
-    def precompute_reference_logps(self, dataset):
-        """``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, computed
-        once with the adapters off (every process computes the whole dataset)."""
-        if all(c in dataset.column_names for c in REFERENCE_LOGPS_COLUMNS):
-            return dataset
-        from torch.utils.data import DataLoader
-
-        size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-        loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
-        chosen, rejected = [], []
-        for batch in loader:
-            batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            c, r = self.reference_logps(batch)
-            chosen += c.tolist()
-            rejected += r.tolist()
-        dataset = dataset.add_column("ref_chosen_logps", chosen)
-        return dataset.add_column("ref_rejected_logps", rejected)
+    @property
+    def reference_columns(self) -> tuple[str, ...]:
+        return REFERENCE_LOGPS_COLUMNS
 
     # ---------------------------------------------------------------------- loss
 
@@ -447,11 +418,7 @@ class DPOTrainer(BaseTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # the policy: adapters on, with grad, through the engine's wrapper (DDP included)
         ids, att = inputs["input_ids"], inputs["attention_mask"]
-        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
-        head = lm_head(unwrapped)
-        h = completion_positions(hidden, P)
-        if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
-            h = h.to(head.weight.dtype)
+        h, head = completion_hidden(model, unwrapped, ids, att, P)
         # the whole [V, d] under FSDP2 / ZeRO-3, gathered again for the backward's recompute
         with head.gathered() as (weight, kw):
             loss, metrics = fused_preference_loss(
@@ -460,22 +427,6 @@ class DPOTrainer(BaseTrainer):
             )  # fmt: skip
         self._record_step(loss, metrics, inputs, train=model.training, tokens=att.sum())
         return (loss, metrics) if return_outputs else loss
-
-    def _memory_hint(self) -> str:
-        if self.uses_reference and not self.args.precompute_ref_log_probs:
-            return "; --precompute_ref_log_probs drops the reference forward from every step"
-        return ""
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-
-def _is_columns(d: dict) -> bool:
-    """A dict of columns (lists), as opposed to a dict of named datasets."""
-    return all(isinstance(v, list) for v in d.values())
 
 
 # ------------------------------------------------------------------------ evaluation

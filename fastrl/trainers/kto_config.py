@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from fastrl.options.preference import KTO_LOSS_TYPES, KTOLossOptions
+from fastrl.trainers.config_fields import PreferenceDataArguments
 from fastrl.trainers.model import ModelArguments
 from fastrl.trainers.options import check_number
 
@@ -18,7 +19,7 @@ _LOSS = KTOLossOptions()  # the loss options' defaults, declared there
 
 
 @dataclass
-class KTOConfig(ModelArguments, TrainingArguments):
+class KTOConfig(PreferenceDataArguments, ModelArguments, TrainingArguments):
     r"""Configuration of `KTOTrainer`: `transformers.TrainingArguments` plus KTO's options.
 
     Names and defaults follow TRL 1.16's ``KTOConfig`` (``loss_type`` ``"kto"`` or
@@ -47,15 +48,8 @@ class KTOConfig(ModelArguments, TrainingArguments):
       ``model_init_kwargs`` and ``router_aux_loss_coef`` are not options here.
     """
 
-    # ---- TrainingArguments defaults changed as TRL changes them
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": "bf16 mixed precision; default: on when a bf16-capable GPU is used."},
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the dataset's columns (the collator picks)."}
-    )
+    # ---- TrainingArguments defaults changed as TRL changes them (the shared ones, the model
+    # and data options: PreferenceDataArguments)
     train_sampling_strategy: str = field(
         default="sequential",
         metadata={
@@ -64,46 +58,13 @@ class KTOConfig(ModelArguments, TrainingArguments):
         },
     )
 
-    # ---- model (besides ModelArguments)
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Set every dropout probability of the model to 0."}
-    )
-
-    # ---- data
-    max_length: int | None = field(
-        default=1024,
-        metadata={"help": "Max prompt + completion tokens (keeps the start); None: no limit."},
-    )
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Max prompt tokens (keeps the end); None: no limit."}
-    )
-    max_completion_length: int | None = field(
-        default=None,
-        metadata={"help": "Max tokens per completion (keeps the start); None: no limit."},
-    )
-    use_chat_template: bool = field(
-        default=True,
-        metadata={
-            "help": "Render string prompts as a user turn through the tokenizer's chat template "
-            "(when it has one). Chat-message prompts always go through it."
-        },
-    )
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Processes for tokenizing the dataset."}
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad prompt and completion widths to a multiple."}
-    )
+    # ---- data (PreferenceDataArguments' but for the help, which names the KL pairs)
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
             "help": "Compute the reference log-probs (and the KL pairs') once over the datasets "
             "before training (adapters off), instead of a reference forward per batch."
         },
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Batch size of the precomputation; default: the per-device batch size."},
     )
 
     # ---- loss (fastrl.kto_loss options: KTOLossOptions)

@@ -1,6 +1,6 @@
 """KTO (TRL 1.16's ``KTOTrainer``) with LoRA, without logits.
 
-`KTOTrainer` is a thin `transformers.Trainer` on `BaseTrainer`, as `DPOTrainer`:
+`KTOTrainer` is a thin `transformers.Trainer` on `ReferenceTrainer`, as `DPOTrainer`:
 
 - the data: ``prompt`` / ``completion`` / ``label`` columns (strings or chat messages; a
   ``prompt`` / ``chosen`` / ``rejected`` dataset is unpaired first with
@@ -30,21 +30,18 @@ import torch
 
 from fastrl import kto_loss, linear_logprobs
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import lm_head
 from fastrl.integrations.logit_sums import vocab_sums
-from fastrl.trainers.base import BaseTrainer
-from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import load_data, require_columns
 from fastrl.trainers.dpo_trainer import (
-    _disable_dropout,
-    _is_columns,
-    _round_up,
+    _check_prompt_ids,
+    _drop_full_prompts,
+    _prompt_completion_rows,
     _scored_targets,
     _sequence_logps,
     _tokenize_example,
 )
 from fastrl.trainers.kto_config import KTOConfig
-from fastrl.trainers.model import backbone_hidden_states, completion_positions
+from fastrl.trainers.offline import ReferenceTrainer, completion_hidden
 
 __all__ = [
     "KTOCollator",
@@ -127,29 +124,11 @@ def tokenize_unpaired_dataset(
         out = _tokenize_example(
             tokenizer, row["prompt"], row["completion"], row["completion"], **options
         )
-        if not out["prompt_ids"]:
-            raise ValueError(
-                f"prompt {row['prompt']!r} has no tokens: the first completion token would have "
-                "nothing to be predicted from (use a tokenizer with a BOS token or a non-empty "
-                "prompt)"
-            )
+        _check_prompt_ids(out["prompt_ids"], row["prompt"])
         return dict(prompt_ids=out["prompt_ids"], completion_ids=out["chosen_ids"], label=label)
 
     dataset = dataset.map(tokenize, num_proc=num_proc, desc="Tokenizing KTO completions")
-    if max_length is None:
-        return dataset
-    n = len(dataset)
-    with no_progress_bars():
-        dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc)
-    if len(dataset) < n:
-        warnings.warn(
-            f"dropped {n - len(dataset)} of {n} completions whose prompt alone fills "
-            f"max_length={max_length}",
-            stacklevel=2,
-        )
-    if len(dataset) == 0:
-        raise ValueError(f"every completion's prompt fills max_length={max_length}: raise it")
-    return dataset
+    return _drop_full_prompts(dataset, max_length, num_proc, "completions", "completion")
 
 
 def _warn_on_unbalanced_weights(labels, args: KTOConfig) -> None:
@@ -199,20 +178,11 @@ class KTOCollator:
         if self.kl:
             prompts = prompts * 2
             completions = completions + completions[-1:] + completions[:-1]
-        P = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
-        C = _round_up(max(1, max(len(c) for c in completions)), self.pad_to_multiple_of)
-        rows = len(prompts)
-        input_ids = torch.full((rows, P + C), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((rows, P + C), dtype=torch.long)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-            input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attention_mask[i, P - len(p) : P + len(c)] = 1
-        batch = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            completion_mask=attention_mask[:, P:].clone(),
-            label=torch.tensor([_check_label(e["label"]) for e in examples], dtype=torch.bool),
+        batch = _prompt_completion_rows(
+            prompts, completions, self.pad_token_id, self.pad_to_multiple_of
+        )
+        batch["label"] = torch.tensor(
+            [_check_label(e["label"]) for e in examples], dtype=torch.bool
         )
         for name in KTO_REFERENCE_COLUMNS:
             if name in examples[0]:
@@ -239,7 +209,7 @@ def _rows(batch: dict[str, torch.Tensor], part: slice) -> dict[str, torch.Tensor
     return {k: batch[k][part] for k in keys}
 
 
-class KTOTrainer(BaseTrainer):
+class KTOTrainer(ReferenceTrainer):
     """LoRA KTO (``loss_type`` ``"kto"`` or ``"apo_zero_unpaired"``) on `transformers.Trainer`.
 
     Args:
@@ -274,14 +244,9 @@ class KTOTrainer(BaseTrainer):
         optimizers=(None, None),
         compute_metrics=None,
     ):
-        args = KTOConfig("fastrl-kto") if args is None else args
-        if not isinstance(args, KTOConfig):
-            raise TypeError(f"args must be a fastrl KTOConfig, got {type(args).__name__}")
+        args = self._config(args, KTOConfig, "fastrl-kto")
         args.check_loss_options()
-        tokenizer = self._load_tokenizer(model, processing_class)
-        model = self._load_model(model, args)
-        if args.disable_dropout:
-            _disable_dropout(model)
+        tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         collator = KTOCollator(tokenizer.pad_token_id, args.pad_to_multiple_of, args.uses_kl)
         super().__init__(
             model,
@@ -297,45 +262,19 @@ class KTOTrainer(BaseTrainer):
         self.loss_kwargs = args.kto_loss_kwargs()
         if self.train_dataset is not None:
             _warn_on_unbalanced_weights(self.train_dataset["label"], args)
-        size = args.per_device_train_batch_size
-        self.train_dataset = self._with_reference(self.train_dataset, size)
-        self.eval_dataset = self._with_reference(self.eval_dataset, args.per_device_eval_batch_size)
+        self.train_dataset = self._with_reference(self.train_dataset)
+        self.eval_dataset = self._with_reference(self.eval_dataset, train=False)
 
     # ---------------------------------------------------------------------- data
 
     @staticmethod
-    def _tokenize(dataset, args, tokenizer, split="train"):
-        """Token columns for a dataset (or a dict of named ones); idempotent."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, dict) and not _is_columns(dataset):
-            return {k: KTOTrainer._tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
-        return tokenize_unpaired_dataset(
-            load_data(dataset, split=split),
-            tokenizer,
-            use_chat_template=args.use_chat_template,
-            max_prompt_length=args.max_prompt_length,
-            max_completion_length=args.max_completion_length,
-            max_length=args.max_length,
-            num_proc=args.dataset_num_proc,
-        )
+    def _tokenize_split(dataset, args, tokenizer):
+        return tokenize_unpaired_dataset(dataset, tokenizer, **args.tokenize_kwargs())
 
-    def _with_reference(self, dataset, batch_size: int):
-        """Reference log-prob columns added when ``precompute_ref_log_probs``; idempotent."""
-        if dataset is None or not self.args.precompute_ref_log_probs:
-            return dataset
-        if isinstance(dataset, dict):
-            return {k: self.precompute_reference_logps(v, batch_size) for k, v in dataset.items()}
-        return self.precompute_reference_logps(dataset, batch_size)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`Trainer.evaluate`; a dataset passed here is tokenized (and gets its reference
-        log-probs) as the trainer's own."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            tokenizer = self.processing_class
-            eval_dataset = self._tokenize(eval_dataset, self.args, tokenizer, split="test")
-            eval_dataset = self._with_reference(eval_dataset, self.args.per_device_eval_batch_size)
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+    def _reference_batch_size(self, train: bool) -> int:
+        # the KL pairs' reference log-probs belong to the batches they are used in
+        args = self.args
+        return args.per_device_train_batch_size if train else args.per_device_eval_batch_size
 
     # ---------------------------------------------------------------- reference
 
@@ -351,27 +290,11 @@ class KTOTrainer(BaseTrainer):
         B = batch["label"].shape[0]
         return seq[:B], (seq[B:] if self.args.uses_kl else None)
 
-    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
-        """``dataset`` with ``ref_logps`` (and, with the KL term, ``ref_KL_logps``) columns,
-        computed once with the adapters off over sequential batches of ``batch_size``
-        (the KL pairs of those batches: the training batches of sequential sampling)."""
-        names = KTO_REFERENCE_COLUMNS if self.args.uses_kl else KTO_REFERENCE_COLUMNS[:1]
-        if all(c in dataset.column_names for c in names):
-            return dataset
-        from torch.utils.data import DataLoader
-
-        # with the KL term the batches must be the training ones (KTOConfig refuses a
-        # precompute_ref_batch_size there)
-        size = self.args.precompute_ref_batch_size or batch_size
-        loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.data_collator)
-        values: dict[str, list[float]] = {name: [] for name in names}
-        for batch in loader:
-            batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            for name, v in zip(names, self.reference_logps(batch), strict=False):
-                values[name] += v.tolist()
-        for name in names:
-            dataset = dataset.add_column(name, values[name])
-        return dataset
+    @property
+    def reference_columns(self) -> tuple[str, ...]:
+        # the KL pairs' too with the KL term; with it the precomputation's batches must
+        # be the training ones (KTOConfig refuses a precompute_ref_batch_size there)
+        return KTO_REFERENCE_COLUMNS if self.args.uses_kl else KTO_REFERENCE_COLUMNS[:1]
 
     # ---------------------------------------------------------------------- loss
 
@@ -409,11 +332,7 @@ class KTOTrainer(BaseTrainer):
             kl = self._kl_reference_point(kl_logps, ref_kl)
         # the policy: adapters on, with grad, through the engine's wrapper (DDP included)
         ids, att = inputs["input_ids"][:B], inputs["attention_mask"][:B]
-        hidden = backbone_hidden_states(model, ids, att, unwrapped=unwrapped)
-        head = lm_head(unwrapped)
-        h = completion_positions(hidden, P)
-        if h.dtype != head.weight.dtype:  # e.g. accelerate's autocast returns fp32 outputs
-            h = h.to(head.weight.dtype)
+        h, head = completion_hidden(model, unwrapped, ids, att, P)
         completion = mask[:B].bool()
         scored = torch.where(completion, targets[:B], IGNORE_INDEX)
         with head.gathered() as (weight, head_kw):
@@ -438,14 +357,3 @@ class KTOTrainer(BaseTrainer):
         B = inputs["label"].shape[0]
         lengths = inputs["completion_mask"][:B].sum(1).tolist()
         return f", completion lengths {lengths}, labels {inputs['label'].int().tolist()}"
-
-    def _memory_hint(self) -> str:
-        if not self.args.precompute_ref_log_probs:
-            return "; --precompute_ref_log_probs drops the reference forward from every step"
-        return ""
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None

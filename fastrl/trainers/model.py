@@ -180,26 +180,12 @@ def load_model(
     Returns:
         a `peft.PeftModel` whose only trainable parameters are the LoRA adapters.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, (str, os.PathLike)):
-        dtype = dtype or default_dtype()
-        kwargs = dict(
-            dtype=dtype,
-            attn_implementation=attn_implementation or default_attn_implementation(dtype),
-        )
-        if load_in_4bit:
-            if not (_has("bitsandbytes") and torch.cuda.is_available()):
-                raise ValueError("load_in_4bit=True needs bitsandbytes and a CUDA device")
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=kwargs["dtype"],
-                bnb_4bit_use_double_quant=True,
-            )
+        if load_in_4bit and not (_has("bitsandbytes") and torch.cuda.is_available()):
+            raise ValueError("load_in_4bit=True needs bitsandbytes and a CUDA device")
+        kwargs = pretrained_kwargs(dtype, attn_implementation, load_in_4bit)
         local = os.path.isdir(model)
         # No peft.prepare_model_for_kbit_training (TRL's GRPOTrainer does not call it either):
         # it would cast every non-quantized weight to fp32, the lm_head and embeddings
@@ -207,31 +193,79 @@ def load_model(
         # What else it does is done below (frozen base; non-reentrant checkpointing needs
         # no input-grad hook).
         model = AutoModelForCausalLM.from_pretrained(model, local_files_only=local, **kwargs)
-    elif not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a path or a torch.nn.Module, got {type(model).__name__}")
-    elif load_in_4bit:
-        raise ValueError("load_in_4bit=True needs a checkpoint path, got a model object")
-    elif dtype is not None:
-        model = model.to(dtype)
+    else:
+        model = model_object(model, load_in_4bit=load_in_4bit, dtype=dtype)
 
-    if not isinstance(model, PeftModel):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model = get_peft_model(
-            model, LoraConfig(task_type="CAUSAL_LM", **{**DEFAULT_LORA, **(lora or {})})
-        )
-    elif lora:
-        raise ValueError("lora options given for a model that already has adapters")
+    model = add_lora(model, "CAUSAL_LM", lora)
     head = lm_head(model)
     if head.weight.requires_grad:
         raise ValueError("the lm_head must stay frozen (it would cost a [V, d] gradient)")
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
     return model
+
+
+# What `load_model` and `fastrl.trainers.reward_model.load_reward_model` share.
+
+
+def pretrained_kwargs(
+    dtype: torch.dtype | None, attn_implementation: str | None, load_in_4bit: bool
+) -> dict:
+    """``from_pretrained`` keyword arguments for a checkpoint path: ``dtype`` (default
+    `default_dtype()`), ``attn_implementation`` (default `default_attn_implementation`
+    for that dtype) and, with ``load_in_4bit``, an NF4 (double-quantized) config computing
+    in that dtype."""
+    dtype = dtype or default_dtype()
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=attn_implementation or default_attn_implementation(dtype),
+    )
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    return kwargs
+
+
+def model_object(model, *, load_in_4bit: bool, dtype: torch.dtype | None):
+    """A model given as an object, cast to ``dtype`` where given; TypeError for anything
+    but a module, ValueError for ``load_in_4bit`` (only a checkpoint path can be
+    quantized on load)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a path or a torch.nn.Module, got {type(model).__name__}")
+    if load_in_4bit:
+        raise ValueError("load_in_4bit=True needs a checkpoint path, got a model object")
+    return model if dtype is None else model.to(dtype)
+
+
+def add_lora(model, task_type: str, lora: dict | None):
+    """``model`` frozen with LoRA adapters (peft ``task_type``, `DEFAULT_LORA` updated by
+    ``lora``); a peft model is returned as is (ValueError if ``lora`` is given too)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if not isinstance(model, PeftModel):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return get_peft_model(
+            model, LoraConfig(task_type=task_type, **{**DEFAULT_LORA, **(lora or {})})
+        )
+    if lora:
+        raise ValueError("lora options given for a model that already has adapters")
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing of ``model``'s blocks."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from fastrl.trainers.config_fields import OfflineTrainingArguments
 from fastrl.trainers.model import ModelArguments
 from fastrl.trainers.options import check_number
 
 
 @dataclass
-class RewardConfig(ModelArguments, TrainingArguments):
+class RewardConfig(OfflineTrainingArguments, ModelArguments, TrainingArguments):
     r"""Configuration of `RewardTrainer`: `transformers.TrainingArguments` plus its options.
 
     Names and defaults follow TRL 1.16's ``RewardConfig`` (``max_length=1024``, pairs with
@@ -36,19 +37,7 @@ class RewardConfig(ModelArguments, TrainingArguments):
 
     # ---- TrainingArguments defaults changed as TRL changes them
     learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": "bf16 mixed precision; default: on when a bf16-capable GPU is used."},
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the dataset's columns (the collator picks)."}
-    )
-
-    # ---- model (besides ModelArguments)
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Set every dropout probability of the model to 0."}
-    )
+    # (the other defaults: OfflineTrainingArguments)
 
     # ---- data
     max_length: int | None = field(

@@ -24,12 +24,13 @@ import torch
 
 from fastrl.integrations import causal_lm_hidden_states
 from fastrl.trainers.model import (
-    DEFAULT_LORA,
     _transformers_model,
-    default_attn_implementation,
-    default_dtype,
+    add_lora,
+    enable_checkpointing,
     is_fsdp2,
+    model_object,
     position_ids_from_mask,
+    pretrained_kwargs,
 )
 
 __all__ = ["last_token_index", "load_reward_model", "score_head", "sequence_rewards"]
@@ -74,53 +75,24 @@ def load_reward_model(
         a `peft.PeftModel` whose trainable parameters are the LoRA adapters and the score
         head's copy.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     if isinstance(model, (str, os.PathLike)):
-        dtype = dtype or default_dtype()
-        kwargs = dict(
-            dtype=dtype,
-            num_labels=1,
-            attn_implementation=attn_implementation or default_attn_implementation(dtype),
-        )
-        if load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_use_double_quant=True,
-            )
+        kwargs = pretrained_kwargs(dtype, attn_implementation, load_in_4bit)
         local = os.path.isdir(model)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model, local_files_only=local, **kwargs
+            model, local_files_only=local, num_labels=1, **kwargs
         )
-    elif not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a path or a torch.nn.Module, got {type(model).__name__}")
-    elif load_in_4bit:
-        raise ValueError("load_in_4bit=True needs a checkpoint path, got a model object")
-    elif dtype is not None:
-        model = model.to(dtype)
+    else:
+        model = model_object(model, load_in_4bit=load_in_4bit, dtype=dtype)
     _check_seq_cls(model)
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
 
-    if not isinstance(model, PeftModel):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        config = LoraConfig(task_type="SEQ_CLS", **{**DEFAULT_LORA, **(lora or {})})
-        model = get_peft_model(model, config)
-    elif lora:
-        raise ValueError("lora options given for a model that already has adapters")
+    model = add_lora(model, "SEQ_CLS", lora)
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
     return model
 
 

@@ -1,6 +1,6 @@
 """Reward models (Bradley-Terry) with LoRA on `transformers.Trainer`, TRL 1.16's semantics.
 
-`RewardTrainer` adds to `transformers.Trainer` (through `BaseTrainer`):
+`RewardTrainer` adds to `transformers.Trainer` (through `BaseTrainer` and `OfflineTrainer`):
 
 - the model through `load_reward_model`: a sequence classifier with one output, LoRA on
   every linear layer of the blocks, the ``[1, d]`` ``score`` head trained in full;
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.console import no_progress_bars
 from fastrl.trainers.data import (
     REWARD_COLUMNS,
@@ -32,6 +31,7 @@ from fastrl.trainers.data import (
     load_data,
     require_columns,
 )
+from fastrl.trainers.offline import OfflineTrainer
 from fastrl.trainers.reward_config import RewardConfig
 from fastrl.trainers.reward_model import load_reward_model, sequence_rewards
 
@@ -195,16 +195,10 @@ class RewardCollator:
         return batch
 
 
-def _disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 # --------------------------------------------------------------------------- trainer
 
 
-class RewardTrainer(BaseTrainer):
+class RewardTrainer(OfflineTrainer):
     """LoRA reward-model training (Bradley-Terry, TRL 1.16's loss) on `transformers.Trainer`.
 
     Args:
@@ -239,15 +233,10 @@ class RewardTrainer(BaseTrainer):
         callbacks=None,
         optimizers=(None, None),
     ):
-        args = RewardConfig("fastrl-reward") if args is None else args
-        if not isinstance(args, RewardConfig):
-            raise TypeError(f"args must be a fastrl RewardConfig, got {type(args).__name__}")
+        args = self._config(args, RewardConfig, "fastrl-reward")
         if train_dataset is None:
             raise ValueError("RewardTrainer needs a train_dataset")
-        tokenizer = self._load_tokenizer(model, processing_class)
-        model = self._load_model(model, args)
-        if args.disable_dropout:
-            _disable_dropout(model)
+        tokenizer, model = self._tokenizer_and_model(model, args, processing_class)
         model.config.pad_token_id = tokenizer.pad_token_id
         super().__init__(
             model,
@@ -277,24 +266,13 @@ class RewardTrainer(BaseTrainer):
         )
 
     @staticmethod
-    def _tokenize(dataset, args, tokenizer, split="train"):
-        if dataset is None:
-            return None
-        if isinstance(dataset, dict) and not all(isinstance(v, list) for v in dataset.values()):
-            tokenize = RewardTrainer._tokenize
-            return {k: tokenize(v, args, tokenizer, split) for k, v in dataset.items()}
+    def _tokenize_split(dataset, args, tokenizer):
         return tokenize_reward_dataset(
-            load_data(dataset, split=split),
+            dataset,
             tokenizer,
             max_length=args.max_length,
             num_proc=args.dataset_num_proc,
         )
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`Trainer.evaluate`; a dataset passed here is tokenized as the trainer's own."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self._tokenize(eval_dataset, self.args, self.processing_class, "test")
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, att = inputs["input_ids"], inputs["attention_mask"]
@@ -310,9 +288,3 @@ class RewardTrainer(BaseTrainer):
         )
         self._record_step(loss, metrics, inputs, train=model.training, tokens=att.sum())
         return (loss, rewards) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None

@@ -10,20 +10,12 @@ import pytest
 
 from fastrl.cli import GRPOScriptArguments, UsageError, _reward_functions, main
 from fastrl.demo import task
+from tests.support.cli import save_tiny_checkpoint, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    tok = task.build_tiny_tokenizer()
-    task.build_tiny_model(tok, size="test").save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _jsonl(path, dataset):
-    path.write_text("\n".join(json.dumps(row) for row in dataset.to_list()))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 COMMON = ["--max_steps", "1", "--report_to", "none", "--use_cpu", "true",
@@ -40,7 +32,7 @@ def _adapted_modules(adapter_dir) -> set:
 
 
 def test_cli_grpo(checkpoint, tmp_path):
-    data = _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(16, 0))
+    data = write_jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(16, 0))
     out = tmp_path / "grpo"
     main(["grpo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
           "--reward", "exact_match", "--reward", "digit_match", "--reward", "format",
@@ -56,7 +48,7 @@ def test_cli_grpo(checkpoint, tmp_path):
 def test_cli_grpo_vespo(checkpoint, tmp_path):
     # a loss type whose weight is a sequence statistic: the fused head's two-pass path,
     # its options from the command line to the loss and its metric in the logs
-    data = _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(8, 0))
+    data = write_jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(8, 0))
     out = tmp_path / "vespo"
     main(["grpo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
           "--loss_type", "vespo", "--vespo_k_neg", "2.5", "--per_device_train_batch_size", "8",
@@ -67,7 +59,7 @@ def test_cli_grpo_vespo(checkpoint, tmp_path):
 
 
 def test_cli_dpo_from_yaml(checkpoint, tmp_path):
-    data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(16, 0))
+    data = write_jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(16, 0))
     out = tmp_path / "dpo"
     (tmp_path / "dpo.yaml").write_text(
         f"model: {checkpoint}\ndataset: {data}\nbeta: 0.2\nloss_type: ipo\n"
@@ -83,7 +75,7 @@ def test_cli_dpo_from_yaml(checkpoint, tmp_path):
 
 def test_cli_kto_on_pairs(checkpoint, tmp_path):
     """`fastrl kto` on a paired file: unpaired as TRL does, one step, the adapter saved."""
-    data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(8, 0))
+    data = write_jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(8, 0))
     out = tmp_path / "kto"
     main(["kto", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
           "--per_device_train_batch_size", "4", "--beta", "0.2", "--logging_steps", "1",
@@ -100,7 +92,7 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
-    data = _jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(4, 0))
+    data = write_jsonl(tmp_path / "pairs.jsonl", task.preference_pairs(4, 0))
     (tmp_path / "bad.yaml").write_text(f"model: {checkpoint}\ndataset: {data}\nnot_an_option: 1\n")
     with pytest.raises(SystemExit) as e:
         main(["dpo", "--config", str(tmp_path / "bad.yaml")])
@@ -200,7 +192,7 @@ def test_cli_grpo_reward_from_cwd_through_the_console_script(checkpoint, tmp_pat
     (tmp_path / "myrew.py").write_text(
         "def myrew(completions, **kwargs):\n    return [0.5 for _ in completions]\n"
     )
-    _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(16, 0))
+    write_jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(16, 0))
     argv = [str(script), "grpo", "--model", str(checkpoint), "--dataset", "train.jsonl",
             "--output_dir", "out", "--reward", "myrew:myrew", "--per_device_train_batch_size",
             "8", "--num_generations", "4", "--max_completion_length", "8", *COMMON]  # fmt: skip

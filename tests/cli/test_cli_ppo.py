@@ -9,26 +9,18 @@ import pytest
 from fastrl.cli import main
 from fastrl.demo import task
 from tests.cli.test_cli_errors import assert_user_error, fastrl
+from tests.support.cli import save_tiny_checkpoint, write_jsonl
 
 pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    tok = task.build_tiny_tokenizer()
-    task.build_tiny_model(tok, size="test").save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _jsonl(path, dataset):
-    path.write_text("\n".join(json.dumps(row) for row in dataset.to_list()))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_cli_ppo(checkpoint, tmp_path):
-    data = _jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(8, 0))
+    data = write_jsonl(tmp_path / "train.jsonl", task.arithmetic_dataset(8, 0))
     out = tmp_path / "ppo"
     main(["ppo", "--model", str(checkpoint), "--dataset", str(data), "--output_dir", str(out),
           "--reward", "digit_match", "--reward", "format", "--per_device_train_batch_size", "4",

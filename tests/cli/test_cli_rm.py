@@ -9,21 +9,12 @@ import sys
 import pytest
 
 from fastrl.cli import main
-from fastrl.demo import task
+from tests.support.cli import save_tiny_checkpoint, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    tok = task.build_tiny_tokenizer()
-    task.build_tiny_model(tok, size="test").save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(row) for row in rows))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 PAIRS = [{"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 0.5}] * 8
@@ -32,7 +23,7 @@ COMMON = ["--max_steps", "2", "--report_to", "none", "--use_cpu", "true",
 
 
 def test_cli_rm_then_grpo_with_it(checkpoint, tmp_path):
-    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     out = tmp_path / "rm"
     main(["rm", "--model", str(checkpoint), "--dataset", str(data), "--eval_dataset", str(data),
           "--output_dir", str(out), "--per_device_train_batch_size", "4",
@@ -45,7 +36,7 @@ def test_cli_rm_then_grpo_with_it(checkpoint, tmp_path):
     # an eval set without --eval_strategy: evaluated once after training
     assert "eval_accuracy" in logs[-1] and logs[-1]["step"] == 2
 
-    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1="}] * 4)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1="}] * 4)
     grpo = tmp_path / "grpo"
     main(["grpo", "--model", str(checkpoint), "--dataset", str(prompts), "--output_dir",
           str(grpo), "--reward", f"reward_model:{out}", "--per_device_train_batch_size", "4",
@@ -65,7 +56,7 @@ def test_cli_rm_then_grpo_with_it(checkpoint, tmp_path):
     ],
 )
 def test_cli_rm_user_errors(checkpoint, tmp_path, capsys, extra, rows, message):
-    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(SystemExit) as e:
         main(["rm", "--model", str(checkpoint), "--dataset", str(data),
               "--output_dir", str(tmp_path / "o"), *COMMON, *extra])  # fmt: skip
@@ -86,7 +77,7 @@ except SystemExit as e:
 @pytest.mark.parametrize("rows, flag", [(PAIRS, "--center_reward_coefficient"),
                                         ([{"chosen": "a"}], "--seed")])  # fmt: skip
 def test_cli_rm_errors_before_importing_torch(checkpoint, tmp_path, rows, flag):
-    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
     run = subprocess.run(
         [sys.executable, "-c", _IMPORTS_PROBE, "rm", "--model", str(checkpoint),

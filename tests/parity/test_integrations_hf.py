@@ -2,30 +2,18 @@
 
 import pytest
 import torch
-from transformers import (
-    CohereConfig,
-    CohereForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from fastrl import linear_logprobs
 from fastrl.integrations import causal_lm_hidden_states, lm_head
-
-SMALL = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=101, head_dim=8,
-)  # fmt: skip
+from tests.support.models import small_causal_lm
 
 MODELS = {
-    "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True)),
-    "llama-untied": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)),
-    "gemma2-softcap": lambda: Gemma2ForCausalLM(
-        Gemma2Config(**SMALL, final_logit_softcapping=2.0, attn_logit_softcapping=None)
+    "llama-tied": lambda: small_causal_lm("llama", tie_word_embeddings=True),
+    "llama-untied": lambda: small_causal_lm("llama", tie_word_embeddings=False),
+    "gemma2-softcap": lambda: small_causal_lm(
+        "gemma2", final_logit_softcapping=2.0, attn_logit_softcapping=None
     ),
-    "cohere-logit-scale": lambda: CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.25)),
+    "cohere-logit-scale": lambda: small_causal_lm("cohere", logit_scale=0.25),
 }
 
 
@@ -55,7 +43,7 @@ def test_hidden_states_and_head_match_model_logits(build, temperature):
 def test_lm_head_under_peft_and_tied_weights():
     from peft import LoraConfig, get_peft_model
 
-    model = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True))
+    model = MODELS["llama-tied"]()
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     head = lm_head(peft_model)
     assert head.weight is model.model.embed_tokens.weight and not head.weight.requires_grad

@@ -12,26 +12,15 @@ import weakref
 
 import pytest
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from fastrl.integrations import CausalLMLogProbsOutput, ModelPatch, patch_model
+from tests.support.models import small_causal_lm
 
-SMALL = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=101, head_dim=8,
-)  # fmt: skip
 MODELS = {
-    "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=False)),
-    "gemma2-softcap": lambda: Gemma2ForCausalLM(
-        Gemma2Config(**SMALL, final_logit_softcapping=3.0, attn_logit_softcapping=None)
+    "llama-tied": lambda: small_causal_lm("llama", tie_word_embeddings=True),
+    "qwen2": lambda: small_causal_lm("qwen2", tie_word_embeddings=False),
+    "gemma2-softcap": lambda: small_causal_lm(
+        "gemma2", final_logit_softcapping=3.0, attn_logit_softcapping=None
     ),
 }
 

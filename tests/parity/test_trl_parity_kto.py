@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tests.support.compare import TOL_SAME_LOGPS
-from tests.support.trl_kto import UNPAIRED_DS, B, first_batch, kto_pair, lora_params
+from tests.support.lora import lora_params
+from tests.support.trl_kto import UNPAIRED_DS, B, first_batch, kto_pair
 
 trl = pytest.importorskip("trl")
 

@@ -41,3 +41,25 @@ def tiny_model():
     with torch.no_grad():  # livelier logits than the 0.02-std init: ratios far from 1
         model.lm_head.weight.mul_(40)
     return model.float()
+
+
+# transformers' own causal LMs at a small random size (the integration and patch_model
+# tests): d=32, an odd vocabulary (101, so vocabulary tails show), 2 layers, 4 query and
+# 2 key/value heads
+SMALL_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=101, head_dim=8,
+)  # fmt: skip
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config"),
+    "cohere": ("CohereForCausalLM", "CohereConfig"),
+}
+
+
+def small_causal_lm(architecture: str, **config):
+    """A fresh ``architecture`` (``llama``, ``qwen2``, ``gemma2``, ``cohere``) causal LM
+    of `SMALL_CONFIG` with ``config`` on top: random weights, float32."""
+    model_cls, config_cls = (getattr(transformers, n) for n in _ARCHITECTURES[architecture])
+    return model_cls(config_cls(**SMALL_CONFIG, **config))

@@ -6,6 +6,7 @@ make (with hand-made reference log-probs), the attributes each case sets, the
 import torch
 
 from fastrl import sequence_logprobs
+from tests.support.args import cpu_args
 from tests.support.compare import TOL_SAME_LOGPS
 from tests.support.models import V, tiny_model
 
@@ -22,16 +23,12 @@ MODEL_METRICS = {"entropy", "num_tokens", "logits/chosen", "logits/rejected", "m
 
 def _common_args(tmp, batch_size=B):
     """The TrainingArguments options of every trainer here: CPU, float32, no saving."""
-    return dict(
-        output_dir=str(tmp),
+    return cpu_args(
+        tmp,
         per_device_train_batch_size=batch_size,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
         gradient_checkpointing=False,
         bf16=False,
         fp16=False,
-        seed=0,
     )
 
 

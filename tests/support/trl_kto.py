@@ -4,7 +4,6 @@ KTO trainer and parity tests)."""
 import copy
 
 import pytest
-import torch
 
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
@@ -12,10 +11,10 @@ trl = pytest.importorskip("trl")
 
 from fastrl.trainers.kto_config import KTOConfig  # noqa: E402
 from fastrl.trainers.kto_trainer import KTOTrainer  # noqa: E402
-from fastrl.trainers.model import load_model  # noqa: E402
+from tests.support.args import cpu_args  # noqa: E402
+from tests.support.lora import LORA, lora_model, share_adapter  # noqa: E402
 from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 
-LORA = dict(r=4, lora_alpha=32, target_modules="all-linear")
 # six unpaired completions, both labels, unequal prompt and completion lengths
 UNPAIRED_DS = dict(
     prompt=["w1 w2", "w3", "w4 w5 w6", "w7", "w8 w9", "w10"],
@@ -27,32 +26,8 @@ B = len(UNPAIRED_DS["prompt"])
 
 def common_args(tmp, **kw) -> dict:
     """The TrainingArguments both trainers take here: CPU, float32, no saving."""
-    base = dict(
-        output_dir=str(tmp),
-        per_device_train_batch_size=B,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        activation_checkpointing=False,
-        bf16=False,
-        seed=0,
-    )
-    return {**base, **kw}
-
-
-def lora_model(seed=5):
-    """The tiny Llama with LoRA adapters that matter (B != 0): policy != reference."""
-    model = load_model(tiny_model(), lora=LORA, gradient_checkpointing=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def lora_params(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    base = dict(per_device_train_batch_size=B, activation_checkpointing=False, bf16=False)
+    return cpu_args(tmp, **{**base, **kw})
 
 
 def kto_pair(tmp, data=None, **config):
@@ -74,13 +49,7 @@ def kto_pair(tmp, data=None, **config):
         processing_class=tiny_tokenizer(),
         peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **LORA),
     )
-    mine = lora_params(lora)
-    with torch.no_grad():
-        for name, p in theirs.model.named_parameters():
-            if "lora_" in name:
-                p.copy_(mine[name])
-    ours.model.train()
-    theirs.model.train()
+    share_adapter(lora, ours, theirs)
     return ours, theirs
 
 

@@ -46,8 +46,15 @@ from fastrl.trainers.dpo_trainer import (  # noqa: E402
     evaluate_preference_accuracy,
     tokenize_preference_dataset,
 )
-from fastrl.trainers.model import load_model  # noqa: E402
+from tests.support.args import cpu_args  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS, TOL_SAME_LOGPS  # noqa: E402
+from tests.support.lora import (  # noqa: E402
+    LORA,
+    lora_model,
+    lora_params,
+    share_adapter,
+    train_changes_only_lora,
+)
 from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
 from tests.support.trl_dpo import PAIRED_DS, _configure_dpo  # noqa: E402
@@ -57,7 +64,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*remove_unused_columns.*"),
 ]
 
-LORA = dict(r=4, lora_alpha=32, target_modules="all-linear")
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 LOGP_METRICS = ("logps/chosen", "logps/rejected")
 # gradients of log-probs computed two ways (left- vs right-padded, chunked head vs logits)
@@ -65,36 +71,12 @@ TOL_GRADS = dict(rtol=1e-4, atol=1e-5)
 
 
 def _args(tmp, **kw):
-    base = dict(
-        output_dir=str(tmp),
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        activation_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return DPOConfig(**{**base, **kw})
-
-
-def _lora_model(seed=5):
-    """The parity tests' tiny Llama with LoRA adapters that matter (B != 0)."""
-    model = load_model(tiny_model(), lora=LORA, gradient_checkpointing=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _lora_params(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    base = dict(per_device_train_batch_size=4, activation_checkpointing=False, disable_tqdm=True)
+    return DPOConfig(**cpu_args(tmp, **{**base, **kw}))
 
 
 def _grads(loss, model):
-    params = _lora_params(model)
+    params = lora_params(model)
     grads = torch.autograd.grad(loss, list(params.values()))
     return dict(zip(params, grads, strict=True))
 
@@ -129,21 +111,19 @@ def _pair_trainers(tmp, **config):
     the base model (so its reference is the base, as ours), then gets our adapter.
     `config`: options both configs take at construction."""
     ds = datasets.Dataset.from_dict(PAIRED_DS)
-    lora = _lora_model()
+    lora = lora_model()
     ours = DPOTrainer(
         copy.deepcopy(lora), _args(tmp / "ours", **config), train_dataset=ds,
         processing_class=tiny_tokenizer(),
     )  # fmt: skip
     trl_args = trl.DPOConfig(
-        output_dir=str(tmp / "trl"),
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        activation_checkpointing=False,
-        bf16=False,
-        seed=0,
-        **config,
+        **cpu_args(
+            tmp / "trl",
+            per_device_train_batch_size=4,
+            activation_checkpointing=False,
+            bf16=False,
+            **config,
+        )
     )
     theirs = trl.DPOTrainer(
         tiny_model(),
@@ -152,13 +132,7 @@ def _pair_trainers(tmp, **config):
         processing_class=tiny_tokenizer(),
         peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **LORA),
     )
-    mine = _lora_params(lora)
-    with torch.no_grad():
-        for name, p in theirs.model.named_parameters():
-            if "lora_" in name:
-                p.copy_(mine[name])
-    ours.model.train()
-    theirs.model.train()
+    share_adapter(lora, ours, theirs)
     return ours, theirs
 
 
@@ -193,7 +167,7 @@ def test_config_defaults_and_refusals(tmp_path):
     assert not args.reference_free and DPOConfig(str(tmp_path), loss_type="simpo").reference_free
     assert DPOConfig(str(tmp_path), use_weighting=True).preference_loss_kwargs()["use_weighting"]
     with pytest.raises(ValueError, match="use_weighting=True .*'aot'"):  # at construction
-        DPOTrainer(_lora_model(), _args(tmp_path, use_weighting=True, loss_type="aot"),
+        DPOTrainer(lora_model(), _args(tmp_path, use_weighting=True, loss_type="aot"),
                    train_dataset=datasets.Dataset.from_dict(PAIRED_DS),
                    processing_class=tiny_tokenizer())  # fmt: skip
     from transformers import HfArgumentParser
@@ -447,7 +421,7 @@ def test_precomputed_reference_equals_per_batch(tmp_path):
     for ld_alpha in (None, 0.5):
         kw = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=3, ld_alpha=ld_alpha)
         pre = DPOTrainer(
-            _lora_model(),
+            lora_model(),
             _args(tmp_path, **kw),
             train_dataset=ds,
             processing_class=tiny_tokenizer(),
@@ -486,12 +460,7 @@ def test_training_step_changes_only_lora_and_saves_the_adapter(tmp_path):
         activation_checkpointing=True,
     )
     trainer = DPOTrainer(tiny_model(), args, train_dataset=ds, processing_class=tiny_tokenizer())
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    after = dict(trainer.model.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
-    assert changed and all("lora_" in n for n in changed)
-    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    changed, after = train_changes_only_lora(trainer)
     assert {n for n, p in after.items() if p.requires_grad} >= changed
     logs = trainer.state.log_history
     for name in REWARD_METRICS + LOGP_METRICS + ("loss", "tokens_per_second", "num_tokens"):
@@ -564,11 +533,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
             learning_rate=0.1,
         )
         trainer = DPOTrainer(
-            _lora_model(), args, train_dataset=ds, processing_class=tiny_tokenizer()
+            lora_model(), args, train_dataset=ds, processing_class=tiny_tokenizer()
         )
         trainer.train()
-        weights.append({n: p.detach().clone() for n, p in _lora_params(trainer.model).items()})
-    start = _lora_params(_lora_model())
+        weights.append({n: p.detach().clone() for n, p in lora_params(trainer.model).items()})
+    start = lora_params(lora_model())
     assert any(not torch.equal(weights[0][n], start[n]) for n in start)
     for name in start:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6)
@@ -597,7 +566,7 @@ def test_chat_message_dataset_trains(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     ds = datasets.Dataset.from_dict(PAIRED_DS)
-    model = _lora_model()
+    model = lora_model()
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
     trainer = DPOTrainer(
@@ -612,7 +581,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
 def test_oom_names_the_settings_to_lower(tmp_path):
     trainer = DPOTrainer(
-        _lora_model(), _args(tmp_path, max_steps=1),
+        lora_model(), _args(tmp_path, max_steps=1),
         train_dataset=datasets.Dataset.from_dict(PAIRED_DS), processing_class=tiny_tokenizer(),
     )  # fmt: skip
 

@@ -27,8 +27,9 @@ from fastrl.trainers import KTOConfig, KTOTrainer, unpair_preference_dataset  # 
 from fastrl.trainers.dpo_trainer import _sequence_logps  # noqa: E402
 from fastrl.trainers.kto_trainer import KTOCollator, _rows  # noqa: E402
 from tests.support.compare import TOL_OWN_LOGPS  # noqa: E402
+from tests.support.lora import lora_model, train_changes_only_lora  # noqa: E402
 from tests.support.models import tiny_model, tiny_tokenizer  # noqa: E402
-from tests.support.trl_kto import UNPAIRED_DS, B, common_args, first_batch, lora_model  # noqa: E402
+from tests.support.trl_kto import UNPAIRED_DS, B, common_args, first_batch  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -231,12 +232,7 @@ def test_training_changes_only_lora_logs_metrics_and_saves_the_adapter(tmp_path)
     args = dict(max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="steps",
                 save_steps=3, per_device_train_batch_size=3)  # fmt: skip
     trainer = _trainer(tmp_path, model=tiny_model(), **args)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    after = dict(trainer.model.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
-    assert changed and all("lora_" in n for n in changed)
-    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    train_changes_only_lora(trainer)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     for name in ("loss", "kl", "entropy", "num_tokens", "tokens_per_second"):
         assert all(name in h for h in logs), name
@@ -289,7 +285,8 @@ from fastrl.trainers import KTOConfig, KTOTrainer
 from fastrl.trainers.dpo_trainer import _sequence_logps
 from fastrl.trainers.kto_trainer import _rows
 from tests.support.models import tiny_tokenizer
-from tests.support.trl_kto import UNPAIRED_DS, lora_model
+from tests.support.lora import lora_model
+from tests.support.trl_kto import UNPAIRED_DS
 args = KTOConfig({out!r}, per_device_train_batch_size=3, use_cpu=True, save_strategy="no",
                  disable_tqdm=True, ddp_backend="gloo", activation_checkpointing=False,
                  report_to="none")
