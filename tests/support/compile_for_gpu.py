@@ -106,8 +106,9 @@ class CompileOnlyDriver:
 def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
     """Call the public API with impl="triton" at shapes that reach every kernel and its
     constexpr variants (bf16 and fp32, bias, softcap, entropy, is_top1, log sum p^2)."""
-    import fastrl
     from fastrl.kernels.fused_policy_loss import ROW_KERNELS
+
+    import fastrl
     from fastrl.ops.logprobs.custom_ops import shard_statistics
     from fastrl.ops.logprobs.params import LogprobsParams
 
