@@ -26,24 +26,18 @@ from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E40
 from fastrl.trainers import GRPOConfig, GRPOTrainer  # noqa: E402
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler  # noqa: E402
 from fastrl.trainers.model import backbone_hidden_states  # noqa: E402
+from tests.support.args import cpu_args  # noqa: E402
 from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
+from tests.support.rollouts import PROMPTS, letter_share  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
 ]
 
-PROMPTS = ["12+7=", "30-4=", "5+5=", "81-9="]
-
-
-def letter_share(prompts, completions, **kwargs):
-    """Varies across random completions, so that groups have non-zero advantages."""
-    return [sum(ch.isalpha() for ch in c) / (1 + len(c)) for c in completions]
-
 
 def _args(tmp_path, **overrides):
     kw = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         num_generations=4,
         gradient_accumulation_steps=1,
@@ -51,14 +45,9 @@ def _args(tmp_path, **overrides):
         max_steps=2,
         learning_rate=5e-2,
         logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
         disable_tqdm=True,
     )
-    kw.update(overrides)
-    return GRPOConfig(**kw)
+    return GRPOConfig(**cpu_args(tmp_path, **{**kw, **overrides}))
 
 
 def _trainer(tmp_path, reward_funcs=letter_share, data=None, model=None, **overrides):

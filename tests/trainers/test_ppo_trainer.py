@@ -40,23 +40,18 @@ from fastrl.trainers.ppo_trainer import (  # noqa: E402
     load_value_head,
     refuse_sharded_value_head,
 )
+from tests.support.args import cpu_args  # noqa: E402
 from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
+from tests.support.rollouts import PROMPTS, letter_share  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
 ]
 
-PROMPTS = ["12+7=", "30-4=", "5+5=", "81-9="]
-
-
-def letter_share(prompts, completions, **kwargs):
-    return [sum(ch.isalpha() for ch in c) / (1 + len(c)) for c in completions]
-
 
 def _args(tmp_path, **overrides):
     kw = dict(
-        output_dir=str(tmp_path),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=1,
         num_mini_batches=2,
@@ -65,16 +60,11 @@ def _args(tmp_path, **overrides):
         max_steps=2,
         learning_rate=5e-2,
         logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
         disable_tqdm=True,
         temperature=1.0,
         activation_checkpointing=False,
     )
-    kw.update(overrides)
-    return PPOConfig(**kw)
+    return PPOConfig(**cpu_args(tmp_path, **{**kw, **overrides}))
 
 
 def _trainer(tmp_path, reward_funcs=letter_share, **overrides):
