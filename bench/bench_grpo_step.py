@@ -195,28 +195,37 @@ def _step_timer(gen_timer: _GenerateTimer):
     return StepTimer()
 
 
-def run_one(opts: argparse.Namespace) -> dict:
-    """Train `opts.warmup + opts.steps` steps with one trainer; return its measurements."""
+def prepare_run(opts: argparse.Namespace, n_prompts: int) -> tuple[Path, object, list[str]]:
+    """A worker's set-up: the CUDA memory capped at `opts.max_memory_gb`, the checkpoint of
+    `opts.models` (saved once), its tokenizer, and `n_prompts` random prompts of
+    `opts.prompt_length` words (seed 0)."""
     import random
 
-    from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    cuda = torch.cuda.is_available()
-    spec = MODELS[opts.models]
-    path = checkpoint(opts.models, Path(opts.cache_dir))
-    if cuda and opts.max_memory_gb:
+    if torch.cuda.is_available() and opts.max_memory_gb:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_memory_gb * 2**30 / total))
+    path = checkpoint(opts.models, Path(opts.cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     rng = random.Random(0)
-    n_prompts = opts.prompts_per_step * (opts.warmup + opts.steps)
-    words = spec["vocab_size"] - 3
+    words = MODELS[opts.models]["vocab_size"] - 3
     prompts = [
         " ".join(f"w{3 + rng.randrange(words)}" for _ in range(opts.prompt_length))
         for _ in range(n_prompts)
     ]
+    return path, tokenizer, prompts
+
+
+def run_one(opts: argparse.Namespace) -> dict:
+    """Train `opts.warmup + opts.steps` steps with one trainer; return its measurements."""
+
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    cuda = torch.cuda.is_available()
+    spec = MODELS[opts.models]
+    path, tokenizer, prompts = prepare_run(opts, opts.prompts_per_step * (opts.warmup + opts.steps))
     dataset = Dataset.from_dict({"prompt": prompts})
     G = opts.num_generations
     four_bit = spec["four_bit"] and cuda

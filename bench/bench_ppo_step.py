@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from bench.bench_grpo_step import (  # noqa: E402
     MODELS,
     _GenerateTimer,
     _step_timer,
-    checkpoint,
+    prepare_run,
     varied_reward,
 )
 from bench.common import default_results_path, environment, write_json  # noqa: E402
@@ -75,24 +74,11 @@ def peer_status(trainer: str) -> str | None:
 def run_one(opts: argparse.Namespace) -> dict:
     """Train `opts.warmup + opts.steps` PPO steps with fastrl; return the measurements."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
 
     from fastrl.trainers import PPOConfig, PPOTrainer
 
     cuda = torch.cuda.is_available()
-    spec = MODELS[opts.models]
-    path = checkpoint(opts.models, Path(opts.cache_dir))
-    if cuda and opts.max_memory_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_memory_gb * 2**30 / total))
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    rng = random.Random(0)
-    n = opts.rollout_size * (opts.warmup + opts.steps)
-    words = spec["vocab_size"] - 3
-    prompts = [
-        " ".join(f"w{3 + rng.randrange(words)}" for _ in range(opts.prompt_length))
-        for _ in range(n)
-    ]
+    path, tokenizer, prompts = prepare_run(opts, opts.rollout_size * (opts.warmup + opts.steps))
     args = PPOConfig(
         output_dir=str(Path(opts.cache_dir) / "out-ppo-fastrl"),
         per_device_train_batch_size=opts.rollout_size, num_ppo_epochs=1, num_mini_batches=1,
@@ -101,8 +87,8 @@ def run_one(opts: argparse.Namespace) -> dict:
         save_strategy="no", report_to="none", seed=0, shuffle_dataset=False,
         generation_kwargs={"min_new_tokens": opts.completion_length}, disable_tqdm=True,
         bf16=cuda, use_cpu=not cuda, lora_r=16, lora_alpha=32,
-        load_in_4bit=spec["four_bit"] and cuda, attn_implementation=opts.attn_implementation,
-        use_chat_template=False,
+        load_in_4bit=MODELS[opts.models]["four_bit"] and cuda,
+        attn_implementation=opts.attn_implementation, use_chat_template=False,
     )  # fmt: skip
     timer = _step_timer(_GenerateTimer())
     trainer = PPOTrainer(
