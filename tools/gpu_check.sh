@@ -15,6 +15,8 @@
 #               peers (TRL, Liger, CCE, eager) at the three real heads, N = 16k/4k/1k
 #               -> results/<prefix><device>-<date>.json + .png
 #   gpu_tests   pytest -m gpu tests -> gpu_tests.xml (junit)
+#   gae         bench/bench_gae.py: the GAE scan's tiles against a copy of the same bytes
+#               (issue 14's >= 70% target) and the PyTorch loop -> results/gae-*.json + .png
 #   preference  bench/bench_preference.py, likewise
 #   memcheck    compute-sanitizer --tool memcheck of the smoke -> memcheck.log
 #   report      headline figures -> summary.md (printed); summary.json has every stage
@@ -188,6 +190,7 @@ padding      90   60    12
 logprobs     180  120   100
 policy       140  120   75
 gpu_tests    150  90    50
+gae          90   60    25
 preference   120  90    55
 memcheck     120  90    40
 grpo_step    540  150   420
@@ -271,6 +274,7 @@ stage_cmd() { # the stage's command line, into CMD
             fi
             CMD=("$PY" bench/bench_grpo_step.py --trainers "$trainers" "${shape[@]}"
                 --vllm-python "$PY" --cache-dir "${TMPDIR:-/tmp}/fastrl-bench-cache" --out "$RES/grpo_step-$STEM.json") ;;
+        gae) CMD=("$PY" bench/bench_gae.py --out "$RES/gae-$STEM.json") ;;
         report) CMD=("$PY" tools/gpu_report.py report "$TREE") ;;
     esac
 }

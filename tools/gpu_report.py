@@ -122,6 +122,25 @@ def grpo_step_lines(data: dict) -> list[str]:
     return lines
 
 
+def gae_lines(data: dict) -> list[str]:
+    """One line per shape: each method's microseconds and share of a copy's speed (issue
+    14's target: >= target_of_copy)."""
+    target = data.get("config", {}).get("target_of_copy", 0.7)
+    lines = []
+    for case in data.get("rows", []):
+        parts = []
+        for name, m in case.get("methods", {}).items():
+            if m.get("status") != "ok":
+                parts.append(f"{name} {m.get('status')}")
+            elif "of_copy" in m:
+                miss = "" if m["of_copy"] >= target or name == "torch" else " MISSES"
+                parts.append(f"{name} {m['ms'] * 1e3:.1f}us {m['of_copy']:.2f}{miss}")
+            else:
+                parts.append(f"{name} {m['ms'] * 1e3:.1f}us")
+        lines.append(f"  {case.get('B')}x{case.get('T')} {case.get('dtype')}: " + " | ".join(parts))
+    return lines
+
+
 def junit_line(path: Path) -> str:
     try:
         root = ET.parse(path).getroot()
@@ -215,6 +234,12 @@ def report(tree: Path) -> int:
     for path in sorted(results.glob("grpo_step-*.json")):
         out.append(f"grpo_step ({path.name}; one GRPO LoRA step):")
         out += grpo_step_lines(_load(path) or {})
+
+    for path in sorted(results.glob("gae-*.json")):
+        data = _load(path) or {}
+        target = data.get("config", {}).get("target_of_copy")
+        out.append(f"gae ({path.name}; microseconds, share of a copy's speed, target >= {target}):")
+        out += gae_lines(data)
 
     for path in sorted(results.glob("*.json")):
         data = _load(path) or {}

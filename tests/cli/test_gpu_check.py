@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 STAGES = [
-    "env", "smoke", "numerics", "padding", "logprobs", "policy", "gpu_tests", "preference",
-    "memcheck", "report",
+    "env", "smoke", "numerics", "padding", "logprobs", "policy", "gpu_tests", "gae",
+    "preference", "memcheck", "report",
 ]  # fmt: skip
 # stages whose own check may fail on the library under test: they must still have run
 CHECKS = {"smoke", "numerics", "gpu_tests"}
@@ -127,6 +127,11 @@ def _check_files(tree: Path) -> None:
         assert (results / f"{prefix}{stem}.json").exists(), prefix
         assert (results / f"{prefix}{stem}.png").stat().st_size > 1000, prefix
     assert (results / f"numerics-{stem}.json").exists()
+    gae = json.loads((results / f"gae-{stem}.json").read_text())
+    (case,) = gae["rows"]  # the CPU shape: each tile checked against the PyTorch path, timed
+    assert all(m["status"] == "ok" and m["ms"] > 0 for m in case["methods"].values()), case
+    assert {"copy", "torch"} < set(case["methods"]) and "of_copy" in case["methods"]["torch"]
+    assert (results / f"gae-{stem}.png").stat().st_size > 1000
 
     smoke = json.loads((tree / "smoke.json").read_text())
     assert len(smoke["calls"]) >= 20
@@ -176,7 +181,7 @@ def _check_pack(out: Path) -> None:
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"./summary.json", "./env.json", "./smoke.json", "./gpu_tests.xml"} <= names
-    assert sum(n.startswith("./results/") and n.endswith(".png") for n in names) == 4
+    assert sum(n.startswith("./results/") and n.endswith(".png") for n in names) == 5
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]][-1] == "report"
 

@@ -1,0 +1,52 @@
+"""Smoke test of bench/bench_gae.py on the CPU (the Triton tiles through the interpreter)."""
+
+import json
+
+import pytest
+import torch
+
+from bench import bench_gae
+
+
+def test_bench_gae_cpu(tmp_path, capsys):
+    out = tmp_path / "gae.json"
+    assert bench_gae.main(["--device", "cpu", "--shapes", "3x21", "--blocks", "2x8",
+                           "--dtype", "fp32", "--out", str(out)]) == 0  # fmt: skip
+    data = json.loads(out.read_text())
+    (case,) = data["rows"]
+    assert (case["B"], case["T"], case["dtype"]) == (3, 21, "float32")
+    assert case["bytes"] == 3 * 21 * (2 * 4 + 1 + 8)
+    assert list(case["methods"]) == ["copy", "triton 2x8", "torch"]
+    assert all(m["status"] == "ok" and m["ms"] > 0 for m in case["methods"].values())
+    assert case["methods"]["triton 2x8"]["of_copy"] == pytest.approx(
+        case["methods"]["copy"]["ms"] / case["methods"]["triton 2x8"]["ms"]
+    )
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "3x21 float32: copy " in capsys.readouterr().out
+
+
+def test_bench_gae_reports_a_tile_that_computes_something_else(tmp_path, monkeypatch):
+    from fastrl.kernels import gae
+
+    def wrong(r, v, m, gamma, lam, **tiles):
+        return torch.zeros(r.shape), torch.zeros(r.shape)
+
+    monkeypatch.setattr(gae, "gae_fwd", wrong)
+    case = bench_gae.bench_shape(3, 10, torch.float32, [(1, 8)], ["triton"], torch.device("cpu"))
+    row = case["methods"]["triton 1x8"]
+    assert row["status"] == "failed" and "ms" not in row, row
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--blocks", "3x8"], "powers of 2"),
+        (["--shapes", "4by8"], "--shapes: expected AxB"),
+        (["--methods", "copy,cuda"], "unknown ['cuda']"),
+    ],
+    ids=["tile-not-pow2", "bad-shape", "unknown-method"],
+)
+def test_bench_gae_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_gae.main(["--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
