@@ -1,7 +1,7 @@
 """Benchmark `fastrl.gae_advantages`' Triton scan against a copy of the same bytes.
 
     python bench/bench_gae.py                          # GPU shapes on CUDA, tiny ones on CPU
-    python bench/bench_gae.py --shapes 256x4096 --blocks 1x1024,2x512 --dtype fp32
+    python bench/bench_gae.py --shapes 256x4096 --blocks 1x1024,2x512,1x512c512 --dtype fp32
 
 Issue 14's target: the GAE kernel runs at memory bandwidth, >= 70% of the speed of a copy
 of the same bytes. The op reads rewards and values (`--dtype`) and the bool mask once and
@@ -12,7 +12,9 @@ its size: the same bytes moved). Per shape it times:
   copy          the copy above (the bandwidth a kernel of this traffic can reach)
   triton BxT    kernels/gae.py `gae_fwd` with BLOCK_B=B rows per program and BLOCK_T=T
                 tokens per scan step, for each `--blocks` entry (default: the tile shapes
-                worth sweeping on a GPU; the shipped default is kernels/config.py's)
+                worth sweeping on a GPU; the shipped default is kernels/config.py's);
+                `BxTcC` splits each row into chunks of C tokens (the two-pass scan that
+                fills the SMs when B is small)
   torch         the PyTorch path (`impl="torch"`): a loop over the tokens, as verl's and
                 OpenRLHF's GAE are written (off with `--methods copy,triton`)
 
@@ -49,8 +51,9 @@ from bench.common import (  # noqa: E402
 
 GPU_SHAPES = ((64, 4096), (256, 4096), (1024, 2048), (4096, 1024))
 CPU_SHAPES = ((5, 37),)
-GPU_BLOCKS = ((1, 1024), (1, 512), (1, 2048), (2, 512), (4, 256))
-CPU_BLOCKS = ((4, 8), (2, 16))
+GPU_BLOCKS = ((1, 1024, 0), (1, 512, 0), (1, 2048, 0), (2, 512, 0), (4, 256, 0),
+              (1, 512, 512), (1, 1024, 1024), (1, 256, 1024))  # fmt: skip
+CPU_BLOCKS = ((4, 8, 0), (2, 8, 16))
 METHODS = ("copy", "triton", "torch")
 TARGET = 0.7
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -64,6 +67,22 @@ def _pairs(text: str, what: str) -> list[tuple[int, int]]:
     if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
         raise argparse.ArgumentTypeError(f"{what}: expected AxB[,AxB...], got {text!r}")
     return pairs  # type: ignore[return-value]
+
+
+def _tiles(text: str) -> list[tuple[int, int, int]]:
+    """`BxT` or `BxTcC` items: rows per program, tokens per step, tokens per chunk."""
+    tiles = []
+    for item in text.split(","):
+        head, _, chunk = item.partition("c")
+        ((bb, bt),) = _pairs(head, "--blocks")
+        if chunk and not chunk.isdigit():
+            raise argparse.ArgumentTypeError(f"--blocks: chunk of {item!r} is not a number")
+        tiles.append((bb, bt, int(chunk or 0)))
+    return tiles
+
+
+def tile_name(bb: int, bt: int, chunk: int) -> str:
+    return f"triton {bb}x{bt}" + (f"c{chunk}" if chunk else "")
 
 
 def gae_inputs(B: int, T: int, dtype: torch.dtype, device: torch.device):
@@ -96,9 +115,9 @@ def bench_shape(B: int, T: int, dtype: torch.dtype, blocks, methods, device) -> 
         dst = torch.empty_like(src)
         calls["copy"] = lambda: dst.copy_(src)
     if "triton" in methods:
-        for bb, bt in blocks:
-            calls[f"triton {bb}x{bt}"] = lambda bb=bb, bt=bt: gae_fwd(
-                r, v, m, 0.99, 0.95, block_b=bb, block_t=bt
+        for bb, bt, ct in blocks:
+            calls[tile_name(bb, bt, ct)] = lambda bb=bb, bt=bt, ct=ct: gae_fwd(
+                r, v, m, 0.99, 0.95, block_b=bb, block_t=bt, chunk_t=ct
             )
     if "torch" in methods:
         calls["torch"] = lambda: gae_advantages(r, v, m, gamma=0.99, lam=0.95, impl="torch")
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=lambda s: _pairs(s, "--shapes"), default=None,
                    help="BxT list (default on CUDA: GPU_SHAPES)")  # fmt: skip
-    p.add_argument("--blocks", type=lambda s: _pairs(s, "--blocks"), default=None,
+    p.add_argument("--blocks", type=_tiles, default=None,
                    help="BLOCK_BxBLOCK_T tiles, powers of 2 (CUDA: GPU_BLOCKS)")  # fmt: skip
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="rewards and values")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
@@ -183,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     shapes = opts.shapes or (GPU_SHAPES if cuda else CPU_SHAPES)
     blocks = opts.blocks or (GPU_BLOCKS if cuda else CPU_BLOCKS)
-    if bad := [b for b in blocks if any(x & (x - 1) for x in b)]:
-        p.error(f"--blocks: tile sides must be powers of 2, got {bad}")
+    if bad := [b for b in blocks if any(x & (x - 1) for x in b[:2]) or b[2] % b[1]]:
+        p.error(f"--blocks: tile sides must be powers of 2 and chunks their multiples: {bad}")
     dtype = DTYPES[opts.dtype]
     results = dict(
         benchmark="gae",

@@ -107,6 +107,11 @@ FROZEN_NUM_WARPS = 8
 GAE_BLOCK_B = 4 if INTERPRET else 1
 GAE_BLOCK_T = 8 if INTERPRET else 1024
 GAE_NUM_WARPS = 4
+# Tokens per program when a row is split (two passes, kernels/gae.py): 0 keeps one program
+# per row block. Splitting fills the SMs when B is small (64 rows of 4096 tokens are 64
+# programs on 132 SMs) at the price of reading the inputs twice; off until a GPU measures
+# it (bench/bench_gae.py sweeps it). The interpreter splits, so both passes are tested.
+GAE_CHUNK_T = 16 if INTERPRET else 0
 
 
 def on_tensor_device(launcher):

@@ -29,6 +29,15 @@ along the columns is the reverse scan in time. Positions past the row start load
 mask 0: identity maps. Rewards, values and mask are read once and the two outputs
 written once: 3 reads + 2 writes per token, the memory traffic of the op.
 
+Chunked (``chunk_t`` > 0), for few long rows: one program per row block covers only
+cdiv(B, BLOCK_B) SMs, so each row's tokens are cut into chunks of ``chunk_t`` (counted
+from the right), grid = (cdiv(B, BLOCK_B), n_chunks). Pass 1 (`gae_chunk_fwd_kernel`)
+composes each chunk's maps into one (5 floats per row and chunk); pass 2
+(`gae_fwd_kernel` with CHUNKED) starts each chunk from the state the chunks to its right
+leave (the episode end, (0, 0), through their maps: at most n_chunks - 1 compositions)
+and scans as above. The inputs are read twice (the second read mostly from L2 at the
+sizes this is for).
+
 Inputs of any float dtype (fp16/bf16/fp32) are computed in fp32; float64 is left to the
 PyTorch path (gamma and lam are fp32 kernel arguments). B, T, gamma and lam are runtime
 arguments. There is no backward: advantages and returns are constants of the losses
@@ -39,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import GAE_BLOCK_B, GAE_BLOCK_T, GAE_NUM_WARPS, on_tensor_device
+from .config import GAE_BLOCK_B, GAE_BLOCK_T, GAE_CHUNK_T, GAE_NUM_WARPS, on_tensor_device
 
 
 @triton.jit
@@ -54,26 +63,74 @@ def _compose(a1, b1, c1, d1, e1, a2, b2, c2, d2, e2):
     )
 
 
-@triton.jit(do_not_specialize=["B", "T", "gamma", "lam"])
+@triton.jit
+def _block_maps(R, V, M, rows64, row_ok, t, s_rb, s_rt, s_vb, s_vt, s_mb, s_mt, gamma, gl):
+    """Load one [BLOCK_B, BLOCK_T] tile (reversed time `t`) and scan its tokens' maps:
+    column j holds the composition of the tile's columns 0..j."""
+    inb = row_ok[:, None] & (t >= 0)
+    t64 = t.to(tl.int64)
+    r = tl.load(R + rows64 * s_rb + t64 * s_rt, mask=inb, other=0.0).to(tl.float32)
+    v = tl.load(V + rows64 * s_vb + t64 * s_vt, mask=inb, other=0.0).to(tl.float32)
+    m = tl.load(M + rows64 * s_mb + t64 * s_mt, mask=inb, other=0).to(tl.float32) != 0
+    r = tl.where(m, r, 0.0)  # padding may hold anything (inf, NaN): never read
+    v = tl.where(m, v, 0.0)
+    zero = tl.zeros(r.shape, tl.float32)
+    one = zero + 1.0
+    a = tl.where(m, zero, one)
+    b = tl.where(m, v, zero)
+    c = tl.where(m, zero + gamma, zero)
+    d = tl.where(m, zero + gl, one)
+    e = tl.where(m, r - v, zero)
+    a, b, c, d, e = tl.associative_scan((a, b, c, d, e), 1, _compose)
+    return inb, t64, m, v, a, b, c, d, e
+
+
+@triton.jit
+def _last(x, cols, BLOCK_T: tl.constexpr):
+    return tl.sum(tl.where(cols == BLOCK_T - 1, x, 0.0), axis=1)
+
+
+@triton.jit(do_not_specialize=["B", "T", "chunk_blocks", "gamma", "lam"])
+def gae_chunk_fwd_kernel(
+    R, V, M, Maps, B, T, chunk_blocks, s_rb, s_rt, s_vb, s_vt, s_mb, s_mt, gamma, lam,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    # pass 1 of the chunked scan: the composed map of chunk c of each row -> Maps[:, row, c]
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_T)[None, :]
+    chunk, n_chunks = tl.program_id(1), tl.num_programs(1)
+    # the identity map, then each block's composed on top (blocks further left apply later)
+    a = tl.full((BLOCK_B,), 1.0, tl.float32)
+    b = tl.zeros((BLOCK_B,), tl.float32)
+    c = tl.zeros((BLOCK_B,), tl.float32)
+    d = tl.full((BLOCK_B,), 1.0, tl.float32)
+    e = tl.zeros((BLOCK_B,), tl.float32)
+    first = chunk * chunk_blocks
+    for k in range(first, tl.minimum(first + chunk_blocks, tl.cdiv(T, BLOCK_T))):
+        t = T - 1 - (k * BLOCK_T + cols)
+        _, _, _, _, ba, bb, bc, bd, be = _block_maps(
+            R, V, M, rows64, row_ok, t, s_rb, s_rt, s_vb, s_vt, s_mb, s_mt, gamma, gamma * lam
+        )
+        a, b, c, d, e = _compose(
+            a, b, c, d, e, _last(ba, cols, BLOCK_T), _last(bb, cols, BLOCK_T),
+            _last(bc, cols, BLOCK_T), _last(bd, cols, BLOCK_T), _last(be, cols, BLOCK_T),
+        )  # fmt: skip
+    off = rows.to(tl.int64) * n_chunks + chunk  # Maps is [5, B, n_chunks], contiguous
+    plane = B.to(tl.int64) * n_chunks
+    tl.store(Maps + off, a, mask=row_ok)
+    tl.store(Maps + plane + off, b, mask=row_ok)
+    tl.store(Maps + 2 * plane + off, c, mask=row_ok)
+    tl.store(Maps + 3 * plane + off, d, mask=row_ok)
+    tl.store(Maps + 4 * plane + off, e, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["B", "T", "chunk_blocks", "gamma", "lam"])
 def gae_fwd_kernel(
-    R,
-    V,
-    M,
-    Adv,
-    Ret,
-    B,
-    T,
-    s_rb,
-    s_rt,
-    s_vb,
-    s_vt,
-    s_mb,
-    s_mt,
-    gamma,
-    lam,
-    BLOCK_B: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
+    R, V, M, Adv, Ret, Maps, B, T, chunk_blocks, s_rb, s_rt, s_vb, s_vt, s_mb, s_mt, gamma, lam,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, CHUNKED: tl.constexpr,
+):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)[:, None]
@@ -81,24 +138,27 @@ def gae_fwd_kernel(
     gl = gamma * lam
     y = tl.zeros((BLOCK_B,), tl.float32)  # the carry: next value, next advantage
     adv = tl.zeros((BLOCK_B,), tl.float32)
-    n_blocks = tl.cdiv(T, BLOCK_T)
-    for k in range(0, n_blocks):
+    chunk = tl.program_id(1)
+    if CHUNKED:
+        # the state entering this chunk: the episode's end (0, 0) through the composed
+        # maps of the chunks to its right (pass 1), nearest-to-the-end first
+        n_chunks = tl.num_programs(1)
+        plane = B.to(tl.int64) * n_chunks
+        base = rows.to(tl.int64) * n_chunks
+        for j in range(0, chunk):
+            off = base + j
+            a = tl.load(Maps + off, mask=row_ok, other=1.0)
+            b = tl.load(Maps + plane + off, mask=row_ok, other=0.0)
+            c = tl.load(Maps + 2 * plane + off, mask=row_ok, other=0.0)
+            d = tl.load(Maps + 3 * plane + off, mask=row_ok, other=1.0)
+            e = tl.load(Maps + 4 * plane + off, mask=row_ok, other=0.0)
+            y, adv = a * y + b, c * y + d * adv + e
+    first = chunk * chunk_blocks
+    for k in range(first, tl.minimum(first + chunk_blocks, tl.cdiv(T, BLOCK_T))):
         t = T - 1 - (k * BLOCK_T + cols)  # reversed time: column 0 is the rightmost
-        inb = row_ok[:, None] & (t >= 0)
-        t64 = t.to(tl.int64)
-        r = tl.load(R + rows64 * s_rb + t64 * s_rt, mask=inb, other=0.0).to(tl.float32)
-        v = tl.load(V + rows64 * s_vb + t64 * s_vt, mask=inb, other=0.0).to(tl.float32)
-        m = tl.load(M + rows64 * s_mb + t64 * s_mt, mask=inb, other=0).to(tl.float32) != 0
-        r = tl.where(m, r, 0.0)  # padding may hold anything (inf, NaN): never read
-        v = tl.where(m, v, 0.0)
-        zero = tl.zeros((BLOCK_B, BLOCK_T), tl.float32)
-        one = zero + 1.0
-        a = tl.where(m, zero, one)
-        b = tl.where(m, v, zero)
-        c = tl.where(m, zero + gamma, zero)
-        d = tl.where(m, zero + gl, one)
-        e = tl.where(m, r - v, zero)
-        a, b, c, d, e = tl.associative_scan((a, b, c, d, e), 1, _compose)
+        inb, t64, m, v, a, b, c, d, e = _block_maps(
+            R, V, M, rows64, row_ok, t, s_rb, s_rt, s_vb, s_vt, s_mb, s_mt, gamma, gl
+        )
         y_t = a * y[:, None] + b
         adv_t = c * y[:, None] + d * adv[:, None] + e
         # masked tokens: 0 (their state is the next unmasked token's)
@@ -108,9 +168,8 @@ def gae_fwd_kernel(
         tl.store(Adv + off, out_adv.to(Adv.dtype.element_ty), mask=inb)
         tl.store(Ret + off, out_ret.to(Ret.dtype.element_ty), mask=inb)
         # the state after the block (its last column) is the carry into the next one
-        last = cols == BLOCK_T - 1
-        y = tl.sum(tl.where(last, y_t, 0.0), axis=1)
-        adv = tl.sum(tl.where(last, adv_t, 0.0), axis=1)
+        y = _last(y_t, cols, BLOCK_T)
+        adv = _last(adv_t, cols, BLOCK_T)
 
 
 @on_tensor_device
@@ -123,11 +182,13 @@ def gae_fwd(
     *,
     block_b: int = GAE_BLOCK_B,
     block_t: int = GAE_BLOCK_T,
+    chunk_t: int = GAE_CHUNK_T,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the scan. rewards, values ``[B, T]`` fp16/bf16/fp32 (any strides), mask
     ``[B, T]`` bool or 0/1 numbers; gamma, lam Python floats in [0, 1] (the caller checks).
     ``block_b`` rows per program and ``block_t`` tokens per step (powers of 2): tile shapes
-    for a GPU sweep.
+    for a GPU sweep. ``chunk_t`` (a multiple of ``block_t``; 0: off) splits each row's
+    tokens into chunks of that many, one program each, in two passes (module docstring).
 
     Returns ``(advantages, returns)``: contiguous fp32 ``[B, T]``, 0 where masked.
     """
@@ -136,27 +197,25 @@ def gae_fwd(
     adv, ret = torch.empty((B, T), **f32), torch.empty((B, T), **f32)
     if B == 0 or T == 0:
         return adv, ret
+    if chunk_t % block_t:
+        raise ValueError(f"chunk_t={chunk_t} must be a multiple of block_t={block_t}")
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    grid = (triton.cdiv(B, block_b),)
+    n_blocks = triton.cdiv(T, block_t)
+    chunk_blocks = min(chunk_t // block_t, n_blocks) if chunk_t else n_blocks
+    n_chunks = triton.cdiv(n_blocks, chunk_blocks)
+    grid = (triton.cdiv(B, block_b), n_chunks)
+    strides = (*rewards.stride(), *values.stride(), *mask.stride())
+    tiles = dict(BLOCK_B=block_b, BLOCK_T=block_t, num_warps=GAE_NUM_WARPS)
+    maps = adv  # unused by the one-pass kernel
+    if n_chunks > 1:
+        maps = torch.empty((5, B, n_chunks), **f32)
+        gae_chunk_fwd_kernel[grid](
+            rewards, values, mask, maps, B, T, chunk_blocks, *strides, float(gamma),
+            float(lam), **tiles,
+        )  # fmt: skip
     gae_fwd_kernel[grid](
-        rewards,
-        values,
-        mask,
-        adv,
-        ret,
-        B,
-        T,
-        rewards.stride(0),
-        rewards.stride(1),
-        values.stride(0),
-        values.stride(1),
-        mask.stride(0),
-        mask.stride(1),
-        float(gamma),
-        float(lam),
-        BLOCK_B=block_b,
-        BLOCK_T=block_t,
-        num_warps=GAE_NUM_WARPS,
-    )
+        rewards, values, mask, adv, ret, maps, B, T, chunk_blocks, *strides, float(gamma),
+        float(lam), CHUNKED=n_chunks > 1, **tiles,
+    )  # fmt: skip
     return adv, ret

@@ -10,13 +10,13 @@ from bench import bench_gae
 
 def test_bench_gae_cpu(tmp_path, capsys):
     out = tmp_path / "gae.json"
-    assert bench_gae.main(["--device", "cpu", "--shapes", "3x21", "--blocks", "2x8",
+    assert bench_gae.main(["--device", "cpu", "--shapes", "3x21", "--blocks", "2x8,1x4c8",
                            "--dtype", "fp32", "--out", str(out)]) == 0  # fmt: skip
     data = json.loads(out.read_text())
     (case,) = data["rows"]
     assert (case["B"], case["T"], case["dtype"]) == (3, 21, "float32")
     assert case["bytes"] == 3 * 21 * (2 * 4 + 1 + 8)
-    assert list(case["methods"]) == ["copy", "triton 2x8", "torch"]
+    assert list(case["methods"]) == ["copy", "triton 2x8", "triton 1x4c8", "torch"]
     assert all(m["status"] == "ok" and m["ms"] > 0 for m in case["methods"].values())
     assert case["methods"]["triton 2x8"]["of_copy"] == pytest.approx(
         case["methods"]["copy"]["ms"] / case["methods"]["triton 2x8"]["ms"]
@@ -32,7 +32,7 @@ def test_bench_gae_reports_a_tile_that_computes_something_else(tmp_path, monkeyp
         return torch.zeros(r.shape), torch.zeros(r.shape)
 
     monkeypatch.setattr(gae, "gae_fwd", wrong)
-    case = bench_gae.bench_shape(3, 10, torch.float32, [(1, 8)], ["triton"], torch.device("cpu"))
+    case = bench_gae.bench_shape(3, 10, torch.float32, [(1, 8, 0)], ["triton"], torch.device("cpu"))
     row = case["methods"]["triton 1x8"]
     assert row["status"] == "failed" and "ms" not in row, row
 
@@ -41,10 +41,11 @@ def test_bench_gae_reports_a_tile_that_computes_something_else(tmp_path, monkeyp
     "argv, message",
     [
         (["--blocks", "3x8"], "powers of 2"),
+        (["--blocks", "1x8c12"], "chunks their multiples"),
         (["--shapes", "4by8"], "--shapes: expected AxB"),
         (["--methods", "copy,cuda"], "unknown ['cuda']"),
     ],
-    ids=["tile-not-pow2", "bad-shape", "unknown-method"],
+    ids=["tile-not-pow2", "chunk-not-a-multiple", "bad-shape", "unknown-method"],
 )
 def test_bench_gae_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

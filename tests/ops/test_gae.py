@@ -63,14 +63,21 @@ def test_matches_oracle(shape, layout, discount, impl, nan_empty):
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
 
 
-@pytest.mark.parametrize("block", [(1, 1), (2, 4), (8, 16)])
-def test_tile_shapes_agree(block, nan_empty):
-    # the launcher's tiles are a GPU sweep's knobs: every one gives the same numbers
+@pytest.mark.parametrize(
+    "block, chunk_t",
+    [((1, 1), 0), ((2, 4), 0), ((8, 16), 0), ((1, 1), 3), ((2, 4), 8), ((4, 2), 2), ((2, 4), 64)],
+    ids=["1x1", "2x4", "8x16", "1x1-chunk3", "2x4-chunk8", "4x2-chunk2", "2x4-chunk-past-T"],
+)
+def test_tile_shapes_agree(block, chunk_t, nan_empty):
+    # the launcher's tiles and chunks are a GPU sweep's knobs: every one gives the same
+    # numbers (chunks of 2 or 3 tokens over 13: a chain of 5-7 carried maps, holes across
+    # chunk borders, a row tail)
     from fastrl.kernels.gae import gae_fwd
 
     r, v, mask = _inputs(5, 13, "holes", 1)
     want = gae_advantages(r, v, mask, gamma=0.97, lam=0.9, impl="torch")
-    got = gae_fwd(r, v, mask.bool(), 0.97, 0.9, block_b=block[0], block_t=block[1])
+    tiles = dict(block_b=block[0], block_t=block[1], chunk_t=chunk_t)
+    got = gae_fwd(r, v, mask.bool(), 0.97, 0.9, **tiles)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **TOL)
 
@@ -185,16 +192,28 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_long_rows_bf16():
-    # GPU tiles (1024 tokens a step) over several steps and a row tail
+@pytest.mark.parametrize("chunk_t", [0, 1024], ids=["one-pass", "chunks-of-1024"])
+def test_gpu_long_rows_bf16(chunk_t):
+    # GPU tiles (1024 tokens a step) over several steps and a row tail; the scan's GPU
+    # lowering is covered only here (the interpreter runs associative_scan sequentially)
+    from fastrl.kernels.gae import gae_fwd
+
     g = torch.Generator().manual_seed(7)
     B, T = 33, 3000
     r = torch.randn(B, T, generator=g).cuda().bfloat16()
     v = torch.randn(B, T, generator=g).cuda().bfloat16()
     mask = (torch.rand(B, T, generator=g) > 0.1).cuda()
-    adv, ret = gae_advantages(r, v, mask, gamma=0.999, lam=0.95)
+    adv, ret = gae_fwd(r, v, mask, 0.999, 0.95, chunk_t=chunk_t)
     want_adv, want_ret = naive_gae_advantages(
         r.float().cpu(), v.float().cpu(), mask.cpu(), gamma=0.999, lam=0.95
     )
     torch.testing.assert_close(adv.cpu().double(), want_adv, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ret.cpu().double(), want_ret, rtol=1e-4, atol=1e-3)
+
+
+def test_chunk_not_a_multiple_of_the_block_is_refused():
+    from fastrl.kernels.gae import gae_fwd
+
+    r, v, mask = _inputs(2, 9, "right", 3)
+    with pytest.raises(ValueError, match="chunk_t=6 must be a multiple of block_t=4"):
+        gae_fwd(r, v, mask.bool(), 0.9, 0.9, block_b=1, block_t=4, chunk_t=6)
