@@ -24,6 +24,7 @@ KERNELS = {
     "group_advantages_fwd_kernel",
     "group_advantages_batch_kernel",
     "gae_fwd_kernel",
+    "gae_chunk_fwd_kernel",
     "policy_loss_fwd_kernel",
     "policy_loss_bwd_kernel",
     "fused_policy_loss_fwd_kernel",
@@ -63,13 +64,15 @@ def test_every_kernel_compiles_within_the_shared_memory_budget(arch):
     for name in ("linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel"):
         kinds = {r["mma"] for r in records if r["name"] == name}
         assert kinds == {tensor_core, "none"}, (name, kinds)
-    # the hot path spills no registers: the row/epilogue kernels of the cuBLAS designs
-    # everywhere, and the
-    # bf16 tile kernels on Hopper (on sm_89 two forward variants spill 8 bytes)
+    # the hot path spills no registers: the row/epilogue kernels of the cuBLAS designs and
+    # the GAE scans everywhere, and the bf16 tile kernels on Hopper (on sm_89 two forward
+    # variants spill 8 bytes)
     epilogues = (
         "fused_policy_loss_fwd_kernel",
         "cublas_logprobs_fwd_kernel",
         "cublas_logprobs_bwd_kernel",
+        "gae_fwd_kernel",
+        "gae_chunk_fwd_kernel",
     )
     hot = [r for r in records if r["name"] in epilogues]
     if arch >= 90:

@@ -174,6 +174,12 @@ def _drive_every_kernel(fake: CompileOnlyDriver) -> None:
         fake.variant = f"gae {str(dtype)[6:]}"
         r, v = (torch.randn(B, T, generator=g).to(dtype) for _ in range(2))
         fastrl.gae_advantages(r, v, mask.bool(), gamma=0.99, lam=0.95, impl="triton")
+        # the two-pass chunked scan (off by default): chunks of 2 x 1024 tokens over 5000
+        from fastrl.kernels.gae import gae_fwd
+
+        fake.variant = f"gae chunked {str(dtype)[6:]}"
+        r, v = (torch.randn(3, 5000, generator=g).to(dtype) for _ in range(2))
+        gae_fwd(r, v, torch.ones(3, 5000, dtype=torch.bool), 0.99, 0.95, chunk_t=2048)
 
     ids = torch.randint(0, V, (B, T), generator=g)
     # the fused single pass: half (dz over Z's own bytes) and fp32, each row kernel
