@@ -110,7 +110,7 @@ $(STAMP_VERL): pyproject.toml constraints-cpu.txt Makefile
 venv-verl: $(STAMP_VERL)
 
 test: venv
-	$(PY) -m pytest -q $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
 	$(if $(filter 1,$(TEST_VLLM)),@$(MAKE) --no-print-directory test-vllm)
 	$(if $(filter 1,$(TEST_VERL)),@$(MAKE) --no-print-directory test-verl)
 

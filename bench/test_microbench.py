@@ -11,7 +11,10 @@ so a report or `compare` lists the methods of one case side by side:
 
 - `linear_logprobs`: forward (frozen head), forward+backward (frozen and trainable head);
 - `fused_policy_loss` (DAPO, TRL's default loss) and `fused_preference_loss` (DPO
-  sigmoid, beta 0.1, reference log-probs precomputed): forward+backward, frozen head.
+  sigmoid, beta 0.1, reference log-probs precomputed): forward+backward, frozen head;
+- `gae_advantages` (gamma 0.99, lambda 0.95) with impl "triton" and "torch" beside a copy of
+  the bytes it moves (bench_gae.py's reference; `gb_per_s` in extra_info), on CUDA at
+  256 x 4096 and 1024 x 2048 tokens.
 
 Methods are the bench scripts' own baselines (bench_logprobs.METHODS,
 bench_policy.METHODS, bench_preference.METHODS: same code, same calls): fastrl with
@@ -49,7 +52,7 @@ from typing import Any
 import pytest
 import torch
 
-from bench import bench_logprobs, bench_policy, bench_preference
+from bench import bench_gae, bench_logprobs, bench_policy, bench_preference
 from bench.common import (
     HEADS,
     device_name,
@@ -249,7 +252,10 @@ def run_benchmark(
     benchmark.pedantic(timed, setup=flush_l2, rounds=n_rounds)
     stats = getattr(benchmark, "stats", None)
     if benchmark.enabled and stats is not None and stats.stats.median > 0:
-        benchmark.extra_info["tflops"] = flops / stats.stats.median / 1e12
+        if flops:
+            benchmark.extra_info["tflops"] = flops / stats.stats.median / 1e12
+        if "bytes" in info:  # a memory-bound op: its bandwidth
+            benchmark.extra_info["gb_per_s"] = info["bytes"] / stats.stats.median / 1e9
 
 
 def _mm_flops(n: int, shape: Any) -> float:
@@ -428,3 +434,36 @@ def test_fused_preference_loss(benchmark, rounds, flush_l2, preference_inputs, p
         "fused_preference_loss",
         bench_logprobs.matmul_count,
     )
+
+
+# ----------------------------------------------------------------------------- gae_advantages
+
+GAE_SHAPES = [(256, 4096), (1024, 2048)] if CUDA else [(5, 37)]
+
+
+@pytest.mark.parametrize("method", ["fastrl-triton", "fastrl-torch", "copy"])
+@pytest.mark.parametrize("shape", GAE_SHAPES, ids=[f"B{b}-T{t}-{DTYPE_TAG}" for b, t in GAE_SHAPES])
+def test_gae_advantages(benchmark, rounds, flush_l2, shape, method):
+    # memory-bound: the figure is GB/s against the copy of the same bytes
+    from fastrl import gae_advantages
+
+    B, T = shape
+    nbytes = bench_gae.op_bytes(B, T, DTYPE)
+    if method == "copy":
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE)
+        dst = torch.empty_like(src)
+
+        def fn():
+            return dst.copy_(src)
+
+    else:
+        r, v, m = bench_gae.gae_inputs(B, T, DTYPE, DEVICE)
+        impl = FASTRL[method][1]
+
+        def fn():
+            return gae_advantages(r, v, m, gamma=0.99, lam=0.95, impl=impl)
+
+    run_benchmark(
+        benchmark, fn, rounds, flush_l2, group=f"gae_advantages-B{B}-T{T}-{DTYPE_TAG}", flops=0.0,
+        info=dict(op="gae_advantages", method=method, B=B, T=T, bytes=nbytes),
+    )  # fmt: skip
