@@ -32,17 +32,28 @@ during gradient accumulation). With several processes each samples, scores and t
 its own rollout (the dataloader shards the prompts); the whitening statistics are those
 of every process's rollout together (OpenRLHF's; TRL's PPOTrainer whitens each process's
 batch alone), so N processes of B rows compute the advantages one process of N * B rows
-computes, and the rollout metrics are means over all of them. FSDP and DeepSpeed ZeRO-3
-are refused (`refuse_sharded_value_head`).
+computes, and the rollout metrics are means over all of them.
+
+FSDP2 (`fsdp=True, fsdp_config={"version": 2}`) and DeepSpeed ZeRO-3 run as for GRPO:
+generation, the old-policy and reference passes and the training forward run on the
+sharded model, the lm_head is gathered per head call (`LMHead.gathered`). The value head
+is a parameter of the peft model, so under FSDP2 it is sharded with the root module's
+parameters (a `DTensor`; the root's forward all-gathers it, its gradient is
+reduce-scattered with theirs) and under ZeRO-3 partitioned (its module's hooks gather it
+around the call inside the forward); it runs in the dtype the engine gives it (ZeRO-3's
+cast, FSDP2's `param_dtype`), its values float32. FSDP1 is refused, naming the option
+(`refuse_sharded_parameters`); PPO has no vLLM generation.
 
 peft's `save_pretrained` saves only the adapter: `save_model` and every checkpoint add
-`value_head.safetensors` (`weight` [1, d], `bias` [1], float32) next to it; resuming
-from a checkpoint loads it back, and `load_value_head(model, directory)` attaches it to
-a model loaded with peft. The rollout being trained on and the micro-step counter are
-saved next to the RNG state (`ppo_rollout.pt`; one `ppo_rollout_<process index>.pt` per
-process with several), so a run resumed from a checkpoint in the middle of a rollout's
-epochs trains on the same rollout and ends with the adapter and value head an
-uninterrupted run ends with.
+`value_head.safetensors` (`weight` [1, d], `bias` [1], float32) next to it, the whole
+head gathered from the shards under FSDP2 / ZeRO-3 (every process gathers, the saving one
+writes); resuming from a checkpoint loads it back (under FSDP2 into the shards; under
+ZeRO-3 DeepSpeed's own checkpoint restores it with its optimizer state), and
+`load_value_head(model, directory)` attaches it to a model loaded with peft. The rollout
+being trained on and the micro-step counter are saved next to the RNG state
+(`ppo_rollout.pt`; one `ppo_rollout_<process index>.pt` per process with several), so a
+run resumed from a checkpoint in the middle of a rollout's epochs trains on the same
+rollout and ends with the adapter and value head an uninterrupted run ends with.
 """
 
 from __future__ import annotations
