@@ -100,9 +100,13 @@ LOSS_TYPE = "bnpo"
 
 def add_value_head(model: torch.nn.Module, std: float | None = None) -> torch.nn.Linear:
     """A float32 `nn.Linear(d, 1)` as `model.value_head` (weight ~ N(0, std), default
-    std 1 / (d + 1) as OpenRLHF's critic head; bias 0), on the model's device."""
-    d = model.get_input_embeddings().weight.shape[1]
-    device = model.get_input_embeddings().weight.device
+    std 1 / (d + 1) as OpenRLHF's critic head; bias 0), on the model's device. `d` is the
+    embedding's width, also when ZeRO-3 partitioned it at load time (`zero.Init`: an empty
+    partition, the whole shape in `ds_shape`); DeepSpeed partitions the head with the rest
+    when the engine is built."""
+    embedding = model.get_input_embeddings().weight
+    d = (tuple(embedding.ds_shape) if hasattr(embedding, "ds_shape") else embedding.shape)[-1]
+    device = embedding.device
     head = torch.nn.Linear(d, 1, dtype=torch.float32, device=device)
     with torch.no_grad():
         head.weight.normal_(0.0, std if std is not None else 1.0 / (d + 1))

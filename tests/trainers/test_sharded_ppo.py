@@ -1,17 +1,22 @@
 """PPOTrainer under FSDP2 (`fully_shard` through accelerate) and DeepSpeed ZeRO-3, on two
 CPU processes (gloo; `tests.support.ranks.FSDP_ON_CPU` / `DEEPSPEED_ON_CPU`).
 
-Two processes with half the prompts each end with the LoRA and value-head weights one
-process ends with on all of them (as `test_ppo_trainer.test_data_parallel_matches_one_process`
-for DDP, same tolerances; SGD): the value head is a sharded parameter of the root module
-(an FSDP2 `DTensor`; a ZeRO-3 partition), gathered by the forward and its gradient
-reduce-scattered (reduced into the partitions), the rollout generated with `generate` on the
-sharded model, the old-policy and reference passes run on it, and the advantages whitened
-over both processes' rollouts. The value head a sharded run saves (`save_model`, and the
-checkpoint of each step) is the whole `[1, d]` one and equals the one-process run's; a
-sharded run resumed from its step-1 checkpoint loads it back (shards of the whole saved
-head) and ends where the uninterrupted run ends.
+Two processes with half the prompts each end with the LoRA and value-head weights (and the
+rollout and loss metrics) one process ends with on all of them, as
+`test_ppo_trainer.test_data_parallel_matches_one_process` for DDP (same tolerances; SGD):
+the value head is a sharded parameter of the root module (an FSDP2 `DTensor`, uneven: one
+process holds its one row; a ZeRO-3 partition), whole inside the forward (checked by a
+hook) and its gradient reduce-scattered (reduced into the partitions), the model loaded
+from a checkpoint (ZeRO-3 partitions it as it loads), each rollout generated with
+`generate` on the sharded model, the old-policy and reference passes run on it, and both
+whitenings taken over both processes' rollouts. The value head a sharded run saves
+(`save_model`, and each step's checkpoint) is the whole `[1, d]` one and equals the
+one-process run's; `load_value_head` copies a saved head into FSDP2 shards (and refuses a
+ZeRO-3 partition: DeepSpeed's checkpoint restores it); a sharded run resumed from its
+step-1 checkpoint ends where the one-process run ends.
 """
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +30,11 @@ from fastrl.trainers.ppo_trainer import VALUE_HEAD_NAME  # noqa: E402
 from fastrl.trainers.rollout import RolloutMixin  # noqa: E402
 from tests.support.ranks import DEEPSPEED_ON_CPU, EXIT, FSDP_ON_CPU, run_ranks  # noqa: E402
 from tests.support.rollouts import letter_share  # noqa: E402
-from tests.trainers.test_ppo_trainer import DDP_PROMPTS, FixedCompletions  # noqa: E402
+from tests.trainers.test_ppo_trainer import (  # noqa: E402
+    DDP_PROMPTS,
+    GLOBAL_METRICS,
+    FixedCompletions,
+)
 from tests.trainers.test_sharded import ENGINES, _whole  # noqa: E402
 
 pytestmark = [
@@ -47,7 +56,7 @@ class GeneratedThenFixed(FixedCompletions):
         return super()._generate(prompt_ids, prompt_mask)
 
 
-def ppo_sharded_trainer(out, world: int, engine: str | None = None, **overrides):
+def ppo_sharded_trainer(out, world: int, engine: str | None = None, model=None, **overrides):
     """4 prompts per rollout (2 per process on two), one epoch of one mini-batch, 2 SGD
     steps: two rollouts (the second sampled and scored by the updated sharded model), the
     reference pass and both whitenings on, a checkpoint after each step."""
@@ -66,7 +75,7 @@ def ppo_sharded_trainer(out, world: int, engine: str | None = None, **overrides)
     )  # fmt: skip
     args = PPOConfig(**{**options, **overrides})
     return GeneratedThenFixed(
-        build_tiny_model(tok, "test", seed=0), letter_share, args=args,
+        build_tiny_model(tok, "test", seed=0) if model is None else model, letter_share, args=args,
         train_dataset=[{"prompt": p} for p in DDP_PROMPTS], processing_class=tok,
     )  # fmt: skip
 
@@ -84,10 +93,22 @@ SCRIPT = """
 from fastrl.integrations import is_sharded
 from tests.trainers.test_sharded_ppo import ppo_sharded_trainer, trained_weights
 engine = {engine!r}
-trainer = ppo_sharded_trainer({out!r} + "/run", world=2, engine=engine)
+base = {base!r}  # a checkpoint: under ZeRO-3 from_pretrained partitions it as it loads
+trainer = ppo_sharded_trainer({out!r} + "/run", world=2, engine=engine, model=base)
+if engine == "zero3":
+    assert trainer.model.get_input_embeddings().weight.numel() == 0
 assert trainer.is_fsdp_enabled if engine == "fsdp2" else trainer.is_deepspeed_enabled
+model = trainer.accelerator.unwrap_model(trainer.model)
+seen = []  # the value head's weight as its forward sees it: whole, gathered from shards
+hook = model.value_head.register_forward_hook(
+    lambda m, args, out: seen.append((is_sharded(m.weight), tuple(m.weight.shape)))
+)
 trainer.train()
+hook.remove()
 assert trainer.state.global_step == 2 and trainer.generated == 2
+d = model.get_base_model().config.hidden_size
+# per step: the old-policy pass (the reference pass runs without it) and the loss's forward
+assert seen == [(engine == "zero3", (1, d))] * 4, seen
 model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
 if engine == "fsdp2":
     from torch.distributed.fsdp import FSDPModule
@@ -126,38 +147,55 @@ else:
         load_value_head(model, wrong)
 # resumed from the first step's checkpoint: the value head comes back (the engines' own
 # checkpoints hold it too; under FSDP2 load_value_head copies the file's into the shards)
-resumed = ppo_sharded_trainer({out!r} + "/resumed", world=2, engine=engine)
+resumed = ppo_sharded_trainer({out!r} + "/resumed", world=2, engine=engine, model=base)
 resumed.train(resume_from_checkpoint={out!r} + "/run/checkpoint-1")
 again = trained_weights(resumed.accelerator.unwrap_model(resumed.model_wrapped))
 if dist.get_rank() == 0:
-    torch.save({{"weights": weights, "resumed": again}}, {out!r} + "/weights.pt")
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    torch.save({{"weights": weights, "resumed": again, "logs": logs}}, {out!r} + "/weights.pt")
 print("TRAINED", dist.get_rank(), flush=True)
 """
 
 
-def _assert_sharded_ppo_matches_one_process(tmp_path, engine):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The checkpoint every run starts from, and the one-process run on all the prompts."""
+    root = tmp_path_factory.mktemp("one_process")
+    base = root / "base"
+    build_tiny_model(build_tiny_tokenizer(), "test", seed=0).save_pretrained(base)
+    single = ppo_sharded_trainer(root / "single", world=1, model=str(base), save_strategy="no")
+    before = trained_weights(single.model)
+    single.train()
+    logs = [e for e in single.state.log_history if "loss" in e]
+    return SimpleNamespace(base=base, before=before, want=trained_weights(single.model), logs=logs)
+
+
+def _assert_sharded_ppo_matches_one_process(tmp_path, engine, one):
     from safetensors.torch import load_file
 
     shim = FSDP_ON_CPU if engine == "fsdp2" else DEEPSPEED_ON_CPU
-    out = run_ranks(shim + SCRIPT.format(engine=engine, out=str(tmp_path)) + EXIT, tmp_path)
+    script = SCRIPT.format(engine=engine, out=str(tmp_path), base=str(one.base))
+    out = run_ranks(shim + script + EXIT, tmp_path)
     assert out.count("TRAINED") == 2, out[-2000:]
     ranks = torch.load(tmp_path / "weights.pt", weights_only=True)
 
-    single = ppo_sharded_trainer(tmp_path / "single", world=1, save_strategy="no")
-    before = trained_weights(single.model)
-    single.train()
-    want = trained_weights(single.model)
+    want = one.want
     assert set(ranks["weights"]) == set(want) and any("value_head" in n for n in want)
     for kind in ("lora_", "value_head"):
-        moved = max(float((want[n] - before[n]).abs().max()) for n in want if kind in n)
+        moved = max(float((want[n] - one.before[n]).abs().max()) for n in want if kind in n)
         assert moved > 1e-2, (kind, moved)  # the steps did train both
     for run in ("weights", "resumed"):
         for name, value in want.items():
             # summation order differs (two half-batch gradients averaged vs one batch)
             got = ranks[run][name]
             torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=f"{run} {name}")
+    assert len(one.logs) == len(ranks["logs"]) == 2
+    for got, expected in zip(ranks["logs"], one.logs, strict=True):  # each step: a rollout
+        assert set(got) == set(expected), set(got) ^ set(expected)
+        for key in GLOBAL_METRICS:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     # the whole value head, written from shards: the final one and step 1's
-    d = single.model.value_head.weight.shape[1]
+    d = want["value_head.weight"].shape[1]
     saved = load_file(tmp_path / "saved" / VALUE_HEAD_NAME)
     assert saved["weight"].shape == (1, d) and saved["bias"].shape == (1,)
     torch.testing.assert_close(saved["weight"], want["value_head.weight"], rtol=1e-5, atol=1e-6)
@@ -168,11 +206,26 @@ def _assert_sharded_ppo_matches_one_process(tmp_path, engine):
 
 
 @pytest.mark.slow
-def test_fsdp2_ppo_matches_one_process(tmp_path):
-    _assert_sharded_ppo_matches_one_process(tmp_path, "fsdp2")
+def test_fsdp2_ppo_matches_one_process(tmp_path, one_process):
+    _assert_sharded_ppo_matches_one_process(tmp_path, "fsdp2", one_process)
 
 
 @pytest.mark.slow
-def test_zero3_ppo_matches_one_process(tmp_path):
+def test_zero3_ppo_matches_one_process(tmp_path, one_process):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (an optional extra)")
-    _assert_sharded_ppo_matches_one_process(tmp_path, "zero3")
+    _assert_sharded_ppo_matches_one_process(tmp_path, "zero3", one_process)
+
+
+def test_the_value_head_of_a_model_partitioned_at_load_time():
+    """Under ZeRO-3 `from_pretrained` partitions the model as it loads (`zero.Init`): the
+    embedding is an empty partition with its whole shape in `ds_shape`, and the value head
+    built on it is still `[1, d]`."""
+    from fastrl.trainers.ppo_trainer import add_value_head
+
+    model = build_tiny_model(build_tiny_tokenizer(), "test", seed=0)
+    embedding = model.get_input_embeddings()
+    whole = embedding.weight.shape
+    embedding.weight = torch.nn.Parameter(torch.empty(0))
+    embedding.weight.ds_shape = whole  # what a ZeRO-3 partition keeps of its shape
+    head = add_value_head(model)
+    assert head.weight.shape == (1, whole[1]) and model.value_head is head
