@@ -225,8 +225,9 @@ def hidden_and_values(
     before its gradient exists). Under FSDP2 it is a parameter of the root module (the
     peft model), so the root's forward all-gathers it with the embeddings and its
     gradient is reduce-scattered with theirs; under ZeRO-3 its module's hooks gather it
-    around the call. Autocast is off around it: the head stays float32 under mixed
-    precision, as it is outside the forward.
+    around the call. Autocast is off around it: the head runs in its own dtype (float32
+    as built, also under accelerate's mixed precision; what ZeRO-3's cast or FSDP2's
+    `param_dtype` makes it), its `[B, T]` values float32.
     """
     base = unwrapped.get_base_model()
     head = unwrapped.value_head
