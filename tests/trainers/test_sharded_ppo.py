@@ -56,18 +56,20 @@ class GeneratedThenFixed(FixedCompletions):
         return super()._generate(prompt_ids, prompt_mask)
 
 
-def ppo_sharded_trainer(out, world: int, engine: str | None = None, model=None, **overrides):
-    """4 prompts per rollout (2 per process on two), one epoch of one mini-batch, 2 SGD
-    steps: two rollouts (the second sampled and scored by the updated sharded model), the
-    reference pass and both whitenings on, a checkpoint after each step."""
+def ppo_sharded_trainer(out, world: int, model: str, engine: str | None = None, **overrides):
+    """PPO on the checkpoint `model`: 4 prompts per rollout (2 per process on two), one
+    epoch of one mini-batch, 2 SGD steps: two rollouts (the second sampled and scored by
+    the updated sharded model), the reference pass and both whitenings on, a checkpoint
+    after each step."""
     tok = build_tiny_tokenizer()
     extra = dict(ddp_backend="gloo", **ENGINES[engine]) if world > 1 else dict(use_cpu=True)
     options = dict(
         output_dir=str(out), per_device_train_batch_size=4 // world,
         gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
         max_completion_length=5, max_steps=2, learning_rate=1.0, kl_coef=0.2,
-        # SGD with momentum: a state for the checkpoint to carry (the sharded optimizer
-        # state loader needs one), still linear in the gradients (no Adam sign of noise)
+        # SGD with momentum: a state for the checkpoint to carry (torch's loader of a
+        # sharded optimizer state fails on an empty one), linear in the gradients (no Adam
+        # sign of a rounding error)
         optim="sgd", optim_args="momentum=0.5",
         whiten_rewards=True, vf_coef=0.5, logging_steps=1, report_to="none",
         save_strategy="steps", save_steps=1, seed=0, disable_tqdm=True, temperature=1.0,
@@ -75,7 +77,7 @@ def ppo_sharded_trainer(out, world: int, engine: str | None = None, model=None, 
     )  # fmt: skip
     args = PPOConfig(**{**options, **overrides})
     return GeneratedThenFixed(
-        build_tiny_model(tok, "test", seed=0) if model is None else model, letter_share, args=args,
+        model, letter_share, args=args,
         train_dataset=[{"prompt": p} for p in DDP_PROMPTS], processing_class=tok,
     )  # fmt: skip
 
@@ -94,7 +96,7 @@ from fastrl.integrations import is_sharded
 from tests.trainers.test_sharded_ppo import ppo_sharded_trainer, trained_weights
 engine = {engine!r}
 base = {base!r}  # a checkpoint: under ZeRO-3 from_pretrained partitions it as it loads
-trainer = ppo_sharded_trainer({out!r} + "/run", world=2, engine=engine, model=base)
+trainer = ppo_sharded_trainer({out!r} + "/run", 2, base, engine=engine)
 if engine == "zero3":
     assert trainer.model.get_input_embeddings().weight.numel() == 0
 assert trainer.is_fsdp_enabled if engine == "fsdp2" else trainer.is_deepspeed_enabled
@@ -147,7 +149,7 @@ else:
         load_value_head(model, wrong)
 # resumed from the first step's checkpoint: the value head comes back (the engines' own
 # checkpoints hold it too; under FSDP2 load_value_head copies the file's into the shards)
-resumed = ppo_sharded_trainer({out!r} + "/resumed", world=2, engine=engine, model=base)
+resumed = ppo_sharded_trainer({out!r} + "/resumed", 2, base, engine=engine)
 resumed.train(resume_from_checkpoint={out!r} + "/run/checkpoint-1")
 again = trained_weights(resumed.accelerator.unwrap_model(resumed.model_wrapped))
 if dist.get_rank() == 0:
@@ -163,7 +165,7 @@ def one_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("one_process")
     base = root / "base"
     build_tiny_model(build_tiny_tokenizer(), "test", seed=0).save_pretrained(base)
-    single = ppo_sharded_trainer(root / "single", world=1, model=str(base), save_strategy="no")
+    single = ppo_sharded_trainer(root / "single", 1, str(base), save_strategy="no")
     before = trained_weights(single.model)
     single.train()
     logs = [e for e in single.state.log_history if "loss" in e]
