@@ -35,7 +35,9 @@ class PPOConfig(ModelArguments, TrainingArguments):
     rollout of that size (TRL's `local_batch_size`; the prompts are sharded), DDP averages
     the gradients, and the whitening (`whiten_advantages`, `whiten_rewards`) takes its
     statistics over every process's rollout together (OpenRLHF's; TRL whitens each
-    process's batch alone). FSDP and DeepSpeed ZeRO-3 are refused (the value head).
+    process's batch alone). FSDP2 (`fsdp=True, fsdp_config={"version": 2}`) and DeepSpeed
+    ZeRO-3 shard the model, the value head included, as for GRPOConfig (FSDP1 is refused);
+    the saved value head is the whole one.
 
     Defaults that differ from `TrainingArguments` (as TRL): `learning_rate=3e-6`,
     `logging_steps=10`, activation checkpointing on, `remove_unused_columns=False`;

@@ -32,17 +32,28 @@ during gradient accumulation). With several processes each samples, scores and t
 its own rollout (the dataloader shards the prompts); the whitening statistics are those
 of every process's rollout together (OpenRLHF's; TRL's PPOTrainer whitens each process's
 batch alone), so N processes of B rows compute the advantages one process of N * B rows
-computes, and the rollout metrics are means over all of them. FSDP and DeepSpeed ZeRO-3
-are refused (`refuse_sharded_value_head`).
+computes, and the rollout metrics are means over all of them.
+
+FSDP2 (`fsdp=True, fsdp_config={"version": 2}`) and DeepSpeed ZeRO-3 run as for GRPO:
+generation, the old-policy and reference passes and the training forward run on the
+sharded model, the lm_head is gathered per head call (`LMHead.gathered`). The value head
+is a parameter of the peft model, so under FSDP2 it is sharded with the root module's
+parameters (a `DTensor`; the root's forward all-gathers it, its gradient is
+reduce-scattered with theirs) and under ZeRO-3 partitioned (its module's hooks gather it
+around the call inside the forward); it runs in the dtype the engine gives it (ZeRO-3's
+cast, FSDP2's `param_dtype`), its values float32. FSDP1 is refused, naming the option
+(`refuse_sharded_parameters`); PPO has no vLLM generation.
 
 peft's `save_pretrained` saves only the adapter: `save_model` and every checkpoint add
-`value_head.safetensors` (`weight` [1, d], `bias` [1], float32) next to it; resuming
-from a checkpoint loads it back, and `load_value_head(model, directory)` attaches it to
-a model loaded with peft. The rollout being trained on and the micro-step counter are
-saved next to the RNG state (`ppo_rollout.pt`; one `ppo_rollout_<process index>.pt` per
-process with several), so a run resumed from a checkpoint in the middle of a rollout's
-epochs trains on the same rollout and ends with the adapter and value head an
-uninterrupted run ends with.
+`value_head.safetensors` (`weight` [1, d], `bias` [1], float32) next to it, the whole
+head gathered from the shards under FSDP2 / ZeRO-3 (every process gathers, the saving one
+writes); resuming from a checkpoint loads it back (under FSDP2 into the shards; under
+ZeRO-3 DeepSpeed's own checkpoint restores it with its optimizer state), and
+`load_value_head(model, directory)` attaches it to a model loaded with peft. The rollout
+being trained on and the micro-step counter are saved next to the RNG state
+(`ppo_rollout.pt`; one `ppo_rollout_<process index>.pt` per process with several), so a
+run resumed from a checkpoint in the middle of a rollout's epochs trains on the same
+rollout and ends with the adapter and value head an uninterrupted run ends with.
 """
 
 from __future__ import annotations
@@ -57,7 +68,7 @@ import torch
 from fastrl import gae_advantages, kl_shaped_rewards, linear_logprobs, masked_whiten, value_loss
 from fastrl import policy_loss as ppo_policy_loss
 from fastrl.checks import IGNORE_INDEX
-from fastrl.integrations import lm_head
+from fastrl.integrations import gathered_weight, is_sharded, lm_head
 from fastrl.trainers.base import BaseTrainer
 from fastrl.trainers.data import load_data, require_columns
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler
@@ -89,9 +100,13 @@ LOSS_TYPE = "bnpo"
 
 def add_value_head(model: torch.nn.Module, std: float | None = None) -> torch.nn.Linear:
     """A float32 `nn.Linear(d, 1)` as `model.value_head` (weight ~ N(0, std), default
-    std 1 / (d + 1) as OpenRLHF's critic head; bias 0), on the model's device."""
-    d = model.get_input_embeddings().weight.shape[1]
-    device = model.get_input_embeddings().weight.device
+    std 1 / (d + 1) as OpenRLHF's critic head; bias 0), on the model's device. `d` is the
+    embedding's width, also when ZeRO-3 partitioned it at load time (`zero.Init`: an empty
+    partition, the whole shape in `ds_shape`); DeepSpeed partitions the head with the rest
+    when the engine is built."""
+    embedding = model.get_input_embeddings().weight
+    d = (tuple(embedding.ds_shape) if hasattr(embedding, "ds_shape") else embedding.shape)[-1]
+    device = embedding.device
     head = torch.nn.Linear(d, 1, dtype=torch.float32, device=device)
     with torch.no_grad():
         head.weight.normal_(0.0, std if std is not None else 1.0 / (d + 1))
@@ -100,26 +115,76 @@ def add_value_head(model: torch.nn.Module, std: float | None = None) -> torch.nn
     return head
 
 
-def save_value_head(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+def value_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model.value_head`'s whole `weight` [1, d] and `bias` [1], float32 on the CPU, from
+    a whole head or from FSDP2 / DeepSpeed ZeRO-3 shards (gathered with `gathered_weight`:
+    a collective there, which every process of the group must call)."""
+    head = model.value_head
+    with torch.no_grad(), gathered_weight(head.weight, head.bias) as (weight, bias):
+        return {
+            "weight": weight.detach().float().cpu().clone().contiguous(),
+            "bias": bias.detach().float().cpu().clone().contiguous(),
+        }
+
+
+def save_value_head(
+    model: torch.nn.Module, directory: str | os.PathLike, *, write: bool = True
+) -> None:
+    """Write the whole value head (`value_head_state`) to `directory/value_head.safetensors`
+    when `write`; every process calls it under sharding (the gather is a collective), the
+    one that saves with `write=True`."""
     from safetensors.torch import save_file
 
-    head = model.value_head
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(tensors, os.path.join(directory, VALUE_HEAD_NAME), metadata={"format": "pt"})
+    tensors = value_head_state(model)
+    if write:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, VALUE_HEAD_NAME)
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _copy_whole(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Copy the whole `value` into `param` in place (the optimizer keeps the same
+    parameter); into an FSDP2 `DTensor`, this process's shard of it."""
+    if is_sharded(param):  # an FSDP2 DTensor (ZeRO-3 is refused by the caller)
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = value.to(param.device, param.dtype)
+        param.copy_(distribute_tensor(whole, param.device_mesh, param.placements))
+    else:
+        param.copy_(value.to(param.device, param.dtype))
 
 
 def load_value_head(model: torch.nn.Module, directory: str | os.PathLike) -> torch.nn.Linear:
-    """Attach (or overwrite) `model.value_head` from `directory/value_head.safetensors`."""
+    """Attach (or overwrite, in place) `model.value_head` from
+    `directory/value_head.safetensors`; a head sharded by FSDP2 gets its shards of the
+    whole saved one (every process calls it then). A ZeRO-3 partitioned head is refused
+    (DeepSpeed's own checkpoint restores it on resume)."""
     from safetensors.torch import load_file
 
+    head = getattr(model, "value_head", None)
+    if head is not None and hasattr(head.weight, "ds_id"):
+        # its optimizer steps fp32 copies of the partitions, which a copy into the module
+        # would not reach; resume_from_checkpoint restores both from DeepSpeed's checkpoint
+        raise ValueError(
+            "load_value_head does not load into a DeepSpeed ZeRO-3 partitioned value head: "
+            "resume with resume_from_checkpoint (DeepSpeed's checkpoint holds it), or load "
+            "it before the engine is built"
+        )
     path = os.path.join(directory, VALUE_HEAD_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no value head in {directory}: {VALUE_HEAD_NAME} is missing")
     state = load_file(path)
-    head = getattr(model, "value_head", None)
-    if head is None or tuple(head.weight.shape) != tuple(state["weight"].shape):
+    shape = tuple(state["weight"].shape)
+    if head is None or tuple(head.weight.shape) != shape:  # a DTensor's shape is the whole's
+        if head is not None and is_sharded(head.weight):  # it cannot be replaced
+            raise ValueError(
+                f"{path} holds a value head of shape {shape}; the sharded model's is "
+                f"{tuple(head.weight.shape)}"
+            )
         head = add_value_head(model)
-    head.load_state_dict({k: v.to(head.weight.device) for k, v in state.items()})
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            _copy_whole(param, state[name])
     return head
 
 
@@ -157,8 +222,12 @@ def hidden_and_values(
     the LoRA weights: its gradient is all-reduced with theirs, `no_sync` (gradient
     accumulation) holds it back the same way, and `find_unused_parameters=True` finds it
     in the forward's graph (run after the call, it would be marked unused and reduced
-    before its gradient exists). Autocast is off around it: the head stays float32 under
-    mixed precision, as it is outside the forward.
+    before its gradient exists). Under FSDP2 it is a parameter of the root module (the
+    peft model), so the root's forward all-gathers it with the embeddings and its
+    gradient is reduce-scattered with theirs; under ZeRO-3 its module's hooks gather it
+    around the call. Autocast is off around it: the head runs in its own dtype (float32
+    as built, also under accelerate's mixed precision; what ZeRO-3's cast or FSDP2's
+    `param_dtype` makes it), its `[B, T]` values float32.
     """
     base = unwrapped.get_base_model()
     head = unwrapped.value_head
@@ -170,7 +239,10 @@ def hidden_and_values(
             if not values:
                 return hidden
             with torch.autocast(hidden.device.type, enabled=False):
-                return hidden, head(hidden.float()).squeeze(-1)
+                # the head's own dtype: float32 as built, or what an engine made it (ZeRO-3
+                # casts the module, FSDP2 gathers it in its `param_dtype`); float32 out
+                v = head(hidden.to(head.weight.dtype)).float().squeeze(-1)
+            return hidden, v
 
         base.forward = forward
         try:
@@ -182,25 +254,6 @@ def hidden_and_values(
         finally:
             base.forward = hidden_forward
     return out if values else (out, None)
-
-
-def refuse_sharded_value_head(trainer) -> None:
-    """PPO under FSDP2 or DeepSpeed ZeRO-3 is refused, naming what to use instead: the
-    value head is saved, loaded and run as a whole `nn.Linear` (not tested on shards).
-    DDP and DeepSpeed ZeRO-1/2 run the value head through the engine's forward."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if trainer.is_fsdp_enabled:
-        engine = "FSDP (--fsdp / fsdp_config, accelerate's FSDP plugin)"
-    elif is_deepspeed_zero3_enabled():
-        engine = "DeepSpeed ZeRO-3 (zero_optimization.stage 3)"
-    else:
-        return
-    raise ValueError(
-        f"PPOTrainer does not support sharded parameters: {engine} is not supported for "
-        "the value head yet; use DDP (torchrun / accelerate launch without FSDP) or "
-        "DeepSpeed ZeRO-1/2 (zero_optimization.stage 1 or 2)"
-    )
 
 
 class PPOTrainer(RolloutMixin, BaseTrainer):
@@ -259,7 +312,6 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        refuse_sharded_value_head(self)
         self.generation_config, self.eos_token_ids = _generation_config(args, tok, self.model)
         if args.stop_token_id is not None and args.stop_token_id not in self.eos_token_ids:
             self.eos_token_ids = [*self.eos_token_ids, args.stop_token_id]
@@ -593,11 +645,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
 
     # ------------------------------------------------------------------ save / load
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` (the adapter), and the whole value head next to it: every
+        process gathers it (FSDP2 / ZeRO-3 shards; a collective, called on each process as
+        `save_model` is), the saving one writes it. Every checkpoint goes through here."""
+        super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            save_value_head(self._unwrapped_model(), output_dir)
+        save_value_head(self._unwrapped_model(), output_dir, write=self.args.should_save)
 
     def _rollout_file(self, directory: str) -> str:
         if self.args.world_size > 1:  # each process trains on its own rollout
@@ -617,7 +671,10 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             return
         path = self._rollout_file(checkpoint)
         if os.path.isfile(path):
-            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            device = self.accelerator.device
+            # torch.load knows "cpu", not "cpu:0" (accelerate's device of an FSDP CPU process)
+            where = "cpu" if device.type == "cpu" else device
+            state = torch.load(path, map_location=where, weights_only=True)
             self._step, self._rollout = state["step"], state["rollout"]
         else:  # a new rollout at the next step: exact only at a rollout boundary
             self._step = self.state.global_step * self.args.gradient_accumulation_steps

@@ -15,7 +15,8 @@
   same LoRA and value-head weights, and with the weights (and logged metrics) one
   process ends with on the same global batch (the advantages are whitened over both
   ranks' rollouts; SGD; completions fixed per prompt and all of full length, so each
-  rank's token mean weighs as many tokens); FSDP and ZeRO-3 are refused by name.
+  rank's token mean weighs as many tokens); FSDP1 is refused by name (FSDP2 and ZeRO-3:
+  tests/trainers/test_sharded_ppo.py).
 """
 
 import pytest
@@ -35,11 +36,7 @@ from fastrl import (  # noqa: E402
 from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from fastrl.trainers import PPOConfig, PPOTrainer  # noqa: E402
 from fastrl.trainers.model import completion_positions, last_hidden_states  # noqa: E402
-from fastrl.trainers.ppo_trainer import (  # noqa: E402
-    VALUE_HEAD_NAME,
-    load_value_head,
-    refuse_sharded_value_head,
-)
+from fastrl.trainers.ppo_trainer import VALUE_HEAD_NAME, load_value_head  # noqa: E402
 from tests.support.args import cpu_args  # noqa: E402
 from tests.support.ranks import assert_ranks_end_equal  # noqa: E402
 from tests.support.rollouts import PROMPTS, letter_share  # noqa: E402
@@ -433,14 +430,21 @@ def test_the_value_head_runs_inside_the_wrappers_forward(tmp_path):
     assert model.value_head.weight.grad.abs().sum() > 0
 
 
-def test_sharded_engines_are_refused(monkeypatch):
+def test_fsdp1_is_refused_naming_the_option():
+    """FSDP2 and ZeRO-3 run (tests/trainers/test_sharded_ppo.py); FSDP1 stays refused, as
+    for every trainer, naming the option that selects FSDP2."""
     from types import SimpleNamespace
 
-    from transformers.integrations import deepspeed
+    from fastrl.trainers.model import refuse_sharded_parameters
 
-    refuse_sharded_value_head(SimpleNamespace(is_fsdp_enabled=False))  # DDP, one process
-    with pytest.raises(ValueError, match=r"FSDP .*value head.* use DDP"):
-        refuse_sharded_value_head(SimpleNamespace(is_fsdp_enabled=True))
-    monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
-    with pytest.raises(ValueError, match=r"ZeRO-3 .*value head.*ZeRO-1/2"):
-        refuse_sharded_value_head(SimpleNamespace(is_fsdp_enabled=False))
+    trainer = object.__new__(PPOTrainer)  # only what the check reads
+    plugin = SimpleNamespace(fsdp_version=1)
+    trainer.__dict__.update(
+        is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        args=SimpleNamespace(),
+    )
+    with pytest.raises(ValueError, match=r"PPOTrainer supports FSDP2 only .*'version': 2"):
+        refuse_sharded_parameters(trainer)
+    plugin.fsdp_version = 2
+    refuse_sharded_parameters(trainer)
