@@ -325,25 +325,28 @@ def _infer(worker_call, batch, key: str, out_key: str, **meta):
     return DataProto.from_tensordict(tu.get_tensordict({out_key: values}))
 
 
-def _train(worker_call, batch, n: int, **meta) -> dict:
-    """verl's `_update_actor` / `_update_critic`: one epoch of one mini-batch of `n`."""
+def _train(worker_call, batch, role_cfg, **meta) -> dict:
+    """verl's trainer's `_update_actor` / `_update_critic`: `role_cfg.ppo_epochs` epochs of
+    mini-batches of `role_cfg.ppo_mini_batch_size` (rollout.n = 1), in its loader order."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding
 
     td = left_right_2_no_padding(batch.to_tensordict())
-    tu.assign_non_tensor(td, global_batch_size=n, mini_batch_size=n, epochs=1, seed=42,
-                         dataloader_kwargs={"shuffle": False}, **meta)  # fmt: skip
+    n = role_cfg.ppo_mini_batch_size
+    tu.assign_non_tensor(td, global_batch_size=n, mini_batch_size=n, epochs=role_cfg.ppo_epochs,
+                         seed=role_cfg.data_loader_seed,
+                         dataloader_kwargs={"shuffle": role_cfg.shuffle}, **meta)  # fmt: skip
     return tu.get(worker_call(td), "metrics")
 
 
-def ppo_step(actor, critic, cfg, batch, scores) -> dict:
+def ppo_step(actor, critic, cfg, kl_ctrl, batch, scores) -> dict:
     """verl's trainer's step after the rollout (`RayPPOTrainer.fit`'s order): old log-probs,
-    reference log-probs, values, KL-penalised token rewards, GAE, the critic's update, the
-    actor's update. Returns the step's metrics."""
+    reference log-probs, values, KL-penalised token rewards (`apply_kl_penalty`, with
+    `kl_ctrl` = `core_algos.get_kl_controller(cfg.algorithm.kl_ctrl)`, kept across steps),
+    GAE, the critic's update, the actor's update. Returns the step's metrics."""
     from verl.trainer.ppo import core_algos
     from verl.utils.torch_functional import masked_mean
 
-    n = batch.batch["responses"].shape[0]
     batch = batch.union(_infer(actor.compute_log_prob, batch, "log_probs", "old_log_probs",
                                calculate_entropy=True))  # fmt: skip
     batch = batch.union(_infer(actor.compute_log_prob, batch, "log_probs", "ref_log_prob",
@@ -354,17 +357,20 @@ def ppo_step(actor, critic, cfg, batch, scores) -> dict:
     kld = core_algos.kl_penalty(batch.batch["old_log_probs"], batch.batch["ref_log_prob"],
                                 kl_penalty=algo.kl_penalty) * mask  # fmt: skip
     batch.batch["token_level_scores"] = scores
-    batch.batch["token_level_rewards"] = scores - algo.kl_ctrl.kl_coef * kld
+    batch.batch["token_level_rewards"] = scores - kl_ctrl.value * kld
+    kl = torch.mean(masked_mean(kld, mask=mask, axis=-1)).item()
+    kl_ctrl.update(current_kl=kl, n_steps=len(scores))
     advantages, returns = core_algos.compute_gae_advantage_return(
         token_level_rewards=batch.batch["token_level_rewards"], values=batch.batch["values"],
         response_mask=mask, gamma=algo.gamma, lam=algo.lam,
     )  # fmt: skip
     batch.batch["advantages"], batch.batch["returns"] = advantages, returns
-    critic_metrics = _train(critic.train_mini_batch, batch, n)
-    actor_metrics = _train(actor.update_actor, batch, n, calculate_entropy=False,
-                           distillation_use_topk=False, distillation_only=False,
-                           compute_loss=True)  # fmt: skip
-    kl = torch.mean(masked_mean(kld, mask=mask, axis=-1)).item()
+    critic_metrics = _train(critic.train_mini_batch, batch, cfg.critic)
+    actor_cfg = cfg.actor_rollout_ref.actor
+    entropy = actor_cfg.calculate_entropy or actor_cfg.entropy_coeff != 0
+    actor_metrics = _train(actor.update_actor, batch, actor_cfg, compute_loss=True,
+                           calculate_entropy=entropy, distillation_use_topk=False,
+                           distillation_only=False)  # fmt: skip
     return dict(
         loss=float(actor_metrics["loss"][-1]),
         **{"actor/pg_loss": float(actor_metrics["actor/pg_loss"][-1]),
@@ -387,6 +393,9 @@ def run_verl(opts: argparse.Namespace) -> dict:
     path, tokenizer, prompts = prepare_run(opts, opts.rollout_size * n_steps)
     cfg = verl_config(opts, path, cuda)
     actor, critic = build_workers(cfg, opts.attn_implementation)
+    from verl.trainer.ppo import core_algos
+
+    kl_ctrl = core_algos.get_kl_controller(cfg.algorithm.kl_ctrl)
     tokenizer.padding_side = "left"
     device = torch.device("cuda" if cuda else "cpu")
     autocast = torch.bfloat16 if cuda else None
@@ -404,7 +413,7 @@ def run_verl(opts: argparse.Namespace) -> dict:
         _sync()
         generated = time.perf_counter()
         batch, scores = rollout_batch(ids.cpu(), mask.cpu(), sequences.cpu(), chunk, tokenizer)
-        last = ppo_step(actor, critic, cfg, batch, scores)
+        last = ppo_step(actor, critic, cfg, kl_ctrl, batch, scores)
         _sync()
         end = time.perf_counter()
         steps.append(dict(seconds=end - start, generate_seconds=generated - start))

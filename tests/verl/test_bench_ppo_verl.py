@@ -84,7 +84,8 @@ def params(worker, lora):
             if ("lora_" in n) == lora}
 
 before = [params(actor.actor, True), params(actor.actor, False), params(critic, False)]
-metrics = bv.ppo_step(actor, critic, cfg, batch, scores)
+from verl.trainer.ppo.core_algos import get_kl_controller
+metrics = bv.ppo_step(actor, critic, cfg, get_kl_controller(cfg.algorithm.kl_ctrl), batch, scores)
 after = [params(actor.actor, True), params(actor.actor, False), params(critic, False)]
 changed = [sorted(n for n in b if not torch.equal(b[n], a[n])) for b, a in zip(before, after)]
 print("CHECK " + json.dumps(dict(
