@@ -1,14 +1,17 @@
 """One PPO LoRA step end to end: fastrl's PPOTrainer (policy LoRA + value head on one
-backbone), and OpenRLHF's or verl's PPO where they are installed.
+backbone), and verl's PPO (actor LoRA, critic on a second backbone) where a python with
+verl is found.
 
     python bench/bench_ppo_step.py                                  # 1.5B, 24 GiB cap
     python bench/bench_ppo_step.py --models tiny --device cpu --completion-length 8
 
 A step is one rollout (`generate` of `--rollout-size` completions of exactly
 `--completion-length` tokens after `--prompt-length`-token prompts, the rewards, the
-no-grad policy+value pass and the reference pass, GAE and whitening) plus one PPO epoch of
-one mini-batch: the loss (clipped policy + `vf_coef` x clipped value), the backward and
-the optimizer step. The checkpoint is `bench_grpo_step`'s (random weights from the model's
+no-grad policy+value pass and the reference pass, the KL penalty (`--kl-coef`) in the
+rewards, GAE and whitening) plus one PPO epoch of one mini-batch: the loss (fastrl:
+clipped policy + `vf_coef` x clipped value; verl: the critic's clipped value loss and the
+actor's clipped policy loss, each with its own optimizer), the backward and the optimizer
+step. The checkpoint is `bench_grpo_step`'s (random weights from the model's
 config, built once under `--cache-dir`); LoRA r=16/alpha=32 on every block linear,
 gradient checkpointing, bf16 on CUDA.
 

@@ -170,6 +170,8 @@ def _init_process_group(cuda: bool) -> None:
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     os.environ.update(env)
+    if cuda:
+        torch.cuda.set_device(0)  # verl's engines put their tensors on current_device()
     torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
 
 
