@@ -10,14 +10,15 @@ What is verl's:
   `model_type="value_model"` for the critic, a separate backbone
   (`AutoModelForTokenClassification(num_labels=1)`) with its own optimizer, as verl's
   trainer builds it. The critic trains all its weights (verl's default
-  `critic.model.lora_rank=0`; with LoRA verl wraps it as peft's CAUSAL_LM task, which
-  fails on a token-classification model), so it holds fp32 weights, gradients and AdamW
-  state for a whole backbone. Called: the actor's `compute_log_prob` (old log-probs, with
-  the entropy verl's trainer asks for) and again with its adapters disabled
-  (`no_lora_adapter`: the reference, verl's `ref_in_actor` whenever LoRA is on), the
-  critic's `infer_batch` (values) and `train_mini_batch` (its update, `value_loss`), the
-  actor's `update_actor` (`ppo_loss`: vanilla clipped surrogate, `loss_agg_mode`
-  "token-mean");
+  `critic.model.lora_rank=0`; with LoRA verl wraps it as peft's CAUSAL_LM task, and
+  peft's causal-LM model needs `prepare_inputs_for_generation`, which transformers 5's
+  token-classification models, verl 0.9.1's requirement, do not have), so it holds fp32
+  weights, gradients and AdamW state for a whole backbone. Called: the actor's
+  `compute_log_prob` (old log-probs, with the entropy verl's trainer asks for) and again
+  with its adapters disabled (`no_lora_adapter`: the reference, verl's `ref_in_actor`
+  whenever LoRA is on), the critic's `infer_batch` (values) and `train_mini_batch` (its
+  update, `value_loss`), the actor's `update_actor` (`ppo_loss`: vanilla clipped
+  surrogate, `loss_agg_mode` "token-mean");
 - the configuration: verl's own `_generated_ppo_trainer.yaml` defaults (AdamW, lr 1e-6
   actor / 1e-5 critic, grad clip 1.0, clip ratio 0.2, value clip 0.5, fp32 master weights,
   bf16 compute on CUDA, gradient checkpointing, torch.compile'd entropy on CUDA), with
@@ -214,7 +215,7 @@ def verl_config(opts: argparse.Namespace, path: Path, cuda: bool):
                             response_length=opts.completion_length),
         },
         # the critic trains all its weights (verl's default critic.model.lora_rank=0): verl
-        # wraps a LoRA model as peft's CAUSAL_LM, which a token-classification model is not
+        # wraps a LoRA model as peft's CAUSAL_LM, which fails on a token-classification one
         "critic": dict(model={**model, "lora_rank": 0}, strategy="fsdp2", ppo_mini_batch_size=n,
                        ppo_micro_batch_size_per_gpu=n, forward_micro_batch_size_per_gpu=n,
                        ppo_epochs=1, fsdp=engine),
