@@ -89,7 +89,8 @@ venv-vllm: $(STAMP_VLLM)
 # venv is gone: the lean set above, then fastrl and verl without their dependencies.
 # --no-compile: the tests import a small part of these packages; one import of those
 # modules compiles just them (~40 s of CPU less than pip compiling everything), and stores
-# their bytecode even where PYTHONDONTWRITEBYTECODE is set
+# their bytecode even where PYTHONDONTWRITEBYTECODE is set (verl's PPO workers through
+# bench_ppo_verl.import_verl(), which first steps around verl's dataset imports)
 VERL_WARM := fastrl.integrations.verl, verl.models.transformers.monkey_patch, \
 	verl.models.mcore.model_forward_fused, transformers.models.qwen2.modeling_qwen2, pytest, \
 	bench.bench_ppo_verl; bench.bench_ppo_verl.import_verl()
