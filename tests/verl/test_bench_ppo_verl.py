@@ -2,7 +2,9 @@
 a CPU: the row through the benchmark's own command line (a warm-up and a measured step in
 its worker process), what verl's workers compute against the checkpoint's own log-probs in
 float64 and what one step changes (in a process of its own: the run sets verl's platform
-and a process group), and the harness's rollout batch and configuration."""
+and a process group), the step's KL penalty and GAE against a float64 oracle (verl's
+workers replaced by stand-ins answering given log-probs and values), and the harness's
+rollout batch and configuration."""
 
 import json
 import math
@@ -163,3 +165,86 @@ def test_verl_config_is_verls_defaults_with_the_benchs_settings(tmp_path):
     assert omega_conf_to_dataclass(actor).ppo_mini_batch_size == 6  # verl accepts it
     on_gpu = bv.verl_config(opts, tmp_path, cuda=True).actor_rollout_ref.actor.fsdp_config
     assert "mixed_precision" not in on_gpu and on_gpu.use_torch_compile  # verl's bf16
+
+
+class _FakeWorkers:
+    """verl's actor and critic workers as `ppo_step` calls them, answering given per-token
+    figures ([B, R]) in verl's layout (flat over the nested sequences, shifted one token
+    left) and keeping what the updates were given."""
+
+    def __init__(self, old, ref, values):
+        self.answers = {False: old, True: ref, "values": values}
+        self.updates = {}
+
+    @staticmethod
+    def _flat(td, per_response):
+        from tensordict import TensorDict
+
+        ends = td["input_ids"].offsets()[1:]
+        lens = td["response_mask"].sum(-1)
+        flat = torch.zeros(int(ends[-1]))
+        for b, (end, n) in enumerate(zip(ends.tolist(), lens.tolist(), strict=True)):
+            flat[end - n - 1 : end - 1] = per_response[b, :n]
+        return TensorDict({"log_probs": flat, "values": flat}, batch_size=[])
+
+    def compute_log_prob(self, td):
+        from verl.utils import tensordict_utils as tu
+
+        return self._flat(td, self.answers[tu.get(td, "no_lora_adapter", default=False)])
+
+    def infer_batch(self, td):
+        return self._flat(td, self.answers["values"])
+
+    def _update(self, role, td, loss):
+        from verl.utils import tensordict_utils as tu
+
+        self.updates[role] = td
+        metrics = {"loss": [loss], "actor/pg_loss": [loss], "critic/vf_loss": [loss]}
+        return tu.get_tensordict({}, non_tensor_dict={"metrics": metrics})
+
+    def train_mini_batch(self, td):
+        return self._update("critic", td, 2.0)
+
+    def update_actor(self, td):
+        return self._update("actor", td, 3.0)
+
+
+def test_ppo_step_wires_verls_kl_penalty_and_gae_as_its_trainer_does(tmp_path):
+    from verl.trainer.ppo.core_algos import get_kl_controller
+
+    bv.import_verl()
+    tok = synthetic_tokenizer(40)
+    prompt_ids = torch.tensor([[0, 7, 8], [5, 6, 9], [4, 4, 4]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    responses = torch.tensor([[11, 2, 13, 14], [15, 16, 17, 18], [19, 20, 2, 21]])
+    seq = torch.cat([prompt_ids, responses], dim=1)
+    prompts = ["w7 w8", "w5 w6 w9", "w4 w4 w4"]
+    batch, scores = bv.rollout_batch(prompt_ids, prompt_mask, seq, prompts, tok)
+    g = torch.Generator().manual_seed(0)
+    old, ref, values = (torch.randn(3, 4, generator=g) for _ in range(3))
+    workers = _FakeWorkers(old, ref, values)
+    opts = Namespace(rollout_size=3, prompt_length=3, completion_length=4, kl_coef=0.3,
+                     attn_implementation="sdpa")  # fmt: skip
+    cfg = bv.verl_config(opts, tmp_path, cuda=False)
+    metrics = bv.ppo_step(workers, workers, cfg, get_kl_controller(cfg.algorithm.kl_ctrl),
+                          batch, scores)  # fmt: skip
+
+    # the oracle, float64: k1 KL in the rewards, gamma = lambda = 1 GAE (the return is the
+    # rest of the response's rewards), advantages whitened over the response tokens
+    mask = batch.batch["response_mask"].double()
+    kld = (old.double() - ref.double()) * mask
+    rewards = scores.double() - 0.3 * kld
+    returns = (rewards * mask).flip(-1).cumsum(-1).flip(-1)
+    adv = (returns - values.double())[mask.bool()]
+    adv = (adv - adv.mean()) / adv.var().sqrt()  # unbiased, as verl's masked_whiten
+    critic, actor = workers.updates["critic"], workers.updates["actor"]
+    valid = mask.bool()
+    fp32 = dict(rtol=1e-5, atol=1e-6)  # verl's float32 against float64
+    torch.testing.assert_close(critic["returns"][valid].double(), returns[valid], **fp32)
+    torch.testing.assert_close(critic["values"][valid], values[valid])
+    torch.testing.assert_close(actor["advantages"][valid].double(), adv, **fp32)
+    torch.testing.assert_close(actor["old_log_probs"][valid], old[valid])
+    torch.testing.assert_close(actor["ref_log_prob"][valid], ref[valid])
+    want_kl = ((kld.sum(-1) / mask.sum(-1)).mean()).item()
+    assert metrics["actor/reward_kl_penalty"] == pytest.approx(want_kl, rel=1e-6)
+    assert (metrics["loss"], metrics["critic/vf_loss"]) == (3.0, 2.0)
