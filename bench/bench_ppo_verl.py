@@ -224,7 +224,7 @@ def verl_config(opts: argparse.Namespace, path: Path, cuda: bool):
     return OmegaConf.merge(OmegaConf.load(defaults), OmegaConf.create(override))
 
 
-def build_workers(cfg, attn_implementation: str):
+def build_workers(cfg, attn_implementation: str) -> tuple[object, object]:
     """verl's actor worker (with its reference) and its critic worker, as its trainer builds
     them (`RayPPOTrainer.init_workers`), called in this process instead of through Ray."""
     import verl.utils.model
@@ -265,11 +265,11 @@ def generate(actor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n_token
     from torch.distributed.fsdp import FSDPModule
 
     engine = actor.actor.engine
-    module = engine.module
+    module, reshard = engine.module, engine.engine_config.reshard_after_forward
     with engine.eval_mode(), torch.no_grad():
         if not getattr(module, "_bench_root_ready", False):
-            # FSDP2 makes the module its first forward goes through the root: the root,
-            # not the decoder layers `generate` would reach first
+            # FSDP2 takes the first of its modules a forward runs through for its root:
+            # one forward through the root itself, before `generate` calls the decoder
             module(input_ids=prompt_ids[:, :1], attention_mask=prompt_mask[:, :1], use_cache=False)
             module._bench_root_ready = True
         units = [m for m in module.modules() if isinstance(m, FSDPModule)]
@@ -287,13 +287,16 @@ def generate(actor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n_token
         finally:
             for unit in units:
                 unit.reshard()
-                unit.set_reshard_after_forward(True, recurse=False)
+                unit.set_reshard_after_forward(reshard, recurse=False)
 
 
-def rollout_batch(prompt_ids, prompt_mask, sequences, prompts, tokenizer):
-    """verl's rollout output (`DataProto`): prompts, responses, input_ids, attention_mask,
-    position_ids, response_mask ([B, R]: up to and including the first EOS) and the
-    sequence scores on each response's last token (`token_level_scores`, [B, R] float)."""
+def rollout_batch(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sequences: torch.Tensor,
+                  prompts: list[str], tokenizer) -> tuple[object, torch.Tensor]:  # fmt: skip
+    """verl's rollout output from `generate`'s: prompt_ids, prompt_mask [B, P] long
+    (left-padded), sequences [B, P + R] long. Returns the `DataProto` of prompts, responses,
+    input_ids, attention_mask, position_ids and response_mask ([B, R]: up to and including
+    the first EOS; meta_info temperature 1), and the scores ([B, R] float32: each
+    completion's reward on its last token, verl's `token_level_scores`)."""
     from verl import DataProto
 
     responses = sequences[:, prompt_ids.shape[1] :]
@@ -342,7 +345,7 @@ def _train(worker_call, batch, role_cfg, **meta) -> dict:
     return tu.get(worker_call(td), "metrics")
 
 
-def ppo_step(actor, critic, cfg, kl_ctrl, batch, scores) -> dict:
+def ppo_step(actor, critic, cfg, kl_ctrl, batch, scores: torch.Tensor) -> dict[str, float]:
     """verl's trainer's step after the rollout (`RayPPOTrainer.fit`'s order): old log-probs,
     reference log-probs, values, KL-penalised token rewards (`apply_kl_penalty`, with
     `kl_ctrl` = `core_algos.get_kl_controller(cfg.algorithm.kl_ctrl)`, kept across steps),
