@@ -117,6 +117,8 @@ def run_one(opts: argparse.Namespace) -> dict:
         from bench.bench_ppo_verl import run_verl
 
         return run_verl(opts)
+    if opts.trainer != "fastrl":
+        raise ValueError(f"trainer {opts.trainer!r} has no runner; runners: fastrl, verl")
     from datasets import Dataset
 
     from fastrl.trainers import PPOConfig, PPOTrainer

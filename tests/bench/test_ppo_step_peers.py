@@ -83,3 +83,8 @@ def test_the_verl_worker_runs_in_the_verl_python(tmp_path):
     assert cmd[cmd.index("--trainer") + 1] == "verl" and cmd[cmd.index("--models") + 1] == "tiny"
     assert cmd[cmd.index("--completion-length") + 1] == "3"
     assert b._worker_command(opts, "tiny")[0] == sys.executable  # the fastrl row: this python
+
+
+def test_a_trainer_without_a_runner_is_refused():
+    with pytest.raises(ValueError, match="'openrlhf' has no runner"):
+        b.run_one(Namespace(trainer="openrlhf"))
