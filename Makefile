@@ -27,15 +27,17 @@ TEST_VLLM  ?= 1
 # The verl environment (tests/verl): its own venv, since verl 0.9.1 pins transformers<5.11.
 # verl's pin is pyproject's `verl` extra; here only what importing verl's model forwards and
 # fused heads needs (ray, tensordict, transformers, omegaconf, dill; megatron-core and
-# codetiming for its Megatron forwards), not its training stack (wandb, tensorboard, pandas,
-# pyarrow, hydra, datasets, ...)
+# codetiming for its Megatron forwards), and what its PPO workers import for the verl row
+# of bench/bench_ppo_step.py (peft for its LoRA, hydra-core for its configs, psutil, and
+# uvicorn/fastapi, which its checkpoint-engine module imports): not its training stack
+# (wandb, tensorboard, pandas, pyarrow, datasets, Pillow, ...)
 VENV_VERL  ?= .venv-verl
 PY_VERL    := $(VENV_VERL)/bin/python
 STAMP_VERL := $(VENV_VERL)/.stamp
 VERL_PIN   := verl==0.9.1
 VERL_DEPS  := torch triton tqdm numpy "transformers>=5.5.3,<5.11,!=5.6.0" \
 	"tensordict>=0.8,<=0.10,!=0.9.0" ray omegaconf dill megatron-core==0.16.1 codetiming \
-	"pytest>=8"
+	peft hydra-core psutil uvicorn fastapi "pytest>=8"
 TEST_VERL  ?= 1
 
 .PHONY: venv venv-vllm venv-verl test-vllm test-verl demo test bench bench-policy bench-preference bench-grpo-step lint format clean-venv help
@@ -95,9 +97,11 @@ venv-vllm: $(STAMP_VLLM)
 # venv is gone: the lean set above, then fastrl and verl without their dependencies.
 # --no-compile: the tests import a small part of these packages; one import of those
 # modules compiles just them (~40 s of CPU less than pip compiling everything), and stores
-# their bytecode even where PYTHONDONTWRITEBYTECODE is set
+# their bytecode even where PYTHONDONTWRITEBYTECODE is set (verl's PPO workers through
+# bench_ppo_verl.import_verl(), which first steps around verl's dataset imports)
 VERL_WARM := fastrl.integrations.verl, verl.models.transformers.monkey_patch, \
-	verl.models.mcore.model_forward_fused, transformers.models.qwen2.modeling_qwen2, pytest
+	verl.models.mcore.model_forward_fused, transformers.models.qwen2.modeling_qwen2, pytest, \
+	bench.bench_ppo_verl; bench.bench_ppo_verl.import_verl()
 $(STAMP_VERL): pyproject.toml constraints-cpu.txt Makefile
 	@test -x $(PY_VERL) || $(PYTHON3) -m venv $(VENV_VERL)
 	$(PY_VERL) -m pip install --disable-pip-version-check -q --no-compile $(PIP_FLAGS) \

@@ -1,14 +1,17 @@
 """One PPO LoRA step end to end: fastrl's PPOTrainer (policy LoRA + value head on one
-backbone), and OpenRLHF's or verl's PPO where they are installed.
+backbone), and verl's PPO (actor LoRA, critic on a second backbone) where a python with
+verl is found.
 
     python bench/bench_ppo_step.py                                  # 1.5B, 24 GiB cap
     python bench/bench_ppo_step.py --models tiny --device cpu --completion-length 8
 
 A step is one rollout (`generate` of `--rollout-size` completions of exactly
 `--completion-length` tokens after `--prompt-length`-token prompts, the rewards, the
-no-grad policy+value pass and the reference pass, GAE and whitening) plus one PPO epoch of
-one mini-batch: the loss (clipped policy + `vf_coef` x clipped value), the backward and
-the optimizer step. The checkpoint is `bench_grpo_step`'s (random weights from the model's
+no-grad policy+value pass and the reference pass, the KL penalty (`--kl-coef`) in the
+rewards, GAE and whitening) plus one PPO epoch of one mini-batch: the loss (fastrl:
+clipped policy + `vf_coef` x clipped value; verl: the critic's clipped value loss and the
+actor's clipped policy loss, each with its own optimizer), the backward and the optimizer
+step. The checkpoint is `bench_grpo_step`'s (random weights from the model's
 config, built once under `--cache-dir`); LoRA r=16/alpha=32 on every block linear,
 gradient checkpointing, bf16 on CUDA.
 
@@ -18,10 +21,13 @@ memory, seconds per step (the first `--warmup` steps excluded), of which generat
 tokens/s (prompt + completion tokens of the rollout). Results:
 bench/results/ppo_step-<device>-<date>.json.
 
-Peers: `openrlhf` and `verl` rows say "not installed" where the package is missing. Both
-run PPO as Ray jobs with a separate critic model (two backbones), launched through their
-own entry points; the runner of an installed peer is the part left to write on a GPU
-machine that has one (its row then says so), so the comparison there is a figure for later.
+Peers. `verl` (bench/bench_ppo_verl.py): verl 0.9.1's own actor, reference and critic
+workers and its advantage math, in one process without Ray, generating with HF `generate`
+on the actor's module (verl's real rollout is a vLLM/SGLang server); its critic is a
+separate backbone. It runs in `--verl-python` (default: this python if it has verl, else
+`.venv-verl/bin/python` where that exists, else the row says "not installed"). `openrlhf`:
+not run; its model classes import flash_attn when imported, so it needs a GPU machine with
+flash-attn built, and its runner (a Ray launch of its PPO trainer) is still to be written.
 """
 
 from __future__ import annotations
@@ -60,19 +66,59 @@ from bench.common import default_results_path, environment, write_json  # noqa: 
 
 TRAINERS = ("fastrl", "openrlhf", "verl")
 DEFAULT_TRAINERS = TRAINERS
+_REPO = Path(__file__).resolve().parent.parent
 
 
-def peer_status(trainer: str) -> str | None:
-    """None where the trainer can run here, else why not (a row's `error`)."""
+def _has_module(python: str, module: str) -> bool:
+    """Whether `python` (an interpreter's path) can import `module`."""
+    if python == sys.executable:
+        return importlib.util.find_spec(module) is not None
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def default_verl_python() -> str | None:
+    """The interpreter of the verl row: this one if it has verl, else the repo's
+    `.venv-verl` (`make venv-verl`) where it exists, else None."""
+    if importlib.util.find_spec("verl") is not None:
+        return sys.executable
+    venv = _REPO / ".venv-verl" / "bin" / "python"
+    return str(venv) if venv.exists() else None
+
+
+def peer_status(trainer: str, verl_python: str | None = None) -> str | None:
+    """None where the trainer can run here, else why not (a row's `error`). `verl_python`:
+    the verl row's interpreter (None: `default_verl_python()`)."""
     if trainer == "fastrl":
+        return None
+    if trainer == "verl":
+        python = verl_python or default_verl_python()
+        if python is None:
+            return "not installed"
+        if not _has_module(python, "verl"):
+            return f"not installed (in {python})"
         return None
     if importlib.util.find_spec(trainer) is None:
         return "not installed"
-    return "installed, but its runner is not written yet (Ray launch of its PPO trainer)"
+    return (
+        "installed, but its runner is not written (its models import flash_attn at import "
+        "time; a Ray launch of its PPO trainer on a GPU machine)"
+    )
 
 
 def run_one(opts: argparse.Namespace) -> dict:
-    """Train `opts.warmup + opts.steps` PPO steps with fastrl; return the measurements."""
+    """Train `opts.warmup + opts.steps` PPO steps with `opts.trainer`; return the
+    measurements."""
+    if opts.trainer == "verl":
+        from bench.bench_ppo_verl import run_verl
+
+        return run_verl(opts)
+    if opts.trainer != "fastrl":
+        raise ValueError(f"trainer {opts.trainer!r} has no runner; runners: fastrl, verl")
     from datasets import Dataset
 
     from fastrl.trainers import PPOConfig, PPOTrainer
@@ -115,8 +161,11 @@ def run_one(opts: argparse.Namespace) -> dict:
     )
 
 
-def _worker_command(opts: argparse.Namespace, model: str) -> list[str]:
-    cmd = [sys.executable, __file__, "--worker", "--models", model]
+def _worker_command(opts: argparse.Namespace, model: str, trainer: str = "fastrl") -> list[str]:
+    python = sys.executable
+    if trainer == "verl":
+        python = opts.verl_python or default_verl_python()
+    cmd = [python, __file__, "--worker", "--models", model, "--trainer", trainer]
     for key in ("steps", "warmup", "kl_coef", "max_memory_gb", "rollout_size", "prompt_length",
                 "completion_length", "cache_dir", "attn_implementation"):  # fmt: skip
         cmd += [f"--{key.replace('_', '-')}", str(getattr(opts, key))]
@@ -139,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu (hides CUDA from workers)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+    p.add_argument(
+        "--verl-python", default=None,
+        help="the verl row's interpreter (default: this one if it has verl, else .venv-verl's)",
+    )  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trainer", choices=TRAINERS, default="fastrl", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.worker:
         print("RESULT " + json.dumps(run_one(opts)), flush=True)
@@ -159,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     for model in models:
         for trainer in trainers:
             row = dict(model=model, trainer=trainer)
-            why = peer_status(trainer)
+            if trainer == "verl":
+                row["python"] = opts.verl_python or default_verl_python()
+            why = peer_status(trainer, opts.verl_python)
             if why is not None:
                 row["error"] = why
                 print(f"{trainer}: {why}", file=sys.stderr)
@@ -167,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 done = subprocess.run(
-                    _worker_command(opts, model), capture_output=True, text=True, env=env,
+                    _worker_command(opts, model, trainer), capture_output=True, text=True, env=env,
                     timeout=opts.timeout,
                 )  # fmt: skip
                 out, err, code = done.stdout, done.stderr, done.returncode
