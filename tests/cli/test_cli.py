@@ -224,8 +224,9 @@ def test_demo_quick_runs_every_stage(tmp_path, monkeypatch):
                        "score_correct", "score_wrong", "reloaded_accuracy", "seconds"}  # fmt: skip
     for key in ("eval_accuracy_before", "eval_accuracy_after", "reloaded_accuracy"):
         assert 0.0 <= rm[key] <= 1.0, key
-    # the saved adapter, reloaded as RewardModel, ranks the held-out pairs as the trainer did
-    assert rm["reloaded_accuracy"] == rm["eval_accuracy_after"]
+    if summary["device"] == "cpu":  # float32 throughout (on a GPU bf16 may flip a near tie)
+        # the saved adapter, reloaded as RewardModel, ranks held-out pairs as the trainer did
+        assert rm["reloaded_accuracy"] == rm["eval_accuracy_after"]
     assert 0 < rm["seconds"] < summary["seconds"]
     for name in ("reward_curve.png", "grpo_adapter/adapter_model.safetensors",
                  "dpo_adapter/adapter_model.safetensors", "reward_adapter/tokenizer.json",
