@@ -283,9 +283,10 @@ def run_demo(
         held_out_pairs, out, steps=cfg["rm_steps"], seed=seed,
     )  # fmt: skip
     print(f"      held-out pairwise accuracy: {rm['eval_accuracy_before']:.1%} (untrained head) "
-          f"-> {rm['eval_accuracy_after']:.1%}; RewardModel({str(out / 'reward_adapter')!r}) "
-          f"scores right answers {rm['score_correct']:.2f}, wrong ones {rm['score_wrong']:.2f} "
-          f"on average")  # fmt: skip
+          f"-> {rm['eval_accuracy_after']:.1%}")  # fmt: skip
+    print(f"      reloaded as RewardModel({str(out / 'reward_adapter')!r}): right answers score "
+          f"{rm['score_correct']:.2f}, wrong ones {rm['score_wrong']:.2f} on average; "
+          f"{rm['reloaded_accuracy']:.1%} of the pairs ranked right")  # fmt: skip
 
     summary = {
         "accuracy": {"sft": acc_sft, "grpo": acc_grpo},  # greedy
