@@ -203,9 +203,15 @@ def test_cli_grpo_reward_from_cwd_through_the_console_script(checkpoint, tmp_pat
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_every_stage(tmp_path):
+def test_demo_quick_runs_every_stage(tmp_path, monkeypatch):
+    from fastrl.demo import run
+
+    returned = []
+    real = run.run_demo
+    monkeypatch.setattr(run, "run_demo", lambda *a, **kw: returned.append(real(*a, **kw)))
     main(["demo", "--quick", "--output_dir", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert returned == [summary]  # run_demo returns what it writes
     assert summary["quick"] is True and summary["device"] in ("cpu", "cuda")
     for stage in ("sft", "grpo"):
         assert 0.0 <= summary["accuracy"][stage] <= 1.0
@@ -213,6 +219,19 @@ def test_demo_quick_runs_every_stage(tmp_path):
     # the fresh DPO adapter equals the reference: every margin is a tie, and ties count 1/2
     assert summary["preference_accuracy"]["before_dpo"] == 0.5
     assert 0.0 <= summary["preference_accuracy"]["after_dpo"] <= 1.0
+    rm = summary["reward_model"]
+    assert set(rm) == {"eval_accuracy_before", "eval_accuracy_after", "eval_margin_after",
+                       "score_correct", "score_wrong", "reloaded_accuracy", "seconds"}  # fmt: skip
+    for key in ("eval_accuracy_before", "eval_accuracy_after", "reloaded_accuracy"):
+        assert 0.0 <= rm[key] <= 1.0, key
+    if summary["device"] == "cpu":  # float32 throughout (on a GPU bf16 may flip a near tie)
+        # the saved adapter, reloaded as RewardModel, ranks held-out pairs as the trainer did
+        assert rm["reloaded_accuracy"] == rm["eval_accuracy_after"]
+    assert 0 < rm["seconds"] < summary["seconds"]
     for name in ("reward_curve.png", "grpo_adapter/adapter_model.safetensors",
-                 "dpo_adapter/adapter_model.safetensors"):  # fmt: skip
+                 "dpo_adapter/adapter_model.safetensors", "reward_adapter/tokenizer.json",
+                 "reward_adapter/adapter_model.safetensors"):  # fmt: skip
         assert (tmp_path / name).exists(), name
+    config = json.loads((tmp_path / "reward_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base_model").resolve())
+    assert config["task_type"] == "SEQ_CLS"

@@ -260,3 +260,18 @@ def test_demo_plot_draws_held_out_accuracy_as_two_markers(tmp_path, monkeypatch)
     (points,) = ax.collections
     assert points.get_offsets().tolist() == [[0, 0.25], [2, 0.4]]
     real_close("all")
+
+
+# ------------------------------------------------------------------ demo stages
+
+
+def test_dpo_and_reward_model_share_the_task_pairs():
+    from fastrl.demo.run import STAGES, preference_data
+
+    cfg = STAGES["quick"]
+    train, held_out = preference_data({**cfg, "pairs": 8, "rm_pairs": 24}, seed=0)
+    assert len(train) == 24 and len(held_out) == max(cfg["test"], 32)
+    # DPO takes the first rows: the same pairs preference_pairs builds for that count
+    assert train.select(range(8)).to_dict() == preference_pairs(8, seed=0).to_dict()
+    assert held_out.to_dict() == preference_pairs(len(held_out), seed=0, split="test").to_dict()
+    assert not set(train["prompt"]) & set(held_out["prompt"])
