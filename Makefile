@@ -44,7 +44,7 @@ TEST_VERL  ?= 1
 
 help:
 	@echo "make venv    create $(VENV) and install fastrl[$(EXTRAS)] (editable)"
-	@echo "make demo    the main job: SFT warm-up, GRPO + LoRA, DPO on a tiny model (DEMO_ARGS)"
+	@echo "make demo    the main job: SFT warm-up, GRPO + LoRA, DPO, a reward model on a tiny model (DEMO_ARGS)"
 	@echo "make test    run the test suite (pytest -n $(PYTEST_N)), then test-vllm and"
 	@echo "             test-verl (TEST_VLLM=0 / TEST_VERL=0 skip them)"
 	@echo "make venv-vllm  create $(VENV_VLLM) with fastrl[$(VLLM_EXTRA)] (vLLM generation)"
