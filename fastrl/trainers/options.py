@@ -23,6 +23,7 @@ __all__ = [
     "check_number",
     "check_policy_loss_options",
     "check_preference_loss_options",
+    "check_training_options",
     "flag_names",
     "preference_loss_options",
 ]
@@ -115,6 +116,29 @@ def check_model_options(args) -> None:
     check_number("lora_r", args.lora_r, low=1, integer=True)
     check_number("lora_alpha", args.lora_alpha, low=0, low_open=True)
     check_number("lora_dropout", args.lora_dropout, low=0, high=1, high_open=True)
+    check_training_options({name: getattr(args, name) for name in TRAINING_OPTIONS})
+
+
+#: the inherited `TrainingArguments` options `check_training_options` checks
+TRAINING_OPTIONS = ("learning_rate", "label_smoothing_factor")
+
+
+def check_training_options(values: Mapping[str, Any]) -> None:
+    """The inherited `TrainingArguments` options every fastrl trainer reads the same way,
+    among `values` (a config's fields, or what the command line parsed, by name):
+    `learning_rate` > 0 (torch's optimizers refuse a negative one only when the trainer
+    builds them; 0 trains nothing), and `label_smoothing_factor` refused unless 0: it
+    smooths `Trainer`'s own cross-entropy, which no fastrl loss is, so it would be
+    silently ignored. Torch-free, for the command line's early checks."""
+    if "learning_rate" in values:
+        check_number("learning_rate", values["learning_rate"], low=0, low_open=True)
+    smoothing = values.get("label_smoothing_factor", 0)
+    if smoothing != 0:
+        raise ValueError(
+            f"--label_smoothing_factor {_show(smoothing)} is not supported: it smooths "
+            "transformers.Trainer's own cross-entropy loss, which no fastrl trainer uses "
+            "(DPO's label smoothing, cDPO, is --label_smoothing); leave it at 0"
+        )
 
 
 # ------------------------------------------------------------- the loss options as flags

@@ -49,7 +49,7 @@ class PPOConfig(ModelArguments, TrainingArguments):
         kl_estimator ("k1" | "k3"), cliprange (0.2, the policy ratio's clip), vf_coef (0.1,
         the value loss's weight), cliprange_value (0.2; None: no value clipping), gamma
         (1.0), lam (0.95), whiten_rewards (False: TRL whitens the per-token rewards, mean
-        kept), missing_eos_penalty (None: subtracted from the score of a completion that
+        kept), missing_eos_penalty (None; >= 0, subtracted from the score of a completion that
         ends without EOS), stop_token ("eos" only: a completion ends at its first EOS),
         stop_token_id (an extra id that ends a completion). fastrl's: whiten_advantages
         (True, as TRL and OpenRLHF always do: `fastrl.masked_whiten` over the rollout,
@@ -97,7 +97,7 @@ class PPOConfig(ModelArguments, TrainingArguments):
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten the advantages."})
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score without EOS."}
+        default=None, metadata={"help": "Subtracted (>= 0) from the score without EOS."}
     )
     stop_token: str = field(default="eos", metadata={"help": "eos (a completion ends at EOS)."})
     stop_token_id: int | None = field(
@@ -161,7 +161,9 @@ class PPOConfig(ModelArguments, TrainingArguments):
         check_number("cliprange_value", self.cliprange_value, low=0, low_open=True, optional=True)
         check_number("gamma", self.gamma, low=0, high=1)
         check_number("lam", self.lam, low=0, high=1)
-        check_number("missing_eos_penalty", self.missing_eos_penalty, optional=True)
+        # subtracted from the score (TRL: "must be a positive value"): a negative one
+        # would reward the completions that run out of tokens
+        check_number("missing_eos_penalty", self.missing_eos_penalty, low=0, optional=True)
         if self.stop_token is None:
             raise ValueError(
                 "--stop_token None is not supported: a completion always ends at its first "
