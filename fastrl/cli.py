@@ -829,16 +829,16 @@ def _check_reward_spec(spec: str) -> None:
         except ValueError as e:
             raise UsageError(f"--reward {spec!r}: {e}") from None
         return
-    target, _, name = spec.rpartition(":")
-    if not target or not name:
+    if ":" not in spec:
         raise UsageError(
             f"--reward {spec!r}: use one of {BUILTIN_REWARDS}, 'module:function', "
             "'path/to/file.py:function' or 'reward_model:DIR'"
         )
-    if target.endswith(".py") or os.sep in target or "/" in target:
+    target, _, name = spec.rpartition(":")
+    if target and name and (target.endswith(".py") or os.sep in target or "/" in target):
         path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise UsageError(f"--reward {spec!r}: file {str(path)!r} not found")
+        if not path.is_file():  # the message load_reward_function gives
+            raise ValueError(f"--reward {spec!r}: file {str(path)!r} not found")
 
 
 def _check_reward_specs(options: dict) -> None:
