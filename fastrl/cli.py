@@ -619,7 +619,7 @@ def _check_dataset(path: str, needed: dict[str, str], alternatives=(), flag="--d
 
 def _loss_options(command: str):
     """The options dataclass of `command`'s loss (torch-free); None for `rm` and `ppo`,
-    whose options their configs check."""
+    whose number options `_check_config_numbers` checks instead."""
     if command in ("rm", "ppo"):
         return None
     if command == "grpo":
@@ -648,7 +648,8 @@ def _prescan(command: str, dataclass, argv: list[str]) -> dict:
                             action="extend" if f.name == "reward" else "store")  # fmt: skip
     from fastrl.trainers.options import TRAINING_OPTIONS  # torch-free
 
-    early = ("output_dir", "max_memory_gb", "resume_from_checkpoint", *TRAINING_OPTIONS)
+    early = dict.fromkeys(("output_dir", "max_memory_gb", "resume_from_checkpoint",
+                           *TRAINING_OPTIONS, *_number_rules(command)))  # fmt: skip
     for name in early:
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
     known = {f.name for f in dc.fields(dataclass)} | set(early)
@@ -789,6 +790,35 @@ def _check_training_values(options: dict) -> None:
     check_training_options(values)
 
 
+def _number_rules(command: str) -> dict[str, dict]:
+    """The number options the config of `command` checks with `check_numbers` (its own
+    table, where it has one, and `ModelArguments`'), name -> bounds."""
+    from fastrl.trainers.options import CONFIG_NUMBERS, MODEL_NUMBERS  # torch-free
+
+    return {**CONFIG_NUMBERS.get(command, {}), **MODEL_NUMBERS}
+
+
+def _check_config_numbers(command: str, options: dict) -> None:
+    """The number options given (`_number_rules`), checked by the configs' own function
+    and table; a value that does not parse is left to the full parser, which names it."""
+    from fastrl.trainers.options import check_numbers
+
+    rules = _number_rules(command)
+    values = {}
+    for name, bounds in rules.items():
+        value = options.get(name)
+        if isinstance(value, str):  # from the command line; YAML values are typed
+            if value == "None" and bounds.get("optional"):
+                continue
+            try:
+                value = int(value) if bounds.get("integer") else float(value)
+            except ValueError:
+                continue
+        if name in options:
+            values[name] = value
+    check_numbers(values, rules)
+
+
 def _check_output_paths(options: dict) -> None:
     """`--output_dir` is a directory or is not there yet; `--resume_from_checkpoint` is a
     directory (the checkpoints `--output_dir` holds are named where it is not)."""
@@ -856,6 +886,7 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}",
                          hint=f"see `fastrl {command} --help`")  # fmt: skip
     _check_training_values(options)
+    _check_config_numbers(command, options)
     _check_output_paths(options)
     check_model_path(str(options["model"]))
     if command in ("grpo", "ppo"):

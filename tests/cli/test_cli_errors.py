@@ -554,3 +554,55 @@ def test_fastrl_warnings_print_in_one_line(capsys, monkeypatch):
         "the desirable side of the KTO loss trains, and --desirable_weight / "
         "--undesirable_weight cannot balance the two\n"
     )
+
+
+_NUMBER_CASES = [
+    ("ppo", []),
+    ("ppo", ["--kl_coef", "-0.1"]),
+    ("ppo", ["--gamma", "1.5"]),
+    ("ppo", ["--lam", "2"]),
+    ("ppo", ["--num_ppo_epochs", "0"]),
+    ("ppo", ["--max_completion_length", "0"]),
+    ("ppo", ["--missing_eos_penalty", "-1"]),
+    ("ppo", ["--lora_r", "0"]),
+    ("rm", []),
+    ("rm", ["--max_length", "0"]),
+    ("rm", ["--lora_dropout", "1.5"]),
+    ("kto", ["--lora_r", "0"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"), _NUMBER_CASES, ids=[f"{c}:{' '.join(e) or '-'}" for c, e in _NUMBER_CASES]
+)
+def test_number_prechecks_say_what_the_config_says(tmp_path, ckpt, data, command, extra):
+    # rm / ppo / LoRA ranges before the slow imports: the configs' own table and function
+    from fastrl.trainers import KTOConfig, PPOConfig, RewardConfig
+
+    script = {"ppo": cli.GRPOScriptArguments, "rm": cli.RMScriptArguments,
+              "kto": cli.KTOScriptArguments}[command]  # fmt: skip
+    config = {"ppo": PPOConfig, "rm": RewardConfig, "kto": KTOConfig}[command]
+    argv = ["--model", str(ckpt), "--dataset", str(data), "--use_cpu", "true",
+            "--output_dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    early = full = None
+    try:
+        cli._check_config_numbers(command, cli._prescan(command, script, argv))
+    except ValueError as e:
+        early = str(e)
+    try:
+        cli._parse((script, config), argv, command)
+    except ValueError as e:
+        full = str(e)
+    assert early == full, (early, full)
+    assert (early is None) == (not extra)
+
+
+def test_a_bad_ppo_value_fails_without_importing_torch(tmp_path, ckpt, data):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, "ppo", "--model", str(ckpt), "--dataset",
+         str(data), "--kl_coef", "-0.1"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
+    assert_user_error(2, run.stderr, "--kl_coef must be >= 0, got -0.1")
