@@ -823,13 +823,14 @@ def _check_output_paths(options: dict) -> None:
     """`--output_dir` is a directory or is not there yet; `--resume_from_checkpoint` is a
     directory (the checkpoints `--output_dir` holds are named where it is not)."""
     output_dir = options.get("output_dir")
+    output_dir = output_dir if isinstance(output_dir, str) else None
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UsageError(
             f"--output_dir {output_dir}: is a file; the output directory must be a directory "
             "or not exist yet"
         )
     resume = options.get("resume_from_checkpoint")
-    if resume is None or Path(resume).is_dir():
+    if not isinstance(resume, str) or Path(resume).is_dir():  # None, or YAML's `true`
         return
     where = Path(output_dir if output_dir is not None else "trainer_output")
     found = sorted(
