@@ -301,3 +301,30 @@ def test_reward_model_refuses_a_checkpoint_or_adapter_without_its_head(tmp_path,
               str(adapter / "adapter_model.safetensors"))  # fmt: skip
     with pytest.raises(ValueError, match="the adapter holds no score head"):
         RewardModel(str(adapter))
+
+
+def test_reward_model_loads_a_fastrl_rm_adapter_without_the_missing_head_report(tmp_path, capfd):
+    """The base of a `fastrl rm` adapter has no score head: transformers would report it
+    missing although the adapter restores it; the report is muted, the scores are the
+    adapter's."""
+    import torch
+
+    from fastrl.demo.task import build_tiny_tokenizer
+    from fastrl.trainers.reward_model import load_reward_model, sequence_rewards
+    from fastrl.trainers.rewards import RewardModel
+    from tests.support.cli import save_tiny_checkpoint
+
+    base = save_tiny_checkpoint(tmp_path / "base")
+    model = load_reward_model(str(base), dtype=torch.float32, gradient_checkpointing=False)
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.normal_()
+    model.save_pretrained(tmp_path / "rm")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "rm")
+    capfd.readouterr()
+    rm = RewardModel(str(tmp_path / "rm"), dtype=torch.float32)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    ids = rm.tokenizer("1+1=2" + rm.tokenizer.eos_token)["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        expected = sequence_rewards(model, torch.tensor([ids]), torch.ones(1, len(ids)))
+    torch.testing.assert_close(torch.tensor(rm(["1+1="], ["2"])), expected.float())
