@@ -130,13 +130,31 @@ class _Parser(argparse.ArgumentParser):
         hint = f"see `{self.prog} --help`"
         if message.startswith("unrecognized arguments:"):
             flags = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a[:2] == "--"]
-            hint = _did_you_mean(flags[0] if flags else "", self._option_string_actions, hint)
+            command = self.prog.split()[-1]
+            hint = _did_you_mean(flags[0] if flags else "", self._option_string_actions, hint,
+                                 command)  # fmt: skip
         raise UsageError(message, hint=hint)
 
 
-def _did_you_mean(flag: str, known, otherwise: str) -> str:
-    """A hint naming the option closest to the mistyped `flag` (`--num_generation`)."""
+#: options of another command a user may carry over, and what this command has instead
+FOREIGN_OPTIONS = {
+    "ppo": {
+        "num_generations": "PPO samples one completion per prompt (the value head is its "
+        "baseline, not a group): a rollout is --per_device_train_batch_size x "
+        "--gradient_accumulation_steps x --num_mini_batches prompts",
+        "beta": "PPO's KL coefficient is --kl_coef",
+    },
+    "grpo": {"kl_coef": "GRPO's KL coefficient is --beta"},
+}
+
+
+def _did_you_mean(flag: str, known, otherwise: str, command: str = "") -> str:
+    """A hint naming the option closest to the mistyped `flag` (`--num_generation`), or
+    what `command` has instead of another command's option (`FOREIGN_OPTIONS`)."""
     name = flag.lstrip("-").replace("-", "_")
+    foreign = FOREIGN_OPTIONS.get(command, {}).get(name)
+    if foreign:
+        return foreign
     close = difflib.get_close_matches(name, sorted(k.lstrip("-") for k in known), n=1)
     return f"did you mean --{close[0]}?" if close else otherwise
 
@@ -210,6 +228,9 @@ def _build_parser(command: str, dataclasses):
     for action in parser._actions:
         if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
             action.__class__ = _CollectRepeated
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            # HfArgumentParser gives the `--no_X` of a bool field X's own help text
+            action.help = f"Set --{action.dest} to False."
     _save_option_table(command, parser)
     return parser
 
@@ -344,7 +365,7 @@ def _check_option_names(command: str, argv: list[str]) -> None:
             continue
         raise UsageError(
             f"unrecognized arguments: --{flag}",
-            hint=_did_you_mean(flag, names, f"see `fastrl {command} --help`"),
+            hint=_did_you_mean(flag, names, f"see `fastrl {command} --help`", command),
         )
 
 
@@ -423,18 +444,15 @@ def _reward_functions(script: GRPOScriptArguments):
             funcs.append(rewards.format_reward(script.format_pattern))
         elif spec == "length":
             funcs.append(rewards.length_penalty(script.length_target))
-        elif spec.startswith("reward_model:"):  # a directory `fastrl rm` wrote
-            path = spec.split(":", 1)[1]
-            if not Path(path).is_dir():
-                raise UsageError(f"--reward {spec!r}: reward model directory {path!r} not found")
-            funcs.append(rewards.RewardModel(path))
-        elif ":" in spec:
-            funcs.append(load_reward_function(spec))
         else:
-            raise UsageError(
-                f"--reward {spec!r}: use one of {BUILTIN_REWARDS}, 'module:function' or "
-                "'path/to/file.py:function'"
-            )
+            _check_reward_spec(spec)
+            if spec.startswith("reward_model:"):  # a directory `fastrl rm` wrote
+                try:
+                    funcs.append(rewards.RewardModel(spec.split(":", 1)[1]))
+                except ValueError as e:
+                    raise UsageError(f"--reward {spec!r}: {e}") from None
+            else:
+                funcs.append(load_reward_function(spec))
     return funcs
 
 
@@ -601,7 +619,7 @@ def _check_dataset(path: str, needed: dict[str, str], alternatives=(), flag="--d
 
 def _loss_options(command: str):
     """The options dataclass of `command`'s loss (torch-free); None for `rm` and `ppo`,
-    whose options their configs check."""
+    whose number options `_check_config_numbers` checks instead."""
     if command in ("rm", "ppo"):
         return None
     if command == "grpo":
@@ -628,9 +646,13 @@ def _prescan(command: str, dataclass, argv: list[str]) -> dict:
     for f in dc.fields(dataclass):
         parser.add_argument(f"--{f.name}", nargs="+" if f.name == "reward" else None,
                             action="extend" if f.name == "reward" else "store")  # fmt: skip
-    parser.add_argument("--output_dir", "--output-dir")
-    parser.add_argument("--max_memory_gb", "--max-memory-gb")
-    known = {f.name for f in dc.fields(dataclass)} | {"output_dir", "max_memory_gb"}
+    from fastrl.trainers.options import TRAINING_OPTIONS  # torch-free
+
+    early = dict.fromkeys(("output_dir", "max_memory_gb", "resume_from_checkpoint",
+                           *TRAINING_OPTIONS, *_number_rules(command)))  # fmt: skip
+    for name in early:
+        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
+    known = {f.name for f in dc.fields(dataclass)} | set(early)
     declared = _option_names(command) or set()  # the loss options the config has as flags
     loss_options = _loss_options(command)
     hints = {} if loss_options is None else typing.get_type_hints(loss_options)
@@ -741,8 +763,8 @@ def _check_loss_values(command: str, options: dict) -> None:
         checks.check_preference_loss_options(values, optional)
 
 
-def _check_reward_columns(options: dict) -> dict[str, str]:
-    needed = {"prompt": "every GRPO dataset needs the prompts"}
+def _check_reward_columns(command: str, options: dict) -> dict[str, str]:
+    needed = {"prompt": f"every {command.upper()} dataset needs the prompts"}
     rewards = options.get("reward") or ["exact_match"]
     if isinstance(rewards, str):
         rewards = [rewards]
@@ -754,6 +776,108 @@ def _check_reward_columns(options: dict) -> dict[str, str]:
     return needed
 
 
+def _check_training_values(options: dict) -> None:
+    """The inherited options every trainer checks alike (`check_training_options`, the
+    configs' own function), on the values given; one that does not parse is left to the
+    full parser, which names it."""
+    from fastrl.trainers.options import TRAINING_OPTIONS, check_training_options
+
+    values = {}
+    for name in TRAINING_OPTIONS:
+        if name in options:
+            with contextlib.suppress(TypeError, ValueError):
+                values[name] = float(options[name])
+    check_training_options(values)
+
+
+def _number_rules(command: str) -> dict[str, dict]:
+    """The number options the config of `command` checks with `check_numbers` (its own
+    table, where it has one, and `ModelArguments`'), name -> bounds."""
+    from fastrl.trainers.options import CONFIG_NUMBERS, MODEL_NUMBERS  # torch-free
+
+    return {**CONFIG_NUMBERS.get(command, {}), **MODEL_NUMBERS}
+
+
+def _check_config_numbers(command: str, options: dict) -> None:
+    """The number options given (`_number_rules`), checked by the configs' own function
+    and table; a value that does not parse is left to the full parser, which names it."""
+    from fastrl.trainers.options import check_numbers
+
+    rules = _number_rules(command)
+    values = {}
+    for name, bounds in rules.items():
+        value = options.get(name)
+        if isinstance(value, str):  # from the command line; YAML values are typed
+            if value == "None" and bounds.get("optional"):
+                continue
+            try:
+                value = int(value) if bounds.get("integer") else float(value)
+            except ValueError:
+                continue
+        if name in options:
+            values[name] = value
+    check_numbers(values, rules)
+
+
+def _check_output_paths(options: dict) -> None:
+    """`--output_dir` is a directory or is not there yet; `--resume_from_checkpoint` is a
+    directory (the checkpoints `--output_dir` holds are named where it is not)."""
+    output_dir = options.get("output_dir")
+    output_dir = output_dir if isinstance(output_dir, str) else None
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UsageError(
+            f"--output_dir {output_dir}: is a file; the output directory must be a directory "
+            "or not exist yet"
+        )
+    resume = options.get("resume_from_checkpoint")
+    if not isinstance(resume, str) or Path(resume).is_dir():  # None, or YAML's `true`
+        return
+    where = Path(output_dir if output_dir is not None else "trainer_output")
+    found = sorted(
+        (p.name for p in where.glob("checkpoint-*") if p.is_dir()),
+        key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else -1,
+    )
+    hint = (f"--output_dir {where} has {', '.join(found)}" if found else
+            f"--output_dir {where} has no checkpoint-* directories")  # fmt: skip
+    raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint directory",
+                     hint=hint)  # fmt: skip
+
+
+def _check_reward_spec(spec: str) -> None:
+    """What can be checked of one `--reward` spec without importing it: a built-in's name,
+    a reward model directory that is one (`check_reward_model_dir`), a `file.py` that is
+    there."""
+    if spec in BUILTIN_REWARDS:
+        return
+    if spec.startswith("reward_model:"):
+        from fastrl.trainers.rewards import check_reward_model_dir
+
+        path = spec.split(":", 1)[1]
+        if not Path(path).is_dir():
+            raise UsageError(f"--reward {spec!r}: reward model directory {path!r} not found")
+        try:
+            check_reward_model_dir(path)
+        except ValueError as e:
+            raise UsageError(f"--reward {spec!r}: {e}") from None
+        return
+    if ":" not in spec:
+        raise UsageError(
+            f"--reward {spec!r}: use one of {BUILTIN_REWARDS}, 'module:function', "
+            "'path/to/file.py:function' or 'reward_model:DIR'"
+        )
+    target, _, name = spec.rpartition(":")
+    if target and name and (target.endswith(".py") or os.sep in target or "/" in target):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():  # the message load_reward_function gives
+            raise ValueError(f"--reward {spec!r}: file {str(path)!r} not found")
+
+
+def _check_reward_specs(options: dict) -> None:
+    rewards = options.get("reward") or []
+    for spec in [rewards] if isinstance(rewards, str) else rewards:
+        _check_reward_spec(str(spec))
+
+
 def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
     options = _prescan(command, dataclass, argv)
     _check_loss_values(command, options)  # first: one message, cached option table or not
@@ -762,9 +886,13 @@ def _prechecks(command: str, dataclass, argv: list[str]) -> dict:
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)}",
                          hint=f"see `fastrl {command} --help`")  # fmt: skip
+    _check_training_values(options)
+    _check_config_numbers(command, options)
+    _check_output_paths(options)
     check_model_path(str(options["model"]))
     if command in ("grpo", "ppo"):
-        _check_dataset(str(options["dataset"]), _check_reward_columns(options))
+        _check_reward_specs(options)
+        _check_dataset(str(options["dataset"]), _check_reward_columns(command, options))
     elif command == "rm":
         from fastrl.trainers.data import REWARD_COLUMNS, REWARD_TOKEN_COLUMNS
 
@@ -974,6 +1102,37 @@ def _help() -> str:
     )
 
 
+def _negative_value_hint(message: str, argv: list[str]) -> str | None:
+    """argparse reads a value such as `-1e-5` as an option, and says the flag before it
+    expected one argument: the hint says how to write it."""
+    head = message.split(": expected one argument", 1)
+    if len(head) != 2 or not head[0].startswith("argument "):
+        return None
+    names = set(head[0][len("argument ") :].split("/"))
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in names and value.startswith("-"):
+            with contextlib.suppress(ValueError):
+                float(value)
+                return f"write {flag}={value} (a value that starts with '-' reads as an option)"
+    return None
+
+
+def _one_line_warnings(command: str, show):
+    """A `warnings.showwarning` that prints fastrl's own `UserWarning`s (raised in the
+    package) as `fastrl CMD: warning: ...`, without the source line Python adds; other
+    warnings go to `show`."""
+    package = Path(__file__).resolve().parent
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        with contextlib.suppress(OSError, ValueError):
+            if category is UserWarning and Path(filename).resolve().is_relative_to(package):
+                print(f"fastrl {command}: warning: {message}", file=file or sys.stderr)
+                return
+        show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `fastrl` command. A user error prints `fastrl CMD: error: ...` (and a hint) to
     stderr and exits 2; `--debug` or `FASTRL_DEBUG=1` re-raises it with its traceback."""
@@ -999,12 +1158,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(COMMANDS)}\nsee `fastrl --help`", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
     try:
-        code = COMMANDS[command](rest)
+        with warnings.catch_warnings():  # restores the previous showwarning afterwards
+            warnings.showwarning = _one_line_warnings(command, warnings.showwarning)
+            code = COMMANDS[command](rest)
     except USER_ERRORS as e:
         if debug or _Running.active:
             raise
         print(f"fastrl {command}: error: {e}", file=sys.stderr)
-        hint = getattr(e, "hint", None)
+        hint = _negative_value_hint(str(e), rest) or getattr(e, "hint", None)
         print(f"hint: {hint}" if hint else "(run again with --debug for the traceback)",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from None

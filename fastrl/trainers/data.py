@@ -16,6 +16,9 @@ REFERENCE_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 #: pairs tokenized already
 REWARD_COLUMNS = ("chosen", "rejected")
 REWARD_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
+#: the columns that hold text (or chat messages) in the trainers' datasets: a CSV file's
+#: are read as strings, so that a column of numbers ("12", "007") stays text
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "answer")
 
 
 def check_data_file(path: str | os.PathLike) -> list[str] | None:
@@ -121,7 +124,8 @@ def _csv_columns(path: Path) -> list[str]:
 def load_data(data, *, split: str = "train"):
     """A `datasets.Dataset` from rows (`list[dict]`), columns (`dict[str, list]`), a
     Dataset/DatasetDict, a local .jsonl/.json/.csv/.parquet file, or a dataset saved with
-    `save_to_disk`."""
+    `save_to_disk`. A CSV file's `TEXT_COLUMNS` are read as strings (pandas would make a
+    column of numbers int64)."""
     import datasets
 
     if isinstance(data, datasets.DatasetDict):
@@ -140,9 +144,12 @@ def load_data(data, *, split: str = "train"):
         path = Path(data)
         if path.is_dir():
             return load_data(datasets.load_from_disk(str(path)), split=split)
-        check_data_file(path)
+        columns = check_data_file(path)
         fmt = _FORMATS[path.suffix.lower()]
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        kwargs = {}
+        if fmt == "csv":  # pandas would read a text column of numbers as int64 / float64
+            kwargs["converters"] = {c: str for c in columns or () if c in TEXT_COLUMNS}
+        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     raise TypeError(
         "data must be a list of dicts, a dict of lists, a datasets.Dataset or a file path, "
         f"got {type(data).__name__}"
@@ -150,11 +157,91 @@ def load_data(data, *, split: str = "train"):
 
 
 def require_columns(dataset, columns: tuple[str, ...], what: str) -> None:
+    """`dataset` has `columns` (ValueError naming `what` and the missing ones), and those
+    of them that are `TEXT_COLUMNS`, and a `prompt` wherever there is one, hold text
+    (`check_text_columns`): a wrong type fails here, when a trainer builds its dataset,
+    not at a later step."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(
             f"{what} needs columns {list(columns)}; missing {missing} in {dataset.column_names}"
         )
+    text = tuple(c for c in columns if c in TEXT_COLUMNS)
+    # a prompt the trainer does not require may be missing from a row (None: no prompt)
+    optional = () if "prompt" in columns else ("prompt",)
+    check_text_columns(dataset, text + optional, what, optional=optional)
+
+
+def _is_text(value) -> bool:
+    """A string, or a list of chat messages (dicts, `{"role": ..., "content": ...}`)."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(m, dict) for m in value)
+    )
+
+
+def _is_text_feature(feature) -> bool:
+    """A `datasets` feature whose every value is text: a string, or a list of messages."""
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    if isinstance(feature, datasets.List):
+        return isinstance(feature.feature, dict)
+    return isinstance(feature, list) and len(feature) == 1 and isinstance(feature[0], dict)
+
+
+def check_text_columns(
+    dataset, columns: tuple[str, ...], what: str, *, optional: tuple[str, ...] = ()
+) -> None:
+    """Each of `columns` that `dataset` has holds text: strings or lists of chat messages,
+    no nulls (None passes in the `optional` ones). Read from the column's type (no pass
+    over the data) unless it is at fault; then ValueError naming `what`, the column, the
+    first row at fault (counted from 0, as `dataset[i]`), its value and type. Anything but
+    a `datasets.Dataset` passes."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        return
+    for name in columns:
+        if name not in dataset.column_names:
+            continue
+        if _is_text_feature(dataset.features[name]) and (
+            name in optional or not dataset.data.column(name).null_count
+        ):
+            continue
+        for i, value in enumerate(dataset[name]):
+            if _is_text(value) or (value is None and name in optional):
+                continue
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:60] + "..."
+            hint = ""
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                hint = '; write text that looks like a number as a JSON string ("12", not 12)'
+            raise ValueError(
+                f"{what}: column {name!r} must hold strings or lists of chat messages; row "
+                f"{i} holds {shown} ({type(value).__name__}){hint}"
+            )
+
+
+def check_chat_template(dataset, tokenizer, what: str) -> None:
+    """Chat-message prompts need a tokenizer with a chat template to render them:
+    ValueError naming `what` and the first such row, when the trainer is built (the
+    rollout would fail at its first step)."""
+    import datasets
+
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return
+    if not isinstance(dataset, datasets.Dataset) or "prompt" not in dataset.column_names:
+        return
+    if isinstance(dataset.features["prompt"], datasets.Value):  # strings: no pass needed
+        return
+    for i, prompt in enumerate(dataset["prompt"]):
+        if isinstance(prompt, list):
+            raise ValueError(
+                f"{what}: the prompts are chat messages (row {i} of the dataset, --dataset), "
+                "but the tokenizer (--model's) has no chat_template to render them; give "
+                "plain-string prompts, or a model whose tokenizer has a chat template"
+            )
 
 
 def render_prompt(tokenizer, prompt, *, use_chat_template: bool = True) -> str:

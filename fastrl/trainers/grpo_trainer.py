@@ -68,7 +68,7 @@ from fastrl.integrations import lm_head
 # TRL's nanstd, the standard deviation group_advantages scales by: the logged one is the same
 from fastrl.ops.advantages.group import nanstd
 from fastrl.trainers.base import BaseTrainer
-from fastrl.trainers.data import load_data, require_columns
+from fastrl.trainers.data import check_chat_template, load_data, require_columns
 from fastrl.trainers.grpo_config import GRPOConfig
 from fastrl.trainers.model import (
     backbone_hidden_states,
@@ -248,14 +248,16 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     ):
         args = _checked_args(args)
         model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        train_dataset = _prompt_dataset(train_dataset)  # checked before the model loads
         tok = self._load_tokenizer(model, processing_class)
+        check_chat_template(train_dataset, tok, "GRPOTrainer")
         model = self._load_model(model, args)
         self._set_reward_funcs(reward_funcs, args.reward_weights)
         super().__init__(
             model,
             args,
             data_collator=_rows,
-            train_dataset=_prompt_dataset(train_dataset),
+            train_dataset=train_dataset,
             processing_class=tok,
             callbacks=callbacks,
             optimizers=optimizers,

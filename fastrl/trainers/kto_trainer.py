@@ -135,10 +135,20 @@ def _warn_on_unbalanced_weights(labels, args: KTOConfig) -> None:
     """TRL's warning: with unequal numbers of desirable (n_d) and undesirable (n_u)
     completions, the KTO paper's Eq. (8) asks for ``desirable_weight * n_d /
     (undesirable_weight * n_u)`` in [1, 4/3]; say which weights would do when neither is
-    in range."""
-    n_d = max(sum(bool(x) for x in labels), 1)
-    n_u = max(len(labels) - n_d, 1)
+    in range. With no completion on one side no weight balances them (TRL counts it as
+    one): that is said instead."""
+    n_d = sum(bool(x) for x in labels)
+    n_u = len(labels) - n_d
     if n_d == n_u:
+        return
+    if not (n_d and n_u):
+        side, label = ("undesirable", True) if n_u == 0 else ("desirable", False)
+        warnings.warn(
+            f"no {side} completions (every label is {label}) among {len(labels)}: only the "
+            f"{'desirable' if n_u == 0 else 'undesirable'} side of the KTO loss trains, and "
+            "--desirable_weight / --undesirable_weight cannot balance the two",
+            stacklevel=3,
+        )
         return
     d, u = args.desirable_weight, args.undesirable_weight
     d_range = (round(n_u * u / n_d, 2), round(n_u * u / n_d * 1.33, 2))

@@ -21,8 +21,10 @@ __all__ = [
     "check_choice",
     "check_model_options",
     "check_number",
+    "check_numbers",
     "check_policy_loss_options",
     "check_preference_loss_options",
+    "check_training_options",
     "flag_names",
     "preference_loss_options",
 ]
@@ -111,10 +113,84 @@ def check_model_options(args) -> None:
         raise ValueError(f"--load_in_4bit needs a CUDA device ({where})")
     if args.model_dtype is not None:
         check_choice("model_dtype", args.model_dtype, DTYPES)
-    check_number("max_memory_gb", args.max_memory_gb, low=0, low_open=True, optional=True)
-    check_number("lora_r", args.lora_r, low=1, integer=True)
-    check_number("lora_alpha", args.lora_alpha, low=0, low_open=True)
-    check_number("lora_dropout", args.lora_dropout, low=0, high=1, high_open=True)
+    check_numbers({name: getattr(args, name) for name in MODEL_NUMBERS}, MODEL_NUMBERS)
+    check_training_options({name: getattr(args, name) for name in TRAINING_OPTIONS})
+
+
+# ------------------------------------------------------------ number options, by config
+# The ranges of the number options the configs check with `check_numbers`, in one place:
+# each config checks its fields against its table, and the command line the values it is
+# given, before the slow imports (`fastrl.cli`). Torch-free.
+
+#: `ModelArguments` (every config)
+MODEL_NUMBERS: dict[str, dict] = {
+    "max_memory_gb": dict(low=0, low_open=True, optional=True),
+    "lora_r": dict(low=1, integer=True),
+    "lora_alpha": dict(low=0, low_open=True),
+    "lora_dropout": dict(low=0, high=1, high_open=True),
+}
+#: `PPOConfig`
+PPO_NUMBERS: dict[str, dict] = {
+    "num_ppo_epochs": dict(low=1, integer=True),
+    "num_mini_batches": dict(low=1, integer=True),
+    "kl_coef": dict(low=0),
+    "cliprange": dict(low=0, low_open=True),
+    "vf_coef": dict(low=0),
+    "cliprange_value": dict(low=0, low_open=True, optional=True),
+    "gamma": dict(low=0, high=1),
+    "lam": dict(low=0, high=1),
+    # subtracted from the score (TRL: "must be a positive value"): a negative one would
+    # reward the completions that run out of tokens
+    "missing_eos_penalty": dict(low=0, optional=True),
+    "stop_token_id": dict(low=0, integer=True, optional=True),
+    "value_head_std": dict(low=0, low_open=True, optional=True),
+    "max_completion_length": dict(low=1, integer=True),
+    "max_prompt_length": dict(low=1, integer=True, optional=True),
+    "temperature": dict(low=0, low_open=True),
+    "top_p": dict(low=0, high=1, low_open=True),
+    "top_k": dict(low=0, integer=True),
+    "min_p": dict(low=0, high=1, optional=True),
+    "repetition_penalty": dict(low=0, low_open=True),
+}
+#: `RewardConfig`
+REWARD_NUMBERS: dict[str, dict] = {
+    "max_length": dict(low=1, integer=True, optional=True),
+    "dataset_num_proc": dict(low=1, integer=True, optional=True),
+    "pad_to_multiple_of": dict(low=1, integer=True, optional=True),
+    "center_rewards_coefficient": dict(low=0, optional=True),
+}
+#: the tables of the commands whose configs check their options this way
+CONFIG_NUMBERS = {"ppo": PPO_NUMBERS, "rm": REWARD_NUMBERS}
+
+
+def check_numbers(values: Mapping[str, Any], rules: Mapping[str, dict]) -> None:
+    """`check_number` on each of `values` (a config's fields, or the command line's
+    values, by name) that `rules` has, with its bounds, in the rules' order."""
+    for name, bounds in rules.items():
+        if name in values:
+            check_number(name, values[name], **bounds)
+
+
+#: the inherited `TrainingArguments` options `check_training_options` checks
+TRAINING_OPTIONS = ("learning_rate", "label_smoothing_factor")
+
+
+def check_training_options(values: Mapping[str, Any]) -> None:
+    """The inherited `TrainingArguments` options every fastrl trainer reads the same way,
+    among `values` (a config's fields, or what the command line parsed, by name):
+    `learning_rate` > 0 (torch's optimizers refuse a negative one only when the trainer
+    builds them; 0 trains nothing), and `label_smoothing_factor` refused unless 0: it
+    smooths `Trainer`'s own cross-entropy, which no fastrl loss is, so it would be
+    silently ignored. Torch-free, for the command line's early checks."""
+    if "learning_rate" in values:
+        check_number("learning_rate", values["learning_rate"], low=0, low_open=True)
+    smoothing = values.get("label_smoothing_factor", 0)
+    if smoothing != 0:
+        raise ValueError(
+            f"--label_smoothing_factor {_show(smoothing)} is not supported: it smooths "
+            "transformers.Trainer's own cross-entropy loss, which no fastrl trainer uses "
+            "(DPO's label smoothing, cDPO, is --label_smoothing); leave it at 0"
+        )
 
 
 # ------------------------------------------------------------- the loss options as flags

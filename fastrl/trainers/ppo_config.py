@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from fastrl.trainers.model import ModelArguments
-from fastrl.trainers.options import check_choice, check_number
+from fastrl.trainers.options import PPO_NUMBERS, check_choice, check_number, check_numbers
 
 #: TRL PPOConfig's `kl_estimator`s: k1 = log pi - log pi_ref, k3 = (r - 1) - log r
 KL_ESTIMATORS = ("k1", "k3")
@@ -49,7 +49,7 @@ class PPOConfig(ModelArguments, TrainingArguments):
         kl_estimator ("k1" | "k3"), cliprange (0.2, the policy ratio's clip), vf_coef (0.1,
         the value loss's weight), cliprange_value (0.2; None: no value clipping), gamma
         (1.0), lam (0.95), whiten_rewards (False: TRL whitens the per-token rewards, mean
-        kept), missing_eos_penalty (None: subtracted from the score of a completion that
+        kept), missing_eos_penalty (None; >= 0, subtracted from the score of a completion that
         ends without EOS), stop_token ("eos" only: a completion ends at its first EOS),
         stop_token_id (an extra id that ends a completion). fastrl's: whiten_advantages
         (True, as TRL and OpenRLHF always do: `fastrl.masked_whiten` over the rollout,
@@ -97,7 +97,7 @@ class PPOConfig(ModelArguments, TrainingArguments):
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten the advantages."})
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score without EOS."}
+        default=None, metadata={"help": "Subtracted (>= 0) from the score without EOS."}
     )
     stop_token: str = field(default="eos", metadata={"help": "eos (a completion ends at EOS)."})
     stop_token_id: int | None = field(
@@ -151,37 +151,19 @@ class PPOConfig(ModelArguments, TrainingArguments):
         return self.mini_batch_size * self.num_mini_batches
 
     def _check_options(self) -> None:
-        """Every PPO option, each message naming the flag, the value and what is allowed."""
-        check_number("num_ppo_epochs", self.num_ppo_epochs, low=1, integer=True)
-        check_number("num_mini_batches", self.num_mini_batches, low=1, integer=True)
-        check_number("kl_coef", self.kl_coef, low=0)
+        """Every PPO option, each message naming the flag, the value and what is allowed
+        (the number options' ranges: `fastrl.trainers.options.PPO_NUMBERS`)."""
+        check_numbers({name: getattr(self, name) for name in PPO_NUMBERS}, PPO_NUMBERS)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        check_number("cliprange", self.cliprange, low=0, low_open=True)
-        check_number("vf_coef", self.vf_coef, low=0)
-        check_number("cliprange_value", self.cliprange_value, low=0, low_open=True, optional=True)
-        check_number("gamma", self.gamma, low=0, high=1)
-        check_number("lam", self.lam, low=0, high=1)
-        check_number("missing_eos_penalty", self.missing_eos_penalty, optional=True)
         if self.stop_token is None:
             raise ValueError(
                 "--stop_token None is not supported: a completion always ends at its first "
                 "EOS token (TRL's stop_token 'eos'); use --stop_token eos"
             )
         check_choice("stop_token", self.stop_token, STOP_TOKENS)
-        check_number("stop_token_id", self.stop_token_id, low=0, integer=True, optional=True)
-        check_number("value_head_std", self.value_head_std, low=0, low_open=True, optional=True)
         if self.reward_weights is not None:
             for w in self.reward_weights:
                 check_number("reward_weights", w)
-        check_number("max_completion_length", self.max_completion_length, low=1, integer=True)
-        check_number(
-            "max_prompt_length", self.max_prompt_length, low=1, integer=True, optional=True
-        )
-        check_number("temperature", self.temperature, low=0, low_open=True)
-        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
-        check_number("top_k", self.top_k, low=0, integer=True)
-        check_number("min_p", self.min_p, low=0, high=1, optional=True)
-        check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
         self.check_model_arguments()
         if self.auto_find_batch_size:
             raise ValueError(

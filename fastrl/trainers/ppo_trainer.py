@@ -70,7 +70,7 @@ from fastrl import policy_loss as ppo_policy_loss
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import gathered_weight, is_sharded, lm_head
 from fastrl.trainers.base import BaseTrainer
-from fastrl.trainers.data import load_data, require_columns
+from fastrl.trainers.data import check_chat_template, load_data, require_columns
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler
 from fastrl.trainers.model import (
     completion_positions,
@@ -188,6 +188,22 @@ def load_value_head(model: torch.nn.Module, directory: str | os.PathLike) -> tor
     return head
 
 
+def _check_rollout_size(dataset, args: PPOConfig, processes: int | None = None) -> None:
+    """One rollout takes `args.rollout_batch_size` prompts on each of the `processes`
+    (default `args.world_size`): a smaller dataset is refused, naming the flags."""
+    world = args.world_size if processes is None else processes
+    need = args.rollout_batch_size * world
+    if len(dataset) < need:
+        procs = f" x {world} processes" if world > 1 else ""
+        raise ValueError(
+            f"the dataset (--dataset) has {len(dataset)} prompts, fewer than one PPO rollout "
+            f"takes: --per_device_train_batch_size {args.per_device_train_batch_size} x "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x "
+            f"--num_mini_batches {args.num_mini_batches}{procs} = {need}; lower these or "
+            "give more prompts"
+        )
+
+
 def _rows(batch):
     return batch
 
@@ -299,7 +315,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             raise ValueError("PPOTrainer needs a train_dataset with a 'prompt' column")
         train_dataset = load_data(train_dataset)
         require_columns(train_dataset, ("prompt",), "PPOTrainer")
+        _check_rollout_size(train_dataset, args)
         tok = self._load_tokenizer(model, processing_class)
+        check_chat_template(train_dataset, tok, "PPOTrainer")
         model = self._load_model(model, args)
         add_value_head(model, args.value_head_std)  # before the optimizer is built
         self._set_reward_funcs(reward_funcs, args.reward_weights)
@@ -350,13 +368,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
             raise ValueError("PPOTrainer needs a map-style dataset (datasets.Dataset)")
-        n, world = self.args.rollout_batch_size, self.accelerator.num_processes
-        if len(self.train_dataset) < n * world:
-            raise ValueError(
-                f"the dataset has {len(self.train_dataset)} prompts, fewer than one rollout "
-                f"needs (per_device_train_batch_size x gradient_accumulation_steps x "
-                f"num_mini_batches x processes = {n} x {world})"
-            )
+        _check_rollout_size(self.train_dataset, self.args, self.accelerator.num_processes)
+        n = self.args.rollout_batch_size
         return self._get_dataloader(
             dataset=self.train_dataset,
             description="Training",

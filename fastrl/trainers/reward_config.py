@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from fastrl.trainers.config_fields import OfflineTrainingArguments
 from fastrl.trainers.model import ModelArguments
-from fastrl.trainers.options import check_number
+from fastrl.trainers.options import REWARD_NUMBERS, check_numbers
 
 
 @dataclass
@@ -70,12 +70,8 @@ class RewardConfig(OfflineTrainingArguments, ModelArguments, TrainingArguments):
 
     def _check_options(self) -> None:
         """Every reward option, each message naming the flag, the value and what is
-        allowed."""
-        for name in ("max_length", "dataset_num_proc", "pad_to_multiple_of"):
-            check_number(name, getattr(self, name), low=1, integer=True, optional=True)
-        check_number(
-            "center_rewards_coefficient", self.center_rewards_coefficient, low=0, optional=True
-        )
+        allowed (the number options' ranges: `fastrl.trainers.options.REWARD_NUMBERS`)."""
+        check_numbers({name: getattr(self, name) for name in REWARD_NUMBERS}, REWARD_NUMBERS)
         if self.kernel_impl != "auto":
             raise ValueError(
                 f"--kernel_impl {self.kernel_impl!r} has no effect on a reward model (it has "

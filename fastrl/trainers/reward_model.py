@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -33,7 +34,35 @@ from fastrl.trainers.model import (
     pretrained_kwargs,
 )
 
-__all__ = ["last_token_index", "load_reward_model", "score_head", "sequence_rewards"]
+__all__ = [
+    "last_token_index",
+    "load_reward_model",
+    "quiet_load_report",
+    "score_head",
+    "sequence_rewards",
+]
+
+#: the names transformers' sequence-classification models give their head
+SCORE_HEADS = ("score", "classifier")
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """transformers' weight-loading reports off (warnings of its loggers: a missing score
+    head, the "layers not sharded" of a model's tensor-parallel plan): the callers read
+    the loading info themselves and say what is wrong, in one line."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [hf_logging.get_logger(f"transformers.{name}")
+               for name in ("modeling_utils", "distributed.tensor_parallel")]  # fmt: skip
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _check_seq_cls(model) -> None:
@@ -80,9 +109,19 @@ def load_reward_model(
     if isinstance(model, (str, os.PathLike)):
         kwargs = pretrained_kwargs(dtype, attn_implementation, load_in_4bit)
         local = os.path.isdir(model)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model, local_files_only=local, num_labels=1, **kwargs
-        )
+        # a causal LM's checkpoint has no score head: transformers' report of it missing
+        # is what is meant here (a new head), so only other missing weights are said
+        with quiet_load_report():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model, local_files_only=local, num_labels=1, output_loading_info=True, **kwargs
+            )
+        missing = [k for k in info.get("missing_keys") or () if k.split(".")[0] not in SCORE_HEADS]
+        if missing:
+            warnings.warn(
+                f"weights missing from the checkpoint, initialised at random: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}",
+                stacklevel=2,
+            )
     else:
         model = model_object(model, load_in_4bit=load_in_4bit, dtype=dtype)
     _check_seq_cls(model)

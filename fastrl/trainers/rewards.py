@@ -26,7 +26,9 @@ any of them with clear errors.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -37,6 +39,7 @@ __all__ = [
     "ANSWER_FORMAT",
     "answers_equal",
     "call_reward",
+    "check_reward_model_dir",
     "completion_text",
     "digit_match_answer",
     "exact_match_answer",
@@ -382,6 +385,63 @@ def length_penalty(
 # ---------------------------------------------------------------------- call_reward
 
 
+_TRAIN_ONE = "train a reward model with `fastrl rm --model BASE --dataset PAIRS`"
+
+
+def check_reward_model_dir(path: str) -> dict | None:
+    """What can be told of the directory `path` as a reward model from its JSON files
+    alone (no torch): a peft adapter of task type ``SEQ_CLS`` (a causal-LM adapter, what
+    `fastrl grpo|dpo|kto|ppo` save, has no score head), or a full checkpoint whose
+    ``config.json`` names a ``*ForSequenceClassification`` architecture (a causal LM
+    loaded as one gets a random score head). Returns the adapter's config (None for a
+    full checkpoint); ValueError naming `path` and saying to train one otherwise."""
+    adapter = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter):
+        with open(adapter, encoding="utf-8") as f:
+            config = json.load(f)
+        task_type = config.get("task_type")
+        if task_type != "SEQ_CLS":
+            raise ValueError(
+                f"reward model {path!r}: the adapter's task_type is {task_type!r} (a policy "
+                "adapter, as `fastrl grpo|dpo|kto|ppo` save), not a reward model's "
+                f"'SEQ_CLS'; {_TRAIN_ONE}"
+            )
+        return config
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"reward model {path!r}: neither an adapter (adapter_config.json) nor a "
+            "checkpoint (config.json)"
+        )
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(
+            f"reward model {path!r} is a {'/'.join(architectures) or 'model'} checkpoint, "
+            "not a *ForSequenceClassification reward model: its score head would be "
+            f"random; {_TRAIN_ONE}"
+        )
+    return None
+
+
+def _check_adapter_has_head(path: str) -> None:
+    """The adapter's weights hold the score head (peft saves it with a SEQ_CLS adapter)."""
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        return  # a .bin adapter: peft reports what it lacks
+    from safetensors import safe_open
+
+    from fastrl.trainers.reward_model import SCORE_HEADS
+
+    with safe_open(weights, "pt") as f:
+        keys = list(f.keys())
+    if not any(f".{head}." in key for key in keys for head in SCORE_HEADS):
+        raise ValueError(
+            f"reward model {path!r}: the adapter holds no score head "
+            f"({'/'.join(SCORE_HEADS)} weights), so its scores would be random; "
+            f"{_TRAIN_ONE}"
+        )
+
+
 class RewardModel:
     """A trained reward model as a GRPO reward function: ``fn(prompts, completions,
     **columns) -> list[float]``, one score per completion, batched, under
@@ -418,13 +478,11 @@ class RewardModel:
         dtype=None,
         name: str | None = None,
     ):
-        import json
-        import os
-
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from fastrl.trainers.model import default_dtype
+        from fastrl.trainers.reward_model import quiet_load_report
 
         if not os.path.isdir(path):
             raise ValueError(f"reward model {path!r}: not a directory")
@@ -434,31 +492,39 @@ class RewardModel:
             raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
         dtype = dtype or default_dtype()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        adapter = os.path.join(path, "adapter_config.json")
-        if os.path.isfile(adapter):
+        adapter_config = check_reward_model_dir(path)
+        if adapter_config is not None:
             from peft import PeftModel
 
+            _check_adapter_has_head(path)
             if base_model is None:
-                with open(adapter, encoding="utf-8") as f:
-                    base_model = json.load(f).get("base_model_name_or_path")
+                base_model = adapter_config.get("base_model_name_or_path")
             if not base_model:
                 raise ValueError(
                     f"reward model {path!r}: the adapter does not record its base model; "
                     "pass base_model"
                 )
-            base = AutoModelForSequenceClassification.from_pretrained(
-                base_model, num_labels=1, dtype=dtype, local_files_only=os.path.isdir(base_model)
-            )
-            model = PeftModel.from_pretrained(base, path)
-        elif os.path.isfile(os.path.join(path, "config.json")):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, local_files_only=True
-            )
+            # the base has no score head: transformers reports it missing, and the
+            # adapter (checked above to hold it) restores it, so the report is muted
+            with quiet_load_report():
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    base_model, num_labels=1, dtype=dtype,
+                    local_files_only=os.path.isdir(base_model),
+                )  # fmt: skip
+                model = PeftModel.from_pretrained(base, path)
         else:
-            raise ValueError(
-                f"reward model {path!r}: neither an adapter (adapter_config.json) nor a "
-                "checkpoint (config.json)"
-            )
+            with quiet_load_report():
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=dtype, local_files_only=True,
+                    output_loading_info=True,
+                )  # fmt: skip
+            missing = sorted(info.get("missing_keys") or ())
+            if missing:
+                raise ValueError(
+                    f"reward model {path!r}: the checkpoint lacks {missing[:3]}"
+                    f"{' ...' if len(missing) > 3 else ''}, which would start random; "
+                    f"{_TRAIN_ONE}"
+                )
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -441,3 +441,168 @@ def test_out_of_memory_is_one_message_with_one_piece_of_advice(monkeypatch, caps
     assert code == 1 and "Traceback" not in err
     assert err.startswith("fastrl grpo: error: out of memory in a GRPO step")
     assert ("hint:" in err) is not advised
+
+
+# The mistakes a new user's walk through `fastrl rm|kto|ppo` (and grpo/dpo) found: each one
+# line, exit 2, naming the flag and the value, before any model loads.
+
+
+def _walk_cases(tmp_path):
+    """(name, argv tail, texts the message names) per mistake; paths under `tmp_path`."""
+    causal = tmp_path / "causal-lm"
+    causal.mkdir()
+    (causal / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    policy = tmp_path / "kto-out"
+    policy.mkdir()
+    (policy / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM"}))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    out = str(tmp_path / "out")
+    return {
+        "rm_causal_lm": ("ppo", ["--reward", f"reward_model:{causal}"],
+                         ["--reward", "LlamaForCausalLM", "fastrl rm"]),
+        "rm_policy_adapter": ("grpo", ["--reward", f"reward_model:{policy}"],
+                              ["--reward", "task_type is 'CAUSAL_LM'", "fastrl rm"]),
+        "rm_missing": ("ppo", ["--reward", f"reward_model:{tmp_path / 'none'}"],
+                       ["--reward", "not found"]),
+        "reward_file_missing": ("grpo", ["--reward", "nope.py:score"], ["nope.py", "not found"]),
+        "resume_missing": ("rm", ["--output_dir", out, "--resume_from_checkpoint", "ckpt-3"],
+                           ["--resume_from_checkpoint ckpt-3", "checkpoint-3"]),
+        "output_dir_file": ("kto", ["--output_dir", str(tmp_path / "afile")],
+                            ["--output_dir", "afile", "is a file"]),
+        "lr_negative": ("rm", ["--learning_rate", "-1"], ["--learning_rate must be > 0", "-1"]),
+        "lr_zero": ("dpo", ["--learning_rate=0"], ["--learning_rate must be > 0", "got 0"]),
+        "lr_dash_value": ("ppo", ["--learning_rate", "-1e-5"],
+                          ["--learning_rate", "write --learning_rate=-1e-5"]),
+        "label_smoothing_rm": ("rm", ["--label_smoothing_factor", "0.1"],
+                               ["--label_smoothing_factor 0.1 is not supported"]),
+        "label_smoothing_kto": ("kto", ["--label_smoothing_factor", "0.1"],
+                                ["--label_smoothing_factor"]),
+        "label_smoothing_ppo": ("ppo", ["--label_smoothing_factor", "0.2"],
+                                ["--label_smoothing_factor 0.2"]),
+        "label_smoothing_grpo": ("grpo", ["--label_smoothing_factor", "0.1"],
+                                 ["--label_smoothing_factor"]),
+        "label_smoothing_dpo": ("dpo", ["--label_smoothing_factor", "0.1"],
+                                ["--label_smoothing_factor", "--label_smoothing"]),
+        "ppo_num_generations": ("ppo", ["--num_generations", "4"],
+                                ["--num_generations", "one completion per prompt"]),
+        "ppo_beta": ("ppo", ["--beta", "0.1"], ["--beta", "--kl_coef"]),
+        "ppo_missing_eos_penalty": ("ppo", ["--missing_eos_penalty", "-1"],
+                                    ["--missing_eos_penalty must be >= 0", "-1"]),
+    }  # fmt: skip
+
+
+WALK = ["rm_causal_lm", "rm_policy_adapter", "rm_missing", "reward_file_missing",
+        "resume_missing", "output_dir_file", "lr_negative", "lr_zero", "lr_dash_value",
+        "label_smoothing_rm", "label_smoothing_kto", "label_smoothing_ppo",
+        "label_smoothing_grpo", "label_smoothing_dpo", "ppo_num_generations", "ppo_beta",
+        "ppo_missing_eos_penalty"]  # fmt: skip
+
+
+def _data_for(command, tmp_path):
+    rows = {"grpo": {"prompt": "1+1=", "answer": "2"}, "ppo": {"prompt": "1+1=", "answer": "2"},
+            "dpo": {"prompt": "a", "chosen": "b", "rejected": "c"},
+            "rm": {"prompt": "a", "chosen": "b", "rejected": "c"},
+            "kto": {"prompt": "a", "completion": "b", "label": True}}  # fmt: skip
+    path = tmp_path / f"{command}.jsonl"
+    path.write_text((json.dumps(rows[command]) + "\n") * 4)
+    return path
+
+
+@pytest.mark.parametrize("case", WALK)
+def test_walk_mistakes_are_one_line(capsys, tmp_path, ckpt, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    command, extra, named = _walk_cases(tmp_path)[case]
+    data = _data_for(command, tmp_path)
+    code, err = run_main(capsys, command, "--model", str(ckpt), "--dataset", str(data),
+                         "--use_cpu", "true", *extra)  # fmt: skip
+    assert_user_error(code, err, *named)
+
+
+def test_ppo_missing_prompts_names_the_command(capsys, tmp_path, ckpt):
+    rows = tmp_path / "q.jsonl"
+    rows.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    code, err = run_main(capsys, "ppo", "--model", str(ckpt), "--dataset", str(rows))
+    assert_user_error(code, err, "every PPO dataset needs the prompts")
+    assert "GRPO" not in err
+
+
+def test_no_flag_help_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["ppo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no_whiten_advantages, --no-whiten-advantages Set --whiten_advantages to False." in out
+
+
+def test_fastrl_warnings_print_in_one_line(capsys, monkeypatch):
+    import warnings
+
+    from fastrl.trainers.kto_trainer import _warn_on_unbalanced_weights
+
+    weights = types.SimpleNamespace(desirable_weight=1.0, undesirable_weight=1.0)
+
+    def command(argv):
+        _warn_on_unbalanced_weights([True] * 4, weights)  # a fastrl warning, as KTO's
+        warnings.warn("from elsewhere", FutureWarning, stacklevel=1)  # not fastrl's
+
+    monkeypatch.setitem(cli.COMMANDS, "kto", command)
+    with pytest.warns(FutureWarning, match="from elsewhere"):  # passed on as it was
+        assert cli.main(["kto"]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        "fastrl kto: warning: no undesirable completions (every label is True) among 4: only "
+        "the desirable side of the KTO loss trains, and --desirable_weight / "
+        "--undesirable_weight cannot balance the two\n"
+    )
+
+
+_NUMBER_CASES = [
+    ("ppo", []),
+    ("ppo", ["--kl_coef", "-0.1"]),
+    ("ppo", ["--gamma", "1.5"]),
+    ("ppo", ["--lam", "2"]),
+    ("ppo", ["--num_ppo_epochs", "0"]),
+    ("ppo", ["--max_completion_length", "0"]),
+    ("ppo", ["--missing_eos_penalty", "-1"]),
+    ("ppo", ["--lora_r", "0"]),
+    ("rm", []),
+    ("rm", ["--max_length", "0"]),
+    ("rm", ["--lora_dropout", "1.5"]),
+    ("kto", ["--lora_r", "0"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"), _NUMBER_CASES, ids=[f"{c}:{' '.join(e) or '-'}" for c, e in _NUMBER_CASES]
+)
+def test_number_prechecks_say_what_the_config_says(tmp_path, ckpt, data, command, extra):
+    # rm / ppo / LoRA ranges before the slow imports: the configs' own table and function
+    from fastrl.trainers import KTOConfig, PPOConfig, RewardConfig
+
+    script = {"ppo": cli.GRPOScriptArguments, "rm": cli.RMScriptArguments,
+              "kto": cli.KTOScriptArguments}[command]  # fmt: skip
+    config = {"ppo": PPOConfig, "rm": RewardConfig, "kto": KTOConfig}[command]
+    argv = ["--model", str(ckpt), "--dataset", str(data), "--use_cpu", "true",
+            "--output_dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    early = full = None
+    try:
+        cli._check_config_numbers(command, cli._prescan(command, script, argv))
+    except ValueError as e:
+        early = str(e)
+    try:
+        cli._parse((script, config), argv, command)
+    except ValueError as e:
+        full = str(e)
+    assert early == full, (early, full)
+    assert (early is None) == (not extra)
+
+
+def test_a_bad_ppo_value_fails_without_importing_torch(tmp_path, ckpt, data):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, "ppo", "--model", str(ckpt), "--dataset",
+         str(data), "--kl_coef", "-0.1"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
+    assert_user_error(2, run.stderr, "--kl_coef must be >= 0, got -0.1")

@@ -191,3 +191,95 @@ def test_advantage_choices_are_the_ops():
 
     assert grpo.SCALES is advantages.SCALES is fastrl.ops.advantages.group.SCALES
     assert grpo.AGGREGATIONS is advantages.AGGREGATIONS
+
+
+# ------------------------------------------- what every config checks alike (and PPO's)
+
+
+def _config(name: str, tmp_path, **kw):
+    from fastrl.trainers import KTOConfig, PPOConfig, RewardConfig
+
+    classes = {"grpo": GRPOConfig, "dpo": DPOConfig, "kto": KTOConfig, "rm": RewardConfig,
+               "ppo": PPOConfig}  # fmt: skip
+    extra = GRPO_OK if name == "grpo" else {"use_cpu": True}
+    return classes[name](str(tmp_path), **{**extra, **kw})
+
+
+COMMANDS = ["grpo", "dpo", "kto", "rm", "ppo"]
+TRAINING_BAD = [
+    (dict(learning_rate=-1e-5), r"--learning_rate must be > 0, got -1e-05"),
+    (dict(learning_rate=0.0), r"--learning_rate must be > 0, got 0.0"),
+    # Trainer's own label smoothing: no fastrl loss reads it (DPO's is --label_smoothing)
+    (dict(label_smoothing_factor=0.1), r"--label_smoothing_factor 0.1 is not supported.*--label_smoothing"),  # noqa: E501
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("kw,match", TRAINING_BAD, ids=["lr<0", "lr=0", "label_smoothing"])
+def test_every_config_refuses_what_its_trainer_would_ignore_or_fail_on(
+    tmp_path, command, kw, match
+):
+    with pytest.raises(ValueError, match=match):
+        _config(command, tmp_path, **kw)
+
+
+def test_ppo_missing_eos_penalty_is_subtracted_so_it_is_not_negative(tmp_path):
+    with pytest.raises(ValueError, match=r"--missing_eos_penalty must be >= 0 or None, got -1"):
+        _config("ppo", tmp_path, missing_eos_penalty=-1.0)
+    assert _config("ppo", tmp_path, missing_eos_penalty=0.0).missing_eos_penalty == 0.0
+
+
+# ------------------------------------------------ datasets, checked when a trainer builds one
+
+
+def test_text_columns_must_hold_text():
+    from fastrl.trainers.data import load_data, require_columns
+
+    pairs = ("prompt", "chosen", "rejected")
+    with pytest.raises(ValueError, match=r"DPO: column 'chosen' .* row 0 holds 7 \(int\)"):
+        require_columns(load_data({"prompt": ["a"], "chosen": [7], "rejected": ["c"]}), pairs,
+                        "DPO")  # fmt: skip
+    with pytest.raises(ValueError, match=r"column 'prompt' .* row 1 holds None"):
+        require_columns(load_data({"prompt": ["a", None]}), ("prompt",), "PPOTrainer")
+    # an optional prompt (reward pairs) may be None; a present one must still be text
+    require_columns(load_data({"prompt": [None, "a"], "chosen": ["b", "b"],
+                               "rejected": ["c", "c"]}), ("chosen", "rejected"), "rm")  # fmt: skip
+    with pytest.raises(ValueError, match=r"column 'prompt' .* row 0 holds 5 \(int\)"):
+        require_columns(load_data({"prompt": [5], "chosen": ["b"], "rejected": ["c"]}),
+                        ("chosen", "rejected"), "rm")  # fmt: skip
+    # chat messages and the non-text columns (an int answer, a bool label) pass
+    chat = [{"role": "user", "content": "1+1="}]
+    require_columns(load_data([{"prompt": chat, "answer": 2}]), ("prompt",), "GRPOTrainer")
+
+
+def test_csv_text_columns_are_read_as_strings(tmp_path):
+    from fastrl.trainers.data import load_data, require_columns
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected,margin\n12,007,3,0.5\n")
+    data = load_data(path)
+    assert data[0] == {"prompt": "12", "chosen": "007", "rejected": "3", "margin": 0.5}
+    require_columns(data, ("chosen", "rejected"), "rm")
+
+
+def _tiny_ppo(tmp_path, data, tok=None, **kw):
+    from fastrl.demo.task import build_tiny_model, build_tiny_tokenizer
+    from fastrl.trainers import PPOConfig, PPOTrainer
+
+    tok = tok or build_tiny_tokenizer()
+    args = PPOConfig(str(tmp_path), use_cpu=True, report_to="none", **kw)
+    return PPOTrainer(build_tiny_model(tok, "test"), lambda prompts, completions, **c: [0.0],
+                      args=args, train_dataset=data, processing_class=tok)  # fmt: skip
+
+
+def test_ppo_refuses_at_init_what_would_fail_at_the_first_rollout(tmp_path):
+    with pytest.raises(ValueError, match=r"has 3 prompts, fewer than one PPO rollout takes: "
+                       r"--per_device_train_batch_size 2 x --gradient_accumulation_steps 1 x "
+                       r"--num_mini_batches 2 = 4"):  # fmt: skip
+        _tiny_ppo(tmp_path, [{"prompt": "a"}] * 3, per_device_train_batch_size=2,
+                  num_mini_batches=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"PPOTrainer: column 'prompt' .* row 0 holds 5"):
+        _tiny_ppo(tmp_path, [{"prompt": 5}] * 8, per_device_train_batch_size=2)
+    chat = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=r"chat messages \(row 0 .*no chat_template"):
+        _tiny_ppo(tmp_path, [{"prompt": chat}] * 8, per_device_train_batch_size=2)

@@ -252,9 +252,9 @@ def test_bad_trainer_inputs(tmp_path):
     with pytest.raises(TypeError, match="PPOConfig"):
         PPOTrainer(build_tiny_model(build_tiny_tokenizer(), "test"), letter_share,
                    args=object(), train_dataset=[{"prompt": "a"}])  # fmt: skip
-    trainer = _trainer(tmp_path, per_device_train_batch_size=4)  # 8 prompts needed, 4 given
-    with pytest.raises(ValueError, match="fewer than one rollout"):
-        trainer.train()
+    # 8 prompts needed, 4 given: refused when the trainer is built, naming the flags
+    with pytest.raises(ValueError, match="fewer than one PPO rollout.*--num_mini_batches 2"):
+        _trainer(tmp_path, per_device_train_batch_size=4)
     none_reward = _trainer(
         tmp_path, reward_funcs=lambda prompts, completions, **kw: [None] * len(completions)
     )

@@ -248,3 +248,83 @@ def test_call_reward_exception_only_in_batch():
         RuntimeError, match=r"(?s)'batch_only' raised KeyError.*batch of 2.*prompt: +p0"
     ):
         call_reward(BatchOnly(), ["p0", "p1"], ["c0", "c1"])
+
+
+# ---------------------------------------------------------------------- RewardModel
+
+
+def test_reward_model_refuses_what_is_not_one(tmp_path):
+    """A causal-LM checkpoint or a policy adapter would score with a random head: refused
+    from their JSON files, before anything loads, saying to train one with `fastrl rm`."""
+    import json
+
+    from fastrl.trainers.rewards import RewardModel, check_reward_model_dir
+
+    causal = tmp_path / "causal"
+    causal.mkdir()
+    (causal / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"is a LlamaForCausalLM checkpoint, not a "
+                       r"\*ForSequenceClassification .*`fastrl rm"):  # fmt: skip
+        RewardModel(str(causal))
+    policy = tmp_path / "kto-adapter"
+    policy.mkdir()
+    (policy / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM"}))
+    with pytest.raises(ValueError, match=r"task_type is 'CAUSAL_LM' .*'SEQ_CLS'.*`fastrl rm"):
+        RewardModel(str(policy))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither an adapter"):
+        check_reward_model_dir(str(tmp_path / "empty"))
+
+
+def test_reward_model_refuses_a_checkpoint_or_adapter_without_its_head(tmp_path, capfd):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fastrl.trainers.rewards import RewardModel
+    from tests.support.cli import save_tiny_checkpoint
+
+    # a classifier's config over a causal LM's weights: the loading info says the score
+    # head is missing (transformers' own multi-line report of it is muted)
+    path = save_tiny_checkpoint(tmp_path / "relabelled")
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lacks \['score.weight'\], which would start random"):
+        RewardModel(str(path), dtype=torch.float32)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS"}))
+    save_file({"base_model.model.model.layers.0.q.lora_A.weight": torch.zeros(1, 1)},
+              str(adapter / "adapter_model.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match="the adapter holds no score head"):
+        RewardModel(str(adapter))
+
+
+def test_reward_model_loads_a_fastrl_rm_adapter_without_the_missing_head_report(tmp_path, capfd):
+    """The base of a `fastrl rm` adapter has no score head: transformers would report it
+    missing although the adapter restores it; the report is muted, the scores are the
+    adapter's."""
+    import torch
+
+    from fastrl.demo.task import build_tiny_tokenizer
+    from fastrl.trainers.reward_model import load_reward_model, sequence_rewards
+    from fastrl.trainers.rewards import RewardModel
+    from tests.support.cli import save_tiny_checkpoint
+
+    base = save_tiny_checkpoint(tmp_path / "base")
+    model = load_reward_model(str(base), dtype=torch.float32, gradient_checkpointing=False)
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.normal_()
+    model.save_pretrained(tmp_path / "rm")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "rm")
+    capfd.readouterr()
+    rm = RewardModel(str(tmp_path / "rm"), dtype=torch.float32)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    ids = rm.tokenizer("1+1=2" + rm.tokenizer.eos_token)["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        expected = sequence_rewards(model, torch.tensor([ids]), torch.ones(1, len(ids)))
+    torch.testing.assert_close(torch.tensor(rm(["1+1="], ["2"])), expected.float())
