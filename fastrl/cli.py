@@ -1133,6 +1133,23 @@ def _one_line_warnings(command: str, show):
     return showwarning
 
 
+def _cpu_accelerator_notice(record) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """On a machine without NVIDIA GPUs, drop the warning DeepSpeed logs when it is imported
+    (transformers and accelerate import it where it is installed): "Setting accelerator to
+    CPU ..." is what a CPU run expects, and it would stand on every command's stdout."""
+    import logging
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        logger = logging.getLogger("DeepSpeed")
+        if _cpu_accelerator_notice not in logger.filters:
+            logger.addFilter(_cpu_accelerator_notice)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `fastrl` command. A user error prints `fastrl CMD: error: ...` (and a hint) to
     stderr and exits 2; `--debug` or `FASTRL_DEBUG=1` re-raises it with its traceback."""
@@ -1157,6 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastrl: error: unknown command {command!r}; use one of "
               f"{', '.join(COMMANDS)}\nsee `fastrl --help`", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
+    _quiet_deepspeed_on_cpu()
     try:
         with warnings.catch_warnings():  # restores the previous showwarning afterwards
             warnings.showwarning = _one_line_warnings(command, warnings.showwarning)

@@ -13,8 +13,6 @@ GRPO policy DPO starts from), so `peft.AutoPeftModelForCausalLM.from_pretrained(
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,23 +100,6 @@ def preference_data(cfg: dict, seed: int) -> tuple:
     return train, held_out
 
 
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No weight-loading bar and no transformers load report while a reward model loads:
-    the report lists the score head that a causal-LM checkpoint lacks, which is expected
-    (`RewardTrainer` adds it fresh; `RewardModel` then loads the trained one from the
-    adapter, after the report has called it missing)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with no_progress_bars():
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 # The reward-model stage's options. Measured on the demo's SFT model (seed 0; 150 steps
 # of 32 pairs from 4800, 300 held-out pairs; untrained head 51.7%): lr 1e-3 reached 68.3%
 # held-out pairwise accuracy, 5e-4 66.7%, 1.5e-3 66.0%, 2e-3 and 3e-3 stalled at 54%
@@ -168,7 +149,7 @@ def train_reward_model(
         "activation_checkpointing": False, "use_cpu": not torch.cuda.is_available(),
         **options,
     })  # fmt: skip
-    with _quiet_loading():
+    with no_progress_bars():  # the weight-loading bars
         trainer = RewardTrainer(
             str(base_model), args, train_dataset=pairs, eval_dataset=held_out,
             processing_class=tokenizer,
@@ -177,7 +158,7 @@ def train_reward_model(
     trainer.train()
     after = trainer.evaluate()
     path = out / "reward_adapter"
-    with _quiet_loading():
+    with no_progress_bars():  # the weight-loading bars
         trainer.save_model(str(path))
         reward_fn = RewardModel(str(path))
     prompts = list(held_out["prompt"])

@@ -606,3 +606,22 @@ def test_a_bad_ppo_value_fails_without_importing_torch(tmp_path, ckpt, data):
     )  # fmt: skip
     assert run.stdout.split() == ["2", "False", "False"], (run.stdout, run.stderr)
     assert_user_error(2, run.stderr, "--kl_coef must be >= 0, got -0.1")
+
+
+def test_deepspeeds_cpu_notice_is_dropped_on_a_cpu_machine(monkeypatch, caplog):
+    # DeepSpeed (in the dev extra) logs it on import on every CPU command's stdout
+    import logging
+    import shutil
+
+    from fastrl import cli
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    logger = logging.getLogger("DeepSpeed")
+    monkeypatch.setattr(logger, "filters", list(logger.filters))
+    cli._quiet_deepspeed_on_cpu()
+    cli._quiet_deepspeed_on_cpu()  # once per process, however often main() runs
+    assert logger.filters.count(cli._cpu_accelerator_notice) == 1
+    with caplog.at_level(logging.WARNING, logger="DeepSpeed"):
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+        logger.warning("ZeRO-3 is enabled")
+    assert [r.getMessage() for r in caplog.records] == ["ZeRO-3 is enabled"]
