@@ -18,7 +18,9 @@ REWARD_COLUMNS = ("chosen", "rejected")
 REWARD_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
 #: the columns that hold text (or chat messages) in the trainers' datasets: a CSV file's
 #: are read as strings, so that a column of numbers ("12", "007") stays text
-TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "answer")
+#: the columns a trainer reads as text (a reward function's `answer` and other columns
+#: reach it as the file holds them)
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
 
 
 def check_data_file(path: str | os.PathLike) -> list[str] | None:
@@ -98,7 +100,8 @@ def _jsonl_columns(path: Path) -> list[str]:
 
 
 def _csv_columns(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first name
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -185,7 +188,7 @@ def _is_text_feature(feature) -> bool:
 
     if isinstance(feature, datasets.Value):
         return feature.dtype in ("string", "large_string")
-    if isinstance(feature, datasets.List):
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
         return isinstance(feature.feature, dict)
     return isinstance(feature, list) and len(feature) == 1 and isinstance(feature[0], dict)
 
@@ -216,7 +219,7 @@ def check_text_columns(
             shown = shown if len(shown) <= 60 else shown[:60] + "..."
             hint = ""
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                hint = '; write text that looks like a number as a JSON string ("12", not 12)'
+                hint = '; give text that looks like a number as a string ("12", not 12)'
             raise ValueError(
                 f"{what}: column {name!r} must hold strings or lists of chat messages; row "
                 f"{i} holds {shown} ({type(value).__name__}){hint}"

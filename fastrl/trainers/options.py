@@ -178,12 +178,13 @@ TRAINING_OPTIONS = ("learning_rate", "label_smoothing_factor")
 def check_training_options(values: Mapping[str, Any]) -> None:
     """The inherited `TrainingArguments` options every fastrl trainer reads the same way,
     among `values` (a config's fields, or what the command line parsed, by name):
-    `learning_rate` > 0 (torch's optimizers refuse a negative one only when the trainer
-    builds them; 0 trains nothing), and `label_smoothing_factor` refused unless 0: it
-    smooths `Trainer`'s own cross-entropy, which no fastrl loss is, so it would be
-    silently ignored. Torch-free, for the command line's early checks."""
+    `learning_rate` >= 0 (torch's optimizers refuse a negative one only when the trainer
+    builds them; 0 is a run that moves no weight, e.g. to measure throughput), and
+    `label_smoothing_factor` refused unless 0: it smooths `Trainer`'s own cross-entropy,
+    which no fastrl loss is, so it would be silently ignored. Torch-free, for the command
+    line's early checks."""
     if "learning_rate" in values:
-        check_number("learning_rate", values["learning_rate"], low=0, low_open=True)
+        check_number("learning_rate", values["learning_rate"], low=0)
     smoothing = values.get("label_smoothing_factor", 0)
     if smoothing != 0:
         raise ValueError(

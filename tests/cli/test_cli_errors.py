@@ -470,8 +470,8 @@ def _walk_cases(tmp_path):
                            ["--resume_from_checkpoint ckpt-3", "checkpoint-3"]),
         "output_dir_file": ("kto", ["--output_dir", str(tmp_path / "afile")],
                             ["--output_dir", "afile", "is a file"]),
-        "lr_negative": ("rm", ["--learning_rate", "-1"], ["--learning_rate must be > 0", "-1"]),
-        "lr_zero": ("dpo", ["--learning_rate=0"], ["--learning_rate must be > 0", "got 0"]),
+        "lr_negative": ("rm", ["--learning_rate", "-1"], ["--learning_rate must be >= 0", "-1"]),
+        "lr_negative_eq": ("dpo", ["--learning_rate=-0.5"], ["--learning_rate must be >= 0"]),
         "lr_dash_value": ("ppo", ["--learning_rate", "-1e-5"],
                           ["--learning_rate", "write --learning_rate=-1e-5"]),
         "label_smoothing_rm": ("rm", ["--label_smoothing_factor", "0.1"],
@@ -493,7 +493,7 @@ def _walk_cases(tmp_path):
 
 
 WALK = ["rm_causal_lm", "rm_policy_adapter", "rm_missing", "reward_file_missing",
-        "resume_missing", "output_dir_file", "lr_negative", "lr_zero", "lr_dash_value",
+        "resume_missing", "output_dir_file", "lr_negative", "lr_negative_eq", "lr_dash_value",
         "label_smoothing_rm", "label_smoothing_kto", "label_smoothing_ppo",
         "label_smoothing_grpo", "label_smoothing_dpo", "ppo_num_generations", "ppo_beta",
         "ppo_missing_eos_penalty"]  # fmt: skip

@@ -207,15 +207,14 @@ def _config(name: str, tmp_path, **kw):
 
 COMMANDS = ["grpo", "dpo", "kto", "rm", "ppo"]
 TRAINING_BAD = [
-    (dict(learning_rate=-1e-5), r"--learning_rate must be > 0, got -1e-05"),
-    (dict(learning_rate=0.0), r"--learning_rate must be > 0, got 0.0"),
+    (dict(learning_rate=-1e-5), r"--learning_rate must be >= 0, got -1e-05"),
     # Trainer's own label smoothing: no fastrl loss reads it (DPO's is --label_smoothing)
     (dict(label_smoothing_factor=0.1), r"--label_smoothing_factor 0.1 is not supported.*--label_smoothing"),  # noqa: E501
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("kw,match", TRAINING_BAD, ids=["lr<0", "lr=0", "label_smoothing"])
+@pytest.mark.parametrize("kw,match", TRAINING_BAD, ids=["lr<0", "label_smoothing"])
 def test_every_config_refuses_what_its_trainer_would_ignore_or_fail_on(
     tmp_path, command, kw, match
 ):
@@ -253,13 +252,33 @@ def test_text_columns_must_hold_text():
 
 
 def test_csv_text_columns_are_read_as_strings(tmp_path):
-    from fastrl.trainers.data import load_data, require_columns
+    from fastrl.trainers.data import check_data_file, load_data, require_columns
 
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,chosen,rejected,margin\n12,007,3,0.5\n")
     data = load_data(path)
     assert data[0] == {"prompt": "12", "chosen": "007", "rejected": "3", "margin": 0.5}
     require_columns(data, ("chosen", "rejected"), "rm")
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first column is still 'prompt'
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("prompt,completion,label\n12,3,true\n".encode("utf-8-sig"))
+    assert check_data_file(bom) == ["prompt", "completion", "label"]
+    assert load_data(bom)[0] == {"prompt": "12", "completion": "3", "label": True}
+    # a reward function's answer column reaches it as the file holds it
+    grpo = tmp_path / "grpo.csv"
+    grpo.write_text("prompt,answer\n1+1=,2\n")
+    assert load_data(grpo)[0] == {"prompt": "1+1=", "answer": 2}
+
+
+def test_text_columns_read_from_their_type_include_large_lists():
+    import datasets
+
+    from fastrl.trainers.data import _is_text_feature
+
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    assert _is_text_feature(datasets.LargeList(message))
+    assert _is_text_feature(datasets.List(message))
+    assert not _is_text_feature(datasets.LargeList(datasets.Value("string")))
 
 
 def _tiny_ppo(tmp_path, data, tok=None, **kw):
