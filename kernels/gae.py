@@ -33,9 +33,9 @@ Chunked (``chunk_t`` > 0), for few long rows: one program per row block covers o
 cdiv(B, BLOCK_B) SMs, so each row's tokens are cut into chunks of ``chunk_t`` (counted
 from the right), grid = (cdiv(B, BLOCK_B), n_chunks). Pass 1 (`gae_chunk_fwd_kernel`)
 composes each chunk's maps into one (5 floats per row and chunk); pass 2
-(`gae_fwd_kernel` with CHUNKED) starts each chunk from the state the chunks to its right
-leave (the episode end, (0, 0), through their maps: at most n_chunks - 1 compositions)
-and scans as above. The inputs are read twice (the second read mostly from L2 at the
+(`gae_fwd_kernel` with CHUNKS > 1) starts each chunk from the state the chunks to its
+right leave (the episode end, (0, 0), through their maps: one [BLOCK_B, CHUNKS] tile of
+them composed by one scan, not a chain of dependent loads) and scans as above. The inputs are read twice (the second read mostly from L2 at the
 sizes this is for).
 
 Inputs of any float dtype (fp16/bf16/fp32) are computed in fp32; float64 is left to the
@@ -126,10 +126,30 @@ def gae_chunk_fwd_kernel(
     tl.store(Maps + 4 * plane + off, e, mask=row_ok)
 
 
+@triton.jit
+def _carry_in(Maps, rows, row_ok, chunk, B, CHUNKS: tl.constexpr):
+    """The state entering `chunk`: the episode's end (0, 0) through the composed maps of
+    the chunks to its right (pass 1). One [BLOCK_B, CHUNKS] tile of them (contiguous along
+    the chunks; identity maps from `chunk` on) composed by one scan, whose last column
+    maps (0, 0) to (b, e)."""
+    n_chunks = tl.num_programs(1)
+    plane = B.to(tl.int64) * n_chunks
+    j = tl.arange(0, CHUNKS)[None, :]
+    ok = row_ok[:, None] & (j < chunk)
+    off = rows.to(tl.int64)[:, None] * n_chunks + j
+    a = tl.load(Maps + off, mask=ok, other=1.0)
+    b = tl.load(Maps + plane + off, mask=ok, other=0.0)
+    c = tl.load(Maps + 2 * plane + off, mask=ok, other=0.0)
+    d = tl.load(Maps + 3 * plane + off, mask=ok, other=1.0)
+    e = tl.load(Maps + 4 * plane + off, mask=ok, other=0.0)
+    a, b, c, d, e = tl.associative_scan((a, b, c, d, e), 1, _compose)
+    return _last(b, j, CHUNKS), _last(e, j, CHUNKS)
+
+
 @triton.jit(do_not_specialize=["B", "T", "chunk_blocks", "gamma", "lam"])
 def gae_fwd_kernel(
     R, V, M, Adv, Ret, Maps, B, T, chunk_blocks, s_rb, s_rt, s_vb, s_vt, s_mb, s_mt, gamma, lam,
-    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, CHUNKED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, CHUNKS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -139,20 +159,8 @@ def gae_fwd_kernel(
     y = tl.zeros((BLOCK_B,), tl.float32)  # the carry: next value, next advantage
     adv = tl.zeros((BLOCK_B,), tl.float32)
     chunk = tl.program_id(1)
-    if CHUNKED:
-        # the state entering this chunk: the episode's end (0, 0) through the composed
-        # maps of the chunks to its right (pass 1), nearest-to-the-end first
-        n_chunks = tl.num_programs(1)
-        plane = B.to(tl.int64) * n_chunks
-        base = rows.to(tl.int64) * n_chunks
-        for j in range(0, chunk):
-            off = base + j
-            a = tl.load(Maps + off, mask=row_ok, other=1.0)
-            b = tl.load(Maps + plane + off, mask=row_ok, other=0.0)
-            c = tl.load(Maps + 2 * plane + off, mask=row_ok, other=0.0)
-            d = tl.load(Maps + 3 * plane + off, mask=row_ok, other=1.0)
-            e = tl.load(Maps + 4 * plane + off, mask=row_ok, other=0.0)
-            y, adv = a * y + b, c * y + d * adv + e
+    if CHUNKS > 1:
+        y, adv = _carry_in(Maps, rows, row_ok, chunk, B, CHUNKS)
     first = chunk * chunk_blocks
     for k in range(first, tl.minimum(first + chunk_blocks, tl.cdiv(T, BLOCK_T))):
         t = T - 1 - (k * BLOCK_T + cols)  # reversed time: column 0 is the rightmost
@@ -182,13 +190,14 @@ def gae_fwd(
     *,
     block_b: int = GAE_BLOCK_B,
     block_t: int = GAE_BLOCK_T,
-    chunk_t: int = GAE_CHUNK_T,
+    chunk_t: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the scan. rewards, values ``[B, T]`` fp16/bf16/fp32 (any strides), mask
     ``[B, T]`` bool or 0/1 numbers; gamma, lam Python floats in [0, 1] (the caller checks).
     ``block_b`` rows per program and ``block_t`` tokens per step (powers of 2): tile shapes
-    for a GPU sweep. ``chunk_t`` (a multiple of ``block_t``; 0: off) splits each row's
-    tokens into chunks of that many, one program each, in two passes (module docstring).
+    for a GPU sweep. ``chunk_t`` (a multiple of ``block_t``; 0: off; None: kernels/config.py's
+    GAE_CHUNK_T rounded up to a multiple of ``block_t``) splits each row's tokens into chunks
+    of that many, one program each, in two passes (module docstring).
 
     Returns ``(advantages, returns)``: contiguous fp32 ``[B, T]``, 0 where masked.
     """
@@ -197,8 +206,12 @@ def gae_fwd(
     adv, ret = torch.empty((B, T), **f32), torch.empty((B, T), **f32)
     if B == 0 or T == 0:
         return adv, ret
-    if chunk_t % block_t:
-        raise ValueError(f"chunk_t={chunk_t} must be a multiple of block_t={block_t}")
+    if chunk_t is None:
+        chunk_t = triton.cdiv(GAE_CHUNK_T, block_t) * block_t
+    if not isinstance(chunk_t, int) or chunk_t < 0 or chunk_t % block_t:
+        raise ValueError(
+            f"chunk_t={chunk_t!r} must be 0 (one pass) or a positive multiple of block_t={block_t}"
+        )
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     n_blocks = triton.cdiv(T, block_t)
@@ -216,6 +229,6 @@ def gae_fwd(
         )  # fmt: skip
     gae_fwd_kernel[grid](
         rewards, values, mask, adv, ret, maps, B, T, chunk_blocks, *strides, float(gamma),
-        float(lam), CHUNKED=n_chunks > 1, **tiles,
+        float(lam), CHUNKS=triton.next_power_of_2(n_chunks), **tiles,
     )  # fmt: skip
     return adv, ret

@@ -190,7 +190,7 @@ padding      90   60    12
 logprobs     180  120   100
 policy       140  120   75
 gpu_tests    150  90    50
-gae          90   60    35
+gae          100  60    40
 preference   120  90    55
 memcheck     120  90    40
 grpo_step    540  150   420

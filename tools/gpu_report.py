@@ -131,7 +131,7 @@ def gae_lines(data: dict) -> list[str]:
         parts = []
         for name, m in case.get("methods", {}).items():
             if m.get("status") != "ok":
-                parts.append(f"{name} {m.get('status')}")
+                parts.append(f"{name} {m.get('status')} ({m.get('reason', '?')})")
             elif "of_copy" in m:
                 miss = "" if m["of_copy"] >= target or name == "torch" else " MISSES"
                 parts.append(f"{name} {m['ms'] * 1e3:.1f}us {m['of_copy']:.2f}{miss}")

@@ -1,11 +1,14 @@
 """Smoke test of bench/bench_gae.py on the CPU (the Triton tiles through the interpreter)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench import bench_gae
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_gae_cpu(tmp_path, capsys):
@@ -51,3 +54,15 @@ def test_bench_gae_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_gae.main(["--device", "cpu", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_torch_loop_is_skipped_past_its_token_limit_and_the_report_says_why(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import gpu_report
+
+    monkeypatch.setattr(bench_gae, "TORCH_MAX_T", 8)
+    case = bench_gae.bench_shape(2, 9, torch.float32, [], ["copy", "torch"], torch.device("cpu"))
+    assert list(case["methods"]) == ["copy", "torch"]
+    assert case["methods"]["torch"] == {"status": "skipped", "reason": "T > 8: seconds a call"}
+    (line,) = gpu_report.gae_lines({"rows": [case], "config": {"target_of_copy": 0.7}})
+    assert line.startswith("  2x9 float32: copy ") and "torch skipped (T > 8" in line

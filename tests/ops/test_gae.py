@@ -215,5 +215,11 @@ def test_chunk_not_a_multiple_of_the_block_is_refused():
     from fastrl.kernels.gae import gae_fwd
 
     r, v, mask = _inputs(2, 9, "right", 3)
-    with pytest.raises(ValueError, match="chunk_t=6 must be a multiple of block_t=4"):
-        gae_fwd(r, v, mask.bool(), 0.9, 0.9, block_b=1, block_t=4, chunk_t=6)
+    for chunk_t in (6, -8, 8.0):
+        with pytest.raises(ValueError, match=rf"chunk_t={chunk_t} must be 0 .* of block_t=4"):
+            gae_fwd(r, v, mask.bool(), 0.9, 0.9, block_b=1, block_t=4, chunk_t=chunk_t)
+    # the default chunk (GAE_CHUNK_T) is rounded up to the caller's tile, never refused
+    want = gae_advantages(r, v, mask, gamma=0.9, lam=0.9, impl="torch")
+    for g, w in zip(gae_fwd(r.float(), v.float(), mask.bool(), 0.9, 0.9, block_t=32), want,
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, w.float(), **TOL)
