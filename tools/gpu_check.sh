@@ -25,6 +25,10 @@
 #               and patched TRL at the Qwen2.5-1.5B and 7B-4bit shapes, G=8, prompt 256 +
 #               completion 1024, 24 GiB cap; the +vllm rows too where `import vllm` works
 #               (the device image has no vLLM) -> results/grpo_step-<stem>.json + .png
+#   ppo_step    opt-in too (--stages ppo_step --budget 300): bench/bench_ppo_step.py, one PPO
+#               LoRA step of fastrl at the Qwen2.5-1.5B shape (rollout 8, prompt 256 +
+#               completion 1024, 24 GiB cap), the verl row where `import verl` works
+#               -> results/ppo_step-<stem>.json
 # If the smoke fails, memcheck runs right after it (it says where the fault is).
 #
 # Output: OUT_DIR holds everything (results/ is ready to copy into bench/results/). With
@@ -194,9 +198,10 @@ gae          100  60    40
 preference   120  90    55
 memcheck     120  90    40
 grpo_step    540  150   420
+ppo_step     280  120   200
 report       60   60    5
 "
-OPTIONAL=",grpo_step," # stages run only when --stages names them
+OPTIONAL=",grpo_step,ppo_step," # stages run only when --stages names them
 ORDER=()
 declare -A TIMEOUT=() EST=()
 while read -r name gpu_t dry_t est; do
@@ -274,6 +279,17 @@ stage_cmd() { # the stage's command line, into CMD
             fi
             CMD=("$PY" bench/bench_grpo_step.py --trainers "$trainers" "${shape[@]}"
                 --vllm-python "$PY" --cache-dir "${TMPDIR:-/tmp}/fastrl-bench-cache" --out "$RES/grpo_step-$STEM.json") ;;
+        ppo_step) # the verl row only where this python has verl (the device image has not)
+            local trainers=fastrl shape
+            "$PY" -c "import verl" >/dev/null 2>&1 && trainers+=,verl
+            if ((DRY)); then
+                shape=(--models tiny --device cpu --steps 1 --warmup 0 --rollout-size 4
+                    --prompt-length 16 --completion-length 16 --timeout 100)
+            else
+                shape=(--models qwen2.5-1.5b --steps 1 --warmup 1 --timeout 250)
+            fi
+            CMD=("$PY" bench/bench_ppo_step.py --trainers "$trainers" "${shape[@]}" --verl-python "$PY"
+                --cache-dir "${TMPDIR:-/tmp}/fastrl-bench-cache" --out "$RES/ppo_step-$STEM.json") ;;
         gae) CMD=("$PY" bench/bench_gae.py --out "$RES/gae-$STEM.json") ;;
         report) CMD=("$PY" tools/gpu_report.py report "$TREE") ;;
     esac

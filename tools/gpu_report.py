@@ -101,9 +101,10 @@ def bench_lines(data: dict) -> list[str]:
     return lines
 
 
-def grpo_step_lines(data: dict) -> list[str]:
-    """One line per (model, trainer): tokens/s, peak memory, and the ratios the issues
-    target (against TRL's HF-generate and vLLM rows, and fastrl+vllm against fastrl)."""
+def grpo_step_lines(data: dict, vllm_rows: bool = True) -> list[str]:
+    """One line per (model, trainer): tokens/s, peak memory, seconds per step and the
+    ratios the issues target (against TRL's HF-generate and vLLM rows, and fastrl+vllm
+    against fastrl); `vllm_rows`: say so when no +vllm row ran (the GRPO step's)."""
     lines = []
     for r in data.get("results", []):
         head = f"  {r.get('model')} {r.get('trainer')}: "
@@ -111,13 +112,16 @@ def grpo_step_lines(data: dict) -> list[str]:
             lines.append(head + str(r["error"]))
             continue
         mem = r.get("peak_allocated_gib") or r.get("peak_rss_gib")
-        parts = [f"{_fmt(r.get('tokens_per_second'))} tok/s", f"peak {_fmt(mem)} GiB"]
+        parts = [f"{_fmt(r.get('tokens_per_second'))} tok/s", f"peak {_fmt(mem)} GiB",
+                 f"{_fmt(r.get('seconds_per_step'))} s/step "
+                 f"({_fmt(r.get('generate_seconds_per_step'))} s generate)"]  # fmt: skip
         for key in ("speed_vs_trl", "memory_vs_trl", "speed_vs_trl_vllm", "memory_vs_trl_vllm",
                     "speed_vs_fastrl"):  # fmt: skip
             if r.get(key) is not None:
                 parts.append(f"{key} {r[key]:.2f}")
         lines.append(head + ", ".join(parts))
-    if not any(str(r.get("trainer", "")).endswith("+vllm") for r in data.get("results", [])):
+    ran = data.get("results", [])
+    if vllm_rows and not any(str(r.get("trainer", "")).endswith("+vllm") for r in ran):
         lines.append("  +vllm rows not run: vllm is not importable by this python")
     return lines
 
@@ -234,6 +238,10 @@ def report(tree: Path) -> int:
     for path in sorted(results.glob("grpo_step-*.json")):
         out.append(f"grpo_step ({path.name}; one GRPO LoRA step):")
         out += grpo_step_lines(_load(path) or {})
+
+    for path in sorted(results.glob("ppo_step-*.json")):
+        out.append(f"ppo_step ({path.name}; one PPO LoRA step):")
+        out += grpo_step_lines(_load(path) or {}, vllm_rows=False)
 
     for path in sorted(results.glob("gae-*.json")):
         data = _load(path) or {}

@@ -187,20 +187,27 @@ def _check_pack(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_grpo_step_stage_runs_only_when_named(tmp_path):
-    """The opt-in grpo_step stage (issue 12's GPU figures need a command of their own): its
-    dry run times fastrl, TRL and patched TRL on a tiny model, and the report shows them."""
+def test_step_stages_run_only_when_named(tmp_path):
+    """The opt-in grpo_step and ppo_step stages (issues 12 and 14: GPU figures that need a
+    command of their own): their dry run times fastrl, TRL and patched TRL's GRPO step and
+    fastrl's PPO step on a tiny model, and the report shows them."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
     env.update(PY=sys.executable, TMPDIR=str(tmp_path))
-    cmd = ["bash", str(SCRIPT), "--dry-run", "--stages", "grpo_step", "--out", str(tmp_path / "t")]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    cmd = ["bash", str(SCRIPT), "--dry-run", "--stages", "grpo_step,ppo_step", "--out",
+           str(tmp_path / "t")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["env", "grpo_step", "report"]
-    assert summary["stages"][1]["status"] == "ok", summary["stages"][1]
+    assert [s["name"] for s in summary["stages"]] == ["env", "grpo_step", "ppo_step", "report"]
+    assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
     (path,) = (tmp_path / "t" / "results").glob("grpo_step-*.json")
     rows = json.loads(path.read_text())["results"]
     assert [r["trainer"] for r in rows] == ["fastrl", "trl", "trl-patched"]
     assert all(r.get("tokens_per_second", 0) > 0 for r in rows), rows
     assert path.with_suffix(".png").stat().st_size > 1000
     assert "tiny fastrl: " in done.stdout and "speed_vs_trl" in done.stdout
+    (path,) = (tmp_path / "t" / "results").glob("ppo_step-*.json")
+    (row,) = json.loads(path.read_text())["results"]  # no verl in this python
+    assert row["trainer"] == "fastrl" and row["tokens_per_second"] > 0, row
+    report = done.stdout[done.stdout.index("ppo_step (") :]
+    assert "  tiny fastrl: " in report and " s/step (" in report
