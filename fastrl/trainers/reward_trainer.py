@@ -118,9 +118,9 @@ def _tokenize_pair(tokenizer, row: dict) -> dict[str, list[int]]:
         ids = [tokenizer(t)["input_ids"] for t in texts]
     else:
         kinds = {k: type(row[k]).__name__ for k in ("prompt", "chosen", "rejected") if k in row}
-        raise TypeError(
-            "prompt, chosen and rejected must be all strings or all lists of chat messages, "
-            f"got {kinds}"
+        raise ValueError(  # the data's, not a caller's argument: one line at the CLI
+            "reward pairs: prompt, chosen and rejected must be all strings or all lists of "
+            f"chat messages in a row, got {kinds}"
         )
     return dict(chosen_ids=ids[0], rejected_ids=ids[1])
 

@@ -225,7 +225,7 @@ def test_margin_and_centering_reach_the_loss(base_dir, tmp_path):
 def test_errors(base_dir, tmp_path):
     with pytest.raises(ValueError, match="missing \\['rejected'\\]"):
         RewardTrainer(base_dir, _args(tmp_path), train_dataset=[{"chosen": "a", "other": "b"}])
-    with pytest.raises(TypeError, match="all strings or all lists"):
+    with pytest.raises(ValueError, match="reward pairs: .*all strings or all lists"):
         tokenize_reward_dataset(
             [{"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}],
             build_tiny_tokenizer(chat_template=True),
