@@ -59,7 +59,18 @@ accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
 # device it starts no process group at all (one process, distributed type NO). These lines
 # give such processes gloo, so DeepSpeed (its CPU accelerator) runs ZeRO-3 there. Tests
 # only; the script's TrainingArguments must not set use_cpu.
-DEEPSPEED_ON_CPU = """
+# DeepSpeed's CPU backend JIT-compiles a C++ shared-memory all-reduce (deepspeed_shm_comm)
+# the first time a fresh install calls init_distributed: ~45 s of g++ on CI's 2 cores for
+# the first ZeRO-3 test; gloo does the same collectives
+NO_DEEPSPEED_SHM_BUILD = """
+import deepspeed.comm.torch
+# the module itself: the package's `torch` attribute is PyTorch (deepspeed.comm's star import)
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+"""
+
+DEEPSPEED_ON_CPU = (
+    NO_DEEPSPEED_SHM_BUILD
+    + """
 import accelerate.state
 from accelerate.utils import DistributedType
 _prepare_backend = accelerate.state.PartialState._prepare_backend
@@ -70,6 +81,7 @@ def _gloo_for_deepspeed(self, cpu=False, sagemaker_dp=False, backend=None):
     return found, kind
 accelerate.state.PartialState._prepare_backend = _gloo_for_deepspeed
 """
+)
 
 # leave without interpreter teardown (see _CHECK)
 EXIT = """

@@ -35,7 +35,13 @@ from fastrl import linear_logprobs  # noqa: E402
 from fastrl.integrations import gathered_weight, is_sharded  # noqa: E402
 from fastrl.reference import naive_linear_logprobs  # noqa: E402
 from fastrl.trainers.model import refuse_sharded_parameters  # noqa: E402
-from tests.support.ranks import DEEPSPEED_ON_CPU, EXIT, FSDP_ON_CPU, run_ranks  # noqa: E402
+from tests.support.ranks import (  # noqa: E402
+    DEEPSPEED_ON_CPU,
+    EXIT,
+    FSDP_ON_CPU,
+    NO_DEEPSPEED_SHM_BUILD,
+    run_ranks,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning"),
@@ -171,7 +177,8 @@ def test_a_dtensor_weight_is_gathered_in_forward_and_backward(tmp_path):
 
 
 ZERO3_SCRIPT = (
-    """
+    NO_DEEPSPEED_SHM_BUILD
+    + """
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from fastrl import linear_logprobs
@@ -250,7 +257,8 @@ def test_a_zero3_weight_is_gathered_in_forward_and_backward(tmp_path):
 
 
 ZERO3_TRAINABLE_SCRIPT = (
-    """
+    NO_DEEPSPEED_SHM_BUILD
+    + """
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_grad
