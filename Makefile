@@ -113,8 +113,22 @@ $(STAMP_VERL): pyproject.toml constraints-cpu.txt Makefile
 
 venv-verl: $(STAMP_VERL)
 
+# The venvs of test-vllm and test-verl are built in the background while the main suite
+# runs (pip mostly keeps one core busy; the suite the other), their log in
+# $(SIDE_LOG); a failed build prints it and fails. A main-suite failure stops here, after
+# the builds end.
+SIDE_VENVS := $(if $(filter 1,$(TEST_VLLM)),venv-vllm) $(if $(filter 1,$(TEST_VERL)),venv-verl)
+SIDE_LOG   := $(VENV)/side-venvs.log
 test: venv
-	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) tests
+	@side=""; if [ -n "$(strip $(SIDE_VENVS))" ]; then \
+		echo "building $(strip $(SIDE_VENVS)) in the background (log: $(SIDE_LOG))"; \
+		$(MAKE) --no-print-directory $(SIDE_VENVS) > $(SIDE_LOG) 2>&1 & side=$$!; fi; \
+	rc=0; $(PY) -m pytest -q --durations=15 $(if $(filter-out 0 1,$(PYTEST_N)),-n $(PYTEST_N)) \
+		tests || rc=$$?; \
+	if [ -n "$$side" ]; then t0=$$(date +%s); \
+		if ! wait $$side; then cat $(SIDE_LOG); echo "building $(SIDE_VENVS) failed"; exit 1; fi; \
+		echo "$(strip $(SIDE_VENVS)) ready ($$(( $$(date +%s) - t0 )) s waited after the suite)"; \
+	fi; exit $$rc
 	$(if $(filter 1,$(TEST_VLLM)),@$(MAKE) --no-print-directory test-vllm)
 	$(if $(filter 1,$(TEST_VERL)),@$(MAKE) --no-print-directory test-verl)
 
