@@ -298,10 +298,22 @@ def run_one(opts: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    measured = timer.steps[opts.warmup :]
+    tokens = G * opts.prompts_per_step * (opts.prompt_length + opts.completion_length)
+    return dict(
+        **step_figures(timer.steps, opts.warmup, tokens),
+        # trl-patched: the fused-head calls fastrl served and those it left to TRL
+        head_calls=None if patch is None else dict(fastrl=patch.calls, trl=patch.fallback_calls),
+    )
+
+
+def step_figures(steps: list[dict], warmup: int, tokens: int) -> dict:
+    """A worker's row from its timed steps (`seconds`, `generate_seconds` each), the first
+    `warmup` left out, and the `tokens` a step processes: seconds per step, of which
+    generation, tokens/s, peak GPU memory and peak resident host memory."""
+    cuda = torch.cuda.is_available()
+    measured = steps[warmup:]
     seconds = sum(s["seconds"] for s in measured) / len(measured)
     generate = sum(s["generate_seconds"] for s in measured) / len(measured)
-    tokens = G * opts.prompts_per_step * (opts.prompt_length + opts.completion_length)
     return dict(
         seconds_per_step=seconds,
         generate_seconds_per_step=generate,
@@ -310,9 +322,7 @@ def run_one(opts: argparse.Namespace) -> dict:
         peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         # the worker's peak resident memory (KiB on Linux): host memory, the measure on CPU
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        steps=timer.steps,
-        # trl-patched: the fused-head calls fastrl served and those it left to TRL
-        head_calls=None if patch is None else dict(fastrl=patch.calls, trl=patch.fallback_calls),
+        steps=steps,
     )
 
 

@@ -36,7 +36,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +59,7 @@ from bench.bench_grpo_step import (  # noqa: E402
     _GenerateTimer,
     _step_timer,
     prepare_run,
+    step_figures,
     varied_reward,
 )
 from bench.common import default_results_path, environment, write_json  # noqa: E402
@@ -144,19 +144,10 @@ def run_one(opts: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    measured = timer.steps[opts.warmup :]
-    seconds = sum(s["seconds"] for s in measured) / len(measured)
-    generate = sum(s["generate_seconds"] for s in measured) / len(measured)
     tokens = opts.rollout_size * (opts.prompt_length + opts.completion_length)
     last = [e for e in trainer.state.log_history if "loss" in e][-1]
     return dict(
-        seconds_per_step=seconds,
-        generate_seconds_per_step=generate,
-        tokens_per_second=tokens / seconds,
-        peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        steps=timer.steps,
+        **step_figures(timer.steps, opts.warmup, tokens),
         last_log={k: last[k] for k in ("loss", "loss/value_avg", "objective/kl") if k in last},
     )
 

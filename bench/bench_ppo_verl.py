@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import resource
 import socket
 import sys
 import time
@@ -62,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_grpo_step import prepare_run, varied_reward
+from bench.bench_grpo_step import prepare_run, step_figures, varied_reward
 
 
 def _sync() -> None:
@@ -423,18 +422,9 @@ def run_verl(opts: argparse.Namespace) -> dict:
         _sync()
         end = time.perf_counter()
         steps.append(dict(seconds=end - start, generate_seconds=generated - start))
-    measured = steps[opts.warmup :]
-    seconds = sum(s["seconds"] for s in measured) / len(measured)
-    generate_s = sum(s["generate_seconds"] for s in measured) / len(measured)
     tokens = opts.rollout_size * (opts.prompt_length + opts.completion_length)
     return dict(
-        seconds_per_step=seconds,
-        generate_seconds_per_step=generate_s,
-        tokens_per_second=tokens / seconds,
-        peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        steps=steps,
+        **step_figures(steps, opts.warmup, tokens),
         last_log=last,
         versions={d: importlib.metadata.version(d) for d in ("verl", "transformers", "peft")},
     )
