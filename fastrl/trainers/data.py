@@ -182,6 +182,16 @@ def _is_text(value) -> bool:
     )
 
 
+def prompt_dataset(train_dataset, what: str):
+    """An online trainer's (`what`: "GRPOTrainer", "PPOTrainer") training prompts as a
+    `datasets.Dataset` with a `prompt` column of text, checked before the model loads."""
+    if train_dataset is None:
+        raise ValueError(f"{what} needs a train_dataset with a 'prompt' column")
+    train_dataset = load_data(train_dataset)
+    require_columns(train_dataset, ("prompt",), what)
+    return train_dataset
+
+
 def _is_text_feature(feature) -> bool:
     """A `datasets` feature whose every value is text: a string, or a list of messages."""
     import datasets

@@ -68,7 +68,7 @@ from fastrl.integrations import lm_head
 # TRL's nanstd, the standard deviation group_advantages scales by: the logged one is the same
 from fastrl.ops.advantages.group import nanstd
 from fastrl.trainers.base import BaseTrainer
-from fastrl.trainers.data import check_chat_template, load_data, require_columns
+from fastrl.trainers.data import check_chat_template, prompt_dataset
 from fastrl.trainers.grpo_config import GRPOConfig
 from fastrl.trainers.model import (
     backbone_hidden_states,
@@ -155,15 +155,6 @@ def _checked_args(args: GRPOConfig | None) -> GRPOConfig:
     return args
 
 
-def _prompt_dataset(train_dataset):
-    """The training prompts as a `datasets.Dataset` with a `prompt` column."""
-    if train_dataset is None:
-        raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column")
-    train_dataset = load_data(train_dataset)
-    require_columns(train_dataset, ("prompt",), "GRPOTrainer")
-    return train_dataset
-
-
 def _micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
     """`batch` cut into `n` micro-batches, each one's completion columns trimmed to its
     longest completion (at least one column)."""
@@ -248,7 +239,7 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     ):
         args = _checked_args(args)
         model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        train_dataset = _prompt_dataset(train_dataset)  # checked before the model loads
+        train_dataset = prompt_dataset(train_dataset, "GRPOTrainer")
         tok = self._load_tokenizer(model, processing_class)
         check_chat_template(train_dataset, tok, "GRPOTrainer")
         model = self._load_model(model, args)

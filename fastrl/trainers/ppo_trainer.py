@@ -70,7 +70,7 @@ from fastrl import policy_loss as ppo_policy_loss
 from fastrl.checks import IGNORE_INDEX
 from fastrl.integrations import gathered_weight, is_sharded, lm_head
 from fastrl.trainers.base import BaseTrainer
-from fastrl.trainers.data import check_chat_template, load_data, require_columns
+from fastrl.trainers.data import check_chat_template, prompt_dataset
 from fastrl.trainers.grpo_trainer import GroupRepeatSampler
 from fastrl.trainers.model import (
     completion_positions,
@@ -311,10 +311,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         args = args if args is not None else PPOConfig(output_dir="fastrl-ppo")
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
-        if train_dataset is None:
-            raise ValueError("PPOTrainer needs a train_dataset with a 'prompt' column")
-        train_dataset = load_data(train_dataset)
-        require_columns(train_dataset, ("prompt",), "PPOTrainer")
+        train_dataset = prompt_dataset(train_dataset, "PPOTrainer")
         _check_rollout_size(train_dataset, args)
         tok = self._load_tokenizer(model, processing_class)
         check_chat_template(train_dataset, tok, "PPOTrainer")
